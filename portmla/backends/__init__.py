@@ -1,0 +1,1 @@
+"""One module (or package) per backend; each declares its capabilities as data."""

@@ -1,0 +1,2 @@
+class MLAAttention: pass
+class MLABatch: pass
