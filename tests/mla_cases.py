@@ -1,0 +1,168 @@
+"""Builders for test inputs: batch specs, paged caches in every layout, poisoned slots."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import portmla as pm
+from portmla.kv_formats import FORMATS, canonical_format
+
+# vLLM's MLA backend test batch specs (tests/v1/attention/test_mla_backends.py): seq / query lengths
+BATCH_SPECS = {
+    "small_decode": ([32, 40], [1, 1]),
+    "small_prefill": ([32, 40], [8, 8]),
+    "mixed_small": ([32, 40, 48, 56], [1, 1, 5, 5]),
+    "medium_decode": ([128, 256, 512, 1024, 128, 256, 512, 1024], [1] * 8),
+    "medium_prefill": ([256, 512, 1024, 2048], [16, 16, 16, 16]),
+    "mixed_medium": ([512, 1024, 2048, 512, 1024, 2048], [1, 1, 1, 7, 7, 7]),
+    "large_decode": ([2048] * 32, [1] * 32),
+    "large_prefill": ([4096] * 8, [32] * 8),
+    "single_decode": ([1024], [1]),
+    "single_prefill": ([1024], [64]),
+    "spec_decode_small": ([128, 256, 512, 1024], [4, 4, 4, 4]),
+    "spec_decode_medium": ([512, 1024, 2048, 512, 1024, 2048], [8, 8, 8, 8, 8, 8]),
+}
+LARGE_SPECS = ("large_decode", "large_prefill")
+LAYOUTS = ("contiguous", "padded", "cross_layer")
+FORMATS_ALL = ("bfloat16", "float16", "fp8", "fp8_ds_mla")
+
+
+def nan_bits(dtype: torch.dtype) -> int:
+    """A byte / element pattern that reads as NaN in ``dtype``'s cache storage."""
+    return {torch.float8_e4m3fn: 0x7F, torch.float8_e4m3fnuz: 0x80}.get(dtype, 0)
+
+
+def poison_cache(cache: torch.Tensor, fmt: str, platform) -> None:
+    """Fill every element with NaN (for fp8_ds_mla: NaN fp8 values and NaN tile scales)."""
+    if cache.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        cache.fill_(float("nan"))
+    elif fmt == "fp8_ds_mla":
+        cache.fill_(0x7F)  # e4m3fn NaN in the value bytes; 0x7F7F7F7F is a float32 NaN too
+    else:
+        raw = cache.view(torch.uint8) if cache.dtype != torch.uint8 else cache
+        raw.fill_(nan_bits(platform.fp8_dtype))
+
+
+def make_cache(num_blocks, block_size, fmt, model_dtype, device, layout, lora=512, rope=64):
+    """A cache view of ``layout``: contiguous, padded pages, or one layer of a 3-layer buffer."""
+    shape = pm.kv_cache_shape(num_blocks, block_size, fmt, lora, rope)
+    platform = pm.current_platform(device)
+    dtype = FORMATS[canonical_format(fmt)].storage_dtype(model_dtype, platform.fp8_dtype)
+    entry = shape[2]
+    if layout == "contiguous":
+        cache = torch.empty(shape, dtype=dtype, device=device)
+    elif layout == "padded":  # page stride > block_size * entry and token stride > entry
+        buf = torch.empty(num_blocks, block_size + 1, entry + 16, dtype=dtype, device=device)
+        cache = buf[:, :block_size, :entry]
+    elif layout == "cross_layer":
+        buf = torch.empty(num_blocks, 3, block_size, entry, dtype=dtype, device=device)
+        cache = buf[:, 1]
+    else:
+        raise ValueError(layout)
+    poison_cache(cache if layout == "contiguous" else buf, canonical_format(fmt)
+                 if fmt != "auto" else "auto", platform)
+    return cache
+
+
+@dataclass
+class DecodeCase:
+    q: torch.Tensor
+    cache: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor | None
+    fmt: str
+    k_scale: float | None
+    softmax_scale: float
+    kv_c: list  # per sequence [S, L] float32 values written (before quantization)
+    k_pe: list
+    query_lens: list
+    lora: int = 512
+
+
+def make_decode_case(seq_lens, query_lens, *, heads=16, block_size=16, fmt="bfloat16",
+                     layout="contiguous", device="cpu", model_dtype=torch.bfloat16, lora=512,
+                     rope=64, extra_blocks=3, spread=1.0):
+    """Random paged cache (block 0 = null block, random block permutation), random q.
+
+    Unused cache slots and unused block-table entries are poisoned.
+    """
+    device = torch.device(device)
+    nseq = len(seq_lens)
+    blocks = [max(1, math.ceil(s / block_size)) for s in seq_lens]
+    max_blocks = max(blocks) + 1
+    num_blocks = 1 + sum(blocks) + extra_blocks
+    cache = make_cache(num_blocks, block_size, fmt, model_dtype, device, layout, lora, rope)
+    perm = (torch.randperm(num_blocks - 1) + 1).tolist()
+    table = torch.zeros(nseq, max_blocks, dtype=torch.int32)  # unused entries: null block 0
+    k = 0
+    for b, n in enumerate(blocks):
+        table[b, :n] = torch.tensor(perm[k:k + n], dtype=torch.int32)
+        k += n
+    table = table.to(device)
+    k_scale = None
+    canon = canonical_format(fmt)
+    kv_c, k_pe, slots = [], [], []
+    for b, s in enumerate(seq_lens):
+        kv_c.append(torch.randn(s, lora, device=device) * spread)
+        k_pe.append(torch.randn(s, rope, device=device) * spread)
+        pos = torch.arange(s, device=device)
+        slots.append(table[b, pos // block_size].long() * block_size + pos % block_size)
+    if canon == "fp8":
+        amax = max(float(torch.cat([c.abs().max().view(1), p.abs().max().view(1)]).max())
+                   for c, p in zip(kv_c, k_pe) if c.numel()) if sum(seq_lens) else 1.0
+        k_scale = amax / 200.0
+    if sum(seq_lens):
+        pm.concat_and_cache_mla(torch.cat(kv_c).to(model_dtype), torch.cat(k_pe).to(model_dtype),
+                                cache, torch.cat(slots), fmt, k_scale, backend="reference")
+    t = sum(query_lens)
+    q = torch.randn(t, heads, lora + rope, device=device).to(model_dtype)
+    qsl = None
+    if any(n != 1 for n in query_lens):
+        qsl = torch.tensor([0] + list(query_lens), dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
+    return DecodeCase(q, cache, table, torch.tensor(seq_lens, dtype=torch.int32, device=device), qsl,
+                      fmt, k_scale, 1.0 / math.sqrt(128 + rope), kv_c, k_pe, list(query_lens), lora)
+
+
+def decode(case: DecodeCase, backend: str, return_lse=True, out=None):
+    return pm.mla_decode(case.q, case.cache, case.block_table, case.seq_lens,
+                         softmax_scale=case.softmax_scale, kv_lora_rank=case.lora,
+                         kv_cache_dtype=case.fmt, k_scale=case.k_scale,
+                         query_start_loc=case.query_start_loc, return_lse=return_lse,
+                         backend=backend, out=out)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64; NaN anywhere gives inf (NaN never passes)."""
+    a64, b64 = a.double(), b.double()
+    if torch.isnan(a64).any() or torch.isnan(b64).any():
+        return float("inf")
+    return float((a64 - b64).norm() / b64.norm().clamp_min(1e-300))
+
+
+def decode_float64(case: DecodeCase):
+    """Float64 MQA ground truth from the values read back from the cache (dequantized)."""
+    lora = case.lora
+    outs, lses = [], []
+    t0 = 0
+    platform = pm.current_platform(case.q.device)
+    from portmla.kv_formats import dequantize_entries
+    from portmla.backends.reference import gather_entries
+
+    for b, (s, n) in enumerate(zip(case.seq_lens.tolist(), case.query_lens)):
+        pos = torch.arange(s, device=case.q.device)
+        entries = gather_entries(case.cache, case.block_table[b], pos, case.cache.shape[1])
+        kv = dequantize_entries(entries, canonical_format(case.fmt) if case.fmt != "auto" else
+                                "bfloat16", lora, case.k_scale, platform.fp8_dtype).double()
+        qb = case.q[t0:t0 + n].double()
+        sc = torch.einsum("nhd,sd->nhs", qb, kv) * case.softmax_scale
+        mask = pos.view(1, -1) > (s - n + torch.arange(n, device=pos.device)).view(-1, 1)
+        sc = sc.masked_fill(mask.unsqueeze(1), float("-inf"))
+        lse = torch.logsumexp(sc, -1)
+        outs.append(torch.einsum("nhs,sd->nhd", torch.exp(sc - lse.unsqueeze(-1)), kv[:, :lora]))
+        lses.append(lse)
+        t0 += n
+    return torch.cat(outs), torch.cat(lses)

@@ -1,0 +1,117 @@
+"""Platform facts, probe(), reasons as data, and the dispatch loop."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import portmla as pm
+from portmla.backends.base import Backend
+from portmla.dispatch import PRIORITY, get_backend, select
+from portmla.problems import CacheLayout, DecodeProblem
+
+
+def _problem(**over) -> DecodeProblem:
+    platform = over.pop("platform", pm.current_platform("cpu"))
+    cache = CacheLayout("bfloat16", torch.bfloat16, 10, over.pop("block_size", 64), 576, 64 * 576, 576)
+    base = dict(op="mla_decode", platform=platform, q_dtype=torch.bfloat16, cache=cache,
+                num_tokens=4, num_seqs=4, num_heads=16, max_blocks_per_seq=3, max_query_len=1,
+                return_lse=False, capturing=False)
+    base.update(over)
+    return DecodeProblem(**base)
+
+
+def test_public_names_exist():
+    for name in ("current_platform", "list_backends", "probe", "supported_block_sizes",
+                 "supported_kv_cache_dtypes", "UnsupportedError", "kv_cache_shape",
+                 "allocate_kv_cache", "concat_and_cache_mla", "gather_cache", "mla_decode",
+                 "merge_attn_states", "mla_prefill_attention", "MLAAttention", "MLABatch"):
+        assert hasattr(pm, name), name
+    assert isinstance(pm.__version__, str)
+    assert issubclass(pm.UnsupportedError, ValueError)
+
+
+def test_platform_cpu_facts():
+    p = pm.current_platform("cpu")
+    assert p.kind == "cpu" and p.arch == "cpu" and p.capability is None
+    assert p.fp8_dtype == torch.float8_e4m3fn and p.num_compute_units >= 1
+    assert pm.current_platform("cpu") is p  # cached
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.kind = "cuda"
+
+
+def test_probe_lists_every_backend_with_reasons():
+    infos = pm.probe("cpu")
+    assert set(infos) == set(pm.list_backends()) >= {"reference", "triton", "cuda", "hip", "sycl"}
+    assert infos["reference"].available and not infos["reference"].reasons
+    for name in ("cuda", "hip", "sycl"):
+        assert not infos[name].available
+        assert any("platform=cpu" in r for r in infos[name].reasons), infos[name].reasons
+    for info in infos.values():
+        assert info.available == (not info.reasons)
+        assert set(info.block_sizes) <= {1, 2, 4, 8, 16, 32, 64, 128, 256}
+
+
+def test_supported_queries_on_cpu():
+    assert pm.supported_block_sizes(device="cpu") == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert pm.supported_kv_cache_dtypes(device="cpu")[0] == "auto"
+    assert "fp8_ds_mla" in pm.supported_kv_cache_dtypes(backend="reference", device="cpu")
+    with pytest.raises(ValueError, match="kv_cache_dtype='nope'"):
+        pm.supported_block_sizes("nope")
+
+
+def test_reasons_name_value_and_allowed():
+    class Narrow(Backend):
+        NAME = "narrow"
+        PLATFORMS = ("cpu",)
+        BLOCK_SIZES = (16, 32, 64, 128)
+        KV_CACHE_DTYPES = ("bfloat16",)
+        MAX_NUM_HEADS = 64
+        STRIDED_KV = False
+
+    p = _problem(block_size=48, num_heads=128)
+    why = Narrow().reasons(p)
+    codes = {r.code for r in why}
+    assert {"block_size", "num_heads", "strided_kv"} <= codes
+    assert "block_size=48 (supported: 16, 32, 64, 128)" in [str(r) for r in why]
+    assert "num_heads=128 (supported: 1..64)" in [str(r) for r in why]
+    assert Narrow().supports(_problem(block_size=64, num_heads=16,
+                                      cache=CacheLayout("bfloat16", torch.bfloat16, 10, 64, 576,
+                                                        64 * 576, 576)))
+
+
+def test_auto_dispatch_message_lists_every_backend():
+    p = _problem(q_dtype=torch.int8)
+    with pytest.raises(pm.UnsupportedError) as info:
+        select(p, describe="q_dtype=int8")
+    msg = str(info.value)
+    assert msg.startswith("No backend can run mla_decode with q_dtype=int8 on cpu")
+    assert set(info.value.reasons) == set(PRIORITY["cpu"])
+    for name in PRIORITY["cpu"]:
+        assert f"`{name}` is not supported because:" in msg
+    assert "q.dtype=int8 (supported: bfloat16, float16, float32)" in msg
+    assert select(_problem()).NAME == "reference"
+
+
+def test_capture_makes_host_reading_backends_refuse():
+    why = get_backend("reference").reasons(_problem(capturing=True))
+    assert [r.code for r in why] == ["cuda_graphs"]
+
+
+def test_priority_lists_cover_every_platform():
+    assert set(PRIORITY) == {"cuda", "rocm", "xpu", "cpu"}
+    for order in PRIORITY.values():
+        assert "reference" in order
+        for name in order:
+            get_backend(name)
+
+
+def test_info_cli_runs(capsys):
+    from portmla.__main__ import main
+
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "platform: cpu" in text and "reference available" in text
+    assert "because platform=cpu (supported: cuda)" in text

@@ -1,0 +1,320 @@
+"""Triton kernels vs the torch reference, on the CPU through Triton's interpreter.
+
+Every op of the Triton backend is called through the public API with
+``backend="triton"`` and compared with ``backend="reference"`` on small shapes: every KV
+format, block sizes 1 / 16 / 48 / 64, padded and cross-layer caches, varlen query tokens,
+NaN-poisoned unused cache slots and output buffers. On a GPU the same tests run on the
+device (``PORTMLA_TEST_DEVICE=cuda``).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not importable")
+
+import portmla as pm  # noqa: E402
+from portmla.dispatch import get_backend  # noqa: E402
+from portmla.kv_formats import quantize_entries  # noqa: E402
+
+DEV = os.environ.get("PORTMLA_TEST_DEVICE", "cpu")
+L, R = 512, 64
+FMTS = ("bfloat16", "float16", "fp8", "fp8_ds_mla")
+PLAT = pm.current_platform(DEV)
+
+if DEV == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("TRITON_INTERPRET=0 on a CPU machine: the Triton backend cannot run",
+                allow_module_level=True)
+
+
+def _gen(seed):
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    return g
+
+
+def _storage(fmt):
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "fp8": PLAT.fp8_dtype,
+            "fp8_ds_mla": torch.uint8}[fmt]
+
+
+def _entry(fmt):
+    return pm.kv_cache_shape(1, 1, fmt)[2]
+
+
+def _poison(buf: torch.Tensor, fmt: str) -> None:
+    """NaN everywhere: unwritten or wrongly read cache memory shows up in the result."""
+    if buf.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        buf.fill_(float("nan"))
+    else:  # 0x7f/0xff: NaN in e4m3fn (and a NaN float32 scale); 0x80: NaN in e4m3fnuz
+        buf.view(torch.uint8).fill_(0x80 if buf.dtype == torch.float8_e4m3fnuz else 0xFF)
+
+
+def make_cache(num_blocks, page, fmt, layout):
+    """A poisoned cache of ``layout``: contiguous, padded tokens, padded pages or a layer view."""
+    entry, dt = _entry(fmt), _storage(fmt)
+    if layout == "contiguous":
+        cache = torch.empty(num_blocks, page, entry, dtype=dt, device=DEV)
+        base = cache
+    elif layout == "padded":  # odd token padding: unaligned fp8_ds_mla scales / RoPE
+        base = torch.empty(num_blocks, page + 1, entry + 3, dtype=dt, device=DEV)
+        cache = base[:, :page, :entry]
+    else:  # cross-layer: buf[:, layer]
+        base = torch.empty(num_blocks, 2, page, entry, dtype=dt, device=DEV)
+        cache = base[:, 1]
+    _poison(base, fmt)
+    return cache
+
+
+def fill_cache(cache, fmt, block_table, seq_lens, scale, g):
+    """Write random values for every used position with the reference writer."""
+    page = cache.shape[1]
+    n = int(sum(seq_lens))
+    kv_c = torch.randn(n, L, generator=g).to(DEV, torch.bfloat16)
+    k_pe = torch.randn(n, R, generator=g).to(DEV, torch.bfloat16)
+    slots = []
+    for b, s in enumerate(seq_lens):
+        for pos in range(s):
+            slots.append(int(block_table[b, pos // page]) * page + pos % page)
+    slots = torch.tensor(slots, dtype=torch.int64, device=DEV)
+    pm.concat_and_cache_mla(kv_c, k_pe, cache, slots, fmt, scale, backend="reference")
+
+
+def make_table(num_seqs, seq_lens, page, extra_cols, g):
+    need = [(s + page - 1) // page for s in seq_lens]
+    cols = max(need) + extra_cols
+    total = sum(need)
+    num_blocks = total + 3
+    perm = torch.randperm(num_blocks, generator=g)[:total].tolist()
+    bt = torch.full((num_seqs, cols), -1, dtype=torch.int32)  # unused entries: invalid ids
+    i = 0
+    for b, k in enumerate(need):
+        bt[b, :k] = torch.tensor(perm[i:i + k], dtype=torch.int32)
+        i += k
+    return bt.to(DEV), num_blocks
+
+
+def _close(a, b, tol, what):
+    a, b = a.float(), b.float()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    err = (a - b).norm() / b.norm().clamp_min(1e-6)
+    assert err < tol, f"{what}: relative error {err:.3g} >= {tol}"
+
+
+# ------------------------------------------------------------------------------ probe
+
+
+def test_backend_is_available_and_declares_capabilities():
+    info = pm.probe(DEV)["triton"]
+    assert info.available, info.reasons
+    assert info.block_sizes == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert set(info.kv_cache_dtypes) == set(FMTS)
+    assert info.returns_lse and info.strided_kv and info.cuda_graphs
+
+
+def test_cpu_without_interpreter_gives_a_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    why = get_backend("triton").availability(pm.current_platform("cpu"))
+    assert why and why[0].code == "platform" and "TRITON_INTERPRET=1" in why[0].message
+
+
+# ----------------------------------------------------------------------------- decode
+
+DECODE_CASES = [
+    # fmt, page, heads, query lens (None = one token each), layout
+    ("bfloat16", 16, 16, None, "contiguous"),
+    ("bfloat16", 1, 4, None, "padded"),
+    ("bfloat16", 48, 16, [1, 3, 0, 2], "cross_layer"),
+    ("bfloat16", 64, 128, [1, 2], "contiguous"),
+    ("float16", 16, 8, [2, 1, 4], "padded"),
+    ("fp8", 16, 16, None, "cross_layer"),
+    ("fp8", 48, 16, [3, 1], "contiguous"),
+    ("fp8_ds_mla", 16, 16, None, "padded"),
+    ("fp8_ds_mla", 64, 16, [1, 2, 1], "contiguous"),
+    ("fp8_ds_mla", 1, 2, [2, 1], "cross_layer"),
+]
+
+
+@pytest.mark.parametrize("fmt,page,heads,qlens,layout", DECODE_CASES)
+def test_mla_decode(fmt, page, heads, qlens, layout):
+    g = _gen(hash((fmt, page, heads, layout)) % 1000)
+    nseq = len(qlens) if qlens else 3
+    qlens_ = qlens or [1] * nseq
+    seq_lens = [int(x) for x in torch.randint(1, 90, (nseq,), generator=g)]
+    seq_lens = [max(s, q) for s, q in zip(seq_lens, qlens_)]
+    seq_lens[0] = max(seq_lens[0], 70)  # several KV splits
+    bt, nb = make_table(nseq, seq_lens, page, 2, g)
+    cache = make_cache(nb, page, fmt, layout)
+    scale = 0.05 if fmt == "fp8" else None
+    fill_cache(cache, fmt, bt, seq_lens, scale, g)
+    t = sum(qlens_)
+    dtype = torch.float16 if fmt == "float16" else torch.bfloat16
+    q = torch.randn(t, heads, L + R, generator=g).to(DEV, dtype)
+    qsl = None
+    if qlens:
+        qsl = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
+                           device=DEV)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    kw = dict(softmax_scale=0.07, kv_cache_dtype=fmt, k_scale=scale, query_start_loc=qsl,
+              return_lse=True)
+    out = torch.full((t, heads, L), float("nan"), dtype=dtype, device=DEV)
+    o_tri, l_tri = pm.mla_decode(q, cache, bt, sl, out=out, backend="triton", **kw)
+    o_ref, l_ref = pm.mla_decode(q, cache, bt, sl, backend="reference", **kw)
+    assert o_tri.data_ptr() == out.data_ptr()
+    _close(o_tri, o_ref, 1e-2, "out")
+    # fp8_ds_mla: the kernel rounds fp8 * tile-scale to bf16 before the tensor-core dot
+    atol = 3e-2 if fmt == "fp8_ds_mla" else 2e-3
+    assert torch.allclose(l_tri, l_ref, atol=atol, rtol=1e-3), (l_tri - l_ref).abs().max()
+
+
+def test_mla_decode_capture_bound_max_query_len_and_no_lse():
+    """A loose max_query_len (as inside graph capture) only adds empty row tiles."""
+    g = _gen(7)
+    page, heads, qlens = 16, 16, [2, 1]
+    seq_lens = [37, 5]
+    bt, nb = make_table(2, seq_lens, page, 1, g)
+    cache = make_cache(nb, page, "bfloat16", "contiguous")
+    fill_cache(cache, "bfloat16", bt, seq_lens, None, g)
+    q = torch.randn(3, heads, L + R, generator=g).to(DEV, torch.bfloat16)
+    qsl = torch.tensor([0, 2, 3], dtype=torch.int32, device=DEV)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    kw = dict(softmax_scale=0.1, query_start_loc=qsl)
+    o_tri = pm.mla_decode(q, cache, bt, sl, backend="triton", max_query_len=5, **kw)
+    o_ref = pm.mla_decode(q, cache, bt, sl, backend="reference", **kw)
+    _close(o_tri, o_ref, 1e-2, "out")
+
+
+def test_mla_decode_tuple_q_matches_concatenated():
+    g = _gen(11)
+    seq_lens = [20, 33]
+    bt, nb = make_table(2, seq_lens, 16, 0, g)
+    cache = make_cache(nb, 16, "bfloat16", "contiguous")
+    fill_cache(cache, "bfloat16", bt, seq_lens, None, g)
+    q = torch.randn(2, 4, L + R, generator=g).to(DEV, torch.bfloat16)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    a = pm.mla_decode((q[..., :L], q[..., L:]), cache, bt, sl, softmax_scale=0.1, backend="triton")
+    b = pm.mla_decode(q, cache, bt, sl, softmax_scale=0.1, backend="triton")
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------- cache writes
+
+
+@pytest.mark.parametrize("fmt,page,layout", [
+    ("bfloat16", 16, "padded"), ("float16", 1, "contiguous"), ("fp8", 48, "cross_layer"),
+    ("fp8", 16, "contiguous"), ("fp8_ds_mla", 16, "padded"), ("fp8_ds_mla", 64, "cross_layer"),
+])
+@pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float32])
+def test_concat_and_cache_mla_bytes_match_reference(fmt, page, layout, src_dtype):
+    g = _gen(3)
+    nb, t = 5, 12
+    cache_a = make_cache(nb, page, fmt, layout)
+    cache_b = make_cache(nb, page, fmt, layout)
+    kv_c = (torch.randn(t, L, generator=g) * 3).to(DEV, src_dtype)
+    kv_c[1, :128] = 0.0  # an all-zero tile: scale FLT_MIN
+    k_pe = torch.randn(t, 1, R, generator=g).to(DEV, src_dtype)
+    slots = torch.randperm(nb * page, generator=g)[:t].to(DEV)
+    slots[3] = -1
+    slots[7] = -1
+    scale = 0.02 if fmt == "fp8" else None
+    pm.concat_and_cache_mla(kv_c, k_pe, cache_a, slots, fmt, scale, backend="triton")
+    pm.concat_and_cache_mla(kv_c, k_pe, cache_b, slots, fmt, scale, backend="reference")
+    a, b = cache_a.contiguous().view(torch.uint8), cache_b.contiguous().view(torch.uint8)
+    assert torch.equal(a, b), f"{int((a != b).sum())} bytes differ"
+
+
+# ---------------------------------------------------------------------- gather_cache
+
+
+@pytest.mark.parametrize("fmt,page,layout,out_dtype,chunked", [
+    ("bfloat16", 16, "cross_layer", torch.bfloat16, False),
+    ("float16", 48, "padded", torch.float32, True),
+    ("fp8", 1, "contiguous", torch.bfloat16, True),
+    ("fp8", 64, "padded", torch.float16, False),
+    ("fp8_ds_mla", 16, "padded", torch.bfloat16, True),
+    ("fp8_ds_mla", 48, "contiguous", torch.float32, False),
+])
+def test_gather_cache(fmt, page, layout, out_dtype, chunked):
+    g = _gen(5)
+    seq_lens = [40, 0, 17, 66]
+    bt, nb = make_table(4, seq_lens, page, 1, g)
+    cache = make_cache(nb, page, fmt, layout)
+    scale = 0.03 if fmt == "fp8" else None
+    fill_cache(cache, fmt, bt, seq_lens, scale, g)
+    if chunked:
+        starts = torch.tensor([5, 0, 16, 30], dtype=torch.int32, device=DEV)
+        lens = torch.tensor([20, 0, 1, 36], dtype=torch.int32, device=DEV)
+    else:
+        starts, lens = None, torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    total = int(lens.sum())
+    out = torch.full((total, L + R), float("nan"), dtype=out_dtype, device=DEV)
+    kw = dict(kv_cache_dtype=fmt, scale=scale, out_dtype=out_dtype, seq_starts=starts)
+    a = pm.gather_cache(cache, bt, lens, backend="triton", out=out, **kw)
+    b = pm.gather_cache(cache, bt, lens, backend="reference", **kw)
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------- merge_attn_states
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 512), (torch.float16, 128),
+                                     (torch.bfloat16, 96)])
+def test_merge_attn_states(dtype, d):
+    g = _gen(9)
+    t, h = 6, 5
+    po = torch.randn(t, h, d, generator=g).to(DEV, dtype)
+    so = torch.randn(t, h, d, generator=g).to(DEV, dtype)
+    pl = torch.randn(t, h, generator=g).to(DEV) * 3
+    sl = torch.randn(t, h, generator=g).to(DEV) * 3
+    pl[0, :] = float("-inf")
+    po[0, :] = float("nan")  # empty side: its garbage must not leak
+    sl[1, 2] = float("-inf")
+    so[1, 2] = float("nan")
+    pl[2, 3] = sl[2, 3] = float("-inf")  # both empty: 0 and -inf
+    out = torch.full_like(po, float("nan"))
+    a, al = pm.merge_attn_states(po, pl, so, sl, out=out, backend="triton")
+    b, bl = pm.merge_attn_states(po, pl, so, sl, backend="reference")
+    assert torch.isfinite(a).all()
+    assert (a[2, 3] == 0).all() and al[2, 3] == float("-inf")
+    _close(a, b, 5e-3, "out")
+    assert torch.allclose(al, bl, atol=1e-5, equal_nan=False)
+
+
+# ------------------------------------------------------------- mla_prefill_attention
+
+
+@pytest.mark.parametrize("dqk,dv,h,hk,causal,lens", [
+    (192, 128, 4, 4, True, [(5, 5), (9, 20), (0, 3), (17, 17)]),
+    (192, 128, 4, 2, False, [(7, 11), (3, 3)]),
+    (64, 32, 2, 1, True, [(12, 4), (6, 6)]),  # queries that see no key: 0 and -inf
+])
+def test_mla_prefill_attention(dqk, dv, h, hk, causal, lens):
+    g = _gen(13)
+    sq = [a for a, _ in lens]
+    sk = [b for _, b in lens]
+    cq = torch.tensor([0] + torch.tensor(sq).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    ck = torch.tensor([0] + torch.tensor(sk).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    q = torch.randn(sum(sq), h, dqk, generator=g).to(DEV, torch.bfloat16)
+    k = torch.randn(sum(sk), hk, dqk, generator=g).to(DEV, torch.bfloat16)
+    v = torch.randn(sum(sk), hk, dv, generator=g).to(DEV, torch.bfloat16)
+    kw = dict(softmax_scale=dqk ** -0.5, causal=causal, return_lse=True)
+    out = torch.full((sum(sq), h, dv), float("nan"), dtype=torch.bfloat16, device=DEV)
+    a, al = pm.mla_prefill_attention(q, k, v, cq, ck, max(sq), max(sk), backend="triton", out=out,
+                                     **kw)
+    b, bl = pm.mla_prefill_attention(q, k, v, cq, ck, max(sq), max(sk), backend="reference", **kw)
+    _close(a, b, 1e-2, "out")
+    fin = torch.isfinite(bl)
+    assert torch.equal(fin, torch.isfinite(al))
+    assert torch.allclose(al[fin], bl[fin], atol=2e-3)
+
+
+def test_quantize_helper_roundtrip_is_the_reference():
+    """The cache filler uses the reference quantizer; keep that link explicit."""
+    x = torch.randn(2, L + R)
+    e = quantize_entries(x, "fp8_ds_mla", L, None, torch.uint8, PLAT.fp8_dtype)
+    assert e.shape == (2, _entry("fp8_ds_mla"))
