@@ -1,0 +1,134 @@
+// portmla._cuda: a table of launch functions. Python fills the plain structs (pointers as
+// ints, element strides, sizes) and passes the stream handle as an int; nothing here knows torch.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/params.h"
+#include "sm80/decode/config.h"
+
+namespace py = pybind11;
+using namespace portmla;
+
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("portmla._cuda.") + what + ": " + cudaGetErrorName(err) +
+                             " (" + cudaGetErrorString(err) + ")");
+  }
+}
+
+cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// A pointer field exposed to Python as an int.
+#define PTR_FIELD(cls, Type, name)                                                              \
+  def_property(                                                                                 \
+      #name, [](const cls& o) { return reinterpret_cast<std::uintptr_t>(o.name); },           \
+      [](cls& o, std::uintptr_t v) { o.name = reinterpret_cast<Type>(v); })
+#define FIELD(cls, name) def_readwrite(#name, &cls::name)
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "portmla native CUDA kernels (launch table; see portmla/backends/cuda.py)";
+
+  py::class_<DecodeParams>(m, "DecodeParams")
+      .def(py::init<>())
+      .PTR_FIELD(DecodeParams, const void*, q)
+      .FIELD(DecodeParams, q_stride_t)
+      .FIELD(DecodeParams, q_stride_h)
+      .PTR_FIELD(DecodeParams, const void*, kv_cache)
+      .FIELD(DecodeParams, page_stride)
+      .FIELD(DecodeParams, token_stride)
+      .FIELD(DecodeParams, block_size)
+      .PTR_FIELD(DecodeParams, const int32_t*, block_table)
+      .FIELD(DecodeParams, bt_stride)
+      .PTR_FIELD(DecodeParams, const int32_t*, seq_lens)
+      .PTR_FIELD(DecodeParams, const int32_t*, query_start_loc)
+      .PTR_FIELD(DecodeParams, const float*, k_scale)
+      .PTR_FIELD(DecodeParams, void*, out)
+      .FIELD(DecodeParams, out_stride_t)
+      .FIELD(DecodeParams, out_stride_h)
+      .PTR_FIELD(DecodeParams, float*, lse)
+      .FIELD(DecodeParams, lse_stride_t)
+      .FIELD(DecodeParams, lse_stride_h)
+      .PTR_FIELD(DecodeParams, float*, part_out)
+      .PTR_FIELD(DecodeParams, float*, part_lse)
+      .FIELD(DecodeParams, num_tokens)
+      .FIELD(DecodeParams, num_seqs)
+      .FIELD(DecodeParams, num_heads)
+      .FIELD(DecodeParams, max_query_len)
+      .FIELD(DecodeParams, num_splits)
+      .FIELD(DecodeParams, kv_lora_rank)
+      .FIELD(DecodeParams, rope_dim)
+      .FIELD(DecodeParams, softmax_scale)
+      .FIELD(DecodeParams, q_dtype)
+      .FIELD(DecodeParams, kv_format);
+
+  py::class_<CacheWriteParams>(m, "CacheWriteParams")
+      .def(py::init<>())
+      .PTR_FIELD(CacheWriteParams, const void*, kv_c)
+      .FIELD(CacheWriteParams, kv_c_stride)
+      .FIELD(CacheWriteParams, kv_c_dtype)
+      .PTR_FIELD(CacheWriteParams, const void*, k_pe)
+      .FIELD(CacheWriteParams, k_pe_stride)
+      .FIELD(CacheWriteParams, k_pe_dtype)
+      .PTR_FIELD(CacheWriteParams, void*, cache)
+      .FIELD(CacheWriteParams, page_stride)
+      .FIELD(CacheWriteParams, token_stride)
+      .FIELD(CacheWriteParams, block_size)
+      .PTR_FIELD(CacheWriteParams, const void*, slot_mapping)
+      .FIELD(CacheWriteParams, slot_dtype)
+      .PTR_FIELD(CacheWriteParams, const float*, scale)
+      .FIELD(CacheWriteParams, num_tokens)
+      .FIELD(CacheWriteParams, kv_lora_rank)
+      .FIELD(CacheWriteParams, rope_dim)
+      .FIELD(CacheWriteParams, kv_format)
+      .FIELD(CacheWriteParams, cache_dtype);
+
+  py::class_<GatherParams>(m, "GatherParams")
+      .def(py::init<>())
+      .PTR_FIELD(GatherParams, const void*, cache)
+      .FIELD(GatherParams, page_stride)
+      .FIELD(GatherParams, token_stride)
+      .FIELD(GatherParams, block_size)
+      .PTR_FIELD(GatherParams, const int32_t*, block_table)
+      .FIELD(GatherParams, bt_stride)
+      .PTR_FIELD(GatherParams, const int32_t*, seq_lens)
+      .PTR_FIELD(GatherParams, const int32_t*, seq_starts)
+      .PTR_FIELD(GatherParams, const int32_t*, cu_seq_lens)
+      .PTR_FIELD(GatherParams, const float*, scale)
+      .PTR_FIELD(GatherParams, void*, out)
+      .FIELD(GatherParams, out_stride)
+      .FIELD(GatherParams, out_dtype)
+      .FIELD(GatherParams, num_seqs)
+      .FIELD(GatherParams, max_seq_tokens)
+      .FIELD(GatherParams, kv_lora_rank)
+      .FIELD(GatherParams, rope_dim)
+      .FIELD(GatherParams, kv_format)
+      .FIELD(GatherParams, cache_dtype);
+
+  m.def("mla_decode", [](const DecodeParams& p, std::uintptr_t stream) {
+    check(launch_mla_decode(p, as_stream(stream)), "mla_decode");
+  }, py::arg("params"), py::arg("stream"));
+  m.def("concat_and_cache_mla", [](const CacheWriteParams& p, std::uintptr_t stream) {
+    check(launch_concat_and_cache_mla(p, as_stream(stream)), "concat_and_cache_mla");
+  }, py::arg("params"), py::arg("stream"));
+  m.def("gather_cache", [](const GatherParams& p, std::uintptr_t stream) {
+    check(launch_gather_cache(p, as_stream(stream)), "gather_cache");
+  }, py::arg("params"), py::arg("stream"));
+
+  // Facts the Python side builds its capability data from (so they cannot drift).
+  m.attr("DECODE_TILE_ROWS") = sm80::kBM;
+  m.attr("DECODE_TILE_TOKENS") = sm80::kBN;
+  m.attr("DECODE_SMEM_BYTES") = sm80::decode_smem_bytes();
+  m.attr("DECODE_KV_LORA_RANK") = sm80::kL;
+  m.attr("DECODE_ROPE_DIM") = sm80::kR;
+  int rt = 0;
+  cudaRuntimeGetVersion(&rt);
+  m.attr("CUDA_RUNTIME_VERSION") = rt;
+  m.attr("BUILT_ARCHS") = PORTMLA_ARCHS;
+}

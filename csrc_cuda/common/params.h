@@ -1,0 +1,88 @@
+// Plain launch descriptions shared by the kernels and the binding. No torch here.
+// Pointers are device pointers; strides are in elements of the tensor's storage dtype
+// (bytes for fp8 / uint8 caches), 64-bit; sizes are ints.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace portmla {
+
+// Element types crossing the binding (Python maps torch dtypes to these codes).
+enum DType : int { kBF16 = 0, kFP16 = 1, kFP32 = 2, kFP8E4M3 = 3, kU8 = 4, kI32 = 5, kI64 = 6 };
+
+// KV-cache formats (see portmla/kv_formats.py for the byte layouts).
+enum KvFormat : int {
+  kKv16 = 0,     // bf16 / fp16 values [kv_c | k_pe]; the dtype is given separately
+  kKvFp8 = 1,    // e4m3fn values [kv_c | k_pe], one per-tensor scale
+  kKvDsMla = 2,  // uint8: 512 e4m3fn | 4 fp32 tile scales | 64 bf16 rope (656 bytes)
+};
+
+// Absorbed MLA decode: out[t, h, :L] = softmax(q . kv^T * scale) . kv[:, :L].
+struct DecodeParams {
+  const void* q = nullptr;  // [T, H, L+R], q_dtype; last dim contiguous
+  int64_t q_stride_t = 0, q_stride_h = 0;
+  const void* kv_cache = nullptr;  // [num_blocks, block_size, entry]
+  int64_t page_stride = 0, token_stride = 0;
+  int block_size = 0;
+  const int32_t* block_table = nullptr;  // [B, max_blocks]
+  int64_t bt_stride = 0;
+  const int32_t* seq_lens = nullptr;         // [B]
+  const int32_t* query_start_loc = nullptr;  // [B+1], or null: one token per sequence
+  const float* k_scale = nullptr;            // [1], fp8 only
+  void* out = nullptr;                       // [T, H, L], q_dtype
+  int64_t out_stride_t = 0, out_stride_h = 0;
+  float* lse = nullptr;  // [T, H] or null
+  int64_t lse_stride_t = 0, lse_stride_h = 0;
+  float* part_out = nullptr;  // [num_splits, T, H, L] fp32 scratch when num_splits > 1
+  float* part_lse = nullptr;  // [num_splits, T, H]
+  int num_tokens = 0, num_seqs = 0, num_heads = 0, max_query_len = 1, num_splits = 1;
+  int kv_lora_rank = 512, rope_dim = 64;
+  float softmax_scale = 1.f;
+  int q_dtype = kBF16, kv_format = kKv16;
+};
+
+// concat_and_cache_mla: cache[slot] = quantize([kv_c[t] | k_pe[t]]).
+struct CacheWriteParams {
+  const void* kv_c = nullptr;  // [T, L]
+  int64_t kv_c_stride = 0;
+  int kv_c_dtype = kBF16;
+  const void* k_pe = nullptr;  // [T, R]
+  int64_t k_pe_stride = 0;
+  int k_pe_dtype = kBF16;
+  void* cache = nullptr;
+  int64_t page_stride = 0, token_stride = 0;
+  int block_size = 0;
+  const void* slot_mapping = nullptr;  // [T] int32 or int64, -1 = skip
+  int slot_dtype = kI32;
+  const float* scale = nullptr;  // fp8 only
+  int num_tokens = 0, kv_lora_rank = 512, rope_dim = 64;
+  int kv_format = kKv16, cache_dtype = kBF16;
+};
+
+// gather_cache: out[cu[b] + i] = dequantize(cache[token starts[b] + i of sequence b]).
+struct GatherParams {
+  const void* cache = nullptr;
+  int64_t page_stride = 0, token_stride = 0;
+  int block_size = 0;
+  const int32_t* block_table = nullptr;
+  int64_t bt_stride = 0;
+  const int32_t* seq_lens = nullptr;
+  const int32_t* seq_starts = nullptr;  // or null
+  const int32_t* cu_seq_lens = nullptr;  // [B+1]
+  const float* scale = nullptr;
+  void* out = nullptr;  // [total, L+R]
+  int64_t out_stride = 0;
+  int out_dtype = kBF16;
+  int num_seqs = 0, max_seq_tokens = 0;  // max_seq_tokens: host upper bound of seq_lens
+  int kv_lora_rank = 512, rope_dim = 64;
+  int kv_format = kKv16, cache_dtype = kBF16;
+};
+
+// Launchers (defined in the .cu files). They return the first CUDA error.
+cudaError_t launch_mla_decode(const DecodeParams& p, cudaStream_t stream);
+cudaError_t launch_concat_and_cache_mla(const CacheWriteParams& p, cudaStream_t stream);
+cudaError_t launch_gather_cache(const GatherParams& p, cudaStream_t stream);
+
+}  // namespace portmla

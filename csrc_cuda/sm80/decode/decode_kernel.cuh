@@ -1,0 +1,453 @@
+// Generic sm80+ absorbed-MLA decode: mma.sync m16n8k16 + cp.async, split-KV.
+//
+// One CTA = (split s, row tile, sequence b). The rows of sequence b are its (query token j,
+// head h) pairs in order j * H + h; a CTA takes BM = 32 consecutive rows, so one KV tile in
+// shared memory serves all of its heads (and, for multi-token queries, several tokens).
+// 8 warps. Per KV tile of BN = 32 tokens:
+//   S = Q K^T    warp (wm = w & 1, wn = w >> 1) computes rows 16 wm.., columns 8 wn..
+//   softmax      row maxima exchanged through shared memory (online, base 2)
+//   O += P V     warp (wm, wc = w >> 1) owns rows 16 wm.., output columns 128 wc..
+// KV tiles are double-buffered: 16-bit caches by cp.async, fp8 caches through registers
+// (loaded a tile ahead, converted to the 16-bit compute type when stored to shared memory).
+// fp8 (per-tensor): values are converted exactly; k_scale is applied to the scores and
+// the output. fp8_ds_mla: values are dequantized with their tile scale.
+// Offsets into the cache are 64-bit. Positions past a split's end are never read.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+#include <type_traits>
+
+#include "../../common/check.h"
+#include "../../common/numeric.cuh"
+#include "../../common/params.h"
+#include "config.h"
+
+namespace portmla {
+namespace sm80 {
+
+template <int FMT> struct FmtTraits;
+template <> struct FmtTraits<kKv16> { static constexpr int kChunks = kChunks16; };
+template <> struct FmtTraits<kKvFp8> { static constexpr int kChunks = kD / 16; };  // 36
+template <> struct FmtTraits<kKvDsMla> { static constexpr int kChunks = kL / 16 + kR / 8; };  // 40
+
+template <typename T, int FMT>
+__global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodeParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sKV = sQ + kBM * kSRow;
+  T* sP = sKV + 2 * kBN * kSRow;
+  float* sRed = reinterpret_cast<float*>(sP + kBM * kPRow);  // [4][kBM]
+
+  const int split = blockIdx.x;
+  const int b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int H = p.num_heads;
+
+  int t0, nq;
+  if (p.query_start_loc != nullptr) {
+    t0 = p.query_start_loc[b];
+    nq = p.query_start_loc[b + 1] - t0;
+  } else {
+    t0 = b;
+    nq = 1;
+  }
+  const int rows = nq * H;
+  const int m0 = blockIdx.y * kBM;
+  if (m0 >= rows) return;  // whole CTA, before any barrier
+  const int seq_len = p.seq_lens[b];
+  const int* bt = p.block_table + static_cast<int64_t>(b) * p.bt_stride;
+  const int bs = p.block_size;
+
+  // Positions any row of this tile may see: [0, kv_end). Row (j, h) sees 0 .. seq_len - nq + j.
+  const int j_last = (min(m0 + kBM, rows) - 1) / H;
+  const int kv_end = max(0, seq_len - nq + j_last + 1);
+  const int S = p.num_splits;
+  int per = (kv_end + S - 1) / S;
+  per = (per + kBN - 1) / kBN * kBN;
+  const int kv_lo = min(kv_end, split * per);
+  const int kv_hi = min(kv_end, kv_lo + per);
+  const int n_tiles = (kv_hi - kv_lo + kBN - 1) / kBN;
+
+  const int wm = warp & 1, wn = warp >> 1;
+  // The two rows this thread holds in the S and O fragments.
+  int last_pos[2];
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int g = m0 + 16 * wm + (lane >> 2) + 8 * h2;
+    last_pos[h2] = g < rows ? seq_len - nq + g / H : INT32_MAX;
+  }
+
+  // ---- Q tile -> shared (rows past the sequence's rows are zero)
+  {
+    const T* q = static_cast<const T*>(p.q);
+    for (int c = tid; c < kBM * kChunks16; c += kThreads) {
+      const int r = c / kChunks16, ch = c % kChunks16;
+      const int g = m0 + r;
+      T* dst = sQ + r * kSRow + ch * 8;
+      if (g < rows) {
+        const T* src = q + static_cast<int64_t>(t0 + g / H) * p.q_stride_t +
+                       static_cast<int64_t>(g % H) * p.q_stride_h + ch * 8;
+        cp_async16(dst, src);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    cp_async_commit();
+  }
+
+  const unsigned char* cache = static_cast<const unsigned char*>(p.kv_cache);
+  constexpr int kElem = FMT == kKv16 ? 2 : 1;  // bytes per storage element
+  auto token_ptr = [&](int pos) -> const unsigned char* {
+    const int blk = bt[pos / bs];
+    const int off = pos % bs;
+    return cache + (static_cast<int64_t>(blk) * p.page_stride + static_cast<int64_t>(off) * p.token_stride) * kElem;
+  };
+
+  // ---- KV producers
+  constexpr int kChunks = FmtTraits<FMT>::kChunks;
+  constexpr int kIters = (kBN * kChunks + kThreads - 1) / kThreads;
+  uint4 pre[kIters];  // fp8 paths only; unused registers vanish for 16-bit caches
+  float pre_scale[kIters];
+  (void)pre;
+  (void)pre_scale;
+
+  auto issue_16 = [&](int tile_start, int stage) {  // cp.async path
+    T* dst0 = sKV + stage * kBN * kSRow;
+#pragma unroll
+    for (int k = 0; k < kIters; ++k) {
+      const int c = tid + k * kThreads;
+      if (kBN * kChunks % kThreads == 0 || c < kBN * kChunks) {
+        const int r = c / kChunks, ch = c % kChunks;
+        const int pos = tile_start + r;
+        T* dst = dst0 + r * kSRow + ch * 8;
+        if (pos < kv_hi) {
+          cp_async16(dst, token_ptr(pos) + ch * 16);
+        } else {
+          *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+  };
+  auto fetch_8 = [&](int tile_start) {  // fp8 paths: global -> registers
+#pragma unroll
+    for (int k = 0; k < kIters; ++k) {
+      const int c = tid + k * kThreads;
+      pre[k] = make_uint4(0, 0, 0, 0);
+      if constexpr (FMT == kKvDsMla) pre_scale[k] = 0.f;
+      if (c < kBN * kChunks) {
+        const int r = c / kChunks, ch = c % kChunks;
+        const int pos = tile_start + r;
+        if (pos < kv_hi) {
+          const unsigned char* e = token_ptr(pos);
+          if constexpr (FMT == kKvFp8) {
+            pre[k] = __ldg(reinterpret_cast<const uint4*>(e + ch * 16));
+          } else {
+            if (ch < kL / 16) {
+              pre[k] = __ldg(reinterpret_cast<const uint4*>(e + ch * 16));
+              pre_scale[k] = __ldg(reinterpret_cast<const float*>(e + kL + (ch / 8) * 4));
+            } else {
+              pre[k] = __ldg(reinterpret_cast<const uint4*>(e + kL + 4 * (kL / 128) + (ch - kL / 16) * 16));
+            }
+          }
+        }
+      }
+    }
+  };
+  auto store_8 = [&](int stage) {  // fp8 paths: registers -> shared, converted to T
+    T* dst0 = sKV + stage * kBN * kSRow;
+#pragma unroll
+    for (int k = 0; k < kIters; ++k) {
+      const int c = tid + k * kThreads;
+      if (c < kBN * kChunks) {
+        const int r = c / kChunks, ch = c % kChunks;
+        const uint32_t w[4] = {pre[k].x, pre[k].y, pre[k].z, pre[k].w};
+        if (FMT == kKvFp8 || ch < kL / 16) {
+          const float sc = FMT == kKvDsMla ? pre_scale[k] : 1.f;
+          uint32_t o[8];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float2 lo = fp8x2_e4m3_to_float2(static_cast<uint16_t>(w[i] & 0xffffu));
+            const float2 hi = fp8x2_e4m3_to_float2(static_cast<uint16_t>(w[i] >> 16));
+            o[2 * i] = pack2<T>(lo.x * sc, lo.y * sc);
+            o[2 * i + 1] = pack2<T>(hi.x * sc, hi.y * sc);
+          }
+          uint4* dst = reinterpret_cast<uint4*>(dst0 + r * kSRow + ch * 16);
+          dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+          dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+        } else {  // ds_mla rope: 8 bf16 -> 8 T
+          uint4 v = pre[k];
+          if constexpr (!std::is_same<T, __nv_bfloat16>::value) {
+            uint32_t o[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const __nv_bfloat162 x = *reinterpret_cast<const __nv_bfloat162*>(&w[i]);
+              const float2 f = __bfloat1622float2(x);
+              o[i] = pack2<T>(f.x, f.y);
+            }
+            v = make_uint4(o[0], o[1], o[2], o[3]);
+          }
+          *reinterpret_cast<uint4*>(dst0 + r * kSRow + kL + (ch - kL / 16) * 8) = v;
+        }
+      }
+    }
+  };
+
+  // ---- prologue: tile 0 -> stage 0
+  if (n_tiles > 0) {
+    if constexpr (FMT == kKv16) {
+      issue_16(kv_lo, 0);
+      cp_async_commit();
+    } else {
+      fetch_8(kv_lo);
+      store_8(0);
+    }
+  }
+
+  float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  float out_scale = 1.f;
+  if constexpr (FMT == kKvFp8) {
+    const float ks = *p.k_scale;
+    scale_log2 *= ks;
+    out_scale = ks;
+  }
+
+  float acc[16][4];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};
+  float l_run[2] = {0.f, 0.f};
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int stage = it & 1;
+    const int tile_start = kv_lo + it * kBN;
+    const bool has_next = it + 1 < n_tiles;
+    if constexpr (FMT == kKv16) {
+      if (has_next) issue_16(tile_start + kBN, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      if (has_next) fetch_8(tile_start + kBN);
+      cp_async_wait<0>();  // the Q tile
+    }
+    __syncthreads();
+    const T* sK = sKV + stage * kBN * kSRow;
+
+    // ---- S = Q K^T : 16 rows x 8 columns per warp
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    {
+      const T* qa = sQ + (16 * wm + (lane & 15)) * kSRow + (lane >> 4) * 8;
+      const T* kb = sK + (8 * wn + (lane & 7)) * kSRow + (lane >> 3) * 8;
+#pragma unroll
+      for (int kk = 0; kk < kD; kk += 32) {
+        uint32_t a0[4], a1[4], bb[4];
+        ldmatrix_x4(a0, qa + kk);
+        ldmatrix_x4(a1, qa + kk + 16);
+        ldmatrix_x4(bb, kb + kk);
+        mma_16816<T>(s, a0, bb[0], bb[1]);
+        mma_16816<T>(s, a1, bb[2], bb[3]);
+      }
+    }
+    // ---- scale, mask, row max
+    float mx[2];
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int pos = tile_start + 8 * wn + 2 * (lane & 3) + i;
+        float v = s[2 * h2 + i] * scale_log2;
+        if (pos >= kv_hi || pos > last_pos[h2]) v = -INFINITY;
+        s[2 * h2 + i] = v;
+      }
+      float m = fmaxf(s[2 * h2], s[2 * h2 + 1]);
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+      mx[h2] = m;
+    }
+    if ((lane & 3) == 0) {
+      sRed[wn * kBM + 16 * wm + (lane >> 2)] = mx[0];
+      sRed[wn * kBM + 16 * wm + (lane >> 2) + 8] = mx[1];
+    }
+    __syncthreads();
+    float alpha[2];
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int r = 16 * wm + (lane >> 2) + 8 * h2;
+      float tm = fmaxf(fmaxf(sRed[r], sRed[kBM + r]), fmaxf(sRed[2 * kBM + r], sRed[3 * kBM + r]));
+      const float m_new = fmaxf(m_run[h2], tm);
+      if (m_new == -INFINITY) {
+        alpha[h2] = 1.f;
+        s[2 * h2] = s[2 * h2 + 1] = 0.f;
+      } else {
+        alpha[h2] = exp2f(m_run[h2] - m_new);  // m_run = -inf -> 0
+        s[2 * h2] = exp2f(s[2 * h2] - m_new);
+        s[2 * h2 + 1] = exp2f(s[2 * h2 + 1] - m_new);
+      }
+      m_run[h2] = m_new;
+      l_run[h2] = l_run[h2] * alpha[h2] + s[2 * h2] + s[2 * h2 + 1];
+      *reinterpret_cast<uint32_t*>(sP + r * kPRow + 8 * wn + 2 * (lane & 3)) =
+          pack2<T>(s[2 * h2], s[2 * h2 + 1]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      acc[nt][0] *= alpha[0];
+      acc[nt][1] *= alpha[0];
+      acc[nt][2] *= alpha[1];
+      acc[nt][3] *= alpha[1];
+    }
+    __syncthreads();
+
+    // ---- O += P V : 16 rows x 128 columns per warp
+    {
+      const int wc = warp >> 1;
+      const T* pa = sP + (16 * wm + (lane & 15)) * kPRow + (lane >> 4) * 8;
+      const T* vb = sK + ((lane & 7) + ((lane >> 3) & 1) * 8) * kSRow + 128 * wc + (lane >> 4) * 8;
+#pragma unroll
+      for (int kk = 0; kk < kBN; kk += 16) {
+        uint32_t a[4];
+        ldmatrix_x4(a, pa + kk);
+#pragma unroll
+        for (int n2 = 0; n2 < 8; ++n2) {
+          uint32_t bb[4];
+          ldmatrix_x4_trans(bb, vb + kk * kSRow + n2 * 16);
+          mma_16816<T>(acc[2 * n2], a, bb[0], bb[1]);
+          mma_16816<T>(acc[2 * n2 + 1], a, bb[2], bb[3]);
+        }
+      }
+    }
+    if constexpr (FMT != kKv16) {
+      if (has_next) store_8(stage ^ 1);
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();  // nothing may stay in flight at exit (empty splits never waited)
+
+  // ---- row sums across the 4 warps that share the rows
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    float l = l_run[h2];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    l_run[h2] = l;
+  }
+  __syncthreads();  // sRed reads of the last tile are done
+  if ((lane & 3) == 0) {
+    sRed[wn * kBM + 16 * wm + (lane >> 2)] = l_run[0];
+    sRed[wn * kBM + 16 * wm + (lane >> 2) + 8] = l_run[1];
+  }
+  __syncthreads();
+
+  const int wc = warp >> 1;
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int r = 16 * wm + (lane >> 2) + 8 * h2;
+    const int g = m0 + r;
+    if (g >= rows) continue;
+    const float l = sRed[r] + sRed[kBM + r] + sRed[2 * kBM + r] + sRed[3 * kBM + r];
+    const float inv = l > 0.f ? out_scale / l : 0.f;
+    const float lse = l > 0.f ? (m_run[h2] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+    const int t = t0 + g / H, h = g % H;
+    if (S == 1) {
+      T* o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
+             static_cast<int64_t>(h) * p.out_stride_h + 128 * wc + 2 * (lane & 3);
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt) {
+        *reinterpret_cast<uint32_t*>(o + nt * 8) =
+            pack2<T>(acc[nt][2 * h2] * inv, acc[nt][2 * h2 + 1] * inv);
+      }
+      if (p.lse != nullptr && wc == 0 && (lane & 3) == 0) {
+        p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(h) * p.lse_stride_h] = lse;
+      }
+    } else {
+      const int64_t row = (static_cast<int64_t>(split) * p.num_tokens + t) * H + h;
+      float* o = p.part_out + row * kL + 128 * wc + 2 * (lane & 3);
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt) {
+        *reinterpret_cast<float2*>(o + nt * 8) =
+            make_float2(acc[nt][2 * h2] * inv, acc[nt][2 * h2 + 1] * inv);
+      }
+      if (wc == 0 && (lane & 3) == 0) p.part_lse[row] = lse;
+    }
+  }
+}
+
+// Merge the splits of every (token, head) row by their LSE. One warp per row.
+template <typename T>
+__global__ void __launch_bounds__(256) mla_decode_combine_kernel(const DecodeParams p) {
+  const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.num_heads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const int S = p.num_splits;
+  float mx = -INFINITY;
+  for (int s = 0; s < S; ++s) mx = fmaxf(mx, p.part_lse[s * rows + row]);
+  float acc[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+  float total = 0.f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < S; ++s) {
+      const float ls = p.part_lse[s * rows + row];
+      if (ls == -INFINITY) continue;  // an empty split: its partial output is not read
+      const float w = expf(ls - mx);
+      total += w;
+      const float4* src = reinterpret_cast<const float4*>(p.part_out + (s * rows + row) * kL);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float4 v = src[lane + 32 * k];
+        acc[4 * k] += w * v.x;
+        acc[4 * k + 1] += w * v.y;
+        acc[4 * k + 2] += w * v.z;
+        acc[4 * k + 3] += w * v.w;
+      }
+    }
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const int t = static_cast<int>(row / p.num_heads), h = static_cast<int>(row % p.num_heads);
+  T* o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
+         static_cast<int64_t>(h) * p.out_stride_h;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int col = 4 * (lane + 32 * k);
+    uint2 v;
+    v.x = pack2<T>(acc[4 * k] * inv, acc[4 * k + 1] * inv);
+    v.y = pack2<T>(acc[4 * k + 2] * inv, acc[4 * k + 3] * inv);
+    *reinterpret_cast<uint2*>(o + col) = v;
+  }
+  if (p.lse != nullptr && lane == 0) {
+    p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(h) * p.lse_stride_h] =
+        total > 0.f ? mx + logf(total) : -INFINITY;
+  }
+}
+
+template <typename T, int FMT>
+cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream) {
+  if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
+  constexpr int smem = decode_smem_bytes();
+  auto kernel = mla_decode_kernel<T, FMT>;
+  PORTMLA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
+  dim3 grid(p.num_splits, m_tiles, p.num_seqs);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  PORTMLA_CHECK_LAUNCH();
+  if (p.num_splits > 1) {
+    const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.num_heads;
+    mla_decode_combine_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
+    PORTMLA_CHECK_LAUNCH();
+  }
+  return cudaSuccess;
+}
+
+// Instantiated one per source file (decode_<dtype>_<format>.cu).
+extern template cudaError_t run_decode<__nv_bfloat16, kKv16>(const DecodeParams&, cudaStream_t);
+extern template cudaError_t run_decode<__nv_bfloat16, kKvFp8>(const DecodeParams&, cudaStream_t);
+extern template cudaError_t run_decode<__nv_bfloat16, kKvDsMla>(const DecodeParams&, cudaStream_t);
+extern template cudaError_t run_decode<__half, kKv16>(const DecodeParams&, cudaStream_t);
+extern template cudaError_t run_decode<__half, kKvFp8>(const DecodeParams&, cudaStream_t);
+extern template cudaError_t run_decode<__half, kKvDsMla>(const DecodeParams&, cudaStream_t);
+
+}  // namespace sm80
+}  // namespace portmla

@@ -1,0 +1,29 @@
+// launch_mla_decode: picks the instantiation for (q dtype, cache format) and checks the call.
+#include "decode_kernel.cuh"
+
+namespace portmla {
+
+cudaError_t launch_mla_decode(const DecodeParams& p, cudaStream_t stream) {
+  if (p.kv_lora_rank != sm80::kL || p.rope_dim != sm80::kR || p.num_splits < 1 ||
+      p.max_query_len < 1 || p.block_size < 1 || (p.num_splits > 1 && (!p.part_out || !p.part_lse)) ||
+      (p.kv_format == kKvFp8 && p.k_scale == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const bool bf16 = p.q_dtype == kBF16;
+  if (!bf16 && p.q_dtype != kFP16) return cudaErrorInvalidValue;
+  switch (p.kv_format) {
+    case kKv16:
+      return bf16 ? sm80::run_decode<__nv_bfloat16, kKv16>(p, stream)
+                  : sm80::run_decode<__half, kKv16>(p, stream);
+    case kKvFp8:
+      return bf16 ? sm80::run_decode<__nv_bfloat16, kKvFp8>(p, stream)
+                  : sm80::run_decode<__half, kKvFp8>(p, stream);
+    case kKvDsMla:
+      return bf16 ? sm80::run_decode<__nv_bfloat16, kKvDsMla>(p, stream)
+                  : sm80::run_decode<__half, kKvDsMla>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace portmla
