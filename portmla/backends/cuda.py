@@ -1,12 +1,268 @@
-"""Native CUDA backend (csrc_cuda). Placeholder until the native module lands."""
+"""Native CUDA backend: ``portmla._cuda`` (built from ``csrc_cuda/`` by ``csrc_cuda/build.py``).
+
+Kernels (see ``csrc_cuda/NOTES.md``):
+
+* ``mla_decode``: generic sm80+ kernel (mma.sync m16n8k16 + cp.async), 32 (token, head)
+  rows per CTA so a KV tile is read once for all of them, split-KV with an LSE combine
+  kernel; every KV format, any block size and cache strides (16-byte aligned), varlen
+  causal query tokens. Deterministic; no host reads (CUDA-graph safe).
+* ``concat_and_cache_mla`` / ``gather_cache``: every format, any block size.
+
+The module is a table of launch functions taking plain structs; this file validates what
+the kernels need beyond the public checks and fills those structs. A missing or broken
+build is a reason, never an import error.
+"""
 
 from __future__ import annotations
 
-from .base import PlannedBackend
+import functools
+import importlib
+import math
+from pathlib import Path
+
+import torch
+
+from ..platform import Platform
+from ..problems import CacheWriteProblem, DecodeProblem, GatherProblem, Problem
+from ..reasons import Reason
+from .base import ALL_KV_FORMATS, Backend
+
+_STATUS_FILE = Path(__file__).resolve().parent.parent / "_cuda_build_status.txt"
+
+# codes of csrc_cuda/common/params.h
+_DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2,
+               torch.float8_e4m3fn: 3, torch.uint8: 4, torch.int32: 5, torch.int64: 6}
+_FORMAT_CODE = {"bfloat16": 0, "float16": 0, "fp8": 1, "fp8_ds_mla": 2}
+_FORMAT_TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+MAX_SPLITS = 64
+MIN_TILES_PER_SPLIT = 4  # 128 tokens: below that the combine costs more than it saves
+MAX_GRID_Y = 65535
 
 
-class CudaBackend(PlannedBackend):
+@functools.lru_cache(maxsize=1)
+def load_module():
+    """``(module, None)`` or ``(None, why)``; never raises."""
+    try:
+        mod = importlib.import_module("portmla._cuda")
+    except ModuleNotFoundError as e:
+        if e.name != "portmla._cuda":
+            return None, f"portmla._cuda fails to load: {type(e).__name__}: {e}"
+        if _STATUS_FILE.exists():
+            return None, f"not built: {_STATUS_FILE.read_text().strip()}"
+        return None, "not built: portmla._cuda is missing (build it with python csrc_cuda/build.py)"
+    except Exception as e:  # noqa: BLE001 - recorded as the reason, not swallowed
+        return None, f"portmla._cuda fails to load: {type(e).__name__}: {e}"
+    return mod, None
+
+
+def _arch_covered(built: str, cap: tuple[int, int]) -> bool:
+    """SASS for sm_XY runs on sm_XZ with Z >= Y; an 'a' target only on its own chip."""
+    for a in built.replace(",", ";").split(";"):
+        a = a.strip()
+        if not a:
+            continue
+        exact = a.endswith("a")
+        n = int(a.rstrip("a"))
+        major, minor = divmod(n, 10)
+        if exact and (major, minor) == cap:
+            return True
+        if not exact and major == cap[0] and minor <= cap[1]:
+            return True
+    return False
+
+
+class CudaBackend(Backend):
     NAME = "cuda"
     PLATFORMS = ("cuda",)
     MIN_CAPABILITY = (8, 0)
-    WHY = "not implemented yet (portmla._cuda is not built in this release)"
+    OPS = ("mla_decode", "concat_and_cache_mla", "gather_cache")
+    DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+    DECODE_DTYPES = (torch.bfloat16, torch.float16)
+    KV_CACHE_DTYPES = ALL_KV_FORMATS
+    BLOCK_SIZES = None  # any block size: the kernels look every token up in the block table
+    KV_LORA_RANKS = (512,)
+    ROPE_DIMS = (64,)
+    MAX_NUM_HEADS = 128  # the kernel takes more; 1..128 is what is tested
+    MAX_QUERY_LEN = 1024
+    CACHE_ALIGN_BYTES = 16  # cp.async / 16-byte loads of cache rows
+    STRIDED_KV = True
+    RETURNS_LSE = True
+    CUDA_GRAPHS = True
+
+    # ------------------------------------------------------------- availability
+
+    def availability(self, platform: Platform) -> list[Reason]:
+        out = super().availability(platform)
+        mod, why = load_module()
+        if mod is None:
+            out.append(Reason("not_built", f"cuda: {why}"))
+        elif platform.kind == "cuda" and platform.capability is not None and \
+                not _arch_covered(mod.BUILT_ARCHS, platform.capability):
+            out.append(Reason("arch_not_built",
+                              f"arch={platform.arch} (portmla._cuda was built for "
+                              f"PORTMLA_CUDA_ARCHS={mod.BUILT_ARCHS}; rebuild with this arch)"))
+        return out
+
+    def reasons(self, p: Problem) -> list[Reason]:
+        out = super().reasons(p)
+        if p.op not in self.OPS:
+            return out
+        c = getattr(p, "cache", None)
+        if c is not None:
+            esize = 2 if c.kv_format in _FORMAT_TORCH else 1
+            for name, v in (("page_stride", c.page_stride), ("token_stride", c.token_stride)):
+                if (v * esize) % self.CACHE_ALIGN_BYTES:
+                    out.append(Reason("alignment", f"kv_cache {name}={v} elements "
+                                                   f"(must be a multiple of {self.CACHE_ALIGN_BYTES} bytes)"))
+        if isinstance(p, DecodeProblem):
+            if p.q_dtype not in self.DECODE_DTYPES:
+                out.append(Reason("q.dtype", f"q.dtype={p.q_dtype} (supported: bfloat16, float16)"))
+            want = _FORMAT_TORCH.get(c.kv_format)
+            if want is not None and want != p.q_dtype:
+                out.append(Reason("kv_cache_dtype",
+                                  f"kv_cache_dtype={c.kv_format} with q.dtype="
+                                  f"{str(p.q_dtype).replace('torch.', '')} (a 16-bit cache must "
+                                  f"have q's dtype)"))
+            mod, _ = load_module()
+            smem_need = mod.DECODE_SMEM_BYTES if mod is not None else 0
+            have = p.platform.shared_memory_per_block
+            if mod is not None and have and have < smem_need:
+                out.append(Reason("shared_memory",
+                                  f"shared_memory_per_block={have} bytes (the decode kernel "
+                                  f"needs {smem_need})"))
+            if mod is not None and \
+                    -(-p.max_query_len * p.num_heads // mod.DECODE_TILE_ROWS) > MAX_GRID_Y:
+                out.append(Reason("max_query_len", f"max_query_len={p.max_query_len} with "
+                                                   f"num_heads={p.num_heads} (too many rows)"))
+        return out
+
+    # ----------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _stream(device: torch.device) -> int:
+        return torch.cuda.current_stream(device).cuda_stream
+
+    @staticmethod
+    def _ptr(t: torch.Tensor | None) -> int:
+        return 0 if t is None else t.data_ptr()
+
+    @staticmethod
+    def _rows(t: torch.Tensor, align_elems: int) -> torch.Tensor:
+        """``t`` if its row strides and base suit 16-byte loads, else a contiguous copy."""
+        ok = t.stride(-1) == 1 and all(s % align_elems == 0 for s in t.stride()[:-1]) \
+            and t.data_ptr() % 16 == 0
+        return t if ok else t.contiguous()
+
+    @staticmethod
+    def _check_cache_ptr(kv_cache: torch.Tensor) -> None:
+        if kv_cache.data_ptr() % 16:
+            raise ValueError(f"kv_cache.data_ptr()={kv_cache.data_ptr():#x} is not 16-byte "
+                             f"aligned (the cuda backend loads cache rows in 16-byte pieces)")
+
+    def num_splits(self, p: DecodeProblem, mod) -> int:
+        """Splits of the KV range, from host-side upper bounds only (graph-safe)."""
+        rows_tiles = -(-p.max_query_len * p.num_heads // mod.DECODE_TILE_ROWS)
+        ctas = max(1, p.num_seqs * rows_tiles)
+        smem = p.platform.shared_memory_per_block or mod.DECODE_SMEM_BYTES
+        per_sm = max(1, min(2, (smem + 1024) // (mod.DECODE_SMEM_BYTES + 1024)))
+        target = per_sm * max(1, p.platform.num_compute_units)
+        max_tiles = -(-p.max_blocks_per_seq * p.cache.block_size // mod.DECODE_TILE_TOKENS)
+        cap = max(1, min(MAX_SPLITS, max_tiles // MIN_TILES_PER_SPLIT))
+        return max(1, min(cap, math.ceil(target / ctas)))
+
+    # ------------------------------------------------------------------- ops
+
+    def mla_decode(self, p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale,
+                   k_scale, out, lse):
+        mod, why = load_module()
+        if mod is None:
+            raise RuntimeError(f"cuda backend: {why}")
+        t, h, _ = q.shape
+        if t == 0 or p.num_seqs == 0:
+            return
+        self._check_cache_ptr(kv_cache)
+        c = p.cache
+        q = self._rows(q, 8)
+        out_k = out if (out.stride(-1) == 1 and out.stride(0) % 2 == 0 and out.stride(1) % 2 == 0
+                        and out.data_ptr() % 8 == 0) else torch.empty_like(out, memory_format=torch.contiguous_format)
+        block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+        seq_lens = seq_lens.contiguous()
+        qsl = None if query_start_loc is None else query_start_loc.contiguous()
+
+        par = mod.DecodeParams()
+        par.q, par.q_stride_t, par.q_stride_h = q.data_ptr(), q.stride(0), q.stride(1)
+        par.kv_cache, par.page_stride, par.token_stride = kv_cache.data_ptr(), c.page_stride, c.token_stride
+        par.block_size = c.block_size
+        par.block_table, par.bt_stride = block_table.data_ptr(), block_table.stride(0)
+        par.seq_lens = seq_lens.data_ptr()
+        par.query_start_loc = self._ptr(qsl)
+        par.k_scale = self._ptr(k_scale) if c.kv_format == "fp8" else 0
+        par.out, par.out_stride_t, par.out_stride_h = out_k.data_ptr(), out_k.stride(0), out_k.stride(1)
+        if lse is not None:
+            par.lse, par.lse_stride_t, par.lse_stride_h = lse.data_ptr(), lse.stride(0), lse.stride(1)
+        splits = self.num_splits(p, mod)
+        if splits > 1:
+            part_out = torch.empty(splits * t * h * c.kv_lora_rank, dtype=torch.float32, device=q.device)
+            part_lse = torch.empty(splits * t * h, dtype=torch.float32, device=q.device)
+            par.part_out, par.part_lse = part_out.data_ptr(), part_lse.data_ptr()
+        par.num_tokens, par.num_seqs, par.num_heads = t, p.num_seqs, h
+        par.max_query_len, par.num_splits = p.max_query_len, splits
+        par.kv_lora_rank, par.rope_dim = c.kv_lora_rank, c.rope_dim
+        par.softmax_scale = float(softmax_scale)
+        par.q_dtype, par.kv_format = _DTYPE_CODE[q.dtype], _FORMAT_CODE[c.kv_format]
+        with torch.cuda.device(q.device):
+            mod.mla_decode(par, self._stream(q.device))
+        if out_k is not out:
+            out.copy_(out_k)
+
+    def concat_and_cache_mla(self, p: CacheWriteProblem, kv_c, k_pe, kv_cache, slot_mapping, scale):
+        mod, why = load_module()
+        if mod is None:
+            raise RuntimeError(f"cuda backend: {why}")
+        if p.num_tokens == 0:
+            return
+        self._check_cache_ptr(kv_cache)
+        c = p.cache
+        slot_mapping = slot_mapping.contiguous()
+        par = mod.CacheWriteParams()
+        par.kv_c, par.kv_c_stride, par.kv_c_dtype = kv_c.data_ptr(), kv_c.stride(0), _DTYPE_CODE[kv_c.dtype]
+        par.k_pe, par.k_pe_stride, par.k_pe_dtype = k_pe.data_ptr(), k_pe.stride(0), _DTYPE_CODE[k_pe.dtype]
+        par.cache, par.page_stride, par.token_stride = kv_cache.data_ptr(), c.page_stride, c.token_stride
+        par.block_size = c.block_size
+        par.slot_mapping, par.slot_dtype = slot_mapping.data_ptr(), _DTYPE_CODE[slot_mapping.dtype]
+        par.scale = self._ptr(scale) if c.kv_format == "fp8" else 0
+        par.num_tokens, par.kv_lora_rank, par.rope_dim = p.num_tokens, c.kv_lora_rank, c.rope_dim
+        par.kv_format = _FORMAT_CODE[c.kv_format]
+        par.cache_dtype = _DTYPE_CODE[kv_cache.dtype]
+        with torch.cuda.device(kv_c.device):
+            mod.concat_and_cache_mla(par, self._stream(kv_c.device))
+
+    def gather_cache(self, p: GatherProblem, kv_cache, block_table, seq_lens, seq_starts,
+                     cu_seq_lens, scale, out):
+        mod, why = load_module()
+        if mod is None:
+            raise RuntimeError(f"cuda backend: {why}")
+        if p.num_seqs == 0 or out.shape[0] == 0:
+            return
+        self._check_cache_ptr(kv_cache)
+        c = p.cache
+        block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+        seq_lens = seq_lens.contiguous()
+        seq_starts = None if seq_starts is None else seq_starts.contiguous()
+        cu_seq_lens = cu_seq_lens.contiguous()
+        par = mod.GatherParams()
+        par.cache, par.page_stride, par.token_stride = kv_cache.data_ptr(), c.page_stride, c.token_stride
+        par.block_size = c.block_size
+        par.block_table, par.bt_stride = block_table.data_ptr(), block_table.stride(0)
+        par.seq_lens, par.seq_starts = seq_lens.data_ptr(), self._ptr(seq_starts)
+        par.cu_seq_lens = cu_seq_lens.data_ptr()
+        par.scale = self._ptr(scale) if c.kv_format == "fp8" else 0
+        par.out, par.out_stride, par.out_dtype = out.data_ptr(), out.stride(0), _DTYPE_CODE[out.dtype]
+        par.num_seqs = p.num_seqs
+        par.max_seq_tokens = min(p.max_blocks_per_seq * c.block_size, out.shape[0])
+        par.kv_lora_rank, par.rope_dim = c.kv_lora_rank, c.rope_dim
+        par.kv_format = _FORMAT_CODE[c.kv_format]
+        par.cache_dtype = _DTYPE_CODE[kv_cache.dtype]
+        with torch.cuda.device(out.device):
+            mod.gather_cache(par, self._stream(out.device))
