@@ -43,7 +43,7 @@ class DecodeInputs:
     block_table: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32
     query_start_loc: torch.Tensor | None  # [B+1] int32, None when every q_len is 1
-    k_scale: float | None
+    k_scale: torch.Tensor | None  # [1] float32 on the device for "fp8" (no per-call upload)
     softmax_scale: float
     num_blocks: int
     extras: dict = field(default_factory=dict)  # peers keep their derived tensors here
@@ -152,7 +152,8 @@ def build_inputs(spec: BatchSpec, heads: int, kv_cache_dtype: str, block_size: i
         kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, fixed=all_fixed, q_lens=q_lens,
         seq_lens_list=seq_lens, q=q, caches=caches, block_table=table.to(device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device), query_start_loc=qsl,
-        k_scale=FP8_K_SCALE if fmt == "fp8" else None,
+        k_scale=(torch.full((1,), FP8_K_SCALE, dtype=torch.float32, device=device)
+                 if fmt == "fp8" else None),
         # DeepSeek's qk head dim is 128 + 64: the scale the absorbed decode keeps
         softmax_scale=1.0 / math.sqrt(128 + rope_dim), num_blocks=num_blocks)
 

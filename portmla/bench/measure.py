@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import traceback
-from collections.abc import Callable
 
 import torch
 
@@ -20,9 +19,10 @@ from . import counting, peers
 from .inputs import DecodeInputs
 from .timing import measure, prepare
 
-# Relative L2 error vs the reference allowed per cache format. The fp8 formats allow
-# more because kernels may also round q / P to 8 bits while the reference stays fp32.
-TOLERANCES = {"bfloat16": 1e-2, "float16": 1e-2, "fp8": 6e-2, "fp8_ds_mla": 6e-2}
+# Relative L2 error vs the reference allowed per cache format. A bf16 kernel (bf16 P and
+# output) lands near 5e-3; one missing 64-token block of 4096 gives ~1e-1. The fp8 formats
+# allow more because kernels may also round q / P to 8 bits while the reference stays fp32.
+TOLERANCES = {"bfloat16": 2e-2, "float16": 2e-2, "fp8": 6e-2, "fp8_ds_mla": 6e-2}
 
 OK, FAILED, UNSUPPORTED, ERROR = "OK", "FAILED", "UNSUPPORTED", "ERROR"
 

@@ -43,7 +43,8 @@ def roofline(path: str, rows: list[dict], ceilings: dict, title: str) -> str:
         ax.scatter([r["intensity"] for r in mine], [r["tflops"] for r in mine],
                    marker=markers[i % len(markers)], s=40, label=name, zorder=3)
         for r in mine:
-            ax.annotate(f"{r['spec']} h{r['heads']}", (r["intensity"], r["tflops"]), fontsize=6,
+            kv = "" if r["kv_cache_dtype"] == "bfloat16" else f" {r['kv_cache_dtype']}"
+            ax.annotate(f"{r['spec']} h{r['heads']}{kv}", (r["intensity"], r["tflops"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
