@@ -226,3 +226,12 @@ def test_compare_ratios():
 def test_cli_errors(argv, words, capsys):
     assert main(argv) == 2
     assert words in capsys.readouterr().err
+
+
+def test_preset_anchors_configs():
+    from portmla.bench.cli import _configs, build_parser
+
+    args = build_parser().parse_args(["--preset", "anchors"])
+    cfgs = _configs(args, gpu=True)
+    assert [(s.text, h) for s, h, _, _ in cfgs] == anchors.preset()
+    assert {(f, b) for _, _, f, b in cfgs} == {("bfloat16", 64)}

@@ -155,11 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     repeats = d["repeats"] if args.repeats is None else args.repeats
 
     peer_names: list[str] = []
+    peer_status: dict[str, str | None] = {}
     if args.peers:
         for name, why in peers.availability().items():
             if why is None:
                 peer_names.append(name)
+                peer_status[name] = peers.version(name)
             else:
+                peer_status[name] = why
                 print(f"peer {name}: {why}; no {name} rows", file=sys.stderr)
     print(f"portmla bench on {pm.current_platform(device).device_name} ({device}); backends: "
           f"{', '.join(backends) or 'none'}"
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         settings = {"warmup": warmup, "repeats": repeats, "graphs": args.graphs, "seed": args.seed,
                     "layers": args.layers, "fixed": args.fixed, "preset": args.preset,
-                    "peers": {n: peers.version(n) for n in peer_names}}
+                    "peers": peer_status}
         write_outputs(args.out, report.metadata(device, argv, settings), ceilings, rows,
                       args.compare, cmp_rows, cmp_md)
     bad = [r for r in rows if r["status"] in (FAILED, ERROR)]

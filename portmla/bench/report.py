@@ -110,13 +110,13 @@ def _f(v, fmt: str) -> str:
 
 
 def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["backend", "spec", "h", "kv", "bs", "len", "status", "median us", "TFLOP/s", "TB/s",
+    head = ["backend", "spec", "h", "kv", "bs", "len", "mean S", "status", "median us", "TFLOP/s", "TB/s",
             "%mm", "%copy", "rel err", "graphs"]
     body = []
     for r in rows:
         body.append([
             r["backend"], r["spec"], str(r["heads"]), r["kv_cache_dtype"], str(r["block_size"]),
-            "fixed" if r.get("fixed") else "varlen", r["status"], _f(r["median_us"], ".1f"),
+            "fixed" if r.get("fixed") else "varlen", _f(r.get("mean_seq_len"), ".0f"), r["status"], _f(r["median_us"], ".1f"),
             _f(r["tflops"], ".4g"), _f(r["tbps"], ".3g"), _f(r["pct_matmul"], ".3g"),
             _f(r["pct_copy"], ".3g"), _f(r["rel_err"], ".1e"), "yes" if r.get("graphs") else "no"])
     return head, body
@@ -199,7 +199,8 @@ def write_markdown(path: str, meta: dict, ceilings: dict, rows: list[dict],
                    compare_md: str | None = None, plot_note: str | None = None) -> None:
     lines = [f"# portmla bench: {meta.get('device_name')} ({meta.get('arch')})", ""]
     for k in ("date", "platform", "device", "portmla", "git_commit", "torch", "cuda", "hip",
-              "triton", "python", "command", "warmup", "repeats", "graphs", "seed", "layers"):
+              "triton", "python", "command", "warmup", "repeats", "graphs", "seed", "layers",
+              "peers"):
         if k in meta:
             lines.append(f"- {k}: `{meta[k]}`")
     lines += ["", f"Ceilings (same run): {ceilings_text(ceilings)}.", "",
