@@ -1,0 +1,215 @@
+"""The native CUDA backend against the torch reference, through the public ops.
+
+Skips on machines without CUDA or without the built module, except when
+PORTMLA_REQUIRE_BACKEND=cuda: then an unavailable backend FAILS.
+Cache slots and block-table columns that no sequence uses are poisoned (NaN bytes,
+out-of-range block ids) so a kernel that reads them shows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import portmla as pm
+
+L, R = 512, 64
+REQUIRED = os.environ.get("PORTMLA_REQUIRE_BACKEND") == "cuda"
+
+
+def _cuda_info():
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    info = pm.probe("cuda")["cuda"]
+    return info, "; ".join(info.reasons)
+
+
+def test_cuda_backend_available_when_required():
+    info, why = _cuda_info()
+    if info is None or not info.available:
+        if REQUIRED:
+            pytest.fail(f"PORTMLA_REQUIRE_BACKEND=cuda but the cuda backend is unavailable: {why}")
+        pytest.skip(f"cuda backend unavailable: {why}")
+
+
+def _need_cuda():
+    info, why = _cuda_info()
+    if info is None or not info.available:
+        if REQUIRED:
+            pytest.fail(f"PORTMLA_REQUIRE_BACKEND=cuda but the cuda backend is unavailable: {why}")
+        pytest.skip(f"cuda backend unavailable: {why}")
+
+
+# ------------------------------------------------------------------------ cases
+
+
+def make_cache(num_blocks, block_size, fmt, dtype, device, strided):
+    """A NaN-poisoned cache; ``strided``: padded tokens and pages (a view of a bigger buffer)."""
+    shape = pm.kv_cache_shape(num_blocks, block_size, fmt)
+    storage = pm.allocate_kv_cache(1, 1, fmt, dtype, device).dtype
+    if strided:
+        pad = 16 if storage.itemsize == 1 else 8
+        buf = torch.empty(num_blocks, 2, block_size, shape[2] + pad, dtype=storage, device=device)
+        cache = buf[:, 1, :, : shape[2]]
+    else:
+        buf = torch.empty(shape, dtype=storage, device=device)
+        cache = buf
+    buf.view(torch.uint8).fill_(0xFF)  # NaN in bf16/fp16/e4m3fn/float32
+    return cache
+
+
+def make_decode_case(seq_lens, q_lens, num_heads, block_size, fmt, dtype, device, *,
+                     strided=False, k_scale=0.02, extra_blocks=3, generator=None):
+    """Cache filled through the reference write path; block table shuffled, unused columns poisoned."""
+    b = len(seq_lens)
+    need = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(need) + extra_blocks
+    cache = make_cache(num_blocks, block_size, fmt, dtype, device, strided)
+    max_blocks = max(need + [1]) + 1
+    perm = torch.randperm(num_blocks, device=device).to(torch.int32)
+    table = torch.full((b, max_blocks), 1 << 30, dtype=torch.int32, device=device)
+    used = 0
+    for i, n in enumerate(need):
+        table[i, :n] = perm[used:used + n]
+        used += n
+    scale = k_scale if fmt == "fp8" else None
+    for i, s in enumerate(seq_lens):
+        if s == 0:
+            continue
+        pos = torch.arange(s, device=device)
+        slots = (table[i, pos // block_size].long() * block_size + pos % block_size)
+        kv_c = torch.randn(s, L, device=device, dtype=dtype)
+        k_pe = torch.randn(s, R, device=device, dtype=dtype)
+        pm.concat_and_cache_mla(kv_c, k_pe, cache, slots, fmt, scale, backend="reference")
+    t = sum(q_lens)
+    q = torch.randn(t, num_heads, L + R, device=device, dtype=dtype)
+    qsl = torch.zeros(b + 1, dtype=torch.int32, device=device)
+    qsl[1:] = torch.tensor(q_lens, device=device).cumsum(0)
+    return dict(q=q, kv_cache=cache, block_table=table,
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                query_start_loc=qsl, kv_cache_dtype=fmt, k_scale=scale)
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_both(case, single_token):
+    kw = dict(case)
+    if single_token:
+        kw["query_start_loc"] = None
+    scale = (L + R) ** -0.5
+    ref_out, ref_lse = pm.mla_decode(softmax_scale=scale, return_lse=True, backend="reference", **kw)
+    out = torch.full_like(ref_out, float("nan"))
+    got_out, got_lse = pm.mla_decode(softmax_scale=scale, return_lse=True, backend="cuda", out=out, **kw)
+    return ref_out, ref_lse, got_out, got_lse
+
+
+def check_decode(ref_out, ref_lse, got_out, got_lse, tol=2e-2):
+    assert not torch.isnan(got_out).any(), "NaN in the cuda output"
+    assert rel_err(got_out, ref_out) < tol, f"rel err {rel_err(got_out, ref_out):.3e}"
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(fin, torch.isfinite(got_lse))
+    torch.testing.assert_close(got_lse[fin], ref_lse[fin], atol=2e-2, rtol=1e-3)
+
+
+FORMATS = [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("fp8", torch.bfloat16),
+           ("fp8_ds_mla", torch.bfloat16), ("fp8", torch.float16), ("fp8_ds_mla", torch.float16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,dtype", FORMATS, ids=[f"{f}-{str(d)[6:]}" for f, d in FORMATS])
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("num_heads", [16, 128])
+def test_decode_single_token(fmt, dtype, block_size, num_heads):
+    _need_cuda()
+    case = make_decode_case([1, 77, 300, 33], [1, 1, 1, 1], num_heads, block_size, fmt, dtype, "cuda")
+    check_decode(*run_both(case, single_token=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,dtype", FORMATS, ids=[f"{f}-{str(d)[6:]}" for f, d in FORMATS])
+@pytest.mark.parametrize("num_heads,block_size", [(8, 32), (16, 128), (3, 1), (128, 64)])
+def test_decode_varlen_causal(fmt, dtype, num_heads, block_size):
+    _need_cuda()
+    case = make_decode_case([5, 130, 0, 64, 9], [1, 3, 0, 4, 2], num_heads, block_size, fmt,
+                            dtype, "cuda", strided=True)
+    check_decode(*run_both(case, single_token=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bfloat16", "fp8", "fp8_ds_mla"])
+def test_decode_many_splits_and_one_head(fmt):
+    _need_cuda()
+    case = make_decode_case([5000, 17], [1, 1], 1, 64, fmt, torch.bfloat16, "cuda")
+    check_decode(*run_both(case, single_token=True))
+
+
+@pytest.mark.gpu
+def test_decode_no_split_large_batch():
+    _need_cuda()
+    lens = [int(x) for x in torch.randint(1, 200, (70,))]
+    case = make_decode_case(lens, [1] * 70, 128, 64, "bfloat16", torch.bfloat16, "cuda")
+    check_decode(*run_both(case, single_token=True))
+
+
+@pytest.mark.gpu
+def test_decode_deterministic_and_graph_capture():
+    _need_cuda()
+    case = make_decode_case([700, 1500, 40], [1, 1, 1], 16, 64, "bfloat16", torch.bfloat16, "cuda")
+    kw = dict(case, query_start_loc=None, softmax_scale=0.04, backend="cuda")
+    a = pm.mla_decode(**kw)
+    b = pm.mla_decode(**kw)
+    assert torch.equal(a, b), "two runs differ"
+    out = torch.empty_like(a)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        pm.mla_decode(out=out, **kw)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        pm.mla_decode(out=out, **kw)
+    case["seq_lens"].copy_(torch.tensor([600, 1400, 39], dtype=torch.int32))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = pm.mla_decode(**dict(kw, backend="reference"))
+    assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,dtype", FORMATS + [("bfloat16", torch.float32)],
+                         ids=[f"{f}-{str(d)[6:]}" for f, d in FORMATS + [("bfloat16", torch.float32)]])
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+def test_cache_write_and_gather(fmt, dtype, block_size):
+    _need_cuda()
+    t, nb = 50, -(-60 // block_size) + 2
+    kv_c = torch.randn(t, L, device="cuda", dtype=dtype) * 3
+    k_pe = torch.randn(t, 1, R, device="cuda", dtype=dtype)
+    slots = torch.randperm(nb * block_size, device="cuda")[:t]
+    slots[3] = -1
+    scale = 0.03 if fmt == "fp8" else None
+    model = dtype if dtype != torch.float32 else torch.bfloat16
+    caches = {}
+    for backend in ("reference", "cuda"):
+        c = make_cache(nb, block_size, fmt, model, "cuda", strided=block_size == 16)
+        pm.concat_and_cache_mla(kv_c, k_pe, c, slots, fmt, scale, backend=backend)
+        caches[backend] = c
+    a = caches["cuda"].contiguous().view(torch.uint8)
+    b = caches["reference"].contiguous().view(torch.uint8)
+    assert torch.equal(a, b), f"{(a != b).sum().item()} cache bytes differ"
+    lens = torch.tensor([7, 0, 30], dtype=torch.int32, device="cuda")
+    starts = torch.tensor([2, 0, 1], dtype=torch.int32, device="cuda")
+    max_blocks = nb
+    table = torch.stack([torch.randperm(nb, device="cuda")[:max_blocks] for _ in range(3)]).to(torch.int32)
+    for st in (None, starts):
+        for out_dtype in (torch.bfloat16, torch.float32):
+            ref = pm.gather_cache(caches["cuda"], table, lens, kv_cache_dtype=fmt, scale=scale,
+                                  out_dtype=out_dtype, seq_starts=st, backend="reference")
+            got = pm.gather_cache(caches["cuda"], table, lens, kv_cache_dtype=fmt, scale=scale,
+                                  out_dtype=out_dtype, seq_starts=st, backend="cuda")
+            assert torch.equal(torch.isnan(got), torch.isnan(ref))
+            torch.testing.assert_close(got, ref, atol=0, rtol=0, equal_nan=True)
