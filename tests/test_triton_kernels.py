@@ -166,8 +166,8 @@ def test_mla_decode(fmt, page, heads, qlens, layout):
     o_tri, l_tri = pm.mla_decode(q, cache, bt, sl, out=out, backend="triton", **kw)
     o_ref, l_ref = pm.mla_decode(q, cache, bt, sl, backend="reference", **kw)
     assert o_tri.data_ptr() == out.data_ptr()
-    _close(o_tri, o_ref, 1e-2, "out")
     # fp8_ds_mla: the kernel rounds fp8 * tile-scale to bf16 before the tensor-core dot
+    _close(o_tri, o_ref, 2e-2 if fmt == "fp8_ds_mla" else 1e-2, "out")
     atol = 3e-2 if fmt == "fp8_ds_mla" else 2e-3
     assert torch.allclose(l_tri, l_ref, atol=atol, rtol=1e-3), (l_tri - l_ref).abs().max()
 
@@ -212,7 +212,8 @@ def test_mla_decode_tuple_q_matches_concatenated():
 @pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float32])
 def test_concat_and_cache_mla_bytes_match_reference(fmt, page, layout, src_dtype):
     g = _gen(3)
-    nb, t = 5, 12
+    t = 12
+    nb = max(5, 2 * t // page)
     cache_a = make_cache(nb, page, fmt, layout)
     cache_b = make_cache(nb, page, fmt, layout)
     kv_c = (torch.randn(t, L, generator=g) * 3).to(DEV, src_dtype)

@@ -1,11 +1,115 @@
-"""Portable Triton backend. Placeholder until its kernels land."""
+"""Portable Triton backend: one set of kernels for NVIDIA, AMD and Intel GPUs.
+
+Capabilities: any block size (a KV tile may span pages; reported: every engine size),
+every KV format (bf16 / fp16 / per-tensor fp8 / fp8_ds_mla, dequantized in the kernel),
+1..128 query heads, any number of causal query tokens per sequence, padded and
+cross-layer caches (arbitrary page / token strides, 64-bit offsets), LSE output, and
+CUDA-graph capture (no host reads: split counts and scratch sizes come from shapes).
+
+On the CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1``), which is
+how it is tested there. Importing portmla never fails because Triton is missing: the
+backend then reports ``not installed: ...``. Kernel modules are imported lazily.
+"""
 
 from __future__ import annotations
 
-from ..base import PlannedBackend
+import functools
+
+import torch
+
+from ...platform import Platform
+from ...reasons import Reason
+from ..base import Backend
 
 
-class TritonBackend(PlannedBackend):
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - recorded as a reason, never raised
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+class TritonBackend(Backend):
     NAME = "triton"
     PLATFORMS = ("cuda", "rocm", "xpu", "cpu")
-    WHY = "not implemented yet"
+    DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # q / prefill: 16-bit only
+    DOT_DTYPES = (torch.bfloat16, torch.float16)
+    KV_CACHE_DTYPES = ("bfloat16", "float16", "fp8", "fp8_ds_mla")
+    BLOCK_SIZES = None  # any block size >= 1
+    MAX_NUM_HEADS = 128
+    MAX_QUERY_LEN = 1 << 30
+    STRIDED_KV = True
+    RETURNS_LSE = True
+    CUDA_GRAPHS = True
+
+    def availability(self, platform: Platform) -> list[Reason]:
+        out = super().availability(platform)
+        if out:
+            return out
+        err = _triton_import_error()
+        if err is not None:
+            return [Reason("not_installed", f"not installed: triton ({err})")]
+        if platform.kind == "cpu":
+            from .launch import interpreting
+
+            if not interpreting():
+                return [Reason("platform", "platform=cpu needs TRITON_INTERPRET=1 (Triton runs on "
+                                           "the CPU only through its interpreter)")]
+        return out
+
+    def reasons(self, p):
+        out = super().reasons(p)
+        if p.op == "mla_decode" and p.q_dtype not in self.DOT_DTYPES:
+            out += self._dot_dtype_reason("q.dtype", p.q_dtype)
+        if p.op == "mla_decode" and getattr(p, "cache", None) is not None:
+            if p.cache.kv_lora_rank > 1024:
+                out.append(Reason("kv_lora_rank", f"kv_lora_rank={p.cache.kv_lora_rank} "
+                                                  f"(supported: 1..1024)"))
+        if p.op == "mla_prefill_attention":
+            if p.dtype not in self.DOT_DTYPES:
+                out += self._dot_dtype_reason("q.dtype", p.dtype)
+            for name, v in (("qk_head_dim", p.qk_head_dim), ("v_head_dim", p.v_head_dim)):
+                if v > 256:
+                    out.append(Reason(name, f"{name}={v} (supported: 1..256)"))
+        return out
+
+    def _dot_dtype_reason(self, name, dtype):
+        names = [str(d).replace("torch.", "") for d in self.DOT_DTYPES]
+        return [Reason(name, f"{name}={str(dtype).replace('torch.', '')} "
+                             f"(supported: {', '.join(names)})")]
+
+    # ------------------------------------------------------------------ ops
+
+    def mla_decode(self, p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale,
+                   k_scale, out, lse) -> None:
+        from .decode import mla_decode
+
+        mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, k_scale,
+                   out, lse)
+
+    def concat_and_cache_mla(self, p, kv_c, k_pe, kv_cache, slot_mapping, scale) -> None:
+        from .cache import concat_and_cache_mla
+
+        concat_and_cache_mla(p, kv_c, k_pe, kv_cache, slot_mapping, scale)
+
+    def gather_cache(self, p, kv_cache, block_table, seq_lens, seq_starts, cu_seq_lens, scale,
+                     out) -> None:
+        from .cache import gather_cache
+
+        gather_cache(p, kv_cache, block_table, seq_lens, seq_starts, cu_seq_lens, scale, out)
+
+    def merge_attn_states(self, p, prefix_out, prefix_lse, suffix_out, suffix_lse, out,
+                          out_lse) -> None:
+        from .merge import merge_attn_states
+
+        merge_attn_states(p, prefix_out, prefix_lse, suffix_out, suffix_lse, out, out_lse)
+
+    def mla_prefill_attention(self, p, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
+                              out, lse) -> None:
+        from .prefill import mla_prefill_attention
+
+        mla_prefill_attention(p, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, out,
+                              lse)

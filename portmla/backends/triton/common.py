@@ -1,0 +1,109 @@
+"""Device helpers shared by the Triton kernels: reading cache entries of every format.
+
+A cache entry is addressed by a 64-bit element offset (block id and in-block position
+are widened to int64 before they are multiplied by the strides). Quantized caches are
+passed as ``uint8`` views, so the kernels see raw bytes and decode them here:
+
+* ``FMT_FP8``: one e4m3 byte per value (e4m3fnuz on gfx94x, ``FNUZ``).
+* ``FMT_DS_MLA``: ``[L bytes e4m3fn | L/128 float32 scales | R bfloat16]``. The scales and
+  RoPE values sit at byte offsets that are only aligned when every stride is; the
+  ``ALIGNED`` path reads them as float32 / bfloat16, the other one assembles bytes.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+DS_TILE: tl.constexpr = 128
+
+
+@triton.jit
+def dot(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b``; ``UPCAST`` works around the CPU interpreter's 16-bit dot."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def fp8_bits_to(x, OUT: tl.constexpr, FNUZ: tl.constexpr):
+    """uint8 fp8 bits -> ``OUT`` values."""
+    if FNUZ:
+        return x.to(tl.float8e4b8, bitcast=True).to(OUT)
+    else:
+        return x.to(tl.float8e4nv, bitcast=True).to(OUT)
+
+
+@triton.jit
+def load_nope(kv_ptr, off, ok, FMT: tl.constexpr, FNUZ: tl.constexpr, ALIGNED: tl.constexpr,
+              L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, OUT: tl.constexpr):
+    """kv_c part ``[BLOCK_N, BLOCK_L]`` as ``OUT`` of the entries at ``off`` (rows ``~ok`` and
+    columns ``>= L`` read as 0). fp8 per-tensor values come back *unscaled*."""
+    dl = tl.arange(0, BLOCK_L)
+    msk = ok[:, None] & (dl < L)[None, :]
+    ptrs = kv_ptr + off[:, None] + dl[None, :]
+    if FMT == 0:
+        x = tl.load(ptrs, mask=msk, other=0.0)
+        return x.to(OUT)
+    elif FMT == 1:
+        return fp8_bits_to(tl.load(ptrs, mask=msk, other=0), OUT, FNUZ)
+    else:
+        NT: tl.constexpr = BLOCK_L // DS_TILE
+        x = fp8_bits_to(tl.load(ptrs, mask=msk, other=0), tl.float32, False)
+        ti = tl.arange(0, NT)
+        smsk = ok[:, None] & (ti < L // DS_TILE)[None, :]
+        sp = kv_ptr + off[:, None] + L + 4 * ti[None, :]
+        if ALIGNED:
+            sc = tl.load(sp.to(tl.pointer_type(tl.float32)), mask=smsk, other=0.0)
+        else:
+            sc = tl.where(smsk, _u8_f32_masked(sp, smsk), 0.0)
+        x = tl.reshape(x, (BLOCK_N, NT, DS_TILE)) * sc[:, :, None]
+        return tl.reshape(x, (BLOCK_N, BLOCK_L)).to(OUT)
+
+
+@triton.jit
+def _u8_f32_masked(p, m):
+    w = (tl.load(p, mask=m, other=0).to(tl.uint32)
+         | (tl.load(p + 1, mask=m, other=0).to(tl.uint32) << 8)
+         | (tl.load(p + 2, mask=m, other=0).to(tl.uint32) << 16)
+         | (tl.load(p + 3, mask=m, other=0).to(tl.uint32) << 24))
+    return w.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def load_rope(kv_ptr, off, ok, FMT: tl.constexpr, FNUZ: tl.constexpr, ALIGNED: tl.constexpr,
+              L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, OUT: tl.constexpr):
+    """k_pe part ``[BLOCK_N, BLOCK_R]`` as ``OUT`` (fp8 per-tensor values unscaled)."""
+    dr = tl.arange(0, BLOCK_R)
+    msk = ok[:, None] & (dr < R)[None, :]
+    if FMT == 0:
+        return tl.load(kv_ptr + off[:, None] + L + dr[None, :], mask=msk, other=0.0).to(OUT)
+    elif FMT == 1:
+        return fp8_bits_to(tl.load(kv_ptr + off[:, None] + L + dr[None, :], mask=msk, other=0),
+                           OUT, FNUZ)
+    else:
+        base = kv_ptr + off[:, None] + (L + 4 * (L // DS_TILE)) + 2 * dr[None, :]
+        if ALIGNED:
+            x = tl.load(base.to(tl.pointer_type(tl.bfloat16)), mask=msk, other=0.0)
+        else:
+            u = (tl.load(base, mask=msk, other=0).to(tl.uint16)
+                 | (tl.load(base + 1, mask=msk, other=0).to(tl.uint16) << 8))
+            x = u.to(tl.bfloat16, bitcast=True)
+        return x.to(OUT)
+
+
+@triton.jit
+def store_rn(ptrs, x, mask):
+    """Store float32 ``x`` in the pointee dtype, rounding to nearest even.
+
+    bfloat16 is rounded on the bits (the CPU interpreter's cast truncates), so the stored
+    values equal torch's ``.to(torch.bfloat16)`` on every platform.
+    """
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u + (0x7FFF + ((u >> 16) & 1))
+        tl.store(ptrs, (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)

@@ -1,0 +1,216 @@
+"""Absorbed MLA decode: split-KV flash decoding over the paged latent cache + LSE combine.
+
+All query heads share the one latent KV head, so a program takes a tile of up to
+``BLOCK_M`` query *rows* (a row is one (query token, head) pair of one sequence, row
+``i`` = token ``i // H``, head ``i % H``) and streams each KV tile once for all of them:
+``S = Q[:, :L] K_c^T + Q[:, L:] K_pe^T`` (576-wide for DeepSeek) and ``O += P K_c``
+(512-wide) on the tensor cores. A tile of ``BLOCK_N`` tokens may span several pages:
+each token's page comes from the block table.
+
+Grid ``(row_tiles, num_splits, num_seqs)``: the row tiles of one KV split are adjacent in
+launch order so they run together and share the KV tile through L2. With one split the
+kernel writes the final output; otherwise it writes float32 partials + LSE and
+``_combine_kernel`` merges them in split order (deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot, load_nope, load_rope
+from .launch import FMT_FP8, decode_config, format_code, fp8_is_fnuz, interpreting
+
+LOG2E = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, stride_qt, stride_qh,
+    kv_ptr, stride_page, stride_tok,
+    bt_ptr, stride_bt,
+    seq_lens_ptr, qsl_ptr, kscale_ptr,
+    o_ptr, stride_os, stride_ot, stride_oh,
+    lse_ptr, stride_ls, stride_lt,
+    H, kv_per_split, qk_scale,
+    PAGE: tl.constexpr, FMT: tl.constexpr, FNUZ: tl.constexpr, ALIGNED: tl.constexpr,
+    L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_QSL: tl.constexpr, WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    if HAS_QSL:
+        t0 = tl.load(qsl_ptr + b)
+        n_q = tl.load(qsl_ptr + b + 1) - t0
+    else:
+        t0 = b
+        n_q = 1
+    if tile * BLOCK_M >= n_q * H:
+        return
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = rows // H
+    head = rows % H
+    row_ok = tok < n_q
+    t = (t0 + tok).to(tl.int64)
+    limit = seq_len - n_q + tok  # last KV position each row sees (causal over new tokens)
+    tok_last = tl.minimum(n_q - 1, (tile * BLOCK_M + BLOCK_M - 1) // H)
+    kv_lo = split * kv_per_split
+    kv_hi = tl.minimum(tl.minimum(seq_len, kv_lo + kv_per_split), seq_len - n_q + tok_last + 1)
+
+    dl = tl.arange(0, BLOCK_L)
+    o_rows = o_ptr + split.to(tl.int64) * stride_os + t * stride_ot + head.to(tl.int64) * stride_oh
+    l_rows = lse_ptr + split.to(tl.int64) * stride_ls + t * stride_lt + head
+    if kv_lo >= kv_hi:  # nothing to see in this split: only the LSE says so
+        if WRITE_LSE:
+            tl.store(l_rows, tl.full((BLOCK_M,), float("-inf"), tl.float32), mask=row_ok)
+        return
+
+    dr = tl.arange(0, BLOCK_R)
+    q_rows = q_ptr + t * stride_qt + head.to(tl.int64) * stride_qh
+    qn = tl.load(q_rows[:, None] + dl[None, :], mask=row_ok[:, None] & (dl < L)[None, :], other=0.0)
+    qr = tl.load(q_rows[:, None] + L + dr[None, :], mask=row_ok[:, None] & (dr < R)[None, :],
+                 other=0.0)
+    scale = qk_scale
+    if FMT == 1:
+        ks = tl.load(kscale_ptr)
+        scale = scale * ks
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_L), tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        ok = pos < kv_hi
+        page = tl.load(bt_row + pos // PAGE, mask=ok, other=0).to(tl.int64)
+        off = page * stride_page + (pos % PAGE).to(tl.int64) * stride_tok
+        kn = load_nope(kv_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_N, qn.dtype)
+        kr = load_rope(kv_ptr, off, ok, FMT, FNUZ, ALIGNED, L, R, BLOCK_R, qn.dtype)
+        s = dot(qn, tl.trans(kn), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST)
+        s = dot(qr, tl.trans(kr), s, UPCAST) * scale
+        s = tl.where(ok[None, :] & (pos[None, :] <= limit[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = dot(p.to(kn.dtype), kn, acc * alpha[:, None], UPCAST)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if FMT == 1:
+        out = out * ks
+    tl.store(o_rows[:, None] + dl[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (dl < L)[None, :])
+    if WRITE_LSE:
+        lse = tl.where(seen, (tl.where(seen, m_i, 0.0) + tl.log2(tl.where(seen, l_i, 1.0))) * LN2,
+                       float("-inf"))
+        tl.store(l_rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    po_ptr, stride_ps, stride_pt, stride_ph,
+    pl_ptr, stride_pls, stride_plt,
+    o_ptr, stride_ot, stride_oh,
+    lse_ptr, stride_lt,
+    H, NUM_SPLITS,
+    L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = h < H
+    dl = tl.arange(0, BLOCK_L)
+    msk = h_ok[:, None] & (dl < L)[None, :]
+    m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    for s in range(NUM_SPLITS):
+        ls = tl.load(pl_ptr + s * stride_pls + t * stride_plt + h, mask=h_ok, other=float("-inf"))
+        m = tl.maximum(m, ls)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_L), tl.float32)
+    for s in range(NUM_SPLITS):
+        ls = tl.load(pl_ptr + s * stride_pls + t * stride_plt + h, mask=h_ok, other=float("-inf"))
+        w = tl.exp(ls - m_use)
+        used = w > 0
+        po = tl.load(po_ptr + s * stride_ps + t * stride_pt + h[:, None] * stride_ph + dl[None, :],
+                     mask=msk & used[:, None], other=0.0)
+        acc += tl.where(used[:, None], po * w[:, None], 0.0)
+        den += w
+    seen = den > 0
+    out = acc / tl.where(seen, den, 1.0)[:, None]
+    tl.store(o_ptr + t * stride_ot + h[:, None] * stride_oh + dl[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=msk)
+    if WRITE_LSE:
+        lse = tl.where(seen, m_use + tl.log(tl.where(seen, den, 1.0)), float("-inf"))
+        tl.store(lse_ptr + t * stride_lt + h, lse, mask=h_ok)
+
+
+def kv_view(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The cache as the kernels read it: 16-bit as is, quantized formats as raw bytes."""
+    if kv_cache.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.uint8):
+        return kv_cache
+    return kv_cache.view(torch.uint8)
+
+
+def ds_aligned(kv_cache: torch.Tensor) -> bool:
+    """fp8_ds_mla scales / RoPE values are aligned when the base and both strides are."""
+    return kv_cache.data_ptr() % 16 == 0 and kv_cache.stride(0) % 4 == 0 and kv_cache.stride(1) % 4 == 0
+
+
+def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, k_scale,
+               out, lse, config=None) -> None:
+    """Launch decode (+ combine when split). ``config`` overrides the launch choice (tuning)."""
+    c = p.cache
+    plat = p.platform
+    cfg = config or decode_config(plat, p.num_seqs, p.num_heads, p.max_query_len,
+                                  p.max_blocks_per_seq * c.block_size, c.kv_format, c.kv_lora_rank)
+    if p.num_tokens == 0 or p.num_seqs == 0:
+        return
+    fmt = format_code(c.kv_format)
+    kv = kv_view(kv_cache)
+    lora, rope = c.kv_lora_rank, c.rope_dim
+    block_l, block_r = triton.next_power_of_2(lora), max(16, triton.next_power_of_2(rope))
+    t, h = p.num_tokens, p.num_heads
+    scale = float(softmax_scale) * LOG2E
+    ks = k_scale if fmt == FMT_FP8 else seq_lens  # any tensor: unused unless FMT_FP8
+    qsl = query_start_loc if query_start_loc is not None else seq_lens
+    common = dict(
+        PAGE=c.block_size, FMT=fmt, FNUZ=fp8_is_fnuz(plat), ALIGNED=ds_aligned(kv_cache),
+        L=lora, R=rope, BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_QSL=query_start_loc is not None, UPCAST=interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid = (cfg.row_tiles, cfg.num_splits, p.num_seqs)
+    if cfg.num_splits == 1:
+        lse_t = lse if lse is not None else out  # dummy pointer when WRITE_LSE is off
+        _decode_kernel[grid](
+            q, q.stride(0), q.stride(1), kv, kv.stride(0), kv.stride(1),
+            block_table, block_table.stride(0), seq_lens, qsl, ks,
+            out, 0, out.stride(0), out.stride(1),
+            lse_t, 0, lse.stride(0) if lse is not None else 0,
+            h, cfg.kv_per_split, scale, WRITE_LSE=lse is not None, **common)
+        return
+    part_o = torch.empty(cfg.num_splits, t, h, lora, dtype=torch.float32, device=q.device)
+    part_l = torch.empty(cfg.num_splits, t, h, dtype=torch.float32, device=q.device)
+    _decode_kernel[grid](
+        q, q.stride(0), q.stride(1), kv, kv.stride(0), kv.stride(1),
+        block_table, block_table.stride(0), seq_lens, qsl, ks,
+        part_o, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_l, part_l.stride(0), part_l.stride(1),
+        h, cfg.kv_per_split, scale, WRITE_LSE=True, **common)
+    block_h = min(triton.next_power_of_2(h), max(1, 4096 // block_l))
+    lse_t = lse if lse is not None else part_l
+    _combine_kernel[(t, triton.cdiv(h, block_h))](
+        part_o, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_l, part_l.stride(0), part_l.stride(1),
+        out, out.stride(0), out.stride(1),
+        lse_t, lse.stride(0) if lse is not None else 0,
+        h, cfg.num_splits, L=lora, BLOCK_L=block_l, BLOCK_H=block_h, WRITE_LSE=lse is not None,
+        num_warps=4)
+

@@ -1,0 +1,144 @@
+"""Per-platform launch parameters for the Triton kernels, kept in one place.
+
+Everything here is derived from ``Platform`` facts (vendor, warp / wavefront /
+sub-group width, shared-memory limit, compute-unit count, fp8 flavour) and from
+problem *shapes*, never from tensor values: the choices are host-side integer
+arithmetic, so the ops stay CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ...platform import Platform
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# Kernel-side format codes (constexpr ``FMT``).
+FMT_16BIT = 0
+FMT_FP8 = 1
+FMT_DS_MLA = 2
+
+
+def format_code(kv_format: str) -> int:
+    return {"bfloat16": FMT_16BIT, "float16": FMT_16BIT, "fp8": FMT_FP8,
+            "fp8_ds_mla": FMT_DS_MLA}[kv_format]
+
+
+def fp8_is_fnuz(platform: Platform) -> bool:
+    """The per-tensor fp8 format uses e4m3fnuz (bias 8, max 240) on gfx94x, else e4m3fn."""
+    return platform.fp8_dtype == torch.float8_e4m3fnuz
+
+
+def fp8_max(platform: Platform) -> float:
+    return float(torch.finfo(platform.fp8_dtype).max)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_m: int  # query rows (token x head pairs) per program; all share one KV tile read
+    block_n: int  # KV tokens per inner iteration (a tile may span several pages)
+    num_warps: int
+    num_stages: int
+    num_splits: int  # split-KV programs per (sequence, row tile)
+    kv_per_split: int  # KV positions per split, a multiple of block_n
+    row_tiles: int
+
+
+# Hand-set per vendor; the H100 notes (benchmarks/results/triton_h100_notes.md) record how
+# the CUDA numbers were picked. ``key``: (wide, fmt) where wide = a program holds >= 64 rows.
+_CUDA_DECODE = {
+    # (wide, quantized): (block_n, num_warps, num_stages)
+    (True, False): (32, 8, 2),
+    (True, True): (32, 8, 2),
+    (False, False): (64, 4, 2),
+    (False, True): (64, 4, 2),
+}
+# AMD CDNA: wavefront 64, so 4 "warps" are 256 lanes; LDS is 64 KiB, keep tiles small.
+_ROCM_DECODE = (32, 4, 1)
+# Intel Xe: sub-group 16/32; modest tiles, single-buffered (the XPU backend pipelines little).
+_XPU_DECODE = (32, 8, 1)
+
+
+def max_rows_per_program(platform: Platform) -> int:
+    """Upper bound on query rows a decode program holds (its fp32 accumulator is rows x L)."""
+    if platform.kind == "cpu":
+        return 64
+    if platform.kind == "rocm":
+        return 32 if platform.shared_memory_per_block and platform.shared_memory_per_block <= 65536 else 64
+    return 64
+
+
+def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_len: int,
+                  max_kv_len: int, kv_format: str, kv_lora_rank: int) -> DecodeConfig:
+    """Tile sizes, warps and the split count of one decode call, from shapes only."""
+    rows = max(1, max_query_len) * num_heads
+    block_m = min(max_rows_per_program(platform), max(16, next_pow2(rows)))
+    row_tiles = cdiv(rows, block_m)
+    quantized = kv_format in ("fp8", "fp8_ds_mla")
+    if platform.kind == "cuda":
+        block_n, warps, stages = _CUDA_DECODE[(block_m >= 64, quantized)]
+        smem = platform.shared_memory_per_block or 232448
+        if next_pow2(kv_lora_rank) > 512 or smem < 160 * 1024:
+            block_n, stages = 32, 1
+    elif platform.kind == "rocm":
+        block_n, warps, stages = _ROCM_DECODE
+    elif platform.kind == "xpu":
+        block_n, warps, stages = _XPU_DECODE
+    else:  # the interpreter: small tiles keep numpy fast
+        block_n, warps, stages = 16, 4, 1
+    max_kv_len = max(1, max_kv_len)
+    tiles = cdiv(max_kv_len, block_n)
+    programs = max(1, num_seqs * row_tiles)
+    units = max(1, platform.num_compute_units)
+    if platform.kind == "cpu":
+        want = 1 if tiles <= 4 else min(4, tiles)  # exercise the combine path on small shapes
+    else:
+        # Split finely enough that ~4 programs per compute unit exist (balances varlen
+        # batches: short sequences leave their late splits empty), but keep each split
+        # long enough that its partial-output write stays small next to its KV read.
+        min_tiles = max(1, (256 if block_m >= 64 else 128) // block_n)
+        want = min(cdiv(4 * units, programs), max(1, tiles // min_tiles), 64)
+    splits = max(1, want)
+    per = cdiv(tiles, splits) * block_n
+    splits = cdiv(max_kv_len, per)
+    return DecodeConfig(block_m, block_n, warps, stages, splits, per, row_tiles)
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def prefill_config(platform: Platform, qk_dim: int, v_dim: int) -> PrefillConfig:
+    big = next_pow2(qk_dim) + next_pow2(v_dim) > 384
+    if platform.kind == "cuda":
+        return PrefillConfig(128 if not big else 64, 64, 8 if big else 4, 2)
+    if platform.kind == "rocm":
+        return PrefillConfig(64, 32, 4, 1)
+    if platform.kind == "xpu":
+        return PrefillConfig(64, 32, 8, 1)
+    return PrefillConfig(16, 16, 4, 1)
+
+
+def elementwise_warps(platform: Platform) -> int:
+    """Warps for the small copy / merge kernels (a warp is 64 lanes on CDNA)."""
+    return 2 if platform.warp_size >= 64 else 4
