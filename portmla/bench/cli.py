@@ -2,8 +2,8 @@
 
 Example (what the H100 table in benchmarks/results comes from)::
 
-    python -m portmla bench --preset anchors --backends all --out benchmarks/results/h100 \\
-        --compare anchors
+    python -m portmla bench --preset anchors --backends all --peers \\
+        --out benchmarks/results/h100 --compare anchors
 
 Every configuration is checked against the reference backend before it is timed; a
 wrong result is reported as FAILED with its error, never with a time.
