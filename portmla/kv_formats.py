@@ -129,6 +129,13 @@ def kv_cache_shape(num_blocks: int, block_size: int, kv_cache_dtype: str = "auto
     return (num_blocks, block_size, fmt.entry_size(kv_lora_rank, rope_dim))
 
 
+def value_width(fmt: str, entry: int, kv_lora_rank: int) -> int:
+    """``L + R``: values per token after dequantization, from a cache entry size."""
+    if fmt == "fp8_ds_mla":
+        return kv_lora_rank + (entry - kv_lora_rank - 4 * (kv_lora_rank // DS_MLA_TILE)) // 2
+    return entry
+
+
 def allocate_kv_cache(num_blocks: int, block_size: int, kv_cache_dtype: str,
                       model_dtype: torch.dtype, device, kv_lora_rank: int = 512,
                       rope_dim: int = 64) -> torch.Tensor:

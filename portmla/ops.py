@@ -11,7 +11,7 @@ import torch
 
 from . import validate as V
 from .dispatch import select
-from .kv_formats import canonical_format, quantize_entries  # noqa: F401 - re-exported helpers
+from .kv_formats import canonical_format, value_width
 from .platform import current_platform, is_capturing, is_tracing
 from .problems import (
     CacheWriteProblem,
@@ -28,6 +28,13 @@ Tensor = torch.Tensor
 
 def _capturing(device) -> bool:
     return is_tracing() or is_capturing(device)
+
+
+def _traced_scale(scale, kv_cache_dtype: str, device):
+    """The k_scale tensor while tracing (no validation: the op body validates at run time)."""
+    if scale is None or isinstance(scale, torch.Tensor):
+        return None if scale is None else scale.reshape(1).to(torch.float32)
+    return torch.full((1,), float(scale), dtype=torch.float32, device=device)
 
 
 def _describe(**kw) -> str:
@@ -48,6 +55,7 @@ def _cache_write_problem(kv_c, kv_cache, kv_cache_dtype, rope_dim):
 def _concat_and_cache_op(kv_c: Tensor, k_pe: Tensor, kv_cache: Tensor, slot_mapping: Tensor,
                          scale: Tensor | None, kv_cache_dtype: str, backend: str) -> None:
     p = _cache_write_problem(kv_c, kv_cache, kv_cache_dtype, k_pe.shape[-1])
+    scale = V.k_scale_tensor("scale", scale, p.cache.kv_format, kv_cache.device)
     b = select(p, backend, _describe(kv_cache_dtype=p.cache.kv_format, block_size=p.cache.block_size))
     b.concat_and_cache_mla(p, kv_c, k_pe.reshape(k_pe.shape[0], -1), kv_cache, slot_mapping, scale)
 
@@ -67,6 +75,11 @@ def concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype="aut
     (stored = saturate(value / scale)); ignored for other formats (fp8_ds_mla computes
     per-tile scales itself). See the reference backend for the exact semantics.
     """
+    if is_tracing():  # torch.compile: checks and dispatch run inside the op, at run time
+        torch.ops.portmla.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping,
+                                               _traced_scale(scale, kv_cache_dtype, kv_c.device),
+                                               kv_cache_dtype, backend)
+        return
     V.check_tensor("kv_c", kv_c, dtypes=FLOAT_DTYPES, ndim=2, last_contiguous=True)
     dev = kv_c.device
     t = kv_c.shape[0]
@@ -105,6 +118,7 @@ def _gather_cache_op(kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                      out: Tensor, kv_cache_dtype: str, kv_lora_rank: int, backend: str) -> None:
     p = _gather_problem(kv_cache, block_table, kv_cache_dtype, kv_lora_rank, out.dtype,
                         seq_starts is not None)
+    scale = V.k_scale_tensor("scale", scale, p.cache.kv_format, kv_cache.device)
     b = select(p, backend, _describe(kv_cache_dtype=p.cache.kv_format, block_size=p.cache.block_size))
     b.gather_cache(p, kv_cache, block_table, seq_lens, seq_starts, cu_seq_lens, scale, out)
 
@@ -126,6 +140,18 @@ def gather_cache(kv_cache, block_table, seq_lens, *, kv_cache_dtype="auto", scal
     ``total_tokens`` (= sum(seq_lens)) avoids a host read of seq_lens, as needed inside
     graph capture; ``out`` may be given instead.
     """
+    if is_tracing():
+        if out is None and total_tokens is None:
+            raise ValueError("gather_cache under torch.compile needs total_tokens or out "
+                             "(the output size cannot be read from seq_lens while tracing)")
+        width = value_width(canonical_format(kv_cache_dtype), kv_cache.shape[2], kv_lora_rank)
+        if out is None:
+            out = torch.empty(total_tokens, width, dtype=out_dtype, device=kv_cache.device)
+        cu = torch.nn.functional.pad(torch.cumsum(seq_lens, 0, dtype=torch.int32), (1, 0))
+        torch.ops.portmla.gather_cache(kv_cache, block_table, seq_lens, seq_starts, cu,
+                                       _traced_scale(scale, kv_cache_dtype, kv_cache.device), out,
+                                       kv_cache_dtype, kv_lora_rank, backend)
+        return out
     V.check_tensor("kv_cache", kv_cache, ndim=3)
     dev = kv_cache.device
     V.check_tensor("block_table", block_table, dtypes=V.INDEX_DTYPES, ndim=2, device=dev)
@@ -179,6 +205,7 @@ def _mla_decode_op(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: T
                    kv_cache_dtype: str, max_query_len: int, return_lse: bool, backend: str) -> None:
     p = _decode_problem(q, kv_cache, block_table, kv_cache_dtype, kv_lora_rank, seq_lens.shape[0],
                         max_query_len, return_lse)
+    k_scale = V.k_scale_tensor("k_scale", k_scale, p.cache.kv_format, q.device)
     b = select(p, backend, _decode_describe(p))
     b.mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, k_scale,
                  out, lse)
@@ -219,6 +246,19 @@ def mla_decode(q, kv_cache, block_table, seq_lens, *, softmax_scale, kv_lora_ran
         V.check_tensor("q[1] (q_pe)", q[1], dtypes=(q[0].dtype,), ndim=3, device=q[0].device,
                        shape=q[0].shape[:2])
         q = torch.cat([q[0], q[1]], dim=-1)
+    if is_tracing():
+        t, h = q.shape[0], q.shape[1]
+        nseq = block_table.shape[0]
+        mql = max_query_len if max_query_len is not None else (
+            1 if query_start_loc is None else t - nseq + 1)
+        if out is None:
+            out = q.new_empty(t, h, kv_lora_rank)
+        lse = q.new_empty(t, h, dtype=torch.float32) if return_lse else None
+        torch.ops.portmla.mla_decode(q, kv_cache, block_table, seq_lens, query_start_loc,
+                                     _traced_scale(k_scale, kv_cache_dtype, q.device), out, lse,
+                                     float(softmax_scale), kv_lora_rank, kv_cache_dtype, mql,
+                                     return_lse, backend)
+        return (out, lse) if return_lse else out
     V.check_tensor("q", q, dtypes=MODEL_DTYPES, ndim=3, last_contiguous=True)
     dev = q.device
     t, h, d = q.shape
@@ -315,6 +355,12 @@ def merge_attn_states(prefix_out, prefix_lse, suffix_out, suffix_lse, *, out=Non
     if its output holds garbage; both ``-inf`` gives out 0 and lse ``-inf``.
     Returns ``(out [T, H, D] in the inputs' dtype, lse [T, H] float32)``.
     """
+    if is_tracing():
+        out = torch.empty_like(prefix_out) if out is None else out
+        out_lse = torch.empty_like(prefix_lse)
+        torch.ops.portmla.merge_attn_states(prefix_out, prefix_lse, suffix_out, suffix_lse, out,
+                                            out_lse, backend)
+        return out, out_lse
     V.check_tensor("prefix_out", prefix_out, dtypes=FLOAT_DTYPES, ndim=3, last_contiguous=True)
     dev = prefix_out.device
     t, h, d = prefix_out.shape
@@ -370,6 +416,13 @@ def mla_prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     query that sees no key gets out 0 and lse ``-inf``. Returns out ``[Tq, H, Dv]`` and,
     with ``return_lse``, lse ``[Tq, H]`` float32.
     """
+    if is_tracing():
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[2]) if out is None else out
+        lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32) if return_lse else None
+        torch.ops.portmla.mla_prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse,
+                                                max_seqlen_q, max_seqlen_k, float(softmax_scale),
+                                                bool(causal), backend)
+        return (out, lse) if return_lse else out
     V.check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3, last_contiguous=True)
     dev = q.device
     V.check_tensor("k", k, dtypes=(q.dtype,), ndim=3, shape=(None, None, q.shape[2]), device=dev,

@@ -23,7 +23,7 @@ import torch
 SESSION_SEED = int(os.environ.get("PORTMLA_TEST_SEED") or random.SystemRandom().randrange(2**31))
 
 
-def test_device() -> torch.device:
+def device_under_test() -> torch.device:
     env = os.environ.get("PORTMLA_TEST_DEVICE")
     if env:
         return torch.device(env)
@@ -41,7 +41,7 @@ def backends_under_test() -> list[str]:
     env = os.environ.get("PORTMLA_TEST_BACKENDS")
     if env:
         return [b.strip() for b in env.split(",") if b.strip()]
-    infos = pm.probe(test_device())
+    infos = pm.probe(device_under_test())
     return [n for n, info in infos.items() if info.available]
 
 
@@ -51,7 +51,7 @@ def pytest_sessionstart(session):
         return
     import portmla as pm
 
-    dev = test_device()
+    dev = device_under_test()
     info = pm.probe(dev).get(required)
     if info is None or not info.available:
         why = "not registered" if info is None else "; ".join(info.reasons)
@@ -62,7 +62,7 @@ def pytest_sessionstart(session):
 def pytest_report_header(config):
     import portmla as pm
 
-    dev = test_device()
+    dev = device_under_test()
     p = pm.current_platform(dev)
     return [f"portmla: PORTMLA_TEST_SEED={SESSION_SEED}",
             f"portmla: device {dev} ({p.kind}, {p.device_name}, {p.arch}); "
@@ -71,7 +71,7 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    return test_device()
+    return device_under_test()
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import portmla as pm
-from conftest import backends_under_test, test_device
+from conftest import backends_under_test, device_under_test
 from mla_cases import (
     BATCH_SPECS,
     FORMATS_ALL,
@@ -28,7 +28,7 @@ from mla_cases import (
 )
 from portmla.dispatch import get_backend
 
-DEVICE = test_device()
+DEVICE = device_under_test()
 ON_GPU = DEVICE.type != "cpu"
 BACKENDS = [b for b in backends_under_test() if b != "reference"]
 TEST_BLOCK_SIZES = (1, 16, 48, 64, 128)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import portmla as pm
-from conftest import backends_under_test, test_device
+from conftest import backends_under_test, device_under_test
 from mla_cases import make_cache, rel_err
 
-DEVICE = test_device()
+DEVICE = device_under_test()
 ON_GPU = DEVICE.type != "cpu"
 
 

@@ -175,7 +175,7 @@ def test_mla_decode(fmt, page, heads, qlens, layout):
 def test_mla_decode_capture_bound_max_query_len_and_no_lse():
     """A loose max_query_len (as inside graph capture) only adds empty row tiles."""
     g = _gen(7)
-    page, heads, qlens = 16, 16, [2, 1]
+    page, heads = 16, 16
     seq_lens = [37, 5]
     bt, nb = make_table(2, seq_lens, page, 1, g)
     cache = make_cache(nb, page, "bfloat16", "contiguous")

@@ -71,7 +71,7 @@ class Backend:
             out.append(allowed("platform", platform.kind, self.PLATFORMS))
         elif self.MIN_CAPABILITY is not None and (
                 platform.capability is None or platform.capability < self.MIN_CAPABILITY):
-            have = "none" if platform.capability is None else "%d.%d" % platform.capability
+            have = "none" if platform.capability is None else "{}.{}".format(*platform.capability)
             out.append(Reason("capability", f"capability={have} ({platform.arch}) "
                                             f"(needs >= {self.MIN_CAPABILITY[0]}.{self.MIN_CAPABILITY[1]})"))
         return out
