@@ -116,6 +116,27 @@ def check_decode(ref_out, ref_lse, got_out, got_lse, tol=2e-2):
     torch.testing.assert_close(got_lse[fin], ref_lse[fin], atol=2e-2, rtol=1e-3)
 
 
+def _check_ds_mla_close(a, b):
+    """fp8_ds_mla caches written by two backends.
+
+    The kernel computes the tile scale as the format states, amax / 448 (IEEE division).
+    The torch reference on CUDA gets amax * (1/448) (torch divides by a python scalar through
+    its reciprocal on CUDA, not on CPU), which can differ by one ulp; values next to an fp8
+    rounding boundary then round the other way. So: k_pe bytes exact, scales within one ulp,
+    and fp8 bytes equal except a few one-step neighbours.
+    """
+    tiles = L // 128
+    sa = a[..., L:L + 4 * tiles].contiguous().view(torch.float32)
+    sb = b[..., L:L + 4 * tiles].contiguous().view(torch.float32)
+    torch.testing.assert_close(sa, sb, rtol=2.5e-7, atol=0, equal_nan=True)
+    assert torch.equal(a[..., L + 4 * tiles:], b[..., L + 4 * tiles:]), "k_pe bytes differ"
+    qa, qb = a[..., :L], b[..., :L]
+    diff = qa != qb
+    assert diff.float().mean().item() < 0.01, f"{diff.sum().item()} fp8 bytes differ"
+    step = (qa[diff].int() - qb[diff].int()).abs()
+    assert bool((step == 1).all()), "fp8 bytes differ by more than one step"
+
+
 FORMATS = [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("fp8", torch.bfloat16),
            ("fp8_ds_mla", torch.bfloat16), ("fp8", torch.float16), ("fp8_ds_mla", torch.float16)]
 
@@ -200,7 +221,10 @@ def test_cache_write_and_gather(fmt, dtype, block_size):
         caches[backend] = c
     a = caches["cuda"].contiguous().view(torch.uint8)
     b = caches["reference"].contiguous().view(torch.uint8)
-    assert torch.equal(a, b), f"{(a != b).sum().item()} cache bytes differ"
+    if fmt != "fp8_ds_mla":
+        assert torch.equal(a, b), f"{(a != b).sum().item()} cache bytes differ"
+    else:
+        _check_ds_mla_close(a, b)
     lens = torch.tensor([7, 0, 30], dtype=torch.int32, device="cuda")
     starts = torch.tensor([2, 0, 1], dtype=torch.int32, device="cuda")
     max_blocks = nb
