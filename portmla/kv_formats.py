@@ -175,7 +175,10 @@ def ds_mla_pack(kv_c: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
     t, lora = kv_c.shape
     tiles = lora // DS_MLA_TILE
     x = kv_c.float().reshape(t, tiles, DS_MLA_TILE)
-    scale = (x.abs().amax(dim=-1) / 448.0).clamp_min(FP32_MIN_NORMAL)  # [T, tiles]
+    amax = x.abs().amax(dim=-1)
+    # divide by a device tensor: CUDA turns division by a python scalar into a multiply by
+    # its reciprocal, which is one ulp off amax / 448 for some values
+    scale = (amax / torch.full_like(amax, 448.0)).clamp_min(FP32_MIN_NORMAL)  # [T, tiles]
     q = (x / scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     return torch.cat(
         [q.reshape(t, lora).view(torch.uint8),
