@@ -16,7 +16,7 @@ from .common import DS_TILE, load_nope, load_rope, store_rn
 from .decode import ds_aligned, kv_view
 from .launch import FMT_FP8, elementwise_warps, format_code, fp8_is_fnuz, fp8_max
 
-FLT_MIN: tl.constexpr = 1.1754943508222875e-38
+FLT_MIN = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit

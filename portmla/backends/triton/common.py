@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-DS_TILE: tl.constexpr = 128
+DS_TILE = tl.constexpr(128)
 
 
 @triton.jit

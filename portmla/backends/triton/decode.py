@@ -23,7 +23,7 @@ from .common import dot, load_nope, load_rope
 from .launch import FMT_FP8, decode_config, format_code, fp8_is_fnuz, interpreting
 
 LOG2E = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

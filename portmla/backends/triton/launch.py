@@ -60,15 +60,12 @@ class DecodeConfig:
     row_tiles: int
 
 
-# Hand-set per vendor; the H100 notes (benchmarks/results/triton_h100_notes.md) record how
-# the CUDA numbers were picked. ``key``: (wide, fmt) where wide = a program holds >= 64 rows.
-_CUDA_DECODE = {
-    # (wide, quantized): (block_n, num_warps, num_stages)
-    (True, False): (32, 8, 2),
-    (True, True): (32, 8, 2),
-    (False, False): (64, 4, 2),
-    (False, True): (64, 4, 2),
-}
+# Hand-set per vendor. CUDA: picked from the sm_90 resource report (no register spills;
+# a 64-row program with a 64 x 512 fp32 accumulator spills under Triton 3.6-3.9) and the
+# H100 timings in benchmarks/results/triton_h100_notes.md.
+# key: wide = the program holds >= 32 query rows -> (block_n, num_warps, num_stages)
+_CUDA_DECODE = {True: (16, 8, 2), False: (32, 8, 2)}
+_CUDA_MAX_ROWS = 32
 # AMD CDNA: wavefront 64, so 4 "warps" are 256 lanes; LDS is 64 KiB, keep tiles small.
 _ROCM_DECODE = (32, 4, 1)
 # Intel Xe: sub-group 16/32; modest tiles, single-buffered (the XPU backend pipelines little).
@@ -79,6 +76,8 @@ def max_rows_per_program(platform: Platform) -> int:
     """Upper bound on query rows a decode program holds (its fp32 accumulator is rows x L)."""
     if platform.kind == "cpu":
         return 64
+    if platform.kind == "cuda":
+        return _CUDA_MAX_ROWS
     if platform.kind == "rocm":
         return 32 if platform.shared_memory_per_block and platform.shared_memory_per_block <= 65536 else 64
     return 64
@@ -90,12 +89,11 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     rows = max(1, max_query_len) * num_heads
     block_m = min(max_rows_per_program(platform), max(16, next_pow2(rows)))
     row_tiles = cdiv(rows, block_m)
-    quantized = kv_format in ("fp8", "fp8_ds_mla")
     if platform.kind == "cuda":
-        block_n, warps, stages = _CUDA_DECODE[(block_m >= 64, quantized)]
+        block_n, warps, stages = _CUDA_DECODE[block_m >= 32]
         smem = platform.shared_memory_per_block or 232448
-        if next_pow2(kv_lora_rank) > 512 or smem < 160 * 1024:
-            block_n, stages = 32, 1
+        if next_pow2(kv_lora_rank) > 512 or smem < 128 * 1024:
+            block_n, stages = 16, 1
     elif platform.kind == "rocm":
         block_n, warps, stages = _ROCM_DECODE
     elif platform.kind == "xpu":
@@ -112,7 +110,7 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
         # Split finely enough that ~4 programs per compute unit exist (balances varlen
         # batches: short sequences leave their late splits empty), but keep each split
         # long enough that its partial-output write stays small next to its KV read.
-        min_tiles = max(1, (256 if block_m >= 64 else 128) // block_n)
+        min_tiles = max(1, (256 if block_m >= 32 else 128) // block_n)
         want = min(cdiv(4 * units, programs), max(1, tiles // min_tiles), 64)
     splits = max(1, want)
     per = cdiv(tiles, splits) * block_n

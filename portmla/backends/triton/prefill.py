@@ -14,7 +14,7 @@ from .common import dot
 from .launch import interpreting, prefill_config
 
 LOG2E = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
