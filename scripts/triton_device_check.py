@@ -228,9 +228,10 @@ def check_graph(res):
     worst = 0.0
     for _ in range(3):
         cols = d["bt"].shape[1]
-        lens = torch.randint(1, cols * 64 + 1, (8,), dtype=torch.int32, device=DEV)
+        lens = torch.randint(1, cols * 64 + 1, (8,), dtype=torch.int32, device=DEV)  # new lengths
         d["sl"].copy_(lens)
-        d["bt"].copy_(torch.randperm(d["cache"].shape[0], device=DEV)[:8 * cols].view(8, cols).int())
+        nb = d["cache"].shape[0]
+        d["bt"].copy_(torch.randint(0, nb, (8, cols), device=DEV, dtype=torch.int32))
         d["q"].copy_(torch.randn_like(d["q"]))
         out.fill_(float("nan"))
         g.replay()
