@@ -62,6 +62,8 @@ PYBIND11_MODULE(_cuda, m) {
       .FIELD(DecodeParams, num_heads)
       .FIELD(DecodeParams, max_query_len)
       .FIELD(DecodeParams, num_splits)
+      .FIELD(DecodeParams, split_chunk)
+      .FIELD(DecodeParams, variant)
       .FIELD(DecodeParams, kv_lora_rank)
       .FIELD(DecodeParams, rope_dim)
       .FIELD(DecodeParams, softmax_scale)
@@ -125,6 +127,20 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("DECODE_TILE_ROWS") = sm80::kBM;
   m.attr("DECODE_TILE_TOKENS") = sm80::kBN;
   m.attr("DECODE_SMEM_BYTES") = sm80::decode_smem_bytes();
+  // Decode variants: name -> (code, rows per CTA, tokens per tile, shared memory for 16-bit
+  // caches, for fp8 caches, threads per CTA).
+  {
+    py::dict v;
+    v["legacy"] = py::make_tuple(int(sm80::kLegacy), sm80::kBM, sm80::kBN, sm80::decode_smem_bytes(),
+                                 sm80::decode_smem_bytes(), sm80::kThreads);
+    v["narrow"] = py::make_tuple(int(sm80::kNarrow), sm80::NarrowCfg::kBM, sm80::NarrowCfg::kBN,
+                                 sm80::NarrowCfg::smem_bytes(true), sm80::NarrowCfg::smem_bytes(false),
+                                 sm80::NarrowCfg::kThreads);
+    v["wide"] = py::make_tuple(int(sm80::kWide), sm80::WideCfg::kBM, sm80::WideCfg::kBN,
+                               sm80::WideCfg::smem_bytes(true), sm80::WideCfg::smem_bytes(false),
+                               sm80::WideCfg::kThreads);
+    m.attr("DECODE_VARIANTS") = v;
+  }
   m.attr("DECODE_KV_LORA_RANK") = sm80::kL;
   m.attr("DECODE_ROPE_DIM") = sm80::kR;
   int rt = 0;

@@ -170,6 +170,31 @@ def test_decode_many_splits_and_one_head(fmt):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["legacy", "narrow", "wide"])
+@pytest.mark.parametrize("fmt,dtype", [("bfloat16", torch.bfloat16), ("fp8", torch.bfloat16),
+                                       ("fp8_ds_mla", torch.float16)])
+@pytest.mark.parametrize("min_chunk", [64, 512])
+def test_decode_every_variant_and_chunking(monkeypatch, variant, fmt, dtype, min_chunk):
+    """Each kernel variant, whatever the heads, with small split chunks (many splits, empty ones)."""
+    _need_cuda()
+    from portmla.backends import cuda as cuda_backend
+
+    def forced(p, mod):
+        code, bm, _, s16, s8, _ = mod.DECODE_VARIANTS[variant]
+        fp8 = p.cache.kv_format not in ("bfloat16", "float16")
+        return variant, code, bm, s8 if fp8 else s16
+
+    monkeypatch.setattr(cuda_backend.CudaBackend, "decode_variant", staticmethod(forced))
+    monkeypatch.setattr(cuda_backend, "MIN_SPLIT_CHUNK", min_chunk)
+    monkeypatch.setattr(cuda_backend, "SPLIT_WAVES", 64)
+    for heads, lens, qlens in ((128, [700, 5, 0, 1300], [2, 1, 0, 1]), (16, [2000, 33, 64], [1, 3, 1]),
+                               (3, [129, 640], [1, 2])):
+        case = make_decode_case(lens, qlens, heads, 64 if heads != 3 else 16, fmt, dtype, "cuda",
+                                strided=heads == 16)
+        check_decode(*run_both(case, single_token=False))
+
+
+@pytest.mark.gpu
 def test_decode_no_split_large_batch():
     _need_cuda()
     lens = [int(x) for x in torch.randint(1, 200, (70,))]

@@ -38,6 +38,8 @@ struct DecodeParams {
   float* part_out = nullptr;  // [num_splits, T, H, L] fp32 scratch when num_splits > 1
   float* part_lse = nullptr;  // [num_splits, T, H]
   int num_tokens = 0, num_seqs = 0, num_heads = 0, max_query_len = 1, num_splits = 1;
+  int split_chunk = 0;  // KV positions per split when num_splits > 1 (split s: [s*chunk, (s+1)*chunk))
+  int variant = 0;      // sm80::DecodeVariant: which tile shape runs (the caller plans splits for it)
   int kv_lora_rank = 512, rope_dim = 64;
   float softmax_scale = 1.f;
   int q_dtype = kBF16, kv_format = kKv16;

@@ -2,7 +2,7 @@
 
 Kernels (see ``csrc_cuda/NOTES.md``):
 
-* ``mla_decode``: generic sm80+ kernel (mma.sync m16n8k16 + cp.async), 32 (token, head)
+* ``mla_decode``: generic sm80+ kernels (mma.sync m16n8k16 + cp.async), 16 or 64 (token, head)
   rows per CTA so a KV tile is read once for all of them, split-KV with an LSE combine
   kernel; every KV format, any block size and cache strides (16-byte aligned), varlen
   causal query tokens. Deterministic; no host reads (CUDA-graph safe).
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 from pathlib import Path
 
 import torch
@@ -35,8 +34,11 @@ _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2,
 _FORMAT_CODE = {"bfloat16": 0, "float16": 0, "fp8": 1, "fp8_ds_mla": 2}
 _FORMAT_TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
-MAX_SPLITS = 64
-MIN_TILES_PER_SPLIT = 4  # 128 tokens: below that the combine costs more than it saves
+MAX_SPLITS = 256
+MIN_SPLIT_CHUNK = 512  # KV positions: below that the partial outputs cost more than they save
+SPLIT_GRANULE = 64     # chunks are whole KV tiles of every variant
+SPLIT_WAVES = 16       # CTAs per resident slot for the upper bound of the work
+NARROW_MAX_ROWS = 32   # rows per sequence (query tokens x heads) served by 16-row tiles
 MAX_GRID_Y = 65535
 
 
@@ -125,7 +127,7 @@ class CudaBackend(Backend):
                                   f"{str(p.q_dtype).replace('torch.', '')} (a 16-bit cache must "
                                   f"have q's dtype)"))
             mod, _ = load_module()
-            smem_need = mod.DECODE_SMEM_BYTES if mod is not None else 0
+            smem_need = mod.DECODE_SMEM_BYTES if mod is not None else 0  # the smallest variant
             have = p.platform.shared_memory_per_block
             if mod is not None and have and have < smem_need:
                 out.append(Reason("shared_memory",
@@ -160,16 +162,49 @@ class CudaBackend(Backend):
             raise ValueError(f"kv_cache.data_ptr()={kv_cache.data_ptr():#x} is not 16-byte "
                              f"aligned (the cuda backend loads cache rows in 16-byte pieces)")
 
-    def num_splits(self, p: DecodeProblem, mod) -> int:
-        """Splits of the KV range, from host-side upper bounds only (graph-safe)."""
-        rows_tiles = -(-p.max_query_len * p.num_heads // mod.DECODE_TILE_ROWS)
-        ctas = max(1, p.num_seqs * rows_tiles)
-        smem = p.platform.shared_memory_per_block or mod.DECODE_SMEM_BYTES
-        per_sm = max(1, min(2, (smem + 1024) // (mod.DECODE_SMEM_BYTES + 1024)))
-        target = per_sm * max(1, p.platform.num_compute_units)
-        max_tiles = -(-p.max_blocks_per_seq * p.cache.block_size // mod.DECODE_TILE_TOKENS)
-        cap = max(1, min(MAX_SPLITS, max_tiles // MIN_TILES_PER_SPLIT))
-        return max(1, min(cap, math.ceil(target / ctas)))
+    @staticmethod
+    def decode_variant(p: DecodeProblem, mod) -> tuple[str, int, int, int]:
+        """``(name, code, rows per CTA, shared memory)`` of the kernel that runs ``p``.
+
+        Few rows per sequence (<= ``NARROW_MAX_ROWS``): 16-row tiles (memory-bound); more:
+        64-row tiles (compute-bound); the 32-row legacy kernel where the device's per-block
+        shared memory is too small for those (e.g. A100 for the narrow one).
+        """
+        fp8 = p.cache.kv_format not in _FORMAT_TORCH
+        have = p.platform.shared_memory_per_block
+        rows = p.max_query_len * p.num_heads
+        want = "narrow" if rows <= NARROW_MAX_ROWS else "wide"
+        code, bm, _, smem16, smem8, _ = mod.DECODE_VARIANTS[want]
+        smem = smem8 if fp8 else smem16
+        if have and have < smem:
+            want = "legacy"
+            code, bm, _, smem16, smem8, _ = mod.DECODE_VARIANTS[want]
+            smem = smem8 if fp8 else smem16
+        return want, code, bm, smem
+
+    def plan_decode(self, p: DecodeProblem, mod) -> tuple[int, int, int]:
+        """``(variant code, num_splits, split_chunk)`` from host-side upper bounds only (graph-safe).
+
+        Split s covers KV positions [s * chunk, (s + 1) * chunk): every CTA does at most one
+        chunk of work whatever the lengths, so CTAs balance over the SMs. The chunk aims at
+        ``SPLIT_WAVES`` CTAs per resident slot for the upper bound of the work (the real
+        work of a varlen batch is often 2-3x below it), never below ``MIN_SPLIT_CHUNK``.
+        """
+        name, code, bm, smem = self.decode_variant(p, mod)
+        rows_tiles = -(-p.max_query_len * p.num_heads // bm)
+        have = p.platform.shared_memory_per_block or smem
+        per_sm = max(1, min(2, (have + 1024) // (smem + 1024)))
+        slots = per_sm * max(1, p.platform.num_compute_units)
+        max_kv = p.max_blocks_per_seq * p.cache.block_size
+        work = max(1, p.num_seqs * rows_tiles * max_kv)
+        chunk = -(-work // (slots * SPLIT_WAVES))
+        chunk = max(MIN_SPLIT_CHUNK, -(-chunk // SPLIT_GRANULE) * SPLIT_GRANULE)
+        splits = max(1, -(-max_kv // chunk))
+        if splits > MAX_SPLITS:
+            chunk = -(-max_kv // MAX_SPLITS)
+            chunk = -(-chunk // SPLIT_GRANULE) * SPLIT_GRANULE
+            splits = max(1, -(-max_kv // chunk))
+        return code, splits, (chunk if splits > 1 else 0)
 
     # ------------------------------------------------------------------- ops
 
@@ -201,13 +236,14 @@ class CudaBackend(Backend):
         par.out, par.out_stride_t, par.out_stride_h = out_k.data_ptr(), out_k.stride(0), out_k.stride(1)
         if lse is not None:
             par.lse, par.lse_stride_t, par.lse_stride_h = lse.data_ptr(), lse.stride(0), lse.stride(1)
-        splits = self.num_splits(p, mod)
+        variant, splits, chunk = self.plan_decode(p, mod)
         if splits > 1:
             part_out = torch.empty(splits * t * h * c.kv_lora_rank, dtype=torch.float32, device=q.device)
             part_lse = torch.empty(splits * t * h, dtype=torch.float32, device=q.device)
             par.part_out, par.part_lse = part_out.data_ptr(), part_lse.data_ptr()
         par.num_tokens, par.num_seqs, par.num_heads = t, p.num_seqs, h
         par.max_query_len, par.num_splits = p.max_query_len, splits
+        par.split_chunk, par.variant = chunk, variant
         par.kv_lora_rank, par.rope_dim = c.kv_lora_rank, c.rope_dim
         par.softmax_scale = float(softmax_scale)
         par.q_dtype, par.kv_format = _DTYPE_CODE[q.dtype], _FORMAT_CODE[c.kv_format]

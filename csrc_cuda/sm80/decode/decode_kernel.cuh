@@ -1,5 +1,7 @@
 // Generic sm80+ absorbed-MLA decode: mma.sync m16n8k16 + cp.async, split-KV.
 //
+// Variant kLegacy (32 x 32 tiles, 115 KB: two CTAs on an A100/H100 SM); the faster variants
+// for Hopper-sized shared memory are in tile_kernel.cuh.
 // One CTA = (split s, row tile, sequence b). The rows of sequence b are its (query token j,
 // head h) pairs in order j * H + h; a CTA takes BM = 32 consecutive rows, so one KV tile in
 // shared memory serves all of its heads (and, for multi-token queries, several tokens).
@@ -24,6 +26,7 @@
 #include "../../common/numeric.cuh"
 #include "../../common/params.h"
 #include "config.h"
+#include "tile_kernel.cuh"
 
 namespace portmla {
 namespace sm80 {
@@ -65,10 +68,16 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
   const int j_last = (min(m0 + kBM, rows) - 1) / H;
   const int kv_end = max(0, seq_len - nq + j_last + 1);
   const int S = p.num_splits;
-  int per = (kv_end + S - 1) / S;
-  per = (per + kBN - 1) / kBN * kBN;
-  const int kv_lo = min(kv_end, split * per);
-  const int kv_hi = min(kv_end, kv_lo + per);
+  int kv_lo = 0, kv_hi = kv_end;
+  if (S > 1) {  // split s covers [s * split_chunk, (s + 1) * split_chunk)
+    const int64_t lo = static_cast<int64_t>(split) * p.split_chunk;
+    if (lo >= kv_end) {  // whole CTA, before any barrier
+      mark_empty_split(p, split, t0, m0, rows, kBM);
+      return;
+    }
+    kv_lo = static_cast<int>(lo);
+    kv_hi = static_cast<int>(min(static_cast<int64_t>(kv_end), lo + p.split_chunk));
+  }
   const int n_tiles = (kv_hi - kv_lo + kBN - 1) / kBN;
 
   const int wm = warp & 1, wn = warp >> 1;
@@ -422,17 +431,41 @@ __global__ void __launch_bounds__(256) mla_decode_combine_kernel(const DecodePar
   }
 }
 
+template <typename Kernel>
+cudaError_t launch_decode_kernel(Kernel kernel, int smem, int rows_per_cta, int threads,
+                                 const DecodeParams& p, cudaStream_t stream) {
+  PORTMLA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int m_tiles = (p.max_query_len * p.num_heads + rows_per_cta - 1) / rows_per_cta;
+  dim3 grid(p.num_splits, m_tiles, p.num_seqs);
+  kernel<<<grid, threads, smem, stream>>>(p);
+  PORTMLA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
 template <typename T, int FMT>
 cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
-  constexpr int smem = decode_smem_bytes();
-  auto kernel = mla_decode_kernel<T, FMT>;
-  PORTMLA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
-  dim3 grid(p.num_splits, m_tiles, p.num_seqs);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  PORTMLA_CHECK_LAUNCH();
+  if (p.num_splits > 1 && p.split_chunk < 1) return cudaErrorInvalidValue;
+  constexpr bool kv16 = FMT == kKv16;
+  switch (p.variant) {
+    case kLegacy:
+      PORTMLA_RETURN_IF_ERROR(launch_decode_kernel(mla_decode_kernel<T, FMT>, decode_smem_bytes(),
+                                                   kBM, kThreads, p, stream));
+      break;
+    case kNarrow:
+      PORTMLA_RETURN_IF_ERROR(launch_decode_kernel(mla_decode_tile_kernel<T, FMT, NarrowCfg>,
+                                                   NarrowCfg::smem_bytes(kv16), NarrowCfg::kBM,
+                                                   NarrowCfg::kThreads, p, stream));
+      break;
+    case kWide:
+      PORTMLA_RETURN_IF_ERROR(launch_decode_kernel(mla_decode_tile_kernel<T, FMT, WideCfg>,
+                                                   WideCfg::smem_bytes(kv16), WideCfg::kBM,
+                                                   WideCfg::kThreads, p, stream));
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
   if (p.num_splits > 1) {
     const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.num_heads;
     mla_decode_combine_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
