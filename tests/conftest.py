@@ -20,6 +20,11 @@ import zlib
 import pytest
 import torch
 
+# On a machine without a GPU the Triton kernels run under the Triton interpreter; the
+# variable must be set before any @triton.jit function is defined.
+if not torch.cuda.is_available() and not (getattr(torch, "xpu", None) and torch.xpu.is_available()):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SESSION_SEED = int(os.environ.get("PORTMLA_TEST_SEED") or random.SystemRandom().randrange(2**31))
 
 

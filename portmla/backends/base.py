@@ -61,6 +61,13 @@ class Backend:
     RETURNS_LSE = True
     CUDA_GRAPHS = True
     PREFILL_HEAD_DIMS: tuple[int, ...] | None = None  # qk / v head dims, None: any
+    # The backend's own decode tolerances against the reference, per KV format:
+    # (relative error of out, max abs error of lse). Formats not listed: DEFAULT_DECODE_TOLERANCE.
+    DECODE_TOLERANCE: dict[str, tuple[float, float]] = {}
+    DEFAULT_DECODE_TOLERANCE = (1e-2, 1e-2)
+
+    def decode_tolerance(self, kv_format: str) -> tuple[float, float]:
+        return self.DECODE_TOLERANCE.get(kv_format, self.DEFAULT_DECODE_TOLERANCE)
 
     # ------------------------------------------------------------- availability
 

@@ -46,7 +46,7 @@ struct TileCfg {
   static constexpr int kv_bufs(bool kv16) { return kv16 ? STAGES_ : 2; }
   static constexpr int smem_bytes(bool kv16) {
     return (BM_ * kSRow + kv_bufs(kv16) * BN_ * kSRow + BM_ * kPRow) * 2 +
-           kWT * BM_ * (int)sizeof(float);
+           kWT * BM_ * (int)sizeof(float) + 2 * BN_ * 8;  // + block-table offsets [2][BN]
   }
 };
 using NarrowCfg = TileCfg<16, 64, 2>;

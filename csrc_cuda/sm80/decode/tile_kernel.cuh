@@ -56,6 +56,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
   T* sKV = sQ + BM * kSRow;
   T* sP = sKV + NB * BN * kSRow;
   float* sRed = reinterpret_cast<float*>(sP + BM * C::kPRow);  // [kWT][BM]
+  int64_t* sTok = reinterpret_cast<int64_t*>(sRed + C::kWT * BM);  // [2][BN] byte offsets
 
   const int split = blockIdx.x;
   const int b = blockIdx.z;
@@ -124,7 +125,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
 
   const unsigned char* cache = static_cast<const unsigned char*>(p.kv_cache);
   constexpr int kElem = FMT == kKv16 ? 2 : 1;  // bytes per storage element
-  auto token_ptr = [&](int pos) -> const unsigned char* {
+  auto token_off = [&](int pos) -> int64_t {  // byte offset of position pos's entry
     int blk, off;
     if (bs_shift >= 0) {
       blk = bt[pos >> bs_shift];
@@ -133,8 +134,15 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
       blk = bt[pos / bs];
       off = pos % bs;
     }
-    return cache + (static_cast<int64_t>(blk) * p.page_stride +
-                    static_cast<int64_t>(off) * p.token_stride) * kElem;
+    return (static_cast<int64_t>(blk) * p.page_stride + static_cast<int64_t>(off) * p.token_stride) *
+           kElem;
+  };
+  // Tiles are requested LA tiles ahead. The byte offsets of a tile's entries are looked up in
+  // the block table one iteration before its request (so the request does not wait on that
+  // load) and kept in sTok; offs == nullptr: look them up now (prologue).
+  constexpr int LA = FMT == kKv16 ? C::kStages - 1 : 1;
+  auto entry = [&](int pos, int r, const int64_t* offs) -> const unsigned char* {
+    return cache + (offs != nullptr ? offs[r] : token_off(pos));
   };
 
   // ---- KV producers
@@ -145,7 +153,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
   (void)pre;
   (void)pre_scale;
 
-  auto issue_16 = [&](int tile_start, int buf) {  // cp.async path
+  auto issue_16 = [&](int tile_start, int buf, const int64_t* offs) {  // cp.async path
     T* dst0 = sKV + buf * BN * kSRow;
 #pragma unroll
     for (int k = 0; k < kIters; ++k) {
@@ -155,14 +163,14 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
         const int pos = tile_start + r;
         T* dst = dst0 + r * kSRow + ch * 8;
         if (pos < kv_hi) {
-          cp_async16(dst, token_ptr(pos) + ch * 16);
+          cp_async16(dst, entry(pos, r, offs) + ch * 16);
         } else {
           *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
         }
       }
     }
   };
-  auto fetch_8 = [&](int tile_start) {  // fp8 paths: global -> registers
+  auto fetch_8 = [&](int tile_start, const int64_t* offs) {  // fp8 paths: global -> registers
     if constexpr (FMT != kKv16) {
 #pragma unroll
       for (int k = 0; k < kIters; ++k) {
@@ -173,7 +181,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
           const int r = c / kChunks, ch = c % kChunks;
           const int pos = tile_start + r;
           if (pos < kv_hi) {
-            const unsigned char* e = token_ptr(pos);
+            const unsigned char* e = entry(pos, r, offs);
             if constexpr (FMT == kKvFp8) {
               pre[k] = __ldg(reinterpret_cast<const uint4*>(e + ch * 16));
             } else {
@@ -236,14 +244,18 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
   if constexpr (FMT == kKv16) {
 #pragma unroll
     for (int s = 0; s < C::kStages - 1; ++s) {
-      if (s < n_tiles) issue_16(kv_lo + s * BN, s);
+      if (s < n_tiles) issue_16(kv_lo + s * BN, s, nullptr);
       cp_async_commit();
     }
   } else {
     if (n_tiles > 0) {
-      fetch_8(kv_lo);
+      fetch_8(kv_lo, nullptr);
       store_8(0);
     }
+  }
+  if (tid < BN) {  // offsets of tile LA (read after the first barrier of the loop)
+    const int pos = kv_lo + LA * BN + tid;
+    sTok[tid] = pos < kv_hi ? token_off(pos) : 0;
   }
 
   float scale_log2 = p.softmax_scale * 1.4426950408889634f;
@@ -276,13 +288,19 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
       cp_async_wait<0>();  // the Q tile
     }
     __syncthreads();  // B1: tile it visible to all; every warp is done with tile it - 1
+    const int64_t* offs = sTok + (it & 1) * BN;
     if constexpr (FMT == kKv16) {
-      const int nt = it + C::kStages - 1;
-      if (nt < n_tiles) issue_16(kv_lo + nt * BN, fill);
+      if (it + LA < n_tiles) issue_16(tile_start + LA * BN, fill, offs);
       cp_async_commit();
       fill = fill + 1 == NB ? 0 : fill + 1;
     } else {
-      if (it + 1 < n_tiles) fetch_8(tile_start + BN);
+      if (it + 1 < n_tiles) fetch_8(tile_start + BN, offs);
+    }
+    // Block-table lookups for tile it + LA + 1, stored to sTok after this tile's work.
+    int64_t next_off = 0;
+    if (tid < BN) {
+      const int pos = tile_start + (LA + 1) * BN + tid;
+      if (pos < kv_hi) next_off = token_off(pos);
     }
     const T* sK = sKV + buf * BN * kSRow;
 
@@ -404,6 +422,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
     if constexpr (FMT != kKv16) {
       if (it + 1 < n_tiles) store_8(buf ^ 1);  // read by tile it - 1, done before B1
     }
+    if (tid < BN) sTok[((it + 1) & 1) * BN + tid] = next_off;  // read after the next B1
     buf = buf + 1 == NB ? 0 : buf + 1;
   }
   cp_async_wait<0>();  // nothing may stay in flight at exit

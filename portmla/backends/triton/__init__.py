@@ -44,6 +44,8 @@ class TritonBackend(Backend):
     STRIDED_KV = True
     RETURNS_LSE = True
     CUDA_GRAPHS = True
+    # fp8_ds_mla: fp8 * tile scale is rounded to bf16 before the tensor-core dot
+    DECODE_TOLERANCE = {"fp8_ds_mla": (2e-2, 3e-2)}
 
     def availability(self, platform: Platform) -> list[Reason]:
         out = super().availability(platform)
