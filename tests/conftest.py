@@ -13,7 +13,6 @@ Environment:
 from __future__ import annotations
 
 import os
-
 import random
 import zlib
 

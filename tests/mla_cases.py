@@ -149,8 +149,8 @@ def decode_float64(case: DecodeCase):
     outs, lses = [], []
     t0 = 0
     platform = pm.current_platform(case.q.device)
-    from portmla.kv_formats import dequantize_entries
     from portmla.backends.reference import gather_entries
+    from portmla.kv_formats import dequantize_entries
 
     for b, (s, n) in enumerate(zip(case.seq_lens.tolist(), case.query_lens)):
         pos = torch.arange(s, device=case.q.device)

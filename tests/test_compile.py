@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mla_cases import make_decode_case, rel_err
 
 import portmla as pm
-from mla_cases import make_decode_case, rel_err
+
 
 def _step(q, cache, table, lens, kv_c, k_pe, slots, pq, pk, pv, cu):
     pm.concat_and_cache_mla(kv_c, k_pe, cache, slots)

@@ -14,8 +14,6 @@ import math
 
 import pytest
 import torch
-
-import portmla as pm
 from conftest import backends_under_test, device_under_test
 from mla_cases import (
     BATCH_SPECS,
@@ -26,6 +24,8 @@ from mla_cases import (
     make_decode_case,
     rel_err,
 )
+
+import portmla as pm
 from portmla.dispatch import get_backend
 
 DEVICE = device_under_test()

@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
-
-import portmla as pm
 from conftest import backends_under_test, device_under_test
 from mla_cases import make_cache, rel_err
+
+import portmla as pm
 
 DEVICE = device_under_test()
 ON_GPU = DEVICE.type != "cpu"

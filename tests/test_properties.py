@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
+from conftest import backends_under_test, device_under_test
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import backends_under_test, device_under_test
 from mla_cases import decode, decode_float64, make_decode_case, rel_err
+
 from portmla.dispatch import get_backend
 
 DEVICE = device_under_test()

@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-
-import portmla as pm
 from mla_cases import (
     BATCH_SPECS,
     LARGE_SPECS,
@@ -16,6 +14,8 @@ from mla_cases import (
     make_decode_case,
     rel_err,
 )
+
+import portmla as pm
 
 CPU_SPECS = [s for s in BATCH_SPECS if s not in LARGE_SPECS]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mla_cases import make_decode_case
 
 import portmla as pm
-from mla_cases import make_decode_case
 
 
 @pytest.fixture

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build the CUDA module, info + demo, the whole test suite on
+# the GPU (every available backend; the cuda backend required), then the benchmarks.
+# Usage (from the repo root): OUT=/some/dir bash scripts/device_run.sh [test-seconds] [bench-seconds]
+set -u -o pipefail
+OUT=${OUT:-/tmp/portmla-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+TEST_S=${1:-240}
+BENCH_S=${2:-200}
+export PORTMLA_TEST_SEED=${PORTMLA_TEST_SEED:-$RANDOM$RANDOM}
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  git log -1 --format='commit %H %s' 2>/dev/null || true
+  echo "== build"
+  PORTMLA_CUDA_ARCHS=${PORTMLA_CUDA_ARCHS:-90a} python csrc_cuda/build.py 2>&1 | tail -4
+  echo "== info"; python -m portmla info
+  echo "== demo"; python -m portmla demo
+  echo "== tests (seed $PORTMLA_TEST_SEED)"
+  PORTMLA_REQUIRE_BACKEND=cuda timeout "$TEST_S" python -m pytest -q -p no:cacheprovider \
+    -n 6 --durations=15 tests
+  echo "pytest exit: $?"
+} 2>&1 | tee "$OUT/log.txt"
+echo "== bench" | tee -a "$OUT/log.txt"
+timeout "$BENCH_S" python -m portmla bench --preset anchors --backends all --peers \
+  --out "$OUT/h100" --compare anchors 2>&1 | tee -a "$OUT/log.txt"
+timeout 120 python -m portmla bench --specs 128q1s8k,64q1s32k,8q1s8k --heads 16 --fixed \
+  --kv-cache-dtype bfloat16,fp8,fp8_ds_mla --backends cuda,triton --no-ceilings \
+  --out "$OUT/h100_formats" 2>&1 | tee -a "$OUT/log.txt"
+tar czf "$OUT/formats.tgz" -C "$OUT" h100_formats && rm -rf "$OUT/h100_formats"
