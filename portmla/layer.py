@@ -132,6 +132,17 @@ class MLAAttention:
         self.decode_threshold = decode_threshold
         self.context_chunk_tokens = context_chunk_tokens
         self.kv_b_proj_weight = kv_b_proj_weight
+        # a forced backend runs every op it has; ops it lacks (e.g. prefill on a decode-only
+        # native backend) go through auto dispatch
+        if backend == "auto":
+            self._op_backend = {}
+        else:
+            from .dispatch import get_backend
+
+            ops_of = get_backend(backend).OPS
+            self._op_backend = {op: (backend if op in ops_of else "auto") for op in
+                                ("mla_decode", "concat_and_cache_mla", "gather_cache",
+                                 "merge_attn_states", "mla_prefill_attention")}
         w = kv_b_proj_weight.view(num_heads, qk_nope_head_dim + v_head_dim, kv_lora_rank)
         self.w_uk = w[:, :qk_nope_head_dim, :]  # [H, nope, L]
         self.w_uv = w[:, qk_nope_head_dim:, :]  # [H, v, L]
@@ -156,7 +167,8 @@ class MLAAttention:
         else:
             out = torch.empty(t, h * self.v_head_dim, dtype=q.dtype, device=q.device)
         ops.concat_and_cache_mla(kv_c_normed, k_pe, kv_cache, batch.slot_mapping,
-                                 self.kv_cache_dtype, k_scale, backend=self.backend)
+                                 self.kv_cache_dtype, k_scale,
+                                 backend=self._backend("concat_and_cache_mla"))
         dec, pre = batch.split(self.decode_threshold)
         view = out.view(t, h, self.v_head_dim)
         if dec:
@@ -169,6 +181,9 @@ class MLAAttention:
         return out
 
     __call__ = forward
+
+    def _backend(self, op: str) -> str:
+        return self._op_backend.get(op, self.backend)
 
     def _decode(self, q, kv_cache, batch, reqs, k_scale):
         nope = self.qk_nope_head_dim
@@ -183,7 +198,7 @@ class MLAAttention:
                                 batch.block_table[ridx], batch.seq_lens_tensor[ridx],
                                 softmax_scale=self.softmax_scale, kv_lora_rank=self.kv_lora_rank,
                                 kv_cache_dtype=self.kv_cache_dtype, k_scale=k_scale,
-                                query_start_loc=qsl, backend=self.backend,
+                                query_start_loc=qsl, backend=self._backend("mla_decode"),
                                 max_query_len=max(qlens))
         return torch.einsum("thl,hvl->thv", latent, self.w_uv.to(q.dtype))
 
@@ -203,7 +218,8 @@ class MLAAttention:
         k, v = self._kv_up(kv_c, k_pe.to(q.dtype))
         out, lse = ops.mla_prefill_attention(q, k, v, cu_q, cu_q, max(qlens), max(qlens),
                                              softmax_scale=self.softmax_scale, causal=True,
-                                             return_lse=True, backend=self.backend)
+                                             return_lse=True,
+                                             backend=self._backend("mla_prefill_attention"))
         total_ctx = sum(ctx)
         if total_ctx == 0:
             return out
@@ -220,12 +236,15 @@ class MLAAttention:
             starts_t = torch.full((len(reqs),), start, dtype=torch.int32, device=dev)
             gathered = ops.gather_cache(kv_cache, table, lens_t, kv_cache_dtype=self.kv_cache_dtype,
                                         scale=k_scale, out_dtype=q.dtype, seq_starts=starts_t,
-                                        backend=self.backend, kv_lora_rank=self.kv_lora_rank,
+                                        backend=self._backend("gather_cache"),
+                                        kv_lora_rank=self.kv_lora_rank,
                                         total_tokens=n)
             ck, cv = self._kv_up(gathered[:, :self.kv_lora_rank], gathered[:, self.kv_lora_rank:])
             cu_k = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32).to(dev)
             c_out, c_lse = ops.mla_prefill_attention(q, ck, cv, cu_q, cu_k, max(qlens), max(lens),
                                                      softmax_scale=self.softmax_scale, causal=False,
-                                                     return_lse=True, backend=self.backend)
-            out, lse = ops.merge_attn_states(c_out, c_lse, out, lse, backend=self.backend)
+                                                     return_lse=True,
+                                                     backend=self._backend("mla_prefill_attention"))
+            out, lse = ops.merge_attn_states(c_out, c_lse, out, lse,
+                                             backend=self._backend("merge_attn_states"))
         return out

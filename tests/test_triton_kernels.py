@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
+# conftest.py turns on TRITON_INTERPRET=1 on machines without a GPU (and only there)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
