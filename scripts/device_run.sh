@@ -9,11 +9,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 TEST_S=${1:-240}
 BENCH_S=${2:-200}
 export PORTMLA_TEST_SEED=${PORTMLA_TEST_SEED:-$RANDOM$RANDOM}
+# the tree shipped to a GPU machine has no .git: name the commit the caller wrote down
+[ -f .device_commit ] && export PORTMLA_GIT_COMMIT=$(cat .device_commit)
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  git log -1 --format='commit %H %s' 2>/dev/null || true
+  echo "commit ${PORTMLA_GIT_COMMIT:-unknown}"
   echo "== build"
   PORTMLA_CUDA_ARCHS=${PORTMLA_CUDA_ARCHS:-90a} python csrc_cuda/build.py 2>&1 | tail -4
   echo "== info"; python -m portmla info

@@ -27,7 +27,13 @@ CSV_COLUMNS = (
 
 
 def git_commit() -> str | None:
-    """``<sha>`` (``-dirty`` when the work tree has changes) of the checkout portmla runs from."""
+    """``<sha>`` (``-dirty`` when the work tree has changes) of the checkout portmla runs from.
+
+    A copy without ``.git`` (e.g. a tree shipped to a GPU machine) can name its commit in
+    ``PORTMLA_GIT_COMMIT``.
+    """
+    if os.environ.get("PORTMLA_GIT_COMMIT"):
+        return os.environ["PORTMLA_GIT_COMMIT"]
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
