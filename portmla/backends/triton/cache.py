@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import DS_TILE, load_nope, load_rope, store_rn
-from .decode import ds_aligned, kv_view
+from .decode import ds_aligned, ds_views, kv_view
 from .launch import FMT_FP8, elementwise_warps, format_code, fp8_is_fnuz, fp8_max
 
 FLT_MIN = tl.constexpr(1.1754943508222875e-38)
@@ -102,7 +102,8 @@ def _concat_kernel(
 
 @triton.jit
 def _gather_kernel(
-    cache_ptr, stride_page, stride_tok, bt_ptr, stride_bt, seq_lens_ptr, starts_ptr, cu_ptr,
+    cache_ptr, cache32_ptr, cache16_ptr, stride_page, stride_tok, bt_ptr, stride_bt, seq_lens_ptr,
+    starts_ptr, cu_ptr,
     scale_ptr, out_ptr, stride_out,
     PAGE: tl.constexpr, FMT: tl.constexpr, FNUZ: tl.constexpr, ALIGNED: tl.constexpr,
     L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -122,8 +123,8 @@ def _gather_kernel(
     pos = start + i
     page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + pos // PAGE, mask=ok, other=0).to(tl.int64)
     off = page * stride_page + (pos % PAGE).to(tl.int64) * stride_tok
-    nope = load_nope(cache_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_T, tl.float32)
-    rope = load_rope(cache_ptr, off, ok, FMT, FNUZ, ALIGNED, L, R, BLOCK_R, tl.float32)
+    nope = load_nope(cache_ptr, cache32_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_T, tl.float32, "")
+    rope = load_rope(cache_ptr, cache16_ptr, off, ok, FMT, FNUZ, ALIGNED, L, R, BLOCK_R, tl.float32)
     if FMT == 1:
         s = tl.load(scale_ptr)
         nope = nope * s
@@ -161,8 +162,9 @@ def gather_cache(p, kv_cache, block_table, seq_lens, seq_starts, cu_seq_lens, sc
     block_t = 16
     max_tokens = p.max_blocks_per_seq * c.block_size  # shape bound on tokens per sequence
     grid = (p.num_seqs, triton.cdiv(max_tokens, block_t))
+    kv32, kv16 = ds_views(kv_cache, fmt)
     _gather_kernel[grid](
-        kv, kv.stride(0), kv.stride(1), block_table, block_table.stride(0), seq_lens,
+        kv, kv32, kv16, kv.stride(0), kv.stride(1), block_table, block_table.stride(0), seq_lens,
         seq_starts if seq_starts is not None else seq_lens, cu_seq_lens,
         scale if fmt == FMT_FP8 else seq_lens, out, out.stride(0),
         PAGE=c.block_size, FMT=fmt, FNUZ=fp8_is_fnuz(p.platform), ALIGNED=ds_aligned(kv_cache),

@@ -7,7 +7,9 @@ passed as ``uint8`` views, so the kernels see raw bytes and decode them here:
 * ``FMT_FP8``: one e4m3 byte per value (e4m3fnuz on gfx94x, ``FNUZ``).
 * ``FMT_DS_MLA``: ``[L bytes e4m3fn | L/128 float32 scales | R bfloat16]``. The scales and
   RoPE values sit at byte offsets that are only aligned when every stride is; the
-  ``ALIGNED`` path reads them as float32 / bfloat16, the other one assembles bytes.
+  ``ALIGNED`` path reads them through float32 / bfloat16 views of the same memory
+  (``kv32_ptr`` / ``kv16_ptr``, indexed by byte offset // 4 or // 2, so the compiler knows
+  their alignment and can pipeline the loads), the other one assembles bytes.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ def fp8_bits_to(x, OUT: tl.constexpr, FNUZ: tl.constexpr):
 
 
 @triton.jit
-def load_nope(kv_ptr, off, ok, FMT: tl.constexpr, FNUZ: tl.constexpr, ALIGNED: tl.constexpr,
-              L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, OUT: tl.constexpr):
+def load_nope(kv_ptr, kv32_ptr, off, ok, FMT: tl.constexpr, FNUZ: tl.constexpr, ALIGNED: tl.constexpr,
+              L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, OUT: tl.constexpr,
+              EVICT: tl.constexpr):
     """kv_c part ``[BLOCK_N, BLOCK_L]`` as ``OUT`` of the entries at ``off`` (rows ``~ok`` and
-    columns ``>= L`` read as 0). fp8 per-tensor values come back *unscaled*."""
+    columns ``>= L`` read as 0). fp8 per-tensor values come back *unscaled*. ``EVICT``: the
+    quantized reads' L2 eviction policy ("", "evict_first", "evict_last")."""
     dl = tl.arange(0, BLOCK_L)
     msk = ok[:, None] & (dl < L)[None, :]
     ptrs = kv_ptr + off[:, None] + dl[None, :]
@@ -48,19 +52,23 @@ def load_nope(kv_ptr, off, ok, FMT: tl.constexpr, FNUZ: tl.constexpr, ALIGNED: t
         x = tl.load(ptrs, mask=msk, other=0.0)
         return x.to(OUT)
     elif FMT == 1:
-        return fp8_bits_to(tl.load(ptrs, mask=msk, other=0), OUT, FNUZ)
+        return fp8_bits_to(tl.load(ptrs, mask=msk, other=0, eviction_policy=EVICT), OUT, FNUZ)
     else:
+        # [BLOCK_N, NT, 128]: each 128-wide tile times its scale without a relayout
         NT: tl.constexpr = BLOCK_L // DS_TILE
-        x = fp8_bits_to(tl.load(ptrs, mask=msk, other=0), tl.float32, False)
         ti = tl.arange(0, NT)
+        dt = tl.arange(0, DS_TILE)
+        col = ti[None, :, None] * DS_TILE + dt[None, None, :]
+        x = tl.load(kv_ptr + off[:, None, None] + col, mask=ok[:, None, None] & (col < L), other=0,
+                    eviction_policy=EVICT)
+        x = fp8_bits_to(x, tl.float32, False)
         smsk = ok[:, None] & (ti < L // DS_TILE)[None, :]
-        sp = kv_ptr + off[:, None] + L + 4 * ti[None, :]
-        if ALIGNED:
-            sc = tl.load(sp.to(tl.pointer_type(tl.float32)), mask=smsk, other=0.0)
+        if ALIGNED:  # 4-byte aligned: index the float32 view, so the compiler sees the alignment
+            sp = kv32_ptr + (off // 4)[:, None] + L // 4 + ti[None, :]
+            sc = tl.load(sp, mask=smsk, other=0.0)
         else:
-            sc = tl.where(smsk, _u8_f32_masked(sp, smsk), 0.0)
-        x = tl.reshape(x, (BLOCK_N, NT, DS_TILE)) * sc[:, :, None]
-        return tl.reshape(x, (BLOCK_N, BLOCK_L)).to(OUT)
+            sc = tl.where(smsk, _u8_f32_masked(kv_ptr + off[:, None] + L + 4 * ti[None, :], smsk), 0.0)
+        return tl.reshape(x * sc[:, :, None], (BLOCK_N, BLOCK_L)).to(OUT)
 
 
 @triton.jit
@@ -73,7 +81,7 @@ def _u8_f32_masked(p, m):
 
 
 @triton.jit
-def load_rope(kv_ptr, off, ok, FMT: tl.constexpr, FNUZ: tl.constexpr, ALIGNED: tl.constexpr,
+def load_rope(kv_ptr, kv16_ptr, off, ok, FMT: tl.constexpr, FNUZ: tl.constexpr, ALIGNED: tl.constexpr,
               L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, OUT: tl.constexpr):
     """k_pe part ``[BLOCK_N, BLOCK_R]`` as ``OUT`` (fp8 per-tensor values unscaled)."""
     dr = tl.arange(0, BLOCK_R)
@@ -84,10 +92,11 @@ def load_rope(kv_ptr, off, ok, FMT: tl.constexpr, FNUZ: tl.constexpr, ALIGNED: t
         return fp8_bits_to(tl.load(kv_ptr + off[:, None] + L + dr[None, :], mask=msk, other=0),
                            OUT, FNUZ)
     else:
-        base = kv_ptr + off[:, None] + (L + 4 * (L // DS_TILE)) + 2 * dr[None, :]
-        if ALIGNED:
-            x = tl.load(base.to(tl.pointer_type(tl.bfloat16)), mask=msk, other=0.0)
+        if ALIGNED:  # 2-byte aligned: index the bfloat16 view (the compiler sees the alignment)
+            x = tl.load(kv16_ptr + (off // 2)[:, None]
+                        + (L + 4 * (L // DS_TILE)) // 2 + dr[None, :], mask=msk, other=0.0)
         else:
+            base = kv_ptr + off[:, None] + (L + 4 * (L // DS_TILE)) + 2 * dr[None, :]
             u = (tl.load(base, mask=msk, other=0).to(tl.uint16)
                  | (tl.load(base + 1, mask=msk, other=0).to(tl.uint16) << 8))
             x = u.to(tl.bfloat16, bitcast=True)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import dot, load_nope, load_rope
-from .launch import FMT_FP8, decode_config, format_code, fp8_is_fnuz, interpreting
+from .launch import FMT_DS_MLA, FMT_FP8, decode_config, format_code, fp8_is_fnuz, interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -29,7 +29,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 @triton.jit
 def _decode_kernel(
     q_ptr, stride_qt, stride_qh,
-    kv_ptr, stride_page, stride_tok,
+    kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok,
     bt_ptr, stride_bt,
     seq_lens_ptr, qsl_ptr, kscale_ptr,
     o_ptr, stride_os, stride_ot, stride_oh,
@@ -87,10 +87,23 @@ def _decode_kernel(
     for start in range(kv_lo, kv_hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         ok = pos < kv_hi
-        page = tl.load(bt_row + pos // PAGE, mask=ok, other=0).to(tl.int64)
-        off = page * stride_page + (pos % PAGE).to(tl.int64) * stride_tok
-        kn = load_nope(kv_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_N, qn.dtype)
-        kr = load_rope(kv_ptr, off, ok, FMT, FNUZ, ALIGNED, L, R, BLOCK_R, qn.dtype)
+        if PAGE % BLOCK_N == 0:  # the tile lies in one page: one table read, one base offset
+            page = tl.load(bt_row + start // PAGE).to(tl.int64)
+            off = page * stride_page + (start % PAGE + tl.arange(0, BLOCK_N)).to(tl.int64) * stride_tok
+        else:
+            page = tl.load(bt_row + pos // PAGE, mask=ok, other=0).to(tl.int64)
+            off = page * stride_page + (pos % PAGE).to(tl.int64) * stride_tok
+        kr = load_rope(kv_ptr, kv16_ptr, off, ok, FMT, FNUZ, ALIGNED, L, R, BLOCK_R, qn.dtype)
+        if FMT == 0:
+            kn = load_nope(kv_ptr, kv32_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_N, qn.dtype, "")
+            kv = kn
+        else:
+            # Quantized tiles are read twice (once per GEMM, the second read hits L2): a
+            # single read converted for both operands keeps Triton from pipelining it.
+            kn = load_nope(kv_ptr, kv32_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_N, qn.dtype,
+                           "evict_last")
+            kv = load_nope(kv_ptr, kv32_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_N, qn.dtype,
+                           "evict_first")
         s = dot(qn, tl.trans(kn), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST)
         s = dot(qr, tl.trans(kr), s, UPCAST) * scale
         s = tl.where(ok[None, :] & (pos[None, :] <= limit[:, None]), s, float("-inf"))
@@ -99,7 +112,7 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = dot(p.to(kn.dtype), kn, acc * alpha[:, None], UPCAST)
+        acc = dot(p.to(kv.dtype), kv, acc * alpha[:, None], UPCAST)
         m_i = m_new
 
     seen = l_i > 0
@@ -164,6 +177,15 @@ def ds_aligned(kv_cache: torch.Tensor) -> bool:
     return kv_cache.data_ptr() % 16 == 0 and kv_cache.stride(0) % 4 == 0 and kv_cache.stride(1) % 4 == 0
 
 
+def ds_views(kv_cache: torch.Tensor, fmt: int):
+    """float32 / bfloat16 views of an aligned fp8_ds_mla cache (scales, RoPE values); else the
+    byte view twice (the kernels then assemble bytes and never touch these pointers)."""
+    kv = kv_view(kv_cache)
+    if fmt == FMT_DS_MLA and ds_aligned(kv_cache):
+        return kv.view(torch.float32), kv.view(torch.bfloat16)
+    return kv, kv
+
+
 def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, k_scale,
                out, lse, config=None) -> None:
     """Launch decode (+ combine when split). ``config`` overrides the launch choice (tuning)."""
@@ -175,6 +197,7 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         return
     fmt = format_code(c.kv_format)
     kv = kv_view(kv_cache)
+    kv32, kv16 = ds_views(kv_cache, fmt)
     lora, rope = c.kv_lora_rank, c.rope_dim
     block_l, block_r = triton.next_power_of_2(lora), max(16, triton.next_power_of_2(rope))
     t, h = p.num_tokens, p.num_heads
@@ -190,7 +213,7 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
     if cfg.num_splits == 1:
         lse_t = lse if lse is not None else out  # dummy pointer when WRITE_LSE is off
         _decode_kernel[grid](
-            q, q.stride(0), q.stride(1), kv, kv.stride(0), kv.stride(1),
+            q, q.stride(0), q.stride(1), kv, kv32, kv16, kv.stride(0), kv.stride(1),
             block_table, block_table.stride(0), seq_lens, qsl, ks,
             out, 0, out.stride(0), out.stride(1),
             lse_t, 0, lse.stride(0) if lse is not None else 0,
@@ -199,7 +222,7 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
     part_o = torch.empty(cfg.num_splits, t, h, lora, dtype=torch.float32, device=q.device)
     part_l = torch.empty(cfg.num_splits, t, h, dtype=torch.float32, device=q.device)
     _decode_kernel[grid](
-        q, q.stride(0), q.stride(1), kv, kv.stride(0), kv.stride(1),
+        q, q.stride(0), q.stride(1), kv, kv32, kv16, kv.stride(0), kv.stride(1),
         block_table, block_table.stride(0), seq_lens, qsl, ks,
         part_o, part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_l, part_l.stride(0), part_l.stride(1),
