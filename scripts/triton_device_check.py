@@ -29,10 +29,16 @@ L, R = 512, 64
 LOG: list[str] = []
 
 
+LOG_PATH: list[str] = []
+
+
 def say(*a):
     s = " ".join(str(x) for x in a)
     print(s, flush=True)
     LOG.append(s)
+    if LOG_PATH:
+        with open(LOG_PATH[0], "a") as f:
+            f.write(s + "\n")
 
 
 def rel(a, b):
@@ -92,7 +98,7 @@ def call(d, backend, out=None):
                          out=out, backend=backend, max_query_len=d["s_q"])
 
 
-def graph_time(d, reps=30):
+def graph_time(d, reps=20):
     out = torch.empty(d["q"].shape[0], d["q"].shape[1], L, dtype=torch.bfloat16, device=DEV)
     call(d, "triton", out)  # compile + warm
     torch.cuda.synchronize()
@@ -284,55 +290,69 @@ def time_rows(res, fmts=("bfloat16",)):
                 say(f"  {fmt} b={b} S={S} h={h}: FAILED\n" + traceback.format_exc())
 
 
+def _fixed_cfg(bm, bn, w, st):
+    """decode_config with the tile fixed to (bm, bn, warps, stages), same split rule."""
+    def cfg(plat, ns, nh, mql, mkv, fmt, lora):
+        rt = tlaunch.cdiv(mql * nh, bm)
+        tiles = tlaunch.cdiv(mkv, bn)
+        units = plat.num_compute_units
+        min_tiles = max(1, (256 if bm >= 32 else 128) // bn)
+        want = min(tlaunch.cdiv(4 * units, ns * rt), max(1, tiles // min_tiles), 64)
+        per = tlaunch.cdiv(tiles, max(1, want)) * bn
+        return tlaunch.DecodeConfig(bm, bn, w, st, tlaunch.cdiv(mkv, per), per, rt)
+    return cfg
+
+
+TUNE = {  # (h, b, S, formats): [(block_m, block_n, warps, stages)]
+    (16, 128, 8192, ("bfloat16", "fp8", "fp8_ds_mla")):
+        [(16, 64, 8, 3), (16, 32, 8, 5), (16, 64, 8, 5)],
+    (128, 128, 4096, ("bfloat16",)): [(64, 32, 8, 3), (64, 64, 8, 2)],
+}
+
+
 def tune(res):
     say("== tuning variants (block_m, block_n, warps, stages)")
     orig = tdec.decode_config
-    variants = {
-        128: [(32, 16, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2)],
-        16: [(16, 32, 8, 2), (16, 16, 4, 3), (16, 64, 8, 3), (16, 32, 8, 3)],
-    }
-    for h, (b, S) in ((128, (128, 4096)), (16, (128, 8192))):
-        d = build(b, 1, S, h, "bfloat16", seed=b * 7 + S)
-        for (bm, bn, w, st) in variants[h]:
-            def cfg(plat, ns, nh, mql, mkv, fmt, lora, bm=bm, bn=bn, w=w, st=st):
-
-                rt = tlaunch.cdiv(mql * nh, bm)
-                tiles = tlaunch.cdiv(mkv, bn)
-                units = plat.num_compute_units
-                min_tiles = max(1, (256 if bm >= 32 else 128) // bn)
-                want = min(tlaunch.cdiv(4 * units, ns * rt), max(1, tiles // min_tiles), 64)
-                per = tlaunch.cdiv(tiles, max(1, want)) * bn
-                return tlaunch.DecodeConfig(bm, bn, w, st, tlaunch.cdiv(mkv, per), per, rt)
-            tdec.decode_config = cfg
-            try:
-                med, lo, hi = graph_time(d, reps=15)
-                tf, tb = figures(d, b, 1, h, med)
-                res.append(dict(tune=True, h=h, b=b, S=S, bm=bm, bn=bn, warps=w, stages=st, us=med))
-                say(f"  h={h} bm={bm} bn={bn} w={w} st={st}: {med:8.1f} us {tf:6.1f} TFLOP/s "
-                    f"{tb:5.2f} TB/s")
-            except Exception as e:  # noqa: BLE001
-                say(f"  h={h} bm={bm} bn={bn} w={w} st={st}: FAILED {type(e).__name__}: "
-                    f"{str(e)[:200]}")
-            finally:
-                tdec.decode_config = orig
-        del d
+    for (h, b, S, fmts), variants in TUNE.items():
+        for fmt in fmts:
+            d = build(b, 1, S, h, fmt, seed=b * 7 + S)
+            for (bm, bn, w, st) in variants:
+                tdec.decode_config = _fixed_cfg(bm, bn, w, st)
+                try:
+                    med, lo, hi = graph_time(d, reps=15)
+                    tf, tb = figures(d, b, 1, h, med)
+                    res.append(dict(tune=True, fmt=fmt, h=h, b=b, S=S, bm=bm, bn=bn, warps=w,
+                                    stages=st, us=med))
+                    say(f"  {fmt:10s} h={h} b={b} S={S} bm={bm} bn={bn} w={w} st={st}: "
+                        f"{med:8.1f} us {tf:6.1f} TFLOP/s {tb:5.2f} TB/s")
+                except Exception as e:  # noqa: BLE001
+                    say(f"  {fmt} h={h} bm={bm} bn={bn} w={w} st={st}: FAILED "
+                        f"{type(e).__name__}: {str(e)[:200]}")
+                finally:
+                    tdec.decode_config = orig
+            del d
+            torch.cuda.empty_cache()
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--skip", default="")
+    ap.add_argument("--order", default="correct,graph,big,time,time8,tune",
+                    help="steps in the order to run them (a timed-out run keeps the first ones)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
+    LOG_PATH.append(os.path.join(a.out, "triton_device_check.log"))
     res: list[dict] = []
     t0 = time.time()
     say(f"device: {pm.current_platform(DEV).device_name} torch {torch.__version__} "
         f"triton {__import__('triton').__version__}")
-    steps = [("correct", check_correctness), ("graph", check_graph), ("big", check_big_cache),
-             ("time", lambda r: time_rows(r, ("bfloat16",))),
-             ("time8", lambda r: time_rows(r, ("fp8", "fp8_ds_mla"))),
-             ("tune", tune if a.tune else None)]
-    for name, fn in steps:
+    steps = dict([("correct", check_correctness), ("graph", check_graph), ("big", check_big_cache),
+                  ("time", lambda r: time_rows(r, ("bfloat16",))),
+                  ("time8", lambda r: time_rows(r, ("fp8", "fp8_ds_mla"))),
+                  ("tune", tune if a.tune else None)])
+    for name in a.order.split(","):
+        fn = steps[name]
         if fn is None or name in a.skip.split(","):
             continue
         try:
@@ -342,8 +362,6 @@ def main():
         say(f"[{name} done at {time.time() - t0:.0f}s]")
         with open(os.path.join(a.out, "triton_device_check.json"), "w") as f:
             json.dump(res, f, indent=1, default=str)
-        with open(os.path.join(a.out, "triton_device_check.log"), "w") as f:
-            f.write("\n".join(LOG))
     bad = [r for r in res if r.get("ok") is False]
     say(f"correctness failures: {len(bad)}")
     return 1 if bad else 0

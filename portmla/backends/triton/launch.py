@@ -60,11 +60,18 @@ class DecodeConfig:
     row_tiles: int
 
 
-# Hand-set per vendor. CUDA: from the H100 tuning run (benchmarks/results/triton_h100_notes.md):
-# 64 rows x 32 tokens on 8 warps (wgmma) ran 3.5x faster than the spill-free 32 x 16
-# tile although ptxas reports spills for it; 16 rows x 64 tokens, 3 stages, for <= 16 rows.
-# key: wide = the program holds >= 32 query rows -> (block_n, num_warps, num_stages)
-_CUDA_DECODE = {True: (32, 8, 2), False: (64, 8, 3)}
+# Hand-set per vendor. CUDA: from the H100 tuning runs (benchmarks/results/triton_h100_notes.md).
+# Wide (>= 32 rows, wgmma): 64 x 64 tokens, 8 warps, 2 stages (749 us vs 1030 us for 64 x 32 at
+# b=128, S=4096, h=128; 221 KB of shared memory). Narrow (16 rows, mma.sync): 64 tokens,
+# 8 warps, 5 stages, which double-buffers the KV tile behind the block-table read (stages 3-4
+# give one buffer): 484 vs 569 us bf16, 685 vs 739 fp8, 1052 vs 1154 fp8_ds_mla at b=128,
+# S=8192, h=16 (170 KB). Smaller shared memory falls back to the earlier tiles.
+# The 64 x 64 wide tile is for 16-bit caches at 64 rows only (measured there); quantized
+# caches keep 64 x 32 (their second, converted tile copy needs 280+ KB at 64 x 64).
+# key: (rows >= 32, 64 rows of a 16-bit cache) -> (block_n, num_warps, num_stages, smem need)
+_CUDA_DECODE = {(True, True): (64, 8, 2, 224 * 1024), (True, False): (32, 8, 2, 184 * 1024),
+                (False, False): (64, 8, 5, 176 * 1024)}
+_CUDA_DECODE_SMALL_SMEM = {True: (32, 8, 2), False: (64, 8, 3)}
 _CUDA_MAX_ROWS = 64
 # AMD CDNA: wavefront 64, so 4 "warps" are 256 lanes; LDS is 64 KiB, keep tiles small.
 _ROCM_DECODE = (32, 4, 1)
@@ -90,8 +97,12 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     block_m = min(max_rows_per_program(platform), max(16, next_pow2(rows)))
     row_tiles = cdiv(rows, block_m)
     if platform.kind == "cuda":
-        block_n, warps, stages = _CUDA_DECODE[block_m >= 32]
+        wide = block_m >= 32
+        block_n, warps, stages, need = _CUDA_DECODE[
+            (wide, wide and block_m >= 64 and kv_format in ("bfloat16", "float16"))]
         smem = platform.shared_memory_per_block or 232448
+        if smem < need:
+            block_n, warps, stages = _CUDA_DECODE_SMALL_SMEM[block_m >= 32]
         if next_pow2(kv_lora_rank) > 512 or smem < 160 * 1024:
             block_n, stages = 16, 1
     elif platform.kind == "rocm":
