@@ -25,7 +25,7 @@ def _has_torch(session: nox.Session) -> bool:
     return bool(out) and out.strip().startswith("torch")
 
 
-def _install(session: nox.Session, platform: dict) -> None:
+def _install(session: nox.Session, platform: dict, env: dict | None = None) -> None:
     """torch first (the CPU pin, or the vendor build the runner has), then portmla.
 
     On CPU the exact pin is installed before portmla so that portmla's open ``torch``
@@ -37,18 +37,17 @@ def _install(session: nox.Session, platform: dict) -> None:
     elif not _has_torch(session):
         session.error(f"{platform['name']}: install the vendor build of torch on the runner "
                       f"first (this session reuses it through --system-site-packages)")
-    session.install("-e", f".[{','.join(platform['extras'])}]")
+    session.install("-e", f".[{','.join(platform['extras'])}]", env=env or {})
 
 
 def _tests(session: nox.Session, name: str) -> None:
     platform = PLATFORMS[name]
-    _install(session, platform)
-    env = dict(platform.get("env", {}))
+    env = {k: str(v) for k, v in platform.get("env", {}).items()}
+    if platform.get("native_archs"):
+        env["PORTMLA_CUDA_ARCHS"] = os.environ.get("PORTMLA_CUDA_ARCHS", platform["native_archs"])
+    _install(session, platform, env)  # setup.py builds the native module (PORTMLA_BUILD_CUDA)
     if platform.get("require_backend"):
         env["PORTMLA_REQUIRE_BACKEND"] = platform["require_backend"]
-    if platform.get("native_build"):
-        env["PORTMLA_CUDA_ARCHS"] = os.environ.get("PORTMLA_CUDA_ARCHS", platform.get("native_archs", ""))
-        session.run("python", platform["native_build"], env=env)
     session.run("python", "-m", "portmla", "info", env=env)
     args = ["python", "-m", "pytest", "-q"]
     if platform.get("pytest_markers"):
