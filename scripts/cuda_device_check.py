@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,21 +25,20 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import portmla as pm  # noqa: E402
+from portmla.bench import anchors  # noqa: E402
+from portmla.bench.specs import parse_spec  # noqa: E402
+from portmla.bench.timing import measure, prepare  # noqa: E402
 
 L, R, D = 512, 64, 576
 
-# (b, s_q, S, h, fixed, FlashMLA µs on H100 from ANCHORS.md)
-ANCHORS = [
-    (128, 1, 4096, 128, False, 289.0),
-    (128, 2, 4096, 128, False, 484.0),
-    (128, 1, 8192, 128, False, 530.0),
-    (64, 1, 16384, 128, False, 526.0),
-    (128, 1, 8192, 16, False, 428.0),
-    (64, 1, 32768, 16, True, 811.0),
-    (32, 1, 4096, 128, False, 81.5),
-    (1, 1, 32768, 128, True, 40.6),
-    (8, 1, 8192, 16, False, 37.0),
-]
+
+def _anchor(spec, h, fixed, peers):
+    g = parse_spec(spec).groups[0]
+    return g.count, g.q_len, g.kv_len, h, fixed, peers[anchors.FLASHMLA][0]
+
+
+# (b, s_q, S, h, fixed, FlashMLA µs on H100) of the ANCHORS.md table (portmla.bench.anchors)
+ANCHORS = [_anchor(*row) for row in anchors.ROWS]
 
 
 def sanitize() -> None:
@@ -100,31 +98,18 @@ def _bench_one(b, s_q, S, h, fixed, fmt, gen, block_size=64, reps=30):
     kw = dict(softmax_scale=D ** -0.5, kv_cache_dtype=fmt, query_start_loc=qsl, backend="cuda",
               k_scale=0.02 if fmt == "fp8" else None, max_query_len=s_q)
     out = torch.empty(b * s_q, h, L, dtype=torch.bfloat16, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        pm.mla_decode(q, cache, table, seq_lens, out=out, **kw)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        pm.mla_decode(q, cache, table, seq_lens, out=out, **kw)
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e3)
-    us = statistics.median(times)
+    prepared = prepare([lambda: pm.mla_decode(q, cache, table, seq_lens, out=out, **kw)],
+                       out.device, use_graphs=True)
+    if not prepared.graphs:
+        raise RuntimeError(prepared.note)
+    t = measure(prepared, out.device, warmup=3, repeats=reps)
     mean_s = sum(lens) / b
     kv_bytes = {"bfloat16": 2, "fp8": 1, "fp8_ds_mla": 656 / 576}[fmt]
     flop = b * h * s_q * mean_s * 2 * (D + L)
     nbytes = b * (s_q * h * D * 2 + mean_s * D * kv_bytes + s_q * h * L * 2)
     assert not torch.isnan(out).any(), "NaN in the benchmark output"
-    return us, flop / us / 1e6, nbytes / us / 1e6, min(times), max(times)
+    us = t.median_us
+    return us, flop / us / 1e6, nbytes / us / 1e6, t.min_us, t.max_us
 
 
 def bench() -> None:

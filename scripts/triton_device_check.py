@@ -23,6 +23,9 @@ import torch  # noqa: E402
 import portmla as pm  # noqa: E402
 from portmla.backends.triton import decode as tdec  # noqa: E402
 from portmla.backends.triton import launch as tlaunch  # noqa: E402
+from portmla.bench import anchors  # noqa: E402
+from portmla.bench.specs import parse_spec  # noqa: E402
+from portmla.bench.timing import measure, prepare  # noqa: E402
 
 DEV = os.environ.get("PORTMLA_DEV", "cuda")
 L, R = 512, 64
@@ -100,28 +103,11 @@ def call(d, backend, out=None):
 
 def graph_time(d, reps=20):
     out = torch.empty(d["q"].shape[0], d["q"].shape[1], L, dtype=torch.bfloat16, device=DEV)
-    call(d, "triton", out)  # compile + warm
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        call(d, "triton", out)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        call(d, "triton", out)
-    for _ in range(3):
-        g.replay()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e3)
-    ts.sort()
-    return ts[len(ts) // 2], ts[0], ts[-1]
+    prepared = prepare([lambda: call(d, "triton", out)], out.device, use_graphs=True)  # compiles
+    if not prepared.graphs:
+        raise RuntimeError(prepared.note)
+    t = measure(prepared, out.device, warmup=3, repeats=reps)
+    return t.median_us, t.min_us, t.max_us
 
 
 def figures(d, b, s_q, h, us):
@@ -250,17 +236,16 @@ def check_graph(res):
 
 # ------------------------------------------------------------------------ timings
 
-ROWS = [  # b, s_q, S, h, fixed, anchor (FlashMLA us, vLLM 4-split us, vLLM best us)
-    (128, 1, 4096, 128, False, 289, 2144, 2144),
-    (128, 2, 4096, 128, False, 484, None, None),
-    (128, 1, 8192, 128, False, 530, 4054, 4054),
-    (64, 1, 16384, 128, False, 526, 4283, 4185),
-    (128, 1, 8192, 16, False, 428, 760, 608),
-    (64, 1, 32768, 16, True, 811, 892, 892),
-    (32, 1, 4096, 128, False, 81.5, 534, 534),
-    (1, 1, 32768, 128, True, 40.6, 668, 177),
-    (8, 1, 8192, 16, False, 37.0, 300, 89.6),
-]
+def _anchor(spec, h, fixed, peers):
+    g = parse_spec(spec).groups[0]
+    vllm = [peers[p][0] for p in (anchors.VLLM4, anchors.VLLM16) if p in peers]
+    return (g.count, g.q_len, g.kv_len, h, fixed, peers[anchors.FLASHMLA][0],
+            peers.get(anchors.VLLM4, (None,))[0], min(vllm) if vllm else None)
+
+
+# b, s_q, S, h, fixed, anchor (FlashMLA us, vLLM 4-split us, vLLM best us): ANCHORS.md's table
+# (portmla.bench.anchors)
+ROWS = [_anchor(*row) for row in anchors.ROWS]
 
 
 def time_rows(res, fmts=("bfloat16",)):
@@ -304,9 +289,9 @@ def _fixed_cfg(bm, bn, w, st):
 
 
 TUNE = {  # (h, b, S, formats): [(block_m, block_n, warps, stages)]
-    (16, 128, 8192, ("bfloat16", "fp8", "fp8_ds_mla")):
-        [(16, 64, 8, 3), (16, 32, 8, 5), (16, 64, 8, 5)],
-    (128, 128, 4096, ("bfloat16",)): [(64, 32, 8, 3), (64, 64, 8, 2)],
+    (16, 128, 8192, ("fp8", "fp8_ds_mla")):
+        [(16, 64, 8, 5), (16, 32, 8, 5), (16, 32, 4, 5)],
+    (128, 128, 4096, ("fp8", "fp8_ds_mla")): [(64, 32, 8, 2), (32, 32, 8, 2)],
 }
 
 

@@ -26,20 +26,16 @@ def _cuda_info():
     return info, "; ".join(info.reasons)
 
 
-def test_cuda_backend_available_when_required():
-    info, why = _cuda_info()
-    if info is None or not info.available:
-        if REQUIRED:
-            pytest.fail(f"PORTMLA_REQUIRE_BACKEND=cuda but the cuda backend is unavailable: {why}")
-        pytest.skip(f"cuda backend unavailable: {why}")
-
-
 def _need_cuda():
     info, why = _cuda_info()
     if info is None or not info.available:
         if REQUIRED:
             pytest.fail(f"PORTMLA_REQUIRE_BACKEND=cuda but the cuda backend is unavailable: {why}")
         pytest.skip(f"cuda backend unavailable: {why}")
+
+
+def test_cuda_backend_available_when_required():
+    _need_cuda()
 
 
 # ------------------------------------------------------------------------ cases

@@ -18,23 +18,17 @@
 
 #include <cuda_runtime.h>
 
-#include <cfloat>
 #include <cstdint>
-#include <type_traits>
 
 #include "../../common/check.h"
 #include "../../common/numeric.cuh"
 #include "../../common/params.h"
 #include "config.h"
+#include "tile_common.cuh"
 #include "tile_kernel.cuh"
 
 namespace portmla {
 namespace sm80 {
-
-template <int FMT> struct FmtTraits;
-template <> struct FmtTraits<kKv16> { static constexpr int kChunks = kChunks16; };
-template <> struct FmtTraits<kKvFp8> { static constexpr int kChunks = kD / 16; };  // 36
-template <> struct FmtTraits<kKvDsMla> { static constexpr int kChunks = kL / 16 + kR / 8; };  // 40
 
 template <typename T, int FMT>
 __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodeParams p) {
@@ -49,35 +43,11 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int H = p.num_heads;
 
-  int t0, nq;
-  if (p.query_start_loc != nullptr) {
-    t0 = p.query_start_loc[b];
-    nq = p.query_start_loc[b + 1] - t0;
-  } else {
-    t0 = b;
-    nq = 1;
-  }
-  const int rows = nq * H;
-  const int m0 = blockIdx.y * kBM;
-  if (m0 >= rows) return;  // whole CTA, before any barrier
-  const int seq_len = p.seq_lens[b];
+  CtaRows cta;
+  if (!cta_rows<kBM>(p, cta)) return;  // whole CTA, before any barrier
+  const int t0 = cta.t0, rows = cta.rows, m0 = cta.m0, kv_lo = cta.kv_lo, kv_hi = cta.kv_hi;
   const int* bt = p.block_table + static_cast<int64_t>(b) * p.bt_stride;
   const int bs = p.block_size;
-
-  // Positions any row of this tile may see: [0, kv_end). Row (j, h) sees 0 .. seq_len - nq + j.
-  const int j_last = (min(m0 + kBM, rows) - 1) / H;
-  const int kv_end = max(0, seq_len - nq + j_last + 1);
-  const int S = p.num_splits;
-  int kv_lo = 0, kv_hi = kv_end;
-  if (S > 1) {  // split s covers [s * split_chunk, (s + 1) * split_chunk)
-    const int64_t lo = static_cast<int64_t>(split) * p.split_chunk;
-    if (lo >= kv_end) {  // whole CTA, before any barrier
-      mark_empty_split(p, split, t0, m0, rows, kBM);
-      return;
-    }
-    kv_lo = static_cast<int>(lo);
-    kv_hi = static_cast<int>(min(static_cast<int64_t>(kv_end), lo + p.split_chunk));
-  }
   const int n_tiles = (kv_hi - kv_lo + kBN - 1) / kBN;
 
   const int wm = warp & 1, wn = warp >> 1;
@@ -85,27 +55,10 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
   int last_pos[2];
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
-    const int g = m0 + 16 * wm + (lane >> 2) + 8 * h2;
-    last_pos[h2] = g < rows ? seq_len - nq + g / H : INT32_MAX;
+    last_pos[h2] = cta.last_pos(m0 + 16 * wm + (lane >> 2) + 8 * h2, H);
   }
 
-  // ---- Q tile -> shared (rows past the sequence's rows are zero)
-  {
-    const T* q = static_cast<const T*>(p.q);
-    for (int c = tid; c < kBM * kChunks16; c += kThreads) {
-      const int r = c / kChunks16, ch = c % kChunks16;
-      const int g = m0 + r;
-      T* dst = sQ + r * kSRow + ch * 8;
-      if (g < rows) {
-        const T* src = q + static_cast<int64_t>(t0 + g / H) * p.q_stride_t +
-                       static_cast<int64_t>(g % H) * p.q_stride_h + ch * 8;
-        cp_async16(dst, src);
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-      }
-    }
-    cp_async_commit();
-  }
+  load_q_tile<T, kBM, kThreads>(p, cta, sQ, tid);
 
   const unsigned char* cache = static_cast<const unsigned char*>(p.kv_cache);
   constexpr int kElem = FMT == kKv16 ? 2 : 1;  // bytes per storage element
@@ -116,92 +69,20 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
   };
 
   // ---- KV producers
-  constexpr int kChunks = FmtTraits<FMT>::kChunks;
-  constexpr int kIters = (kBN * kChunks + kThreads - 1) / kThreads;
-  uint4 pre[kIters];  // fp8 paths only; unused registers vanish for 16-bit caches
-  float pre_scale[kIters];
+  using Kv = KvTile<T, FMT, kBN, kThreads>;
+  uint4 pre[Kv::kIters];  // fp8 paths only; unused registers vanish for 16-bit caches
+  float pre_scale[Kv::kIters];
   (void)pre;
   (void)pre_scale;
-
+  auto entry = [&](int pos, int) { return token_ptr(pos); };
   auto issue_16 = [&](int tile_start, int stage) {  // cp.async path
-    T* dst0 = sKV + stage * kBN * kSRow;
-#pragma unroll
-    for (int k = 0; k < kIters; ++k) {
-      const int c = tid + k * kThreads;
-      if (kBN * kChunks % kThreads == 0 || c < kBN * kChunks) {
-        const int r = c / kChunks, ch = c % kChunks;
-        const int pos = tile_start + r;
-        T* dst = dst0 + r * kSRow + ch * 8;
-        if (pos < kv_hi) {
-          cp_async16(dst, token_ptr(pos) + ch * 16);
-        } else {
-          *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-        }
-      }
-    }
+    Kv::issue_16(sKV + stage * kBN * kSRow, tile_start, kv_hi, tid, entry);
   };
   auto fetch_8 = [&](int tile_start) {  // fp8 paths: global -> registers
-#pragma unroll
-    for (int k = 0; k < kIters; ++k) {
-      const int c = tid + k * kThreads;
-      pre[k] = make_uint4(0, 0, 0, 0);
-      if constexpr (FMT == kKvDsMla) pre_scale[k] = 0.f;
-      if (c < kBN * kChunks) {
-        const int r = c / kChunks, ch = c % kChunks;
-        const int pos = tile_start + r;
-        if (pos < kv_hi) {
-          const unsigned char* e = token_ptr(pos);
-          if constexpr (FMT == kKvFp8) {
-            pre[k] = __ldg(reinterpret_cast<const uint4*>(e + ch * 16));
-          } else {
-            if (ch < kL / 16) {
-              pre[k] = __ldg(reinterpret_cast<const uint4*>(e + ch * 16));
-              pre_scale[k] = __ldg(reinterpret_cast<const float*>(e + kL + (ch / 8) * 4));
-            } else {
-              pre[k] = __ldg(reinterpret_cast<const uint4*>(e + kL + 4 * (kL / 128) + (ch - kL / 16) * 16));
-            }
-          }
-        }
-      }
-    }
+    Kv::fetch_8(pre, pre_scale, tile_start, kv_hi, tid, entry);
   };
   auto store_8 = [&](int stage) {  // fp8 paths: registers -> shared, converted to T
-    T* dst0 = sKV + stage * kBN * kSRow;
-#pragma unroll
-    for (int k = 0; k < kIters; ++k) {
-      const int c = tid + k * kThreads;
-      if (c < kBN * kChunks) {
-        const int r = c / kChunks, ch = c % kChunks;
-        const uint32_t w[4] = {pre[k].x, pre[k].y, pre[k].z, pre[k].w};
-        if (FMT == kKvFp8 || ch < kL / 16) {
-          const float sc = FMT == kKvDsMla ? pre_scale[k] : 1.f;
-          uint32_t o[8];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float2 lo = fp8x2_e4m3_to_float2(static_cast<uint16_t>(w[i] & 0xffffu));
-            const float2 hi = fp8x2_e4m3_to_float2(static_cast<uint16_t>(w[i] >> 16));
-            o[2 * i] = pack2<T>(lo.x * sc, lo.y * sc);
-            o[2 * i + 1] = pack2<T>(hi.x * sc, hi.y * sc);
-          }
-          uint4* dst = reinterpret_cast<uint4*>(dst0 + r * kSRow + ch * 16);
-          dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
-          dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
-        } else {  // ds_mla rope: 8 bf16 -> 8 T
-          uint4 v = pre[k];
-          if constexpr (!std::is_same<T, __nv_bfloat16>::value) {
-            uint32_t o[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const __nv_bfloat162 x = *reinterpret_cast<const __nv_bfloat162*>(&w[i]);
-              const float2 f = __bfloat1622float2(x);
-              o[i] = pack2<T>(f.x, f.y);
-            }
-            v = make_uint4(o[0], o[1], o[2], o[3]);
-          }
-          *reinterpret_cast<uint4*>(dst0 + r * kSRow + kL + (ch - kL / 16) * 8) = v;
-        }
-      }
-    }
+    Kv::store_8(sKV + stage * kBN * kSRow, pre, pre_scale, tid);
   };
 
   // ---- prologue: tile 0 -> stage 0
@@ -215,13 +96,8 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
     }
   }
 
-  float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  float out_scale = 1.f;
-  if constexpr (FMT == kKvFp8) {
-    const float ks = *p.k_scale;
-    scale_log2 *= ks;
-    out_scale = ks;
-  }
+  float scale_log2, out_scale;
+  softmax_scales<FMT>(p, scale_log2, out_scale);
 
   float acc[16][4];
 #pragma unroll
@@ -270,10 +146,7 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
         if (pos >= kv_hi || pos > last_pos[h2]) v = -INFINITY;
         s[2 * h2 + i] = v;
       }
-      float m = fmaxf(s[2 * h2], s[2 * h2 + 1]);
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-      mx[h2] = m;
+      mx[h2] = quad_max(fmaxf(s[2 * h2], s[2 * h2 + 1]));
     }
     if ((lane & 3) == 0) {
       sRed[wn * kBM + 16 * wm + (lane >> 2)] = mx[0];
@@ -300,12 +173,7 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
           pack2<T>(s[2 * h2], s[2 * h2 + 1]);
     }
 #pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      acc[nt][0] *= alpha[0];
-      acc[nt][1] *= alpha[0];
-      acc[nt][2] *= alpha[1];
-      acc[nt][3] *= alpha[1];
-    }
+    for (int h2 = 0; h2 < 2; ++h2) scale_rows(acc, h2, alpha[h2]);
     __syncthreads();
 
     // ---- O += P V : 16 rows x 128 columns per warp
@@ -335,12 +203,7 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
 
   // ---- row sums across the 4 warps that share the rows
 #pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    float l = l_run[h2];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    l_run[h2] = l;
-  }
+  for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = quad_sum(l_run[h2]);
   __syncthreads();  // sRed reads of the last tile are done
   if ((lane & 3) == 0) {
     sRed[wn * kBM + 16 * wm + (lane >> 2)] = l_run[0];
@@ -355,30 +218,8 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
     const int g = m0 + r;
     if (g >= rows) continue;
     const float l = sRed[r] + sRed[kBM + r] + sRed[2 * kBM + r] + sRed[3 * kBM + r];
-    const float inv = l > 0.f ? out_scale / l : 0.f;
-    const float lse = l > 0.f ? (m_run[h2] + log2f(l)) * 0.6931471805599453f : -INFINITY;
-    const int t = t0 + g / H, h = g % H;
-    if (S == 1) {
-      T* o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
-             static_cast<int64_t>(h) * p.out_stride_h + 128 * wc + 2 * (lane & 3);
-#pragma unroll
-      for (int nt = 0; nt < 16; ++nt) {
-        *reinterpret_cast<uint32_t*>(o + nt * 8) =
-            pack2<T>(acc[nt][2 * h2] * inv, acc[nt][2 * h2 + 1] * inv);
-      }
-      if (p.lse != nullptr && wc == 0 && (lane & 3) == 0) {
-        p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(h) * p.lse_stride_h] = lse;
-      }
-    } else {
-      const int64_t row = (static_cast<int64_t>(split) * p.num_tokens + t) * H + h;
-      float* o = p.part_out + row * kL + 128 * wc + 2 * (lane & 3);
-#pragma unroll
-      for (int nt = 0; nt < 16; ++nt) {
-        *reinterpret_cast<float2*>(o + nt * 8) =
-            make_float2(acc[nt][2 * h2] * inv, acc[nt][2 * h2 + 1] * inv);
-      }
-      if (wc == 0 && (lane & 3) == 0) p.part_lse[row] = lse;
-    }
+    store_out_row<T>(p, acc, h2, l, m_run[h2], out_scale, split, t0 + g / H, g % H,
+                     128 * wc + 2 * (lane & 3), wc == 0 && (lane & 3) == 0);
   }
 }
 

@@ -19,33 +19,16 @@
 
 #include <cuda_runtime.h>
 
-#include <cfloat>
 #include <cstdint>
 #include <type_traits>
 
 #include "../../common/numeric.cuh"
 #include "../../common/params.h"
 #include "config.h"
+#include "tile_common.cuh"
 
 namespace portmla {
 namespace sm80 {
-
-template <int FMT> struct TileFmt;
-template <> struct TileFmt<kKv16> { static constexpr int kChunks = kChunks16; };        // 72
-template <> struct TileFmt<kKvFp8> { static constexpr int kChunks = kD / 16; };          // 36
-template <> struct TileFmt<kKvDsMla> { static constexpr int kChunks = kL / 16 + kR / 8; };  // 40
-
-// A split with no positions: its rows' partial LSE is -inf, so the combine skips it.
-__device__ __forceinline__ void mark_empty_split(const DecodeParams& p, int split, int t0, int m0,
-                                                 int rows, int bm) {
-  const int H = p.num_heads;
-  for (int r = threadIdx.x; r < bm; r += blockDim.x) {
-    const int g = m0 + r;
-    if (g >= rows) break;
-    const int t = t0 + g / H, h = g % H;
-    p.part_lse[(static_cast<int64_t>(split) * p.num_tokens + t) * H + h] = -INFINITY;
-  }
-}
 
 template <typename T, int FMT, class C>
 __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodeParams p) {
@@ -63,6 +46,9 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int H = p.num_heads;
 
+  // The CTA's rows / split (here) and the KV producers (below) are the same logic as
+  // tile_common.cuh's cta_rows() and KvTile, kept written out: through those helpers ptxas
+  // (nvcc 13.0) gives this kernel 2-10 more registers (narrow; csrc_cuda/NOTES.md).
   int t0, nq;
   if (p.query_start_loc != nullptr) {
     t0 = p.query_start_loc[b];
@@ -105,23 +91,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
     last_pos[h2] = g < rows ? seq_len - nq + g / H : INT32_MAX;
   }
 
-  // ---- Q tile -> shared (rows past the sequence's rows are zero)
-  {
-    const T* q = static_cast<const T*>(p.q);
-    for (int c = tid; c < BM * kChunks16; c += kThr) {
-      const int r = c / kChunks16, ch = c % kChunks16;
-      const int g = m0 + r;
-      T* dst = sQ + r * kSRow + ch * 8;
-      if (g < rows) {
-        const T* src = q + static_cast<int64_t>(t0 + g / H) * p.q_stride_t +
-                       static_cast<int64_t>(g % H) * p.q_stride_h + ch * 8;
-        cp_async16(dst, src);
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-      }
-    }
-    cp_async_commit();
-  }
+  CtaRows cta{t0, nq, rows, m0, seq_len, kv_lo, kv_hi};
+  load_q_tile<T, BM, kThr>(p, cta, sQ, tid);  // cp.async group 0
 
   const unsigned char* cache = static_cast<const unsigned char*>(p.kv_cache);
   constexpr int kElem = FMT == kKv16 ? 2 : 1;  // bytes per storage element
@@ -146,7 +117,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
   };
 
   // ---- KV producers
-  constexpr int kChunks = TileFmt<FMT>::kChunks;
+  constexpr int kChunks = KvFmt<FMT>::kChunks;
   constexpr int kIters = (BN * kChunks + kThr - 1) / kThr;
   uint4 pre[FMT == kKv16 ? 1 : kIters];  // fp8 paths only
   float pre_scale[FMT == kKvDsMla ? kIters : 1];
@@ -258,13 +229,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
     sTok[tid] = pos < kv_hi ? token_off(pos) : 0;
   }
 
-  float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  float out_scale = 1.f;
-  if constexpr (FMT == kKvFp8) {
-    const float ks = *p.k_scale;
-    scale_log2 *= ks;
-    out_scale = ks;
-  }
+  float scale_log2, out_scale;
+  softmax_scales<FMT>(p, scale_log2, out_scale);
 
   constexpr int MI = C::kMI;
   float acc[MI][8][4];
@@ -343,10 +309,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
       }
     }
 #pragma unroll
-    for (int h2 = 0; h2 < 2; ++h2) {
-      mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
-      mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
-    }
+    for (int h2 = 0; h2 < 2; ++h2) mx[h2] = quad_max(mx[h2]);
     if ((lane & 3) == 0) {
       sRed[wt * BM + rq[0]] = mx[0];
       sRed[wt * BM + rq[1]] = mx[1];
@@ -388,11 +351,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
         const float m_new = fmaxf(m_o[mi][h2], tm);
         const float alpha = m_new != -INFINITY ? exp2f(m_o[mi][h2] - m_new) : 1.f;
         m_o[mi][h2] = m_new;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          acc[mi][nt][2 * h2] *= alpha;
-          acc[mi][nt][2 * h2 + 1] *= alpha;
-        }
+        scale_rows(acc[mi], h2, alpha);
       }
     }
     __syncthreads();  // B3: P visible
@@ -429,12 +388,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
 
   // ---- row sums: quad, then the WT warps sharing the rows (through shared memory)
 #pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    float l = l_q[h2];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    l_q[h2] = l;
-  }
+  for (int h2 = 0; h2 < 2; ++h2) l_q[h2] = quad_sum(l_q[h2]);
   __syncthreads();  // sRed reads of the last tile are done
   if ((lane & 3) == 0) {
     sRed[wt * BM + rq[0]] = l_q[0];
@@ -452,30 +406,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tile_kernel(const DecodePar
       float l = 0.f;
 #pragma unroll
       for (int w = 0; w < C::kWT; ++w) l += sRed[w * BM + r];
-      const float inv = l > 0.f ? out_scale / l : 0.f;
-      const float lse = l > 0.f ? (m_o[mi][h2] + log2f(l)) * 0.6931471805599453f : -INFINITY;
-      const int t = t0 + g / H, h = g % H;
-      if (S == 1) {
-        T* o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
-               static_cast<int64_t>(h) * p.out_stride_h + C::kOC * warp + 2 * (lane & 3);
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          *reinterpret_cast<uint32_t*>(o + nt * 8) =
-              pack2<T>(acc[mi][nt][2 * h2] * inv, acc[mi][nt][2 * h2 + 1] * inv);
-        }
-        if (p.lse != nullptr && warp == 0 && (lane & 3) == 0) {
-          p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(h) * p.lse_stride_h] = lse;
-        }
-      } else {
-        const int64_t row = (static_cast<int64_t>(split) * p.num_tokens + t) * H + h;
-        float* o = p.part_out + row * kL + C::kOC * warp + 2 * (lane & 3);
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          *reinterpret_cast<float2*>(o + nt * 8) =
-              make_float2(acc[mi][nt][2 * h2] * inv, acc[mi][nt][2 * h2 + 1] * inv);
-        }
-        if (warp == 0 && (lane & 3) == 0) p.part_lse[row] = lse;
-      }
+      store_out_row<T>(p, acc[mi], h2, l, m_o[mi][h2], out_scale, split, t0 + g / H, g % H,
+                       C::kOC * warp + 2 * (lane & 3), warp == 0 && (lane & 3) == 0);
     }
   }
 }
