@@ -72,6 +72,21 @@ def load_nope(kv_ptr, kv32_ptr, off, ok, FMT: tl.constexpr, FNUZ: tl.constexpr, 
 
 
 @triton.jit
+def pow2_row_scale(amax):
+    """Per-row powers of two ``(s, 1/s)`` with ``amax * s`` in ``[2^14, 2^15)`` (fits fp16).
+
+    A 16-bit row times ``s`` is exact in fp16 (only values below ``2^-24 * s`` of the row's
+    largest one lose bits), so fp8 caches can run fp16 tensor-core dots, whose e4m3 -> fp16
+    conversion is one packed instruction per two values (e4m3 -> bf16 is not on sm_90).
+    """
+    e = ((amax.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
+    k = tl.minimum(tl.maximum(141 - e, -126), 126)
+    s = ((k + 127) << 23).to(tl.float32, bitcast=True)
+    inv = ((127 - k) << 23).to(tl.float32, bitcast=True)
+    return s, inv
+
+
+@triton.jit
 def _u8_f32_masked(p, m):
     w = (tl.load(p, mask=m, other=0).to(tl.uint32)
          | (tl.load(p + 1, mask=m, other=0).to(tl.uint32) << 8)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot, load_nope, load_rope
+from .common import dot, load_nope, load_rope, pow2_row_scale
 from .launch import FMT_DS_MLA, FMT_FP8, decode_config, format_code, fp8_is_fnuz, interpreting
 
 LOG2E = 1.4426950408889634
@@ -77,6 +77,13 @@ def _decode_kernel(
                  other=0.0)
     scale = qk_scale
     if FMT == 1:
+        # per-tensor fp8: fp16 dots (e4m3 -> fp16 is exact and one packed cvt per two values;
+        # e4m3 -> bf16 needs a quarter-rate F2F per value on sm_90). Q rows are scaled by a
+        # power of two into fp16 range (exact); 1/qs goes into the scores.
+        amax = tl.maximum(tl.max(tl.abs(qn.to(tl.float32)), 1), tl.max(tl.abs(qr.to(tl.float32)), 1))
+        qs, q_inv = pow2_row_scale(amax)
+        qn = (qn.to(tl.float32) * qs[:, None]).to(tl.float16)
+        qr = (qr.to(tl.float32) * qs[:, None]).to(tl.float16)
         ks = tl.load(kscale_ptr)
         scale = scale * ks
 
@@ -106,6 +113,8 @@ def _decode_kernel(
                            "evict_first")
         s = dot(qn, tl.trans(kn), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST)
         s = dot(qr, tl.trans(kr), s, UPCAST) * scale
+        if FMT == 1:
+            s = s * q_inv[:, None]  # undo Q's fp16 row scaling
         s = tl.where(ok[None, :] & (pos[None, :] <= limit[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
