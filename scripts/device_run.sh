@@ -22,13 +22,13 @@ export PORTMLA_TEST_SEED=${PORTMLA_TEST_SEED:-$RANDOM$RANDOM}
   echo "== demo"; python -m portmla demo
   echo "== tests (seed $PORTMLA_TEST_SEED)"
   PORTMLA_REQUIRE_BACKEND=cuda timeout "$TEST_S" python -m pytest -q -p no:cacheprovider \
-    -n 6 --durations=15 tests
+    -n 8 --durations=15 tests
   echo "pytest exit: $?"
 } 2>&1 | tee "$OUT/log.txt"
 echo "== bench" | tee -a "$OUT/log.txt"
 timeout "$BENCH_S" python -m portmla bench --preset anchors --backends all --peers \
   --out "$OUT/h100" --compare anchors 2>&1 | tee -a "$OUT/log.txt"
-timeout 120 python -m portmla bench --specs 128q1s8k,64q1s32k,8q1s8k --heads 16 --fixed \
+timeout 100 python -m portmla bench --specs 128q1s8k,64q1s32k,8q1s8k --heads 16 --fixed \
   --kv-cache-dtype bfloat16,fp8,fp8_ds_mla --backends cuda,triton --no-ceilings \
   --out "$OUT/h100_formats" 2>&1 | tee -a "$OUT/log.txt"
 tar czf "$OUT/formats.tgz" -C "$OUT" h100_formats && rm -rf "$OUT/h100_formats"
