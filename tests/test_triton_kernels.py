@@ -21,7 +21,9 @@ import portmla as pm  # noqa: E402
 from portmla.dispatch import get_backend  # noqa: E402
 from portmla.kv_formats import quantize_entries  # noqa: E402
 
-DEV = os.environ.get("PORTMLA_TEST_DEVICE", "cpu")
+from conftest import device_under_test  # noqa: E402
+
+DEV = str(device_under_test())
 L, R = 512, 64
 FMTS = ("bfloat16", "float16", "fp8", "fp8_ds_mla")
 PLAT = pm.current_platform(DEV)
