@@ -10,7 +10,7 @@ each token's page comes from the block table.
 Grid ``(row_tiles, num_splits, num_seqs)``: the row tiles of one KV split are adjacent in
 launch order so they run together and share the KV tile through L2. With one split the
 kernel writes the final output; otherwise it writes float32 partials + LSE and
-``_combine_kernel`` merges them in split order (deterministic).
+``_combine_kernel`` merges them in a fixed order (deterministic).
 """
 
 from __future__ import annotations
@@ -143,35 +143,59 @@ def _combine_kernel(
     o_ptr, stride_ot, stride_oh,
     lse_ptr, stride_lt,
     H, NUM_SPLITS,
-    L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_LSE: tl.constexpr,
+    L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
+    """One program per (token, BLOCK_H heads, BLOCK_D columns). ``BLOCK_S`` splits are read
+    as one tile per step (the LSEs as one vector, the partial outputs as one
+    ``[BLOCK_H, BLOCK_S, BLOCK_D]`` tile), so a call with many splits waits for two memory
+    round trips per ``BLOCK_S`` splits, not two per split. Fixed reduction order:
+    deterministic."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    sp = tl.arange(0, BLOCK_S)
     h_ok = h < H
-    dl = tl.arange(0, BLOCK_L)
-    msk = h_ok[:, None] & (dl < L)[None, :]
+    d_ok = d < L
+    l_base = pl_ptr + t * stride_plt + h[:, None]
     m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
-    for s in range(NUM_SPLITS):
-        ls = tl.load(pl_ptr + s * stride_pls + t * stride_plt + h, mask=h_ok, other=float("-inf"))
-        m = tl.maximum(m, ls)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        s = s0 + sp
+        s_ok = h_ok[:, None] & (s < NUM_SPLITS)[None, :]
+        ls = tl.load(l_base + s.to(tl.int64)[None, :] * stride_pls, mask=s_ok, other=float("-inf"))
+        m = tl.maximum(m, tl.max(ls, 1))
     m_use = tl.where(m == float("-inf"), 0.0, m)
     den = tl.zeros((BLOCK_H,), tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_L), tl.float32)
-    for s in range(NUM_SPLITS):
-        ls = tl.load(pl_ptr + s * stride_pls + t * stride_plt + h, mask=h_ok, other=float("-inf"))
-        w = tl.exp(ls - m_use)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    o_base = po_ptr + t * stride_pt + h.to(tl.int64)[:, None, None] * stride_ph + d[None, None, :]
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        s = s0 + sp
+        s_ok = h_ok[:, None] & (s < NUM_SPLITS)[None, :]
+        s64 = s.to(tl.int64)
+        ls = tl.load(l_base + s64[None, :] * stride_pls, mask=s_ok, other=float("-inf"))
+        w = tl.exp(ls - m_use[:, None])  # [BLOCK_H, BLOCK_S]; 0 for empty splits
         used = w > 0
-        po = tl.load(po_ptr + s * stride_ps + t * stride_pt + h[:, None] * stride_ph + dl[None, :],
-                     mask=msk & used[:, None], other=0.0)
-        acc += tl.where(used[:, None], po * w[:, None], 0.0)
-        den += w
+        po = tl.load(o_base + s64[None, :, None] * stride_ps,
+                     mask=used[:, :, None] & d_ok[None, None, :], other=0.0)
+        acc += tl.sum(tl.where(used[:, :, None], po * w[:, :, None], 0.0), 1)
+        den += tl.sum(w, 1)
     seen = den > 0
     out = acc / tl.where(seen, den, 1.0)[:, None]
-    tl.store(o_ptr + t * stride_ot + h[:, None] * stride_oh + dl[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=msk)
+    tl.store(o_ptr + t * stride_ot + h.to(tl.int64)[:, None] * stride_oh + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
     if WRITE_LSE:
-        lse = tl.where(seen, m_use + tl.log(tl.where(seen, den, 1.0)), float("-inf"))
-        tl.store(lse_ptr + t * stride_lt + h, lse, mask=h_ok)
+        if tl.program_id(2) == 0:
+            lse = tl.where(seen, m_use + tl.log(tl.where(seen, den, 1.0)), float("-inf"))
+            tl.store(lse_ptr + t * stride_lt + h, lse, mask=h_ok)
+
+
+def combine_blocks(num_splits: int, num_heads: int, block_l: int):
+    """(BLOCK_H, BLOCK_S, BLOCK_D) of the combine: a tile of at most 8192 float32 values
+    (64 registers a thread at 4 warps) holding up to 64 splits at once."""
+    block_s = min(triton.next_power_of_2(max(1, num_splits)), 64)
+    block_d = min(block_l, max(64, 8192 // block_s))
+    block_h = max(1, min(triton.next_power_of_2(num_heads), 8192 // (block_s * block_d)))
+    return block_h, block_s, block_d
 
 
 def kv_view(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -236,13 +260,12 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         part_o, part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_l, part_l.stride(0), part_l.stride(1),
         h, cfg.kv_per_split, scale, WRITE_LSE=True, **common)
-    block_h = min(triton.next_power_of_2(h), max(1, 4096 // block_l))
+    block_h, block_s, block_d = combine_blocks(cfg.num_splits, h, block_l)
     lse_t = lse if lse is not None else part_l
-    _combine_kernel[(t, triton.cdiv(h, block_h))](
+    _combine_kernel[(t, triton.cdiv(h, block_h), triton.cdiv(lora, block_d))](
         part_o, part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_l, part_l.stride(0), part_l.stride(1),
         out, out.stride(0), out.stride(1),
         lse_t, lse.stride(0) if lse is not None else 0,
-        h, cfg.num_splits, L=lora, BLOCK_L=block_l, BLOCK_H=block_h, WRITE_LSE=lse is not None,
-        num_warps=4)
-
+        h, cfg.num_splits, L=lora, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d,
+        WRITE_LSE=lse is not None, num_warps=4)

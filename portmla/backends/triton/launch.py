@@ -68,9 +68,14 @@ class DecodeConfig:
 # S=8192, h=16 (170 KB). Smaller shared memory falls back to the earlier tiles.
 # The 64 x 64 wide tile is for 16-bit caches at 64 rows only (measured there); quantized
 # caches keep 64 x 32 (their second, converted tile copy needs 280+ KB at 64 x 64).
-# key: (rows >= 32, 64 rows of a 16-bit cache) -> (block_n, num_warps, num_stages, smem need)
-_CUDA_DECODE = {(True, True): (64, 8, 2, 224 * 1024), (True, False): (32, 8, 2, 184 * 1024),
-                (False, False): (64, 8, 5, 176 * 1024)}
+# Narrow quantized (fp8, fp8_ds_mla): 32 tokens, 4 warps, 5 stages (255 registers x 128
+# threads and 89-94 KB: two programs per SM, where 8 warps x 64 tokens fit one; session 5 of
+# the notes).
+# key: (rows >= 32, tile class) -> (block_n, num_warps, num_stages, smem need); the class is
+# "16bit64" for 64 rows of a 16-bit cache, "quant" for fp8 / fp8_ds_mla, else "16bit".
+_CUDA_DECODE = {(True, "16bit64"): (64, 8, 2, 224 * 1024), (True, "16bit"): (32, 8, 2, 184 * 1024),
+                (True, "quant"): (32, 8, 2, 184 * 1024), (False, "16bit"): (64, 8, 5, 176 * 1024),
+                (False, "quant"): (32, 4, 5, 96 * 1024)}
 _CUDA_DECODE_SMALL_SMEM = {True: (32, 8, 2), False: (64, 8, 3)}
 _CUDA_MAX_ROWS = 64
 # AMD CDNA: wavefront 64, so 4 "warps" are 256 lanes; LDS is 64 KiB, keep tiles small.
@@ -98,8 +103,11 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     row_tiles = cdiv(rows, block_m)
     if platform.kind == "cuda":
         wide = block_m >= 32
-        block_n, warps, stages, need = _CUDA_DECODE[
-            (wide, wide and block_m >= 64 and kv_format in ("bfloat16", "float16"))]
+        if kv_format in ("fp8", "fp8_ds_mla"):
+            tile = "quant"
+        else:
+            tile = "16bit64" if wide and block_m >= 64 else "16bit"
+        block_n, warps, stages, need = _CUDA_DECODE[(wide, tile)]
         smem = platform.shared_memory_per_block or 232448
         if smem < need:
             block_n, warps, stages = _CUDA_DECODE_SMALL_SMEM[block_m >= 32]
