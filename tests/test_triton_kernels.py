@@ -17,11 +17,11 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not importable")
 
+from conftest import device_under_test  # noqa: E402
+
 import portmla as pm  # noqa: E402
 from portmla.dispatch import get_backend  # noqa: E402
 from portmla.kv_formats import quantize_entries  # noqa: E402
-
-from conftest import device_under_test  # noqa: E402
 
 DEV = str(device_under_test())
 L, R = 512, 64
