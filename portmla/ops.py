@@ -96,8 +96,7 @@ def concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype="aut
         V.fail_if(bad, lambda: f"slot_mapping[{V.first_bad(bad)}]={int(slot_mapping[V.first_bad(bad)])} "
                                f"(must be -1 or in [0, {nslots - 1}] for {p.cache.num_blocks} blocks "
                                f"of {p.cache.block_size})")
-    # pick the backend before anything is written, so an unsupported call leaves the cache as is
-    select(p, backend, _describe(kv_cache_dtype=p.cache.kv_format, block_size=p.cache.block_size))
+    # the op picks the backend before anything is written: an unsupported call leaves the cache
     torch.ops.portmla.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, scale_t,
                                            kv_cache_dtype, backend)
 
@@ -181,7 +180,6 @@ def gather_cache(kv_cache, block_table, seq_lens, *, kv_cache_dtype="auto", scal
                          f"rows (total_tokens / out.shape[0] must equal sum(seq_lens))")
     if out is None:
         out = torch.empty(total_tokens, width, dtype=out_dtype, device=dev)
-    select(p, backend, _describe(kv_cache_dtype=p.cache.kv_format, block_size=p.cache.block_size))
     torch.ops.portmla.gather_cache(kv_cache, block_table, seq_lens, seq_starts, cu, scale_t, out,
                                    kv_cache_dtype, p.cache.kv_lora_rank, backend)
     return out
@@ -285,8 +283,6 @@ def mla_decode(q, kv_cache, block_table, seq_lens, *, softmax_scale, kv_lora_ran
         V.check_tensor("out", out, dtypes=(q.dtype,), ndim=3, shape=(t, h, kv_lora_rank), device=dev,
                        last_contiguous=True)
     mql = _max_query_len(query_start_loc, seq_lens, block_table, p, t, nseq, max_query_len)
-    p = _decode_problem(q, kv_cache, block_table, kv_cache_dtype, kv_lora_rank, nseq, mql, return_lse)
-    select(p, backend, _decode_describe(p))
     if out is None:
         out = torch.empty(t, h, kv_lora_rank, dtype=q.dtype, device=dev)
     lse = torch.empty(t, h, dtype=torch.float32, device=dev) if return_lse else None
@@ -374,9 +370,6 @@ def merge_attn_states(prefix_out, prefix_lse, suffix_out, suffix_lse, *, out=Non
     else:
         out = torch.empty_like(prefix_out)
     out_lse = torch.empty(t, h, dtype=torch.float32, device=dev)
-    p = MergeProblem("merge_attn_states", current_platform(dev), prefix_out.dtype, t, h, d,
-                     _capturing(dev))
-    select(p, backend)
     torch.ops.portmla.merge_attn_states(prefix_out, prefix_lse, suffix_out, suffix_lse, out, out_lse,
                                         backend)
     return out, out_lse
@@ -460,8 +453,6 @@ def mla_prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     else:
         out = torch.empty(t, h, v.shape[2], dtype=q.dtype, device=dev)
     lse = torch.empty(t, h, dtype=torch.float32, device=dev) if return_lse else None
-    p = _prefill_problem(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, return_lse)
-    select(p, backend)
     torch.ops.portmla.mla_prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse,
                                             max_seqlen_q, max_seqlen_k, float(softmax_scale),
                                             bool(causal), backend)
