@@ -25,6 +25,11 @@ def native_modules() -> list[tuple[str, str]]:
     return out
 
 
+def _limit(n: int) -> str:
+    """A declared maximum; the base class's 2^30 means no limit."""
+    return "any" if n >= 1 << 30 else str(n)
+
+
 def print_info(device=None) -> None:
     p = current_platform(device)
     print(f"portmla {__version__}, torch {torch.__version__}"
@@ -54,7 +59,7 @@ def print_info(device=None) -> None:
             print(f"      because {r}")
         if b.available:
             print(f"      block sizes {', '.join(map(str, b.block_sizes))}; formats "
-                  f"{', '.join(b.kv_cache_dtypes)}; max heads {b.max_num_heads}; "
-                  f"max query len {b.max_query_len}; strided kv {b.strided_kv}; "
+                  f"{', '.join(b.kv_cache_dtypes)}; max heads {_limit(b.max_num_heads)}; "
+                  f"max query len {_limit(b.max_query_len)}; strided kv {b.strided_kv}; "
                   f"lse {b.returns_lse}; cuda graphs {b.cuda_graphs}")
             print(f"      ops {', '.join(b.ops)}")

@@ -136,9 +136,13 @@ class Backend:
         return not self.reasons(p)
 
     def _dtype_reasons(self, name: str, dtype: torch.dtype) -> list[Reason]:
-        if dtype in self.DTYPES:
+        return self._dtype_reasons_from(name, dtype, self.DTYPES)
+
+    @staticmethod
+    def _dtype_reasons_from(name: str, dtype: torch.dtype, supported) -> list[Reason]:
+        if dtype in supported:
             return []
-        return [allowed(name, _dtype_name(dtype), [_dtype_name(d) for d in self.DTYPES])]
+        return [allowed(name, _dtype_name(dtype), [_dtype_name(d) for d in supported])]
 
     def _cache_reasons(self, c) -> list[Reason]:
         out = []

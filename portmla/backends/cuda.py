@@ -119,7 +119,7 @@ class CudaBackend(Backend):
                                                    f"(must be a multiple of {self.CACHE_ALIGN_BYTES} bytes)"))
         if isinstance(p, DecodeProblem):
             if p.q_dtype not in self.DECODE_DTYPES:
-                out.append(Reason("q.dtype", f"q.dtype={p.q_dtype} (supported: bfloat16, float16)"))
+                out += self._dtype_reasons_from("q.dtype", p.q_dtype, self.DECODE_DTYPES)
             want = _FORMAT_TORCH.get(c.kv_format)
             if want is not None and want != p.q_dtype:
                 out.append(Reason("kv_cache_dtype",
