@@ -46,8 +46,13 @@ def poison_cache(cache: torch.Tensor, fmt: str, platform) -> None:
         raw.fill_(nan_bits(platform.fp8_dtype))
 
 
-def make_cache(num_blocks, block_size, fmt, model_dtype, device, layout, lora=512, rope=64):
-    """A cache view of ``layout``: contiguous, padded pages, or one layer of a 3-layer buffer."""
+def make_cache(num_blocks, block_size, fmt, model_dtype, device, layout, lora=512, rope=64,
+               entry_pad=16):
+    """A poisoned cache view of ``layout``: contiguous, padded, or one layer of a 3-layer buffer.
+
+    ``padded``: one spare token per page and ``entry_pad`` spare elements per token (16 keeps
+    rows 16-byte aligned; an odd pad gives unaligned fp8_ds_mla scales / RoPE).
+    """
     shape = pm.kv_cache_shape(num_blocks, block_size, fmt, lora, rope)
     platform = pm.current_platform(device)
     dtype = FORMATS[canonical_format(fmt)].storage_dtype(model_dtype, platform.fp8_dtype)
@@ -55,7 +60,7 @@ def make_cache(num_blocks, block_size, fmt, model_dtype, device, layout, lora=51
     if layout == "contiguous":
         cache = torch.empty(shape, dtype=dtype, device=device)
     elif layout == "padded":  # page stride > block_size * entry and token stride > entry
-        buf = torch.empty(num_blocks, block_size + 1, entry + 16, dtype=dtype, device=device)
+        buf = torch.empty(num_blocks, block_size + 1, entry + entry_pad, dtype=dtype, device=device)
         cache = buf[:, :block_size, :entry]
     elif layout == "cross_layer":
         buf = torch.empty(num_blocks, 3, block_size, entry, dtype=dtype, device=device)

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not importable")
 
+import mla_cases  # noqa: E402
 from conftest import device_under_test  # noqa: E402
 
 import portmla as pm  # noqa: E402
@@ -39,37 +40,14 @@ def _gen(seed):
     return g
 
 
-def _storage(fmt):
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "fp8": PLAT.fp8_dtype,
-            "fp8_ds_mla": torch.uint8}[fmt]
-
-
 def _entry(fmt):
     return pm.kv_cache_shape(1, 1, fmt)[2]
 
 
-def _poison(buf: torch.Tensor, fmt: str) -> None:
-    """NaN everywhere: unwritten or wrongly read cache memory shows up in the result."""
-    if buf.dtype in (torch.bfloat16, torch.float16, torch.float32):
-        buf.fill_(float("nan"))
-    else:  # 0x7f/0xff: NaN in e4m3fn (and a NaN float32 scale); 0x80: NaN in e4m3fnuz
-        buf.view(torch.uint8).fill_(0x80 if buf.dtype == torch.float8_e4m3fnuz else 0xFF)
-
-
 def make_cache(num_blocks, page, fmt, layout):
-    """A poisoned cache of ``layout``: contiguous, padded tokens, padded pages or a layer view."""
-    entry, dt = _entry(fmt), _storage(fmt)
-    if layout == "contiguous":
-        cache = torch.empty(num_blocks, page, entry, dtype=dt, device=DEV)
-        base = cache
-    elif layout == "padded":  # odd token padding: unaligned fp8_ds_mla scales / RoPE
-        base = torch.empty(num_blocks, page + 1, entry + 3, dtype=dt, device=DEV)
-        cache = base[:, :page, :entry]
-    else:  # cross-layer: buf[:, layer]
-        base = torch.empty(num_blocks, 2, page, entry, dtype=dt, device=DEV)
-        cache = base[:, 1]
-    _poison(base, fmt)
-    return cache
+    """A poisoned cache of ``layout``; ``padded`` pads tokens by 3 elements (unaligned rows)."""
+    return mla_cases.make_cache(num_blocks, page, fmt, torch.bfloat16, DEV, layout, L, R,
+                                entry_pad=3)
 
 
 def fill_cache(cache, fmt, block_table, seq_lens, scale, g):
@@ -101,9 +79,7 @@ def make_table(num_seqs, seq_lens, page, extra_cols, g):
 
 
 def _close(a, b, tol, what):
-    a, b = a.float(), b.float()
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    err = (a - b).norm() / b.norm().clamp_min(1e-6)
+    err = mla_cases.rel_err(a, b)  # inf when anything is NaN
     assert err < tol, f"{what}: relative error {err:.3g} >= {tol}"
 
 
