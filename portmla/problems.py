@@ -34,12 +34,6 @@ class CacheLayout:
     rope_dim: int = 64
 
     @property
-    def span(self) -> int:
-        """One past the largest element offset the cache can be indexed at."""
-        return ((self.num_blocks - 1) * self.page_stride
-                + (self.block_size - 1) * self.token_stride + self.entry)
-
-    @property
     def contiguous(self) -> bool:
         return self.token_stride == self.entry and self.page_stride == self.block_size * self.entry
 

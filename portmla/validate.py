@@ -43,10 +43,6 @@ def check_tensor(name: str, t, *, dtypes=None, ndim=None, device=None, shape=Non
         raise ValueError(f"{name}.stride(-1)={t.stride(-1)} (the last dim must be contiguous, stride 1)")
 
 
-def same_device(ref: torch.Tensor) -> torch.device:
-    return ref.device
-
-
 def cache_layout(kv_cache, kv_cache_dtype: str, platform: Platform, kv_lora_rank: int,
                  rope_dim: int | None) -> CacheLayout:
     """Validate a paged cache tensor against its format and return its layout."""

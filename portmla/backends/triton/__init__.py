@@ -64,15 +64,13 @@ class TritonBackend(Backend):
 
     def reasons(self, p):
         out = super().reasons(p)
-        if p.op == "mla_decode" and p.q_dtype not in self.DOT_DTYPES:
+        if p.op == "mla_decode":
             out += self._dtype_reasons_from("q.dtype", p.q_dtype, self.DOT_DTYPES)
-        if p.op == "mla_decode" and getattr(p, "cache", None) is not None:
             if p.cache.kv_lora_rank > 1024:
                 out.append(Reason("kv_lora_rank", f"kv_lora_rank={p.cache.kv_lora_rank} "
                                                   f"(supported: 1..1024)"))
         if p.op == "mla_prefill_attention":
-            if p.dtype not in self.DOT_DTYPES:
-                out += self._dtype_reasons_from("q.dtype", p.dtype, self.DOT_DTYPES)
+            out += self._dtype_reasons_from("q.dtype", p.dtype, self.DOT_DTYPES)
             for name, v in (("qk_head_dim", p.qk_head_dim), ("v_head_dim", p.v_head_dim)):
                 if v > 256:
                     out.append(Reason(name, f"{name}={v} (supported: 1..256)"))
