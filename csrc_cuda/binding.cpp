@@ -8,6 +8,9 @@
 
 #include "common/params.h"
 #include "sm80/decode/config.h"
+#if defined(PORTMLA_HAVE_SM90A)
+#include "sm90/decode/launch.h"
+#endif
 
 namespace py = pybind11;
 using namespace portmla;
@@ -43,6 +46,7 @@ PYBIND11_MODULE(_cuda, m) {
       .PTR_FIELD(DecodeParams, const void*, kv_cache)
       .FIELD(DecodeParams, page_stride)
       .FIELD(DecodeParams, token_stride)
+      .FIELD(DecodeParams, num_blocks)
       .FIELD(DecodeParams, block_size)
       .PTR_FIELD(DecodeParams, const int32_t*, block_table)
       .FIELD(DecodeParams, bt_stride)
@@ -139,6 +143,10 @@ PYBIND11_MODULE(_cuda, m) {
     v["wide"] = py::make_tuple(int(sm80::kWide), sm80::WideCfg::kBM, sm80::WideCfg::kBN,
                                sm80::WideCfg::smem_bytes(true), sm80::WideCfg::smem_bytes(false),
                                sm80::WideCfg::kThreads);
+#if defined(PORTMLA_HAVE_SM90A)
+    // 16-bit caches only (fp8 entries 0: not taken)
+    v["hopper"] = py::make_tuple(int(sm80::kHopper), 64, 64, sm90::decode_smem_bytes(), 0, 256);
+#endif
     m.attr("DECODE_VARIANTS") = v;
   }
   m.attr("DECODE_KV_LORA_RANK") = sm80::kL;
@@ -147,4 +155,9 @@ PYBIND11_MODULE(_cuda, m) {
   cudaRuntimeGetVersion(&rt);
   m.attr("CUDA_RUNTIME_VERSION") = rt;
   m.attr("BUILT_ARCHS") = PORTMLA_ARCHS;
+#if defined(PORTMLA_HAVE_SM90A)
+  m.attr("HOPPER_NOT_BUILT") = py::none();
+#else
+  m.attr("HOPPER_NOT_BUILT") = PORTMLA_SM90A_WHY;
+#endif
 }

@@ -6,7 +6,12 @@
     python csrc_cuda/build.py --verbose-ptxas   # also print ptxas resource usage (-Xptxas -v)
 
 Environment: PORTMLA_CUDA_ARCHS (default "80;90a"; "90a" is built as
--gencode=arch=compute_90a,code=sm_90a), CUDA_HOME / CUDA_PATH, NVCC, PORTMLA_BUILD_JOBS.
+-gencode=arch=compute_90a,code=sm_90a), CUDA_HOME / CUDA_PATH, NVCC, PORTMLA_BUILD_JOBS,
+PORTMLA_CUTLASS_INCLUDE (CuTe / CUTLASS headers; default: those of the installed
+``nvidia-cutlass`` package, ``pip install --no-deps nvidia-cutlass``).
+The Hopper kernel (``csrc_cuda/sm90/``, CuTe GMMA atoms) is built when the archs include 90a
+and the headers are found; otherwise the module records why and the generic kernels serve
+sm_90 too (``--check`` insists on the headers).
 Without nvcc (or pybind11) the build writes why to portmla/_cuda_build_status.txt, and the
 cuda backend reports that reason ("not built: nvcc not found at install time").
 """
@@ -53,8 +58,39 @@ def gencode(archs: str) -> list[str]:
     return flags
 
 
-def sources() -> list[Path]:
-    return sorted(HERE.rglob("*.cu"))
+def cutlass_include() -> Path | None:
+    """CuTe / CUTLASS headers: PORTMLA_CUTLASS_INCLUDE, else the nvidia-cutlass package's."""
+    env = os.environ.get("PORTMLA_CUTLASS_INCLUDE")
+    cands = [Path(env)] if env else []
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is not None and spec.submodule_search_locations:
+            for loc in spec.submodule_search_locations:
+                cands.append(Path(loc) / "source" / "include")
+    except (ImportError, ValueError):
+        pass
+    for c in cands:
+        if (c / "cute" / "arch" / "mma_sm90_gmma.hpp").is_file():
+            return c
+    return None
+
+
+def hopper_plan(archs: str) -> tuple[Path | None, str]:
+    """``(cutlass include dir, "")`` when the sm_90a kernel is built, else ``(None, why)``."""
+    if "90a" not in [a.strip() for a in archs.replace(",", ";").split(";")]:
+        return None, f"PORTMLA_CUDA_ARCHS={archs} has no 90a"
+    inc = cutlass_include()
+    if inc is None:
+        return None, ("CuTe headers not found at build time (pip install --no-deps "
+                      "nvidia-cutlass; or set PORTMLA_CUTLASS_INCLUDE)")
+    return inc, ""
+
+
+def sources(with_hopper: bool) -> list[Path]:
+    return sorted(s for s in HERE.rglob("*.cu")
+                  if with_hopper or "sm90" not in s.relative_to(HERE).parts)
 
 
 def common_flags(archs: str, ptxas_verbose: bool) -> list[str]:
@@ -74,8 +110,16 @@ def run(cmd: list[str]) -> tuple[int, str]:
 def compile_all(nvcc: str, archs: str, outdir: Path, extra: list[str], ptxas_verbose: bool,
                 with_binding: bool) -> list[Path]:
     outdir.mkdir(parents=True, exist_ok=True)
+    inc, why = hopper_plan(archs)
+    if inc is not None:
+        extra = extra + [f"-I{inc}", "-DPORTMLA_HAVE_SM90A=1"]
+    else:
+        # nvcc splits -D values at commas
+        extra = extra + [f'-DPORTMLA_SM90A_WHY="{why.replace(",", ";")}"']
+    print(f"hopper kernel: {'built with CuTe from ' + str(inc) if inc else 'not built: ' + why}",
+          flush=True)
     jobs = []
-    for src in sources():
+    for src in sources(inc is not None):
         obj = outdir / (str(src.relative_to(HERE)).replace("/", "__") + ".o")
         jobs.append((src, obj, [nvcc, "-c", str(src), "-o", str(obj)]
                      + common_flags(archs, ptxas_verbose) + extra))
@@ -88,7 +132,7 @@ def compile_all(nvcc: str, archs: str, outdir: Path, extra: list[str], ptxas_ver
         jobs.append((src, obj, [nvcc, "-c", str(src), "-o", str(obj), "-O2", "-std=c++17",
                                 "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
                                 f"-I{HERE}", f"-I{pybind11.get_include()}", f"-I{py_inc}",
-                                f'-DPORTMLA_ARCHS="{archs}"']))
+                                f'-DPORTMLA_ARCHS="{archs}"'] + extra))
     n = int(os.environ.get("PORTMLA_BUILD_JOBS", "0")) or min(len(jobs), os.cpu_count() or 1)
     failed = []
     with cf.ThreadPoolExecutor(max_workers=n) as ex:
@@ -135,6 +179,9 @@ def main() -> int:
         return 1
 
     if args.check:
+        if hopper_plan(CHECK_ARCHS)[0] is None:
+            print(f"portmla._cuda: check failed: {hopper_plan(CHECK_ARCHS)[1]}", file=sys.stderr)
+            return 1
         compile_all(nvcc, CHECK_ARCHS, BUILD / "check", [], args.verbose_ptxas, with_binding=True)
         print(f"check ok: every source compiled for {CHECK_ARCHS} with {nvcc}")
         return 0

@@ -25,6 +25,7 @@ struct DecodeParams {
   int64_t q_stride_t = 0, q_stride_h = 0;
   const void* kv_cache = nullptr;  // [num_blocks, block_size, entry]
   int64_t page_stride = 0, token_stride = 0;
+  int64_t num_blocks = 0;  // pages in the cache (the Hopper kernel's TMA map bounds)
   int block_size = 0;
   const int32_t* block_table = nullptr;  // [B, max_blocks]
   int64_t bt_stride = 0;

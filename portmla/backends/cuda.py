@@ -2,10 +2,14 @@
 
 Kernels (see ``csrc_cuda/NOTES.md``):
 
-* ``mla_decode``: generic sm80+ kernels (mma.sync m16n8k16 + cp.async), 16 or 64 (token, head)
-  rows per CTA so a KV tile is read once for all of them, split-KV with an LSE combine
-  kernel; every KV format, any block size and cache strides (16-byte aligned), varlen
-  causal query tokens. Deterministic; no host reads (CUDA-graph safe).
+* ``mla_decode`` on sm_90 (H100 / H200), bf16 / fp16 caches with block size 16, 32 or a
+  multiple of 64: the Hopper kernel (TMA tile loads, wgmma for both products, 64 rows per
+  CTA); set ``PORTMLA_CUDA_HOPPER=0`` to use the generic kernels instead.
+* ``mla_decode`` elsewhere: generic sm80+ kernels (mma.sync m16n8k16 + cp.async), 16 or 64
+  (token, head) rows per CTA so a KV tile is read once for all of them; every KV format, any
+  block size and cache strides (16-byte aligned), varlen causal query tokens.
+* Both: split-KV planned on the host from shapes only, merged by an LSE combine kernel;
+  deterministic; no host reads (CUDA-graph safe).
 * ``concat_and_cache_mla`` / ``gather_cache``: every format, any block size.
 
 The module is a table of launch functions taking plain structs; this file validates what
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from pathlib import Path
 
 import torch
@@ -40,6 +45,41 @@ SPLIT_GRANULE = 64     # chunks are whole KV tiles of every variant
 SPLIT_WAVES = 16       # CTAs per resident slot for the upper bound of the work
 NARROW_MAX_ROWS = 32   # rows per sequence (query tokens x heads) served by 16-row tiles
 MAX_GRID_Y = 65535
+# Hopper kernel split plan (cost in KV tiles of 64 positions per CTA): a CTA's fixed cost
+# (Q load, pipeline fill) and a split's partial output (rows x 512 fp32 written + read back).
+HOPPER_CTA_COST_TILES = 2.0
+HOPPER_TILE_BYTES = 64 * 576 * 2  # one bf16 KV tile
+HOPPER_WAVE_WEIGHT = 0.8
+
+
+def hopper_block_size_ok(block_size: int) -> bool:
+    """Block sizes the Hopper kernel's TMA boxes take (csrc_cuda/sm90/decode/decode_hopper.cu)."""
+    return block_size >= 16 and (64 % block_size == 0 or block_size % 64 == 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def hopper_splits(num_seqs: int, m_tiles: int, rows_per_cta: int, tiles: int, slots: int) -> int:
+    """Splits of the Hopper kernel (one CTA per SM) from shapes only.
+
+    Cost, in KV tiles of one CTA: the busiest SM's share of all the work (every CTA's tiles
+    plus its fixed cost plus, when split, its partial output written and read back), or the
+    waves of whole CTAs if that is more (weighted: real lengths are often below ``tiles``,
+    their upper bound), plus half a split as the tail that greedy CTA scheduling leaves.
+    """
+    best, best_cost = 1, float("inf")
+    partial = rows_per_cta * 512 * 4 * 2 / HOPPER_TILE_BYTES
+    for splits in range(1, min(MAX_SPLITS, max(1, tiles)) + 1):
+        per = -(-tiles // splits)
+        if -(-tiles // per) != splits:
+            continue  # same chunk as a smaller split count
+        ctas = num_seqs * m_tiles * splits
+        fixed = HOPPER_CTA_COST_TILES + (partial if splits > 1 else 0.0)
+        waves = -(-ctas // slots)
+        cost = max((num_seqs * m_tiles * tiles + ctas * fixed) / slots,
+                   HOPPER_WAVE_WEIGHT * waves * (per + fixed)) + per / 2
+        if cost < best_cost - 1e-9:
+            best, best_cost = splits, cost
+    return best
 
 
 @functools.lru_cache(maxsize=1)
@@ -166,13 +206,19 @@ class CudaBackend(Backend):
     def decode_variant(p: DecodeProblem, mod) -> tuple[str, int, int, int]:
         """``(name, code, rows per CTA, shared memory)`` of the kernel that runs ``p``.
 
-        Few rows per sequence (<= ``NARROW_MAX_ROWS``): 16-row tiles (memory-bound); more:
-        64-row tiles (compute-bound); the 32-row legacy kernel where the device's per-block
-        shared memory is too small for those (e.g. A100 for the narrow one).
+        sm_90 with a 16-bit cache and a block size its TMA boxes take: the Hopper kernel.
+        Otherwise few rows per sequence (<= ``NARROW_MAX_ROWS``): 16-row tiles (memory-bound);
+        more: 64-row tiles (compute-bound); the 32-row legacy kernel where the device's
+        per-block shared memory is too small for those (e.g. A100 for the narrow one).
         """
         fp8 = p.cache.kv_format not in _FORMAT_TORCH
         have = p.platform.shared_memory_per_block
         rows = p.max_query_len * p.num_heads
+        hopper = mod.DECODE_VARIANTS.get("hopper")
+        if hopper is not None and not fp8 and p.platform.capability == (9, 0) \
+                and hopper_block_size_ok(p.cache.block_size) and (not have or have >= hopper[3]) \
+                and os.environ.get("PORTMLA_CUDA_HOPPER", "1") != "0":
+            return "hopper", hopper[0], hopper[2], hopper[3]
         want = "narrow" if rows <= NARROW_MAX_ROWS else "wide"
         code, bm, _, smem16, smem8, _ = mod.DECODE_VARIANTS[want]
         smem = smem8 if fp8 else smem16
@@ -192,6 +238,13 @@ class CudaBackend(Backend):
         """
         name, code, bm, smem = self.decode_variant(p, mod)
         rows_tiles = -(-p.max_query_len * p.num_heads // bm)
+        if name == "hopper":
+            max_kv = p.max_blocks_per_seq * p.cache.block_size
+            tiles = max(1, -(-max_kv // SPLIT_GRANULE))
+            splits = hopper_splits(p.num_seqs, rows_tiles, min(bm, p.max_query_len * p.num_heads),
+                                   tiles, max(1, p.platform.num_compute_units))
+            per = -(-tiles // splits)
+            return code, splits, (per * SPLIT_GRANULE if splits > 1 else 0)
         have = p.platform.shared_memory_per_block or smem
         per_sm = max(1, min(2, (have + 1024) // (smem + 1024)))
         slots = per_sm * max(1, p.platform.num_compute_units)
@@ -228,7 +281,7 @@ class CudaBackend(Backend):
         par = mod.DecodeParams()
         par.q, par.q_stride_t, par.q_stride_h = q.data_ptr(), q.stride(0), q.stride(1)
         par.kv_cache, par.page_stride, par.token_stride = kv_cache.data_ptr(), c.page_stride, c.token_stride
-        par.block_size = c.block_size
+        par.block_size, par.num_blocks = c.block_size, kv_cache.shape[0]
         par.block_table, par.bt_stride = block_table.data_ptr(), block_table.stride(0)
         par.seq_lens = seq_lens.data_ptr()
         par.query_start_loc = self._ptr(qsl)

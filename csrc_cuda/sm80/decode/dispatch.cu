@@ -1,5 +1,9 @@
-// launch_mla_decode: picks the instantiation for (q dtype, cache format) and checks the call.
+// launch_mla_decode: picks the instantiation for (q dtype, cache format) and checks the call;
+// variant kHopper runs the sm_90a kernel (csrc_cuda/sm90) and then this file's combine.
 #include "decode_kernel.cuh"
+#if defined(PORTMLA_HAVE_SM90A)
+#include "../../sm90/decode/launch.h"
+#endif
 
 namespace portmla {
 
@@ -11,6 +15,24 @@ cudaError_t launch_mla_decode(const DecodeParams& p, cudaStream_t stream) {
   }
   const bool bf16 = p.q_dtype == kBF16;
   if (!bf16 && p.q_dtype != kFP16) return cudaErrorInvalidValue;
+  if (p.variant == sm80::kHopper) {
+#if defined(PORTMLA_HAVE_SM90A)
+    PORTMLA_RETURN_IF_ERROR(sm90::launch_decode(p, stream));
+    if (p.num_splits > 1 && p.num_seqs > 0 && p.num_tokens > 0 && p.num_heads > 0) {
+      const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.num_heads;
+      const unsigned grid = static_cast<unsigned>((rows + 7) / 8);
+      if (bf16) {
+        sm80::mla_decode_combine_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(p);
+      } else {
+        sm80::mla_decode_combine_kernel<__half><<<grid, 256, 0, stream>>>(p);
+      }
+      PORTMLA_CHECK_LAUNCH();
+    }
+    return cudaSuccess;
+#else
+    return cudaErrorNotSupported;
+#endif
+  }
   switch (p.kv_format) {
     case kKv16:
       return bf16 ? sm80::run_decode<__nv_bfloat16, kKv16>(p, stream)

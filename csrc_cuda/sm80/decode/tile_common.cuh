@@ -50,11 +50,12 @@ struct CtaRows {
   }
 };
 
-// Fills c; false: the whole CTA has nothing to do (no rows, or a split past the positions its
-// rows may see, whose partial LSE it has marked empty). Call before any barrier.
+// Fills c for (split, row tile, sequence b); false: the whole CTA has nothing to do (no rows,
+// or a split past the positions its rows may see, whose partial LSE it has marked empty).
+// Call before any barrier.
 template <int BM>
-__device__ __forceinline__ bool cta_rows(const DecodeParams& p, CtaRows& c) {
-  const int b = blockIdx.z;
+__device__ __forceinline__ bool cta_rows(const DecodeParams& p, CtaRows& c, int split,
+                                         int m_tile, int b) {
   if (p.query_start_loc != nullptr) {
     c.t0 = p.query_start_loc[b];
     c.nq = p.query_start_loc[b + 1] - c.t0;
@@ -63,7 +64,7 @@ __device__ __forceinline__ bool cta_rows(const DecodeParams& p, CtaRows& c) {
     c.nq = 1;
   }
   c.rows = c.nq * p.num_heads;
-  c.m0 = blockIdx.y * BM;
+  c.m0 = m_tile * BM;
   if (c.m0 >= c.rows) return false;
   c.seq_len = p.seq_lens[b];
 
@@ -73,7 +74,6 @@ __device__ __forceinline__ bool cta_rows(const DecodeParams& p, CtaRows& c) {
   c.kv_lo = 0;
   c.kv_hi = kv_end;
   if (p.num_splits > 1) {  // split s covers [s * split_chunk, (s + 1) * split_chunk)
-    const int split = blockIdx.x;
     const int64_t lo = static_cast<int64_t>(split) * p.split_chunk;
     if (lo >= kv_end) {
       mark_empty_split(p, split, c.t0, c.m0, c.rows, BM);
@@ -83,6 +83,12 @@ __device__ __forceinline__ bool cta_rows(const DecodeParams& p, CtaRows& c) {
     c.kv_hi = static_cast<int>(min(static_cast<int64_t>(kv_end), lo + p.split_chunk));
   }
   return true;
+}
+
+// The sm80 kernels' grid: (split, row tile, sequence).
+template <int BM>
+__device__ __forceinline__ bool cta_rows(const DecodeParams& p, CtaRows& c) {
+  return cta_rows<BM>(p, c, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
 // Q rows m0 .. m0 + BM -> sQ (row pitch kSRow) by cp.async, one commit group; rows past the

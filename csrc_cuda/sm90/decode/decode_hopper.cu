@@ -1,0 +1,96 @@
+// Launcher of the Hopper decode kernel: encodes the TMA map of the paged cache (through the
+// driver entry point the runtime hands out, so nothing links libcuda) and launches the
+// bf16 / fp16 instantiation. Built for every arch; device code exists for sm_90a only.
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <mutex>
+
+#include "../../common/check.h"
+#include "hopper_kernel.cuh"
+#include "launch.h"
+
+namespace portmla {
+namespace sm90 {
+namespace {
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                 const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                 const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_fn() {
+  static EncodeTiled fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess) {
+      fn = reinterpret_cast<EncodeTiled>(f);
+    }
+  });
+  return fn;
+}
+
+// The cache as a 3-D tensor [num_blocks][block_size][576] (strides in bytes), boxes of
+// 64 columns x min(block_size, 64) positions x 1 page, 128-byte swizzle.
+cudaError_t encode_kv_map(const DecodeParams& p, CUtensorMap* map) {
+  EncodeTiled fn = encode_fn();
+  if (fn == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(sm80::kD),
+                              static_cast<cuuint64_t>(p.block_size),
+                              static_cast<cuuint64_t>(p.num_blocks)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(p.token_stride) * 2,
+                                 static_cast<cuuint64_t>(p.page_stride) * 2};
+  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(p.block_size < kBN ? p.block_size : kBN),
+                             1};
+  const cuuint32_t elem[3] = {1, 1, 1};
+  const CUresult r = fn(map, p.q_dtype == kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                        3, const_cast<void*>(p.kv_cache), dims, strides, box, elem,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+bool block_size_ok(int bs) { return bs >= 16 && (kBN % bs == 0 || bs % kBN == 0); }
+
+template <typename T>
+cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
+  CUtensorMap map;
+  PORTMLA_RETURN_IF_ERROR(encode_kv_map(p, &map));
+  auto kernel = mla_decode_hopper_kernel<T>;
+  PORTMLA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
+  dim3 grid(m_tiles, p.num_splits, p.num_seqs);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(map, p);
+  PORTMLA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
+}  // namespace
+
+int decode_smem_bytes() { return kSmemBytes; }
+
+cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
+  if (p.kv_format != kKv16 || !block_size_ok(p.block_size) || p.num_blocks < 1 ||
+      (p.token_stride * 2) % 16 || (p.page_stride * 2) % 16 ||
+      reinterpret_cast<uintptr_t>(p.kv_cache) % 16 || (p.num_splits > 1 && p.split_chunk % kBN)) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
+  switch (p.q_dtype) {
+    case kBF16:
+      return run<__nv_bfloat16>(p, stream);
+    case kFP16:
+      return run<__half>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace sm90
+}  // namespace portmla

@@ -1,0 +1,279 @@
+// Hopper (sm_90a) absorbed-MLA decode for 16-bit caches: TMA tile loads through a two-stage
+// mbarrier pipeline, wgmma for S = Q K^T and O += P V, split-KV planned on the host from
+// shapes only (the sm80 combine kernel merges the partials by LSE).
+//
+// CTA = (row tile of 64, split, sequence); rows of a sequence are its (query token j, head h)
+// pairs in order j * H + h, so one KV tile in shared memory serves 64 of them. Row tiles of the
+// same (split, sequence) are neighbours in the grid, so their KV reads meet in L2.
+// Two consumer warpgroups (256 threads), per KV tile of 64 positions:
+//   S    warpgroup w: S[:, 32w .. 32w+32) = Q K^T (m64 n32, 36 k-steps, operands in smem)
+//   max  row maxima of the two halves exchanged through shared memory (named barrier)
+//   P    exp2 of the scaled scores, bf16/fp16, written to one 64x64 swizzled smem tile
+//   O    warpgroup w: O[:, 256w .. 256w+256) += P V (m64 n256, 4 k-steps; V is the first 512
+//        columns of the same KV tile, read MN-major)
+// Thread 0 issues the TMA loads of tile i + 2 once both warpgroups are done with tile i.
+//
+// Shared memory: every operand is a stack of 64-row x 128-byte chunks with the 128-byte
+// swizzle (what TMA writes and what the GMMA descriptors read): Q (9 chunks), two KV stages
+// (9 chunks each: 8 latent + 1 rope), P (1 chunk) = 229,376 bytes + barriers and row data.
+// Cache pages: any block size with 64 % block_size == 0 (>= 16) or block_size % 64 == 0; a
+// tile is 64 / block_size TMA boxes per chunk, or one box inside a larger page.
+// Positions past the split's end inside a loaded tile are masked out of S and their V rows
+// are zeroed in shared memory before O += P V (unused cache slots may hold NaN).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../../common/numeric.cuh"
+#include "../../common/params.h"
+#include "../../sm80/decode/config.h"
+#include "../../sm80/decode/tile_common.cuh"
+#include "hopper_ptx.cuh"
+
+namespace portmla {
+namespace sm90 {
+
+constexpr int kBM = 64;                 // rows per CTA
+constexpr int kBN = 64;                 // KV positions per tile
+constexpr int kStages = 2;
+constexpr int kThreads = 256;           // two consumer warpgroups
+constexpr int kChunk = 64 * 128;        // bytes of one 64-row x 128-byte swizzled chunk
+constexpr int kChunks = sm80::kD / 64;  // 9 per 576-wide row block
+constexpr int kTileBytes = kChunks * kChunk;
+
+struct alignas(1024) Smem {
+  unsigned char q[kTileBytes];
+  unsigned char kv[kStages][kTileBytes];
+  unsigned char p[kChunk];
+  float red[2][kBM];  // per-warpgroup row maxima, then row sums
+  uint64_t full[kStages];
+};
+constexpr int kSmemBytes = static_cast<int>(sizeof(Smem)) + 1024;  // + base alignment slack
+
+// Byte offset of 16-bit element (row r, column c) in a stack of swizzled chunks.
+__device__ __forceinline__ uint32_t swz(int r, int c) {
+  const int cc = c & 63;
+  return static_cast<uint32_t>((c >> 6) * kChunk + r * 128 +
+                               ((((cc >> 3) ^ (r & 7)) << 4) | ((cc & 7) << 1)));
+}
+
+// Tile loads: issued by one thread. Positions [tile_start, min(tile_start + 64, kv_hi)).
+struct TileLoader {
+  const CUtensorMap* map;
+  const int32_t* bt;  // this sequence's block-table row
+  int block_size;
+  int rows;    // rows per TMA box: min(block_size, 64)
+  int kv_hi;
+
+  __device__ __forceinline__ void issue(unsigned char* dst, uint64_t* bar, int tile_start) const {
+    const int left = kv_hi - tile_start;
+    const int pieces = min(kBN / rows, (left + rows - 1) / rows);
+    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(pieces * kChunks * rows * 128));
+    for (int k = 0; k < pieces; ++k) {
+      const int pos = tile_start + k * rows;
+      const int page = bt[pos / block_size];
+      const int in_page = pos % block_size;
+#pragma unroll
+      for (int ch = 0; ch < kChunks; ++ch) {
+        tma_load_3d(dst + ch * kChunk + k * rows * 128, map, bar, ch * 64, in_page, page);
+      }
+    }
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_hopper_kernel(const __grid_constant__ CUtensorMap kv_map, const DecodeParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using G = Gmma<T>;
+  extern __shared__ unsigned char smem_raw[];
+  Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                      ~static_cast<uintptr_t>(1023));
+  const int tid = threadIdx.x, wg = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31;
+  const int split = blockIdx.y, b = blockIdx.z;
+  const int H = p.num_heads;
+
+  sm80::CtaRows c;
+  if (!sm80::cta_rows<kBM>(p, c, split, blockIdx.x, b)) return;  // whole CTA, before barriers
+
+  const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
+  TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(b) * p.bt_stride, p.block_size,
+                min(p.block_size, kBN), c.kv_hi};
+  if (tid == 0) {
+    tma_prefetch_desc(&kv_map);
+    for (int s = 0; s < kStages; ++s) mbar_init(&sm.full[s], 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  if (tid == 0) {
+    for (int s = 0; s < kStages && s < n_tiles; ++s) {
+      ld.issue(sm.kv[s], &sm.full[s], c.kv_lo + s * kBN);
+    }
+  }
+
+  // Q rows m0 .. m0 + 64 -> swizzled chunks; rows past the sequence's rows are zero.
+  {
+    const T* q = static_cast<const T*>(p.q);
+    for (int i = tid; i < kBM * (sm80::kD / 8); i += kThreads) {
+      const int r = i / (sm80::kD / 8), col = (i % (sm80::kD / 8)) * 8;
+      const int g = c.m0 + r;
+      unsigned char* dst = sm.q + swz(r, col);
+      if (g < c.rows) {
+        cp_async16(dst, q + static_cast<int64_t>(c.t0 + g / H) * p.q_stride_t +
+                            static_cast<int64_t>(g % H) * p.q_stride_h + col);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async_smem();
+    __syncthreads();
+  }
+
+  // This thread's two rows (accumulator layout of wgmma m64: warp wq owns rows 16 wq ..).
+  const int r0 = 16 * wq + (lane >> 2);
+  const int last0 = c.last_pos(c.m0 + r0, H), last1 = c.last_pos(c.m0 + r0 + 8, H);
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+
+  const uint64_t q_desc = gmma_desc_sw128(sm.q, 16, 1024);
+  const uint64_t p_desc = gmma_desc_sw128(sm.p, 16, 1024);
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int st = it & (kStages - 1);
+    const int tile_start = c.kv_lo + it * kBN;
+    unsigned char* kv = sm.kv[st];
+    mbar_wait(&sm.full[st], (it / kStages) & 1);
+
+    // S[:, 32 wg ..] = Q K^T over 576 = 9 chunks x 4 k-steps.
+    float s[16];
+    {
+      const uint64_t k_desc = gmma_desc_sw128(kv + wg * 32 * 128, 16, 1024);
+      fence_regs(s);
+      wgmma_fence();
+#pragma unroll
+      for (int kc = 0; kc < kChunks * 4; ++kc) {
+        const uint32_t off = (kc >> 2) * kChunk + (kc & 3) * 32;
+        gmma<typename G::S>(desc_add(q_desc, off), desc_add(k_desc, off), s, kc > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(s);
+    }
+
+    // Mask, scale to base 2, row maxima of this half.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int h2 = (i >> 1) & 1;
+      const int pos = tile_start + wg * 32 + 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
+      const bool ok = pos < c.kv_hi && pos <= (h2 ? last1 : last0);
+      s[i] = ok ? s[i] * scale_log2 : -INFINITY;
+      mx[h2] = fmaxf(mx[h2], s[i]);
+    }
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
+      mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
+    }
+    if ((lane & 3) == 0) {
+      sm.red[wg][r0] = mx[0];
+      sm.red[wg][r0 + 8] = mx[1];
+    }
+    named_barrier(1, kThreads);
+    float alpha[2];
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const float other = sm.red[wg ^ 1][r0 + 8 * h2];
+      const float m_new = fmaxf(m_run[h2], fmaxf(mx[h2], other));
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: no NaN
+      alpha[h2] = exp2f(m_run[h2] - m_use);
+      m_run[h2] = m_new;
+      mx[h2] = m_use;
+    }
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int h2 = (i >> 1) & 1;
+      s[i] = exp2f(s[i] - mx[h2]);
+      sum[h2] += s[i];
+    }
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * alpha[h2] + sum[h2];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] *= alpha[(i >> 1) & 1];
+
+    // P (this warpgroup's 32 columns) -> the swizzled P chunk.
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int col = wg * 32 + 8 * j + 2 * (lane & 3);
+      *reinterpret_cast<uint32_t*>(sm.p + swz(r0, col)) = pack2<T>(s[4 * j], s[4 * j + 1]);
+      *reinterpret_cast<uint32_t*>(sm.p + swz(r0 + 8, col)) = pack2<T>(s[4 * j + 2], s[4 * j + 3]);
+    }
+    // A tile past the split's end: zero the V rows this warpgroup reads (NaN * 0 = NaN).
+    const int valid = c.kv_hi - tile_start;
+    if (valid < kBN) {
+      const int t = tid & 127;
+      for (int i = t; i < (kBN - valid) * 4 * 8; i += 128) {
+        const int r = valid + i / 32, piece = i % 32;  // 4 chunks x 8 16-byte pieces per row
+        *reinterpret_cast<uint4*>(kv + (4 * wg + piece / 8) * kChunk + r * 128 + (piece % 8) * 16) =
+            make_uint4(0, 0, 0, 0);
+      }
+    }
+    fence_proxy_async_smem();
+    named_barrier(2, kThreads);
+
+    // O[:, 256 wg ..] += P V over the tile's 64 positions (4 k-steps).
+    {
+      const uint64_t v_desc = gmma_desc_sw128(kv + 4 * wg * kChunk, kChunk, 1024);
+      fence_regs(o);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        gmma<typename G::O>(desc_add(p_desc, ks * 32), desc_add(v_desc, ks * 16 * 128), o, true);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o);
+    }
+    // Both warpgroups are done with this stage and with P: refill the stage.
+    __syncthreads();
+    if (tid == 0 && it + kStages < n_tiles) {
+      ld.issue(kv, &sm.full[st], tile_start + kStages * kBN);
+    }
+  }
+
+  // Row sums: quad reduction, then the two halves through shared memory.
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 1);
+    l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 2);
+  }
+  if ((lane & 3) == 0) {
+    sm.red[wg][r0] = l_run[0];
+    sm.red[wg][r0 + 8] = l_run[1];
+  }
+  __syncthreads();
+  const auto& acc = *reinterpret_cast<const float(*)[32][4]>(o);
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int r = r0 + 8 * h2, g = c.m0 + r;
+    if (g >= c.rows) continue;
+    const float l = sm.red[0][r] + sm.red[1][r];
+    const float m = m_run[h2] == -INFINITY ? 0.f : m_run[h2];
+    sm80::store_out_row<T>(p, acc, h2, l, m, 1.f, split, c.t0 + g / H, g % H,
+                           256 * wg + 2 * (lane & 3), wg == 0 && (lane & 3) == 0);
+  }
+#else
+  __trap();  // built without sm_90a device code: the launcher never selects this kernel
+#endif
+}
+
+}  // namespace sm90
+}  // namespace portmla

@@ -1,0 +1,141 @@
+// sm_90a building blocks of the Hopper decode kernel: mbarriers, TMA tile loads, proxy fences,
+// named barriers, GMMA shared-memory descriptors and the wgmma calls (CuTe's SM90 GMMA atoms,
+// headers from the nvidia-cutlass package). Everything here is device code for sm_90a only.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap (type only; the map is encoded on the host)
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#include <cute/arch/mma_sm90_desc.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
+
+namespace portmla {
+namespace sm90 {
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---------------------------------------------------------------- mbarrier + TMA
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+
+// Makes the initialised barriers visible to the async proxy (TMA) before first use.
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// One 3-D TMA tile load (coordinates innermost first) that completes `bar`'s transaction count.
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                            int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_prefetch_desc(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+// Generic-proxy writes to shared memory (st.shared, cp.async) -> visible to wgmma / TMA.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Barrier `id` (1..15; 0 is __syncthreads) over `threads` threads.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---------------------------------------------------------------- GMMA descriptors
+
+// 128-byte-swizzled operand descriptor (the canonical GMMA layouts of CuTe's
+// make_gmma_desc): K-major: rows 128 B apart, 8-row groups `sbo` bytes apart; MN-major:
+// 64-element blocks `lbo` bytes apart along M/N, 8-row groups of K `sbo` bytes apart.
+// The start address must lie in a 1024-byte-aligned swizzle atom (base offset 0).
+__device__ __forceinline__ uint64_t gmma_desc_sw128(const void* smem, uint32_t lbo, uint32_t sbo) {
+  cute::GmmaDescriptor d;
+  d.bitfield.start_address_ = static_cast<uint16_t>(smem_u32(smem) >> 4);
+  d.bitfield.leading_byte_offset_ = static_cast<uint16_t>(lbo >> 4);
+  d.bitfield.stride_byte_offset_ = static_cast<uint16_t>(sbo >> 4);
+  d.bitfield.base_offset_ = 0;
+  d.bitfield.layout_type_ = static_cast<uint8_t>(cute::SM90::GMMA::LayoutType::B128);
+  return d.desc_;
+}
+
+// A descriptor moved by `bytes` (a multiple of 16) in shared memory.
+__device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t bytes) {
+  return desc + static_cast<uint64_t>(bytes >> 4);
+}
+
+// ---------------------------------------------------------------- wgmma
+
+__device__ __forceinline__ void wgmma_fence() { cute::warpgroup_arrive(); }
+__device__ __forceinline__ void wgmma_commit() { cute::warpgroup_commit_batch(); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  cute::warpgroup_wait<N>();
+}
+
+// Keeps the compiler from moving accesses of accumulator registers across wgmma fences.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(r[i]);
+}
+
+namespace detail {
+template <class Atom, int N, std::size_t... I>
+__device__ __forceinline__ void gmma_call(uint64_t a, uint64_t b, float (&d)[N], bool accumulate,
+                                          std::index_sequence<I...>) {
+  Atom::fma(a, b, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One
+                                      : cute::SM90::GMMA::ScaleOut::Zero);
+}
+}  // namespace detail
+
+using cute::SM90::GMMA::Major;
+
+// Shapes of the decode kernel: S (m64 n32, both operands K-major) and O (m64 n256, A K-major,
+// B MN-major), for bf16 and fp16 inputs, fp32 accumulators.
+template <typename T> struct Gmma;
+template <> struct Gmma<__nv_bfloat16> {
+  using S = cute::SM90::GMMA::MMA_64x32x16_F32BF16BF16_SS<Major::K, Major::K>;
+  using O = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<Major::K, Major::MN>;
+};
+template <> struct Gmma<__half> {
+  using S = cute::SM90::GMMA::MMA_64x32x16_F32F16F16_SS<Major::K, Major::K>;
+  using O = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<Major::K, Major::MN>;
+};
+
+template <class Atom, int N>
+__device__ __forceinline__ void gmma(uint64_t a, uint64_t b, float (&d)[N], bool accumulate) {
+  detail::gmma_call<Atom>(a, b, d, accumulate, std::make_index_sequence<N>{});
+}
+
+}  // namespace sm90
+}  // namespace portmla

@@ -1,0 +1,21 @@
+// Host entry of the Hopper decode kernel (defined in decode_hopper.cu).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../../common/params.h"
+
+namespace portmla {
+namespace sm90 {
+
+// Shared memory of the kernel (bytes, including alignment slack).
+int decode_smem_bytes();
+
+// The decode kernel only; the caller runs the combine when p.num_splits > 1.
+// cudaErrorInvalidValue for what the kernel does not take (non-16-bit formats, block sizes
+// other than 16, 32, 64 * k, unaligned strides); the driver's TMA encoder missing:
+// cudaErrorNotSupported. Compiled only when PORTMLA_HAVE_SM90A (CuTe headers found).
+cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream);
+
+}  // namespace sm90
+}  // namespace portmla

@@ -1,0 +1,90 @@
+"""The Hopper (sm_90a) decode kernel of the cuda backend against the torch reference.
+
+Runs on an sm_90 GPU with a module built with the kernel; skips elsewhere, except when
+PORTMLA_REQUIRE_HOPPER=1 (the H100 device script sets it): then a missing kernel FAILS.
+Every case asserts that the Hopper kernel is the one that ran.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_cuda_backend import _need_cuda, check_decode, make_decode_case, run_both
+
+from portmla.backends import cuda as cuda_backend
+
+REQUIRED = os.environ.get("PORTMLA_REQUIRE_HOPPER") == "1"
+
+
+def _need_hopper():
+    _need_cuda()
+    mod, why = cuda_backend.load_module()
+    cap = torch.cuda.get_device_capability()
+    missing = None
+    if cap != (9, 0):
+        missing = f"device capability {cap} (the Hopper kernel is sm_90a code)"
+    elif "hopper" not in mod.DECODE_VARIANTS:
+        missing = f"portmla._cuda built without it: {mod.HOPPER_NOT_BUILT}"
+    if missing:
+        if REQUIRED:
+            pytest.fail(f"PORTMLA_REQUIRE_HOPPER=1 but {missing}")
+        pytest.skip(missing)
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """Names of the decode variants chosen during the test."""
+    seen = []
+    orig = cuda_backend.CudaBackend.decode_variant
+
+    def spy(p, mod):
+        out = orig(p, mod)
+        seen.append(out[0])
+        return out
+
+    monkeypatch.setattr(cuda_backend.CudaBackend, "decode_variant", staticmethod(spy))
+    return seen
+
+
+CASES = [  # heads, seq lens, query lens, strided cache
+    (128, [700, 5, 0, 1300, 64], [2, 1, 0, 1, 3], False),
+    (16, [2000, 33, 64, 1], [1, 3, 1, 1], True),
+    (1, [129, 640, 4100], [1, 2, 1], False),
+    (40, [300, 77], [4, 1], True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("splits", [0, 1, 3, 40], ids=lambda s: f"splits{s or 'auto'}")
+def test_hopper_decode(monkeypatch, ran, block_size, dtype, splits):
+    _need_hopper()
+    if splits:
+        monkeypatch.setattr(cuda_backend, "hopper_splits", lambda *a: splits)
+    fmt = "bfloat16" if dtype == torch.bfloat16 else "float16"
+    for heads, lens, qlens, strided in CASES:
+        case = make_decode_case(lens, qlens, heads, block_size, fmt, dtype, "cuda", strided=strided)
+        check_decode(*run_both(case, single_token=False), tol=1e-2)
+    assert ran and set(ran) == {"hopper"}, f"variants that ran: {sorted(set(ran))}"
+
+
+@pytest.mark.gpu
+def test_hopper_single_token_large_batch(ran):
+    _need_hopper()
+    lens = [int(x) for x in torch.randint(1, 3000, (150,))]
+    case = make_decode_case(lens, [1] * 150, 128, 64, "bfloat16", torch.bfloat16, "cuda")
+    check_decode(*run_both(case, single_token=True), tol=1e-2)
+    assert set(ran) == {"hopper"}
+
+
+@pytest.mark.gpu
+def test_hopper_not_taken_where_it_cannot_run(ran):
+    """fp8 caches and block sizes its TMA boxes do not take go to the generic kernels."""
+    _need_hopper()
+    for fmt, bs in (("fp8", 64), ("fp8_ds_mla", 64), ("bfloat16", 48), ("bfloat16", 1)):
+        case = make_decode_case([100, 7], [1, 1], 16, bs, fmt, torch.bfloat16, "cuda")
+        check_decode(*run_both(case, single_token=True))
+    assert "hopper" not in ran and len(ran) == 4
