@@ -72,6 +72,30 @@ def load_nope(kv_ptr, kv32_ptr, off, ok, FMT: tl.constexpr, FNUZ: tl.constexpr, 
 
 
 @triton.jit
+def load_ds_chunk(kv_ptr, off, ok, T: tl.constexpr, L: tl.constexpr, EVICT: tl.constexpr):
+    """fp8_ds_mla kv_c tile ``T`` (columns ``128 T .. 128 T + 127``) ``[BLOCK_N, 128]`` as
+    *unscaled* float16 (e4m3 -> fp16 is exact and one packed convert per two values); rows
+    ``~ok`` and tiles at or beyond ``L`` read as 0."""
+    dt = tl.arange(0, DS_TILE)
+    col = dt + T * DS_TILE
+    x = tl.load(kv_ptr + off[:, None] + col[None, :], mask=ok[:, None] & (col < L)[None, :], other=0,
+                eviction_policy=EVICT)
+    return fp8_bits_to(x, tl.float16, False)
+
+
+@triton.jit
+def load_ds_scales(kv_ptr, kv32_ptr, off, ok, ALIGNED: tl.constexpr, L: tl.constexpr):
+    """The first four fp8_ds_mla tile scales of each entry, ``[BLOCK_N, 4]`` float32 (0 for rows
+    ``~ok`` and for tiles at or beyond ``L``)."""
+    ti = tl.arange(0, 4)
+    smsk = ok[:, None] & (ti < L // DS_TILE)[None, :]
+    if ALIGNED:
+        return tl.load(kv32_ptr + (off // 4)[:, None] + L // 4 + ti[None, :], mask=smsk, other=0.0)
+    else:
+        return tl.where(smsk, _u8_f32_masked(kv_ptr + off[:, None] + L + 4 * ti[None, :], smsk), 0.0)
+
+
+@triton.jit
 def pow2_row_scale(amax):
     """Per-row powers of two ``(s, 1/s)`` with ``amax * s`` in ``[2^14, 2^15)`` (fits fp16).
 

@@ -19,7 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot, load_nope, load_rope, pow2_row_scale
+from .common import (
+    DS_TILE,
+    dot,
+    load_ds_chunk,
+    load_ds_scales,
+    load_nope,
+    load_rope,
+    pow2_row_scale,
+)
 from .launch import FMT_DS_MLA, FMT_FP8, decode_config, format_code, fp8_is_fnuz, interpreting
 
 LOG2E = 1.4426950408889634
@@ -38,7 +46,7 @@ def _decode_kernel(
     PAGE: tl.constexpr, FMT: tl.constexpr, FNUZ: tl.constexpr, ALIGNED: tl.constexpr,
     L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_QSL: tl.constexpr, WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_QSL: tl.constexpr, WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr, EXACT_DS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -72,6 +80,11 @@ def _decode_kernel(
 
     dr = tl.arange(0, BLOCK_R)
     q_rows = q_ptr + t * stride_qt + head.to(tl.int64) * stride_qh
+    if EXACT_DS:
+        _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok, bt_ptr, stride_bt, b,
+                  o_rows, l_rows, kv_lo, kv_hi, limit, qk_scale, ALIGNED, PAGE, L, R, BLOCK_R, BLOCK_M,
+                  BLOCK_N, WRITE_LSE, UPCAST)
+        return
     qn = tl.load(q_rows[:, None] + dl[None, :], mask=row_ok[:, None] & (dl < L)[None, :], other=0.0)
     qr = tl.load(q_rows[:, None] + L + dr[None, :], mask=row_ok[:, None] & (dr < R)[None, :],
                  other=0.0)
@@ -92,14 +105,7 @@ def _decode_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_L), tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     for start in range(kv_lo, kv_hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        ok = pos < kv_hi
-        if PAGE % BLOCK_N == 0:  # the tile lies in one page: one table read, one base offset
-            page = tl.load(bt_row + start // PAGE).to(tl.int64)
-            off = page * stride_page + (start % PAGE + tl.arange(0, BLOCK_N)).to(tl.int64) * stride_tok
-        else:
-            page = tl.load(bt_row + pos // PAGE, mask=ok, other=0).to(tl.int64)
-            off = page * stride_page + (pos % PAGE).to(tl.int64) * stride_tok
+        pos, ok, off = _tile_offsets(bt_row, start, kv_hi, stride_page, stride_tok, PAGE, BLOCK_N)
         kr = load_rope(kv_ptr, kv16_ptr, off, ok, FMT, FNUZ, ALIGNED, L, R, BLOCK_R, qn.dtype)
         if FMT == 0:
             kn = load_nope(kv_ptr, kv32_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_N, qn.dtype, "")
@@ -130,6 +136,112 @@ def _decode_kernel(
         out = out * ks
     tl.store(o_rows[:, None] + dl[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (dl < L)[None, :])
+    if WRITE_LSE:
+        lse = tl.where(seen, (tl.where(seen, m_i, 0.0) + tl.log2(tl.where(seen, l_i, 1.0))) * LN2,
+                       float("-inf"))
+        tl.store(l_rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _tile_offsets(bt_row, start, kv_hi, stride_page, stride_tok, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(positions, in-range mask, 64-bit element offsets) of the KV tile at ``start``."""
+    pos = start + tl.arange(0, BLOCK_N)
+    ok = pos < kv_hi
+    if PAGE % BLOCK_N == 0:  # the tile lies in one page: one table read, one base offset
+        page = tl.load(bt_row + start // PAGE).to(tl.int64)
+        off = page * stride_page + (start % PAGE + tl.arange(0, BLOCK_N)).to(tl.int64) * stride_tok
+    else:
+        page = tl.load(bt_row + pos // PAGE, mask=ok, other=0).to(tl.int64)
+        off = page * stride_page + (pos % PAGE).to(tl.int64) * stride_tok
+    return pos, ok, off
+
+
+@triton.jit
+def _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok, bt_ptr, stride_bt, b,
+              o_rows, l_rows, kv_lo, kv_hi, limit, qk_scale, ALIGNED: tl.constexpr, PAGE: tl.constexpr,
+              L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr):
+    """fp8_ds_mla decode of one row tile and split (``L <= 512``) without dequantizing the tile:
+    fp16 dots of the raw e4m3 values, one per 128-wide scale tile. QK^T: the four partial
+    scores times the per-token tile scales (fp32), Q rows scaled by a power of two into fp16
+    range (exact); RoPE dot in the query's dtype. PV: ``P * scale / max_scale`` (<= 1, fp16)
+    per tile, the fp32 result times ``max_scale`` of the KV tile."""
+    dt = tl.arange(0, DS_TILE)
+    dr = tl.arange(0, BLOCK_R)
+    q0 = tl.load(q_rows[:, None] + dt[None, :], mask=row_ok[:, None] & (dt < L)[None, :], other=0.0)
+    q1 = tl.load(q_rows[:, None] + DS_TILE + dt[None, :],
+                 mask=row_ok[:, None] & (dt + DS_TILE < L)[None, :], other=0.0)
+    q2 = tl.load(q_rows[:, None] + 2 * DS_TILE + dt[None, :],
+                 mask=row_ok[:, None] & (dt + 2 * DS_TILE < L)[None, :], other=0.0)
+    q3 = tl.load(q_rows[:, None] + 3 * DS_TILE + dt[None, :],
+                 mask=row_ok[:, None] & (dt + 3 * DS_TILE < L)[None, :], other=0.0)
+    qr = tl.load(q_rows[:, None] + L + dr[None, :], mask=row_ok[:, None] & (dr < R)[None, :], other=0.0)
+    amax = tl.maximum(tl.maximum(tl.max(tl.abs(q0.to(tl.float32)), 1), tl.max(tl.abs(q1.to(tl.float32)), 1)),
+                      tl.maximum(tl.max(tl.abs(q2.to(tl.float32)), 1), tl.max(tl.abs(q3.to(tl.float32)), 1)))
+    qs, q_inv = pow2_row_scale(amax)
+    q0 = (q0.to(tl.float32) * qs[:, None]).to(tl.float16)
+    q1 = (q1.to(tl.float32) * qs[:, None]).to(tl.float16)
+    q2 = (q2.to(tl.float32) * qs[:, None]).to(tl.float16)
+    q3 = (q3.to(tl.float32) * qs[:, None]).to(tl.float16)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc0 = tl.zeros((BLOCK_M, DS_TILE), tl.float32)
+    acc1 = tl.zeros((BLOCK_M, DS_TILE), tl.float32)
+    acc2 = tl.zeros((BLOCK_M, DS_TILE), tl.float32)
+    acc3 = tl.zeros((BLOCK_M, DS_TILE), tl.float32)
+    zs = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    zo = tl.zeros((BLOCK_M, DS_TILE), tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        pos, ok, off = _tile_offsets(bt_row, start, kv_hi, stride_page, stride_tok, PAGE, BLOCK_N)
+        kr = load_rope(kv_ptr, kv16_ptr, off, ok, 2, False, ALIGNED, L, R, BLOCK_R, qr.dtype)
+        sc = load_ds_scales(kv_ptr, kv32_ptr, off, ok, ALIGNED, L)  # [BLOCK_N, 4]
+        sc02, sc13 = tl.split(tl.reshape(sc, (BLOCK_N, 2, 2)))
+        sc0, sc2 = tl.split(sc02)
+        sc1, sc3 = tl.split(sc13)
+        # each tile is read twice, once per GEMM (the second read hits L2), so both are pipelined
+        s = dot(q0, tl.trans(load_ds_chunk(kv_ptr, off, ok, 0, L, "evict_last")), zs, UPCAST) * sc0[None, :]
+        s += dot(q1, tl.trans(load_ds_chunk(kv_ptr, off, ok, 1, L, "evict_last")), zs, UPCAST) * sc1[None, :]
+        s += dot(q2, tl.trans(load_ds_chunk(kv_ptr, off, ok, 2, L, "evict_last")), zs, UPCAST) * sc2[None, :]
+        s += dot(q3, tl.trans(load_ds_chunk(kv_ptr, off, ok, 3, L, "evict_last")), zs, UPCAST) * sc3[None, :]
+        s = (s * q_inv[:, None] + dot(qr, tl.trans(kr), zs, UPCAST)) * qk_scale
+        s = tl.where(ok[None, :] & (pos[None, :] <= limit[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # a tile scale is >= FLT_MIN for every written token; 0 only for masked rows / absent tiles
+        mx0 = tl.max(sc0, 0)
+        mx1 = tl.max(sc1, 0)
+        mx2 = tl.max(sc2, 0)
+        mx3 = tl.max(sc3, 0)
+        w0 = sc0 / tl.where(mx0 > 0, mx0, 1.0)
+        w1 = sc1 / tl.where(mx1 > 0, mx1, 1.0)
+        w2 = sc2 / tl.where(mx2 > 0, mx2, 1.0)
+        w3 = sc3 / tl.where(mx3 > 0, mx3, 1.0)
+        acc0 = acc0 * alpha[:, None] + dot((p * w0[None, :]).to(tl.float16),
+                                           load_ds_chunk(kv_ptr, off, ok, 0, L, "evict_first"), zo, UPCAST) * mx0
+        acc1 = acc1 * alpha[:, None] + dot((p * w1[None, :]).to(tl.float16),
+                                           load_ds_chunk(kv_ptr, off, ok, 1, L, "evict_first"), zo, UPCAST) * mx1
+        acc2 = acc2 * alpha[:, None] + dot((p * w2[None, :]).to(tl.float16),
+                                           load_ds_chunk(kv_ptr, off, ok, 2, L, "evict_first"), zo, UPCAST) * mx2
+        acc3 = acc3 * alpha[:, None] + dot((p * w3[None, :]).to(tl.float16),
+                                           load_ds_chunk(kv_ptr, off, ok, 3, L, "evict_first"), zo, UPCAST) * mx3
+        m_i = m_new
+
+    seen = l_i > 0
+    inv_l = 1.0 / tl.where(seen, l_i, 1.0)
+    o_ty = o_rows.dtype.element_ty
+    om = row_ok[:, None]
+    tl.store(o_rows[:, None] + dt[None, :], (acc0 * inv_l[:, None]).to(o_ty), mask=om & (dt < L)[None, :])
+    tl.store(o_rows[:, None] + DS_TILE + dt[None, :], (acc1 * inv_l[:, None]).to(o_ty),
+             mask=om & (dt + DS_TILE < L)[None, :])
+    tl.store(o_rows[:, None] + 2 * DS_TILE + dt[None, :], (acc2 * inv_l[:, None]).to(o_ty),
+             mask=om & (dt + 2 * DS_TILE < L)[None, :])
+    tl.store(o_rows[:, None] + 3 * DS_TILE + dt[None, :], (acc3 * inv_l[:, None]).to(o_ty),
+             mask=om & (dt + 3 * DS_TILE < L)[None, :])
     if WRITE_LSE:
         lse = tl.where(seen, (tl.where(seen, m_i, 0.0) + tl.log2(tl.where(seen, l_i, 1.0))) * LN2,
                        float("-inf"))
@@ -245,6 +357,7 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         PAGE=c.block_size, FMT=fmt, FNUZ=fp8_is_fnuz(plat), ALIGNED=ds_aligned(kv_cache),
         L=lora, R=rope, BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_QSL=query_start_loc is not None, UPCAST=interpreting(),
+        EXACT_DS=fmt == FMT_DS_MLA and lora <= 4 * 128 and cfg.exact_ds,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     grid = (cfg.row_tiles, cfg.num_splits, p.num_seqs)
     if cfg.num_splits == 1:

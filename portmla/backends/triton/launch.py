@@ -58,6 +58,9 @@ class DecodeConfig:
     num_splits: int  # split-KV programs per (sequence, row tile)
     kv_per_split: int  # KV positions per split, a multiple of block_n
     row_tiles: int
+    # fp8_ds_mla with kv_lora_rank <= 512: fp16 dots of the raw e4m3 tiles, scales on the fp32
+    # scores / P (``decode._ds_exact``); else the tile is dequantized to bf16 before the dots
+    exact_ds: bool = True
 
 
 # Hand-set per vendor. CUDA: from the H100 tuning runs (benchmarks/results/triton_h100_notes.md).
@@ -127,15 +130,22 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     if platform.kind == "cpu":
         want = 1 if tiles <= 4 else min(4, tiles)  # exercise the combine path on small shapes
     else:
-        # Split finely enough that ~4 programs per compute unit exist (balances varlen
-        # batches: short sequences leave their late splits empty), but keep each split
-        # long enough that its partial-output write stays small next to its KV read.
+        # Split finely enough that ~4 programs per compute unit exist (8 for the narrow CUDA
+        # tiles) to balance varlen batches (short sequences leave their late splits empty),
+        # but keep each split long enough that its partial-output write stays small next to
+        # its KV read. Narrow CUDA tiles at 8: 4-21 % faster on the b=128 h=16 rows, most on
+        # varlen (session 6 of the notes).
+        per_unit = 8 if platform.kind == "cuda" and block_m < 32 else 4
         min_tiles = max(1, (256 if block_m >= 32 else 128) // block_n)
-        want = min(cdiv(4 * units, programs), max(1, tiles // min_tiles), 64)
+        want = min(cdiv(per_unit * units, programs), max(1, tiles // min_tiles), 64)
     splits = max(1, want)
     per = cdiv(tiles, splits) * block_n
     splits = cdiv(max_kv_len, per)
-    return DecodeConfig(block_m, block_n, warps, stages, splits, per, row_tiles)
+    # The exact fp8_ds_mla path wins on narrow tiles (1.5-1.6x at h=16 on the H100) and loses
+    # on the 64-row wgmma tile (1762 vs 1232 us at b=128, S=4096, h=128: its four 128-wide dots
+    # and four accumulators spill). Same rule everywhere, so the interpreter tests cover both.
+    exact_ds = block_m < 32
+    return DecodeConfig(block_m, block_n, warps, stages, splits, per, row_tiles, exact_ds)
 
 
 @dataclass(frozen=True)

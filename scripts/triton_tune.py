@@ -1,0 +1,151 @@
+"""Same-data A/B of Triton decode launch variants on a GPU (one call, one table).
+
+    PYTHONPATH=. python scripts/triton_tune.py [--plan final|ds,fp8,bf16,h128] [--reps 15]
+
+Each data set (the ANCHORS.md row shapes, fixed or varlen lengths) is built once and every
+variant of the plan is timed on it: median of CUDA-graph replays of one whole
+``pm.mla_decode`` (decode + split combine), after a reference check of the variant's output.
+A variant is ``(block_m, block_n, warps, stages, m, exact_ds)`` (splits: ~4 m programs per
+SM); ``None`` means the committed default (``launch.decode_config``) for that field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TRITON_INTERPRET", "0")
+
+import torch  # noqa: E402
+from triton_device_check import build, call, figures, graph_time, rel  # noqa: E402
+
+import portmla as pm  # noqa: E402
+from portmla.backends.triton import decode as tdec  # noqa: E402
+from portmla.backends.triton import launch as tlaunch  # noqa: E402
+
+DEFAULT = (None, None, None, None, 1, None)
+
+OLD = (None, None, None, None, 1, False)  # session-5 narrow default: 4 programs / SM, ds dequantized
+M12 = (None, None, None, None, 3, None)  # 12 programs / SM for narrow tiles
+W8 = (None, None, None, None, 2, None)  # 8 programs / SM for wide tiles
+
+# data set (b, S, h, fixed[, s_q]) -> formats -> variants. Session 6: "ds", "fp8", "bf16", "h128"
+# were the first call (split multiplier 1 = 4 programs / SM then); "final" the second.
+PLANS = {
+    "ds": [((128, 8192, 16, True), ("fp8_ds_mla",),
+            [DEFAULT, (16, 32, 4, 5, 1, False), (16, 64, 8, 5, 1, True), (16, 64, 8, 5, 1, False)]),
+           ((128, 8192, 16, False), ("fp8_ds_mla",),
+            [DEFAULT, (16, 32, 4, 5, 1, False), (16, 64, 8, 5, 1, True), (16, 32, 4, 5, 2, True)]),
+           ((64, 32768, 16, True), ("fp8_ds_mla",), [DEFAULT, (16, 32, 4, 5, 1, False), (16, 64, 8, 5, 1, True)]),
+           ((8, 8192, 16, True), ("fp8_ds_mla",), [DEFAULT, (16, 32, 4, 5, 1, False)])],
+    "fp8": [((128, 8192, 16, False), ("fp8",), [DEFAULT, (16, 64, 8, 5, 1, None), (16, 32, 4, 5, 2, None)]),
+            ((128, 8192, 16, True), ("fp8",), [DEFAULT, (16, 64, 8, 5, 1, None), (16, 32, 4, 5, 2, None)]),
+            ((64, 32768, 16, True), ("fp8",), [DEFAULT]),
+            ((8, 8192, 16, True), ("fp8",), [DEFAULT])],
+    "bf16": [((128, 8192, 16, False), ("bfloat16",), [DEFAULT, (16, 64, 8, 5, 2, None)]),
+             ((128, 8192, 16, True), ("bfloat16",), [DEFAULT]),
+             ((64, 32768, 16, True), ("bfloat16",), [DEFAULT, (16, 64, 8, 5, 2, None)]),
+             ((8, 8192, 16, True), ("bfloat16",), [DEFAULT])],
+    "h128": [((128, 4096, 128, False), ("bfloat16",), [DEFAULT]),
+             ((128, 4096, 128, False), ("fp8_ds_mla",), [DEFAULT, (64, 32, 8, 2, 1, False)])],
+    "final": [((128, 8192, 16, False), ("bfloat16", "fp8", "fp8_ds_mla"), [DEFAULT, OLD, M12]),
+              ((128, 8192, 16, True), ("bfloat16", "fp8", "fp8_ds_mla"), [DEFAULT, OLD]),
+              ((64, 32768, 16, True), ("bfloat16",), [DEFAULT, OLD, M12]),
+              ((64, 32768, 16, True), ("fp8", "fp8_ds_mla"), [DEFAULT, OLD]),
+              ((8, 8192, 16, True), ("bfloat16", "fp8", "fp8_ds_mla"), [DEFAULT]),
+              ((8, 8192, 16, False), ("bfloat16",), [DEFAULT]),
+              ((128, 4096, 128, False), ("bfloat16",), [DEFAULT, W8]),
+              ((128, 4096, 128, False), ("fp8_ds_mla",), [DEFAULT]),
+              ((128, 4096, 128, False, 2), ("bfloat16",), [DEFAULT]),
+              ((128, 8192, 128, False), ("bfloat16",), [DEFAULT]),
+              ((64, 16384, 128, False), ("bfloat16",), [DEFAULT]),
+              ((32, 4096, 128, False), ("bfloat16",), [DEFAULT]),
+              ((1, 32768, 128, True), ("bfloat16",), [DEFAULT])],
+}
+
+
+def variant_config(v):
+    """decode_config with the fields of ``v`` that are not None replaced; splits by the
+    4-programs-per-compute-unit rule times the multiplier."""
+    bm_, bn_, w_, st_, mult, exact = v
+    if v == DEFAULT:
+        return tlaunch.decode_config
+
+    def cfg(plat, ns, nh, mql, mkv, fmt, lora):
+        d = tlaunch.decode_config(plat, ns, nh, mql, mkv, fmt, lora)
+        bm = bm_ or d.block_m
+        bn = bn_ or d.block_n
+        rt = tlaunch.cdiv(max(1, mql) * nh, bm)
+        tiles = tlaunch.cdiv(max(1, mkv), bn)
+        min_tiles = max(1, (256 if bm >= 32 else 128) // bn)
+        want = min(tlaunch.cdiv(int(4 * mult * plat.num_compute_units), ns * rt), max(1, tiles // min_tiles), 64)
+        per = tlaunch.cdiv(tiles, max(1, want)) * bn
+        return dataclasses.replace(d, block_m=bm, block_n=bn, num_warps=w_ or d.num_warps,
+                                   num_stages=st_ or d.num_stages, num_splits=tlaunch.cdiv(mkv, per),
+                                   kv_per_split=per, row_tiles=rt,
+                                   exact_ds=d.exact_ds if exact is None else exact)
+    return cfg
+
+
+def run(plans, reps, out_dir):
+    res = []
+    orig = tdec.decode_config
+    plat = pm.current_platform()
+    for plan in plans:
+        for shape, fmts, variants in PLANS[plan]:
+            b, S, h, fixed = shape[:4]
+            s_q = shape[4] if len(shape) > 4 else 1
+            for fmt in fmts:
+                d = build(b, s_q, S, h, fmt, fixed=fixed, seed=b * 7 + S)
+                ref = None
+                for v in variants:
+                    tdec.decode_config = variant_config(v)
+                    name = "default" if v == DEFAULT else "x".join("-" if x is None else f"{x:g}" for x in v)
+                    try:
+                        c = tdec.decode_config(plat, b, h, s_q, d["bt"].shape[1] * 64, fmt, 512)
+                        o = call(d, "triton")
+                        if ref is None:
+                            tdec.decode_config = orig
+                            ref = call(d, "reference") if b * S <= 128 * 8192 else None
+                            tdec.decode_config = variant_config(v)
+                        err = rel(o, ref) if ref is not None else float("nan")
+                        med, lo, hi = graph_time(d, reps=reps)
+                        tf, tb = figures(d, b, s_q, h, med)
+                        row = dict(plan=plan, b=b, s_q=s_q, S=S, h=h, fixed=fixed, fmt=fmt, variant=name, us=med,
+                                   us_min=lo, us_max=hi, tflops=tf, tbs=tb, splits=c.num_splits, rel=err)
+                        res.append(row)
+                        print(f"{plan:5s} {fmt:10s} b={b:3d} q{s_q} S={S:5d} h={h:3d} {'fix' if fixed else 'var'} "
+                              f"{name:16s} {med:8.1f} us [{lo:7.1f},{hi:7.1f}] {tf:6.1f} TF {tb:5.2f} TB/s "
+                              f"splits={c.num_splits:2d} rel={err:.1e}", flush=True)
+                    except Exception:  # noqa: BLE001 - report and go on
+                        print(f"{plan} {fmt} b={b} S={S} h={h} {name}: FAILED\n{traceback.format_exc()[-1500:]}")
+                    finally:
+                        tdec.decode_config = orig
+                del d, ref
+                torch.cuda.empty_cache()
+                with open(os.path.join(out_dir, "triton_tune.json"), "w") as f:
+                    json.dump(res, f, indent=1)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--plan", default="final")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    t0 = time.time()
+    print(f"device: {pm.current_platform().device_name} torch {torch.__version__} "
+          f"triton {__import__('triton').__version__}", flush=True)
+    run(a.plan.split(","), a.reps, a.out)
+    print(f"[done in {time.time() - t0:.0f}s]")
+
+
+if __name__ == "__main__":
+    main()
