@@ -143,10 +143,24 @@ def test_mla_decode(fmt, page, heads, qlens, layout):
     o_tri, l_tri = pm.mla_decode(q, cache, bt, sl, out=out, backend="triton", **kw)
     o_ref, l_ref = pm.mla_decode(q, cache, bt, sl, backend="reference", **kw)
     assert o_tri.data_ptr() == out.data_ptr()
-    # fp8_ds_mla: the kernel rounds fp8 * tile-scale to bf16 before the tensor-core dot
+    # fp8_ds_mla on >= 32-row tiles: the kernel rounds fp8 * tile-scale to bf16 before the dot
     _close(o_tri, o_ref, 2e-2 if fmt == "fp8_ds_mla" else 1e-2, "out")
     atol = 3e-2 if fmt == "fp8_ds_mla" else 2e-3
     assert torch.allclose(l_tri, l_ref, atol=atol, rtol=1e-3), (l_tri - l_ref).abs().max()
+
+
+@pytest.mark.parametrize("spread", [1e-3, 1.0, 30.0])
+def test_mla_decode_ds_exact_path(spread):
+    """fp8_ds_mla on 16-row tiles runs fp16 dots of the raw e4m3 values with the tile scales
+    on the fp32 scores / P: as close to the reference as the 16-bit formats, for tiny and
+    large tile scales (P * scale is normalised per KV tile, so it never underflows fp16)."""
+    torch.manual_seed(5)
+    case = mla_cases.make_decode_case([70, 33, 1], [1, 2, 1], heads=4, block_size=16, fmt="fp8_ds_mla",
+                                      layout="padded", device=DEV, spread=spread)
+    o_tri, l_tri = mla_cases.decode(case, "triton")
+    o_ref, l_ref = mla_cases.decode(case, "reference")
+    _close(o_tri, o_ref, 1e-2, "out")
+    assert torch.allclose(l_tri, l_ref, atol=2e-3, rtol=1e-3), (l_tri - l_ref).abs().max()
 
 
 def test_mla_decode_capture_bound_max_query_len_and_no_lse():

@@ -105,6 +105,7 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     rows = max(1, max_query_len) * num_heads
     block_m = min(max_rows_per_program(platform), max(16, next_pow2(rows)))
     row_tiles = cdiv(rows, block_m)
+    per_unit = 4  # split target: programs per compute unit (below)
     if platform.kind == "cuda":
         wide = block_m >= 32
         if kv_format in ("fp8", "fp8_ds_mla"):
@@ -117,6 +118,8 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
             block_n, warps, stages = _CUDA_DECODE_SMALL_SMEM[block_m >= 32]
         if next_pow2(kv_lora_rank) > 512 or smem < 160 * 1024:
             block_n, stages = 16, 1
+        if tile == "quant" and not wide:
+            per_unit = 8  # two programs per SM (see the split rule below)
     elif platform.kind == "rocm":
         block_n, warps, stages = _ROCM_DECODE
     elif platform.kind == "xpu":
@@ -130,12 +133,13 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     if platform.kind == "cpu":
         want = 1 if tiles <= 4 else min(4, tiles)  # exercise the combine path on small shapes
     else:
-        # Split finely enough that ~4 programs per compute unit exist (8 for the narrow CUDA
-        # tiles) to balance varlen batches (short sequences leave their late splits empty),
-        # but keep each split long enough that its partial-output write stays small next to
-        # its KV read. Narrow CUDA tiles at 8: 4-21 % faster on the b=128 h=16 rows, most on
-        # varlen (session 6 of the notes).
-        per_unit = 8 if platform.kind == "cuda" and block_m < 32 else 4
+        # Split finely enough that ~4 programs per resident program slot exist (balances
+        # varlen batches: short sequences leave their late splits empty), but keep each split
+        # long enough that its partial-output write stays small next to its KV read. The
+        # narrow quantized CUDA tile fits two programs per SM, so 8 per SM: 1.03-1.19x on the
+        # fp8 / fp8_ds_mla h=16 rows (session 6 of the notes; most on varlen). The bf16 narrow
+        # tile (one per SM) stays at 4: at 8 it was 3 % faster on b=128 S=8192 varlen and 2 %
+        # on b=64 S=32768, but 6 % slower on b=128 S=8192 fixed.
         min_tiles = max(1, (256 if block_m >= 32 else 128) // block_n)
         want = min(cdiv(per_unit * units, programs), max(1, tiles // min_tiles), 64)
     splits = max(1, want)
