@@ -19,7 +19,16 @@ def native_modules() -> list[tuple[str, str]]:
     for name in NATIVE_MODULES:
         try:
             mod = importlib.import_module(name)
-            out.append((name, f"loaded from {mod.__file__}"))
+            state = f"loaded from {mod.__file__}"
+            if hasattr(mod, "BUILT_ARCHS"):
+                state += f" (archs {mod.BUILT_ARCHS}"
+            if hasattr(mod, "HOPPER_NOT_BUILT"):
+                why = mod.HOPPER_NOT_BUILT
+                state += "; sm_90a Hopper decode kernel " + ("built" if why is None else
+                                                             f"not built: {why}")
+            if hasattr(mod, "BUILT_ARCHS"):
+                state += ")"
+            out.append((name, state))
         except Exception as e:  # noqa: BLE001 - reported, not swallowed
             out.append((name, f"not loaded: {type(e).__name__}: {e}"))
     return out

@@ -17,13 +17,26 @@ export PORTMLA_TEST_SEED=${PORTMLA_TEST_SEED:-$RANDOM$RANDOM}
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   echo "commit ${PORTMLA_GIT_COMMIT:-unknown}"
   echo "== build"
-  PORTMLA_CUDA_ARCHS=${PORTMLA_CUDA_ARCHS:-90a} python csrc_cuda/build.py 2>&1 | tail -4
+  source scripts/cutlass_headers.sh
+  PORTMLA_CUDA_ARCHS=${PORTMLA_CUDA_ARCHS:-90a} python csrc_cuda/build.py --verbose-ptxas \
+    > "$OUT/ptxas.txt" 2>&1; echo "build exit $?"
+  grep -E "hopper kernel|FAILED|error|^built" "$OUT/ptxas.txt" | head
+  grep -A2 "Function properties for .*hopper" "$OUT/ptxas.txt" | grep -E "spill|Used"
+  cuobjdump -sass portmla/_cuda*.so > "$OUT/sass.txt" 2>&1
+  echo "HGMMA instructions in SASS: $(grep -c HGMMA "$OUT/sass.txt")"
+  grep -o "HGMMA[.A-Z0-9x]*" "$OUT/sass.txt" | sort | uniq -c
+  rm -f "$OUT/sass.txt"
   echo "== info"; python -m portmla info
   echo "== demo"; python -m portmla demo
   echo "== tests (seed $PORTMLA_TEST_SEED)"
-  PORTMLA_REQUIRE_BACKEND=cuda timeout "$TEST_S" python -m pytest -q -p no:cacheprovider \
-    -n 8 --durations=15 tests
+  PORTMLA_REQUIRE_BACKEND=cuda PORTMLA_REQUIRE_HOPPER=1 timeout "$TEST_S" python -m pytest -q \
+    -p no:cacheprovider -n 8 --durations=15 tests
   echo "pytest exit: $?"
+  for tool in memcheck racecheck synccheck; do
+    echo "== compute-sanitizer --tool $tool (Hopper kernel for bf16, generic kernels for fp8)"
+    timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 \
+      python scripts/cuda_device_check.py sanitize 2>&1 | tail -4
+  done
 } 2>&1 | tee "$OUT/log.txt"
 echo "== bench" | tee -a "$OUT/log.txt"
 timeout "$BENCH_S" python -m portmla bench --preset anchors --backends all --peers \

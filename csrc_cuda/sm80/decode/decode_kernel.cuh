@@ -223,53 +223,61 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
   }
 }
 
-// Merge the splits of every (token, head) row by their LSE. One warp per row.
+// Merge the splits of every (token, head) row by their LSE. One warp per (row, quarter of the
+// 512 columns), so even a handful of rows spreads over the SMs; each lane owns one float4.
+// Splits are visited in order (deterministic); the LSE maximum is read lane-parallel.
+constexpr int kCombineWarpsPerRow = 4;
+
 template <typename T>
 __global__ void __launch_bounds__(256) mla_decode_combine_kernel(const DecodeParams p) {
   const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.num_heads;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int64_t row = w / kCombineWarpsPerRow;
+  const int quarter = static_cast<int>(w % kCombineWarpsPerRow);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
   const int S = p.num_splits;
   float mx = -INFINITY;
-  for (int s = 0; s < S; ++s) mx = fmaxf(mx, p.part_lse[s * rows + row]);
-  float acc[16];
+  for (int s = lane; s < S; s += 32) mx = fmaxf(mx, p.part_lse[s * rows + row]);
 #pragma unroll
-  for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   float total = 0.f;
+  const int col4 = quarter * (kL / 4 / kCombineWarpsPerRow) + lane;  // float4 index in the row
   if (mx != -INFINITY) {
+#pragma unroll 4
     for (int s = 0; s < S; ++s) {
       const float ls = p.part_lse[s * rows + row];
       if (ls == -INFINITY) continue;  // an empty split: its partial output is not read
-      const float w = expf(ls - mx);
-      total += w;
-      const float4* src = reinterpret_cast<const float4*>(p.part_out + (s * rows + row) * kL);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float4 v = src[lane + 32 * k];
-        acc[4 * k] += w * v.x;
-        acc[4 * k + 1] += w * v.y;
-        acc[4 * k + 2] += w * v.z;
-        acc[4 * k + 3] += w * v.w;
-      }
+      const float wgt = expf(ls - mx);
+      total += wgt;
+      const float4 v = reinterpret_cast<const float4*>(p.part_out + (s * rows + row) * kL)[col4];
+      acc.x += wgt * v.x;
+      acc.y += wgt * v.y;
+      acc.z += wgt * v.z;
+      acc.w += wgt * v.w;
     }
   }
   const float inv = total > 0.f ? 1.f / total : 0.f;
   const int t = static_cast<int>(row / p.num_heads), h = static_cast<int>(row % p.num_heads);
   T* o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
          static_cast<int64_t>(h) * p.out_stride_h;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const int col = 4 * (lane + 32 * k);
-    uint2 v;
-    v.x = pack2<T>(acc[4 * k] * inv, acc[4 * k + 1] * inv);
-    v.y = pack2<T>(acc[4 * k + 2] * inv, acc[4 * k + 3] * inv);
-    *reinterpret_cast<uint2*>(o + col) = v;
-  }
-  if (p.lse != nullptr && lane == 0) {
+  uint2 v;
+  v.x = pack2<T>(acc.x * inv, acc.y * inv);
+  v.y = pack2<T>(acc.z * inv, acc.w * inv);
+  *reinterpret_cast<uint2*>(o + 4 * col4) = v;
+  if (p.lse != nullptr && lane == 0 && quarter == 0) {
     p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(h) * p.lse_stride_h] =
         total > 0.f ? mx + logf(total) : -INFINITY;
   }
+}
+
+template <typename T>
+cudaError_t launch_decode_combine(const DecodeParams& p, cudaStream_t stream) {
+  const int64_t warps = static_cast<int64_t>(p.num_tokens) * p.num_heads * kCombineWarpsPerRow;
+  mla_decode_combine_kernel<T><<<static_cast<unsigned>((warps + 7) / 8), 256, 0, stream>>>(p);
+  PORTMLA_CHECK_LAUNCH();
+  return cudaSuccess;
 }
 
 template <typename Kernel>
@@ -307,11 +315,7 @@ cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream) {
     default:
       return cudaErrorInvalidValue;
   }
-  if (p.num_splits > 1) {
-    const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.num_heads;
-    mla_decode_combine_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
-    PORTMLA_CHECK_LAUNCH();
-  }
+  if (p.num_splits > 1) return launch_decode_combine<T>(p, stream);
   return cudaSuccess;
 }
 

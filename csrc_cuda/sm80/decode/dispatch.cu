@@ -19,14 +19,8 @@ cudaError_t launch_mla_decode(const DecodeParams& p, cudaStream_t stream) {
 #if defined(PORTMLA_HAVE_SM90A)
     PORTMLA_RETURN_IF_ERROR(sm90::launch_decode(p, stream));
     if (p.num_splits > 1 && p.num_seqs > 0 && p.num_tokens > 0 && p.num_heads > 0) {
-      const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.num_heads;
-      const unsigned grid = static_cast<unsigned>((rows + 7) / 8);
-      if (bf16) {
-        sm80::mla_decode_combine_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(p);
-      } else {
-        sm80::mla_decode_combine_kernel<__half><<<grid, 256, 0, stream>>>(p);
-      }
-      PORTMLA_CHECK_LAUNCH();
+      return bf16 ? sm80::launch_decode_combine<__nv_bfloat16>(p, stream)
+                  : sm80::launch_decode_combine<__half>(p, stream);
     }
     return cudaSuccess;
 #else
