@@ -34,7 +34,7 @@ export PORTMLA_TEST_SEED=${PORTMLA_TEST_SEED:-$RANDOM$RANDOM}
   echo "pytest exit: $?"
   for tool in memcheck racecheck synccheck; do
     echo "== compute-sanitizer --tool $tool (Hopper kernel for bf16, generic kernels for fp8)"
-    timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 \
+    timeout 75 compute-sanitizer --tool $tool --error-exitcode 9 \
       python scripts/cuda_device_check.py sanitize 2>&1 | tail -4
   done
 } 2>&1 | tee "$OUT/log.txt"
