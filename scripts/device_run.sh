@@ -34,14 +34,14 @@ export PORTMLA_TEST_SEED=${PORTMLA_TEST_SEED:-$RANDOM$RANDOM}
   echo "pytest exit: $?"
   for tool in memcheck racecheck synccheck; do
     echo "== compute-sanitizer --tool $tool (Hopper kernel for bf16, generic kernels for fp8)"
-    timeout 75 compute-sanitizer --tool $tool --error-exitcode 9 \
+    timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 \
       python scripts/cuda_device_check.py sanitize 2>&1 | tail -4
   done
 } 2>&1 | tee "$OUT/log.txt"
 echo "== bench" | tee -a "$OUT/log.txt"
 timeout "$BENCH_S" python -m portmla bench --preset anchors --backends all --peers \
   --out "$OUT/h100" --compare anchors 2>&1 | tee -a "$OUT/log.txt"
-timeout 100 python -m portmla bench --specs 128q1s8k,64q1s32k,8q1s8k --heads 16 --fixed \
+timeout 80 python -m portmla bench --specs 128q1s8k,64q1s32k,8q1s8k --heads 16 --fixed \
   --kv-cache-dtype bfloat16,fp8,fp8_ds_mla --backends cuda,triton --no-ceilings \
   --out "$OUT/h100_formats" 2>&1 | tee -a "$OUT/log.txt"
 tar czf "$OUT/formats.tgz" -C "$OUT" h100_formats && rm -rf "$OUT/h100_formats"
