@@ -17,6 +17,8 @@ ROOT = Path(__file__).parent
 PLATFORMS = {p.stem: tomllib.loads(p.read_text()) for p in sorted((ROOT / "platforms").glob("*.toml"))}
 nox.options.sessions = ["lint", "tests-cpu", "build-cuda-check"]
 nox.options.default_venv_backend = "venv"
+# The Hopper kernel uses CuTe's SM90 GMMA atoms; the wheel ships the headers.
+CUTLASS_HEADERS = "nvidia-cutlass>=4.2,<5"
 
 
 def _has_torch(session: nox.Session) -> bool:
@@ -37,6 +39,14 @@ def _install(session: nox.Session, platform: dict, env: dict | None = None) -> N
     elif not _has_torch(session):
         session.error(f"{platform['name']}: install the vendor build of torch on the runner "
                       f"first (this session reuses it through --system-site-packages)")
+    if platform.get("native_build"):
+        # The native build runs inside this environment (no build isolation), so it sees the
+        # CuTe headers of nvidia-cutlass (installed without its unrelated Python deps).
+        session.install("setuptools>=69", "wheel", "pybind11>=2.12")
+        session.install("--no-deps", CUTLASS_HEADERS)
+        session.install("--no-build-isolation", "-e", f".[{','.join(platform['extras'])}]",
+                        env=env or {})
+        return
     session.install("-e", f".[{','.join(platform['extras'])}]", env=env or {})
 
 
@@ -86,6 +96,7 @@ def tests_xpu(session: nox.Session) -> None:
 def build_cuda_check(session: nox.Session) -> None:
     """Compile every csrc_cuda source for sm_80 and sm_90a (nvcc, no GPU needed)."""
     session.install("pybind11")
+    session.install("--no-deps", CUTLASS_HEADERS)  # CuTe headers only (its Python deps unused)
     session.run("python", "csrc_cuda/build.py", "--check", *session.posargs)
 
 
@@ -93,6 +104,7 @@ def build_cuda_check(session: nox.Session) -> None:
 def build_cuda(session: nox.Session) -> None:
     """Build the portmla._cuda module in place (PORTMLA_CUDA_ARCHS, default 80;90a)."""
     session.install("pybind11")
+    session.install("--no-deps", CUTLASS_HEADERS)
     session.run("python", "csrc_cuda/build.py", *session.posargs)
 
 
