@@ -96,6 +96,18 @@ def load_ds_scales(kv_ptr, kv32_ptr, off, ok, ALIGNED: tl.constexpr, L: tl.const
 
 
 @triton.jit
+def softmax_step(s, keep, m_i, l_i):
+    """One tile of online softmax over base-2 scores ``s`` ([M, N]; ``keep`` masks them):
+    ``(p, alpha, m_new, l_new)``; rows with nothing seen yet stay at 0 (no NaN)."""
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def pow2_row_scale(amax):
     """Per-row powers of two ``(s, 1/s)`` with ``amax * s`` in ``[2^14, 2^15)`` (fits fp16).
 

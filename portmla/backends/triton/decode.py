@@ -27,6 +27,7 @@ from .common import (
     load_nope,
     load_rope,
     pow2_row_scale,
+    softmax_step,
 )
 from .launch import FMT_DS_MLA, FMT_FP8, decode_config, format_code, fp8_is_fnuz, interpreting
 
@@ -121,12 +122,8 @@ def _decode_kernel(
         s = dot(qr, tl.trans(kr), s, UPCAST) * scale
         if FMT == 1:
             s = s * q_inv[:, None]  # undo Q's fp16 row scaling
-        s = tl.where(ok[None, :] & (pos[None, :] <= limit[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = softmax_step(s, ok[None, :] & (pos[None, :] <= limit[:, None]),
+                                            m_i, l_i)
         acc = dot(p.to(kv.dtype), kv, acc * alpha[:, None], UPCAST)
         m_i = m_new
 
@@ -206,12 +203,8 @@ def _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_to
         s += dot(q2, tl.trans(load_ds_chunk(kv_ptr, off, ok, 2, L, "evict_last")), zs, UPCAST) * sc2[None, :]
         s += dot(q3, tl.trans(load_ds_chunk(kv_ptr, off, ok, 3, L, "evict_last")), zs, UPCAST) * sc3[None, :]
         s = (s * q_inv[:, None] + dot(qr, tl.trans(kr), zs, UPCAST)) * qk_scale
-        s = tl.where(ok[None, :] & (pos[None, :] <= limit[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = softmax_step(s, ok[None, :] & (pos[None, :] <= limit[:, None]),
+                                            m_i, l_i)
         # a tile scale is >= FLT_MIN for every written token; 0 only for masked rows / absent tiles
         mx0 = tl.max(sc0, 0)
         mx1 = tl.max(sc1, 0)

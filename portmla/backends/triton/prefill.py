@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import dot
+from .common import dot, softmax_step
 from .launch import interpreting, prefill_config
 
 LOG2E = 1.4426950408889634
@@ -59,12 +59,7 @@ def _prefill_kernel(
         vis = jok[None, :]
         if CAUSAL:
             vis = vis & (j[None, :] <= (i + sk - sq)[:, None])
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = softmax_step(s, vis, m_i, l_i)
         v = tl.load(v_ptr + krow[:, None] * stride_vt + kh * stride_vh + dv[None, :],
                     mask=jok[:, None] & (dv < DV)[None, :], other=0.0)
         acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
