@@ -72,3 +72,5 @@ def print_info(device=None) -> None:
                   f"max query len {_limit(b.max_query_len)}; strided kv {b.strided_kv}; "
                   f"lse {b.returns_lse}; cuda graphs {b.cuda_graphs}")
             print(f"      ops {', '.join(b.ops)}")
+            for k in b.kernels:
+                print(f"      kernel: {k}")

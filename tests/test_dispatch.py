@@ -116,3 +116,53 @@ def test_info_cli_runs(capsys):
     kind = pm.current_platform().kind
     assert f"platform: {kind}" in text and "reference available" in text
     assert f"because platform={kind} (supported: xpu)" in text  # sycl, never on this machine
+
+
+class _FakeCudaModule:
+    """What the built portmla._cuda exports, without a GPU (for the Hopper routing logic)."""
+
+    BUILT_ARCHS = "80;90a"
+    HOPPER_NOT_BUILT = None
+    DECODE_VARIANTS = {"legacy": (0, 32, 32, 115200, 115200, 256),
+                       "narrow": (1, 16, 64, 171000, 100000, 256),
+                       "wide": (2, 64, 32, 193000, 120000, 256),
+                       "hopper": (3, 64, 64, 231424, 231424, 256)}
+
+
+def _h100() -> pm.Platform:
+    return dataclasses.replace(pm.current_platform("cpu"), kind="cuda", device="cuda:0",
+                               device_name="H100", arch="sm_90", capability=(9, 0),
+                               num_compute_units=132, shared_memory_per_block=232448)
+
+
+@pytest.mark.parametrize("fmt,block_size,hopper", [
+    ("bfloat16", 64, True), ("float16", 16, True), ("bfloat16", 32, True), ("bfloat16", 256, True),
+    ("bfloat16", 48, False), ("bfloat16", 1, False), ("fp8", 64, False), ("fp8_ds_mla", 64, False)])
+def test_cuda_hopper_routing_and_kernels_report(monkeypatch, fmt, block_size, hopper):
+    """sm_90: the Hopper kernel takes bf16 / fp16 caches with block 16, 32, 64k; probe says so."""
+    from portmla.backends import cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "load_module", lambda: (_FakeCudaModule, None))
+    p = _problem(platform=_h100(), block_size=block_size)
+    p = dataclasses.replace(p, cache=dataclasses.replace(p.cache, kv_format=fmt))
+    name = cuda_backend.CudaBackend.decode_variant(p, _FakeCudaModule)[0]
+    assert (name == "hopper") == hopper, name
+    kernels = cuda_backend.CudaBackend().kernels(_h100())
+    assert kernels[0].startswith("mla_decode: sm_90a Hopper kernel") and len(kernels) == 3
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", "0")
+    assert cuda_backend.CudaBackend.decode_variant(p, _FakeCudaModule)[0] != "hopper"
+    assert "PORTMLA_CUDA_HOPPER=0" in cuda_backend.CudaBackend().kernels(_h100())[0]
+
+
+def test_cuda_kernels_report_without_hopper_build(monkeypatch):
+    from portmla.backends import cuda as cuda_backend
+
+    class NoHopper(_FakeCudaModule):
+        HOPPER_NOT_BUILT = "CuTe headers not found at build time"
+        DECODE_VARIANTS = {k: v for k, v in _FakeCudaModule.DECODE_VARIANTS.items() if k != "hopper"}
+
+    monkeypatch.setattr(cuda_backend, "load_module", lambda: (NoHopper, None))
+    assert "CuTe headers not found" in cuda_backend.CudaBackend().kernels(_h100())[0]
+    a100 = dataclasses.replace(_h100(), arch="sm_80", capability=(8, 0))
+    assert "every format" in cuda_backend.CudaBackend().kernels(a100)[0]
+    assert cuda_backend.CudaBackend().kernels(pm.current_platform("cpu")) == ()

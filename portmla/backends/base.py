@@ -43,6 +43,8 @@ class BackendInfo:
     returns_lse: bool
     cuda_graphs: bool
     ops: tuple[str, ...] = ()
+    # Which kernels serve which calls on this device (native backends), one line each.
+    kernels: tuple[str, ...] = ()
 
 
 class Backend:
@@ -87,11 +89,16 @@ class Backend:
         sizes = self.BLOCK_SIZES
         return ENGINE_BLOCK_SIZES if sizes is None else tuple(s for s in ENGINE_BLOCK_SIZES if s in sizes)
 
+    def kernels(self, platform: Platform) -> tuple[str, ...]:
+        """Which kernels serve which calls on ``platform`` (for ``probe()`` / ``info``)."""
+        return ()
+
     def info(self, platform: Platform) -> BackendInfo:
         why = [str(r) for r in self.availability(platform)]
         return BackendInfo(self.NAME, not why, why, self.reported_block_sizes(),
                            tuple(self.KV_CACHE_DTYPES), self.MAX_QUERY_LEN, self.MAX_NUM_HEADS,
-                           self.STRIDED_KV, self.RETURNS_LSE, self.CUDA_GRAPHS, tuple(self.OPS))
+                           self.STRIDED_KV, self.RETURNS_LSE, self.CUDA_GRAPHS, tuple(self.OPS),
+                           self.kernels(platform) if not why else ())
 
     # ------------------------------------------------------------------ reasons
 

@@ -50,6 +50,7 @@ MAX_GRID_Y = 65535
 HOPPER_CTA_COST_TILES = 2.0
 HOPPER_TILE_BYTES = 64 * 576 * 2  # one bf16 KV tile
 HOPPER_WAVE_WEIGHT = 0.8
+HOPPER_FORMATS = ("bfloat16", "float16")  # fp8 formats: the generic kernels
 
 
 def hopper_block_size_ok(block_size: int) -> bool:
@@ -146,6 +147,25 @@ class CudaBackend(Backend):
                               f"PORTMLA_CUDA_ARCHS={mod.BUILT_ARCHS}; rebuild with this arch)"))
         return out
 
+    def kernels(self, platform: Platform) -> tuple[str, ...]:
+        mod, _ = load_module()
+        if mod is None or platform.kind != "cuda":
+            return ()
+        generic = "mla_decode: generic sm80+ kernels (mma.sync, cp.async)"
+        cache_ops = "concat_and_cache_mla, gather_cache: one kernel each, every format"
+        if platform.capability != (9, 0):
+            return (generic + " for every format and block size", cache_ops)
+        if "hopper" not in mod.DECODE_VARIANTS:
+            why = getattr(mod, "HOPPER_NOT_BUILT", None) or "not in this build"
+            return (generic + f" for every call (sm_90a Hopper kernel not built: {why})", cache_ops)
+        if os.environ.get("PORTMLA_CUDA_HOPPER", "1") == "0":
+            return (generic + " for every call (Hopper kernel off: PORTMLA_CUDA_HOPPER=0)",
+                    cache_ops)
+        fmts = "/".join(HOPPER_FORMATS)
+        return (f"mla_decode: sm_90a Hopper kernel (TMA + wgmma) for {fmts} caches with block "
+                f"size 16, 32 or a multiple of 64",
+                generic + " for the other formats and block sizes", cache_ops)
+
     def reasons(self, p: Problem) -> list[Reason]:
         out = super().reasons(p)
         if p.op not in self.OPS:
@@ -215,7 +235,8 @@ class CudaBackend(Backend):
         have = p.platform.shared_memory_per_block
         rows = p.max_query_len * p.num_heads
         hopper = mod.DECODE_VARIANTS.get("hopper")
-        if hopper is not None and not fp8 and p.platform.capability == (9, 0) \
+        if hopper is not None and p.cache.kv_format in HOPPER_FORMATS \
+                and p.platform.capability == (9, 0) \
                 and hopper_block_size_ok(p.cache.block_size) and (not have or have >= hopper[3]) \
                 and os.environ.get("PORTMLA_CUDA_HOPPER", "1") != "0":
             return "hopper", hopper[0], hopper[2], hopper[3]
