@@ -179,8 +179,9 @@ def main() -> int:
         return 1
 
     if args.check:
-        if hopper_plan(CHECK_ARCHS)[0] is None:
-            print(f"portmla._cuda: check failed: {hopper_plan(CHECK_ARCHS)[1]}", file=sys.stderr)
+        inc, why = hopper_plan(CHECK_ARCHS)
+        if inc is None:
+            print(f"portmla._cuda: check failed: {why}", file=sys.stderr)
             return 1
         compile_all(nvcc, CHECK_ARCHS, BUILD / "check", [], args.verbose_ptxas, with_binding=True)
         print(f"check ok: every source compiled for {CHECK_ARCHS} with {nvcc}")

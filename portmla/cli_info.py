@@ -19,16 +19,8 @@ def native_modules() -> list[tuple[str, str]]:
     for name in NATIVE_MODULES:
         try:
             mod = importlib.import_module(name)
-            state = f"loaded from {mod.__file__}"
-            if hasattr(mod, "BUILT_ARCHS"):
-                state += f" (archs {mod.BUILT_ARCHS}"
-            if hasattr(mod, "HOPPER_NOT_BUILT"):
-                why = mod.HOPPER_NOT_BUILT
-                state += "; sm_90a Hopper decode kernel " + ("built" if why is None else
-                                                             f"not built: {why}")
-            if hasattr(mod, "BUILT_ARCHS"):
-                state += ")"
-            out.append((name, state))
+            archs = getattr(mod, "BUILT_ARCHS", None)  # which kernels serve what: probe().kernels
+            out.append((name, f"loaded from {mod.__file__}" + (f" (archs {archs})" if archs else "")))
         except Exception as e:  # noqa: BLE001 - reported, not swallowed
             out.append((name, f"not loaded: {type(e).__name__}: {e}"))
     return out

@@ -8,15 +8,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 K=${1:-}
 {
-  source scripts/cutlass_headers.sh
-  echo "== build"
-  PORTMLA_CUDA_ARCHS=${PORTMLA_CUDA_ARCHS:-90a} python csrc_cuda/build.py --verbose-ptxas \
-    > "$OUT/build.txt" 2>&1; echo "build exit $?"
-  grep -E "hopper kernel|FAILED|error" "$OUT/build.txt" | head -20
-  grep -A2 "Function properties for .*hopper" "$OUT/build.txt" | grep -E "spill|Used"
-  so=$(ls portmla/_cuda*.so | head -1)
-  cuobjdump -sass "$so" > "$OUT/sass.txt" 2>&1
-  echo "HGMMA instructions in SASS: $(grep -c HGMMA "$OUT/sass.txt")"
+  source scripts/cuda_build.sh
   echo "== tests"
   PORTMLA_REQUIRE_BACKEND=cuda PORTMLA_REQUIRE_HOPPER=1 timeout 300 python -m pytest -q -x \
     -p no:cacheprovider -n 8 tests/test_cuda_hopper.py tests/test_cuda_backend.py ${K:+-k "$K"} 2>&1 | tail -15

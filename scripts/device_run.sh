@@ -16,16 +16,7 @@ export PORTMLA_TEST_SEED=${PORTMLA_TEST_SEED:-$RANDOM$RANDOM}
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   echo "commit ${PORTMLA_GIT_COMMIT:-unknown}"
-  echo "== build"
-  source scripts/cutlass_headers.sh
-  PORTMLA_CUDA_ARCHS=${PORTMLA_CUDA_ARCHS:-90a} python csrc_cuda/build.py --verbose-ptxas \
-    > "$OUT/ptxas.txt" 2>&1; echo "build exit $?"
-  grep -E "hopper kernel|FAILED|error|^built" "$OUT/ptxas.txt" | head
-  grep -A2 "Function properties for .*hopper" "$OUT/ptxas.txt" | grep -E "spill|Used"
-  cuobjdump -sass portmla/_cuda*.so > "$OUT/sass.txt" 2>&1
-  echo "HGMMA instructions in SASS: $(grep -c HGMMA "$OUT/sass.txt")"
-  grep -o "HGMMA[.A-Z0-9x]*" "$OUT/sass.txt" | sort | uniq -c
-  rm -f "$OUT/sass.txt"
+  source scripts/cuda_build.sh
   echo "== info"; python -m portmla info
   echo "== demo"; python -m portmla demo
   echo "== tests (seed $PORTMLA_TEST_SEED)"

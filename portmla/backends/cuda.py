@@ -38,6 +38,7 @@ _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2,
                torch.float8_e4m3fn: 3, torch.uint8: 4, torch.int32: 5, torch.int64: 6}
 _FORMAT_CODE = {"bfloat16": 0, "float16": 0, "fp8": 1, "fp8_ds_mla": 2}
 _FORMAT_TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+HOPPER_FORMATS = tuple(_FORMAT_TORCH)  # the 16-bit caches; fp8 formats: the generic kernels
 
 MAX_SPLITS = 256
 MIN_SPLIT_CHUNK = 512  # KV positions: below that the partial outputs cost more than they save
@@ -50,7 +51,17 @@ MAX_GRID_Y = 65535
 HOPPER_CTA_COST_TILES = 2.0
 HOPPER_TILE_BYTES = 64 * 576 * 2  # one bf16 KV tile
 HOPPER_WAVE_WEIGHT = 0.8
-HOPPER_FORMATS = ("bfloat16", "float16")  # fp8 formats: the generic kernels
+
+
+def hopper_unusable(mod, platform: Platform) -> str | None:
+    """Why the Hopper kernel serves no call on ``platform`` (None: it serves the calls it takes)."""
+    if platform.capability != (9, 0):
+        return f"capability {platform.capability} (sm_90a code)"
+    if "hopper" not in mod.DECODE_VARIANTS:
+        return f"not built: {getattr(mod, 'HOPPER_NOT_BUILT', None) or 'not in this build'}"
+    if os.environ.get("PORTMLA_CUDA_HOPPER", "1") == "0":
+        return "off: PORTMLA_CUDA_HOPPER=0"
+    return None
 
 
 def hopper_block_size_ok(block_size: int) -> bool:
@@ -155,12 +166,9 @@ class CudaBackend(Backend):
         cache_ops = "concat_and_cache_mla, gather_cache: one kernel each, every format"
         if platform.capability != (9, 0):
             return (generic + " for every format and block size", cache_ops)
-        if "hopper" not in mod.DECODE_VARIANTS:
-            why = getattr(mod, "HOPPER_NOT_BUILT", None) or "not in this build"
-            return (generic + f" for every call (sm_90a Hopper kernel not built: {why})", cache_ops)
-        if os.environ.get("PORTMLA_CUDA_HOPPER", "1") == "0":
-            return (generic + " for every call (Hopper kernel off: PORTMLA_CUDA_HOPPER=0)",
-                    cache_ops)
+        why = hopper_unusable(mod, platform)
+        if why is not None:
+            return (generic + f" for every call (sm_90a Hopper kernel {why})", cache_ops)
         fmts = "/".join(HOPPER_FORMATS)
         return (f"mla_decode: sm_90a Hopper kernel (TMA + wgmma) for {fmts} caches with block "
                 f"size 16, 32 or a multiple of 64",
@@ -234,12 +242,11 @@ class CudaBackend(Backend):
         fp8 = p.cache.kv_format not in _FORMAT_TORCH
         have = p.platform.shared_memory_per_block
         rows = p.max_query_len * p.num_heads
-        hopper = mod.DECODE_VARIANTS.get("hopper")
-        if hopper is not None and p.cache.kv_format in HOPPER_FORMATS \
-                and p.platform.capability == (9, 0) \
-                and hopper_block_size_ok(p.cache.block_size) and (not have or have >= hopper[3]) \
-                and os.environ.get("PORTMLA_CUDA_HOPPER", "1") != "0":
-            return "hopper", hopper[0], hopper[2], hopper[3]
+        if p.cache.kv_format in HOPPER_FORMATS and hopper_block_size_ok(p.cache.block_size) \
+                and hopper_unusable(mod, p.platform) is None:
+            hopper = mod.DECODE_VARIANTS["hopper"]
+            if not have or have >= hopper[3]:
+                return "hopper", hopper[0], hopper[2], hopper[3]
         want = "narrow" if rows <= NARROW_MAX_ROWS else "wide"
         code, bm, _, smem16, smem8, _ = mod.DECODE_VARIANTS[want]
         smem = smem8 if fp8 else smem16
