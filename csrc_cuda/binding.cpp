@@ -145,7 +145,8 @@ PYBIND11_MODULE(_cuda, m) {
                                sm80::WideCfg::kThreads);
 #if defined(PORTMLA_HAVE_SM90A)
     // 16-bit caches only (fp8 entries 0: not taken)
-    v["hopper"] = py::make_tuple(int(sm80::kHopper), 64, 64, sm90::decode_smem_bytes(), 0, 256);
+    v["hopper"] = py::make_tuple(int(sm80::kHopperPair), 64, 64, sm90::decode_smem_bytes(true), 0, 256);
+    v["hopper_tile"] = py::make_tuple(int(sm80::kHopper), 64, 64, sm90::decode_smem_bytes(false), 0, 256);
 #endif
     m.attr("DECODE_VARIANTS") = v;
   }

@@ -64,6 +64,15 @@ def hopper_unusable(mod, platform: Platform) -> str | None:
     return None
 
 
+def hopper_kernel_name(mod) -> str:
+    """``DECODE_VARIANTS`` key of the Hopper kernel in use: ``hopper`` (KV tiles in pairs, one
+    per warpgroup) or, with ``PORTMLA_CUDA_HOPPER=tile``, ``hopper_tile`` (one tile at a time,
+    both warpgroups on it) where the build has it."""
+    if os.environ.get("PORTMLA_CUDA_HOPPER") == "tile" and "hopper_tile" in mod.DECODE_VARIANTS:
+        return "hopper_tile"
+    return "hopper"
+
+
 def hopper_block_size_ok(block_size: int) -> bool:
     """Block sizes the Hopper kernel's TMA boxes take (csrc_cuda/sm90/decode/decode_hopper.cu)."""
     return block_size >= 16 and (64 % block_size == 0 or block_size % 64 == 0)
@@ -244,9 +253,10 @@ class CudaBackend(Backend):
         rows = p.max_query_len * p.num_heads
         if p.cache.kv_format in HOPPER_FORMATS and hopper_block_size_ok(p.cache.block_size) \
                 and hopper_unusable(mod, p.platform) is None:
-            hopper = mod.DECODE_VARIANTS["hopper"]
+            name = hopper_kernel_name(mod)
+            hopper = mod.DECODE_VARIANTS[name]
             if not have or have >= hopper[3]:
-                return "hopper", hopper[0], hopper[2], hopper[3]
+                return name, hopper[0], hopper[2], hopper[3]
         want = "narrow" if rows <= NARROW_MAX_ROWS else "wide"
         code, bm, _, smem16, smem8, _ = mod.DECODE_VARIANTS[want]
         smem = smem8 if fp8 else smem16
@@ -266,7 +276,7 @@ class CudaBackend(Backend):
         """
         name, code, bm, smem = self.decode_variant(p, mod)
         rows_tiles = -(-p.max_query_len * p.num_heads // bm)
-        if name == "hopper":
+        if name.startswith("hopper"):
             max_kv = p.max_blocks_per_seq * p.cache.block_size
             tiles = max(1, -(-max_kv // SPLIT_GRANULE))
             splits = hopper_splits(p.num_seqs, rows_tiles, min(bm, p.max_query_len * p.num_heads),

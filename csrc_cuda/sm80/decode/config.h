@@ -25,8 +25,9 @@ constexpr int decode_smem_bytes() {
   return (kBM * kSRow + 2 * kBN * kSRow + kBM * kPRow) * 2 + 4 * kBM * (int)sizeof(float);
 }
 
-// kHopper: csrc_cuda/sm90/decode (sm_90a, 16-bit caches), dispatched by dispatch.cu.
-enum DecodeVariant : int { kLegacy = 0, kNarrow = 1, kWide = 2, kHopper = 3 };
+// kHopper (one KV tile at a time) / kHopperPair (tile pairs, one per warpgroup):
+// csrc_cuda/sm90/decode (sm_90a, 16-bit caches), dispatched by dispatch.cu.
+enum DecodeVariant : int { kLegacy = 0, kNarrow = 1, kWide = 2, kHopper = 3, kHopperPair = 4 };
 
 // Tile kernel shape. 8 warps. S = Q K^T: warp (wr = w % WR, wt = w / WR) computes rows 16 wr..
 // and TN tokens TN wt..; O += P V: every warp owns all BM rows and 64 output columns 64 w...

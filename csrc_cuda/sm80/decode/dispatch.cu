@@ -15,7 +15,7 @@ cudaError_t launch_mla_decode(const DecodeParams& p, cudaStream_t stream) {
   }
   const bool bf16 = p.q_dtype == kBF16;
   if (!bf16 && p.q_dtype != kFP16) return cudaErrorInvalidValue;
-  if (p.variant == sm80::kHopper) {
+  if (p.variant == sm80::kHopper || p.variant == sm80::kHopperPair) {
 #if defined(PORTMLA_HAVE_SM90A)
     PORTMLA_RETURN_IF_ERROR(sm90::launch_decode(p, stream));
     if (p.num_splits > 1 && p.num_seqs > 0 && p.num_tokens > 0 && p.num_heads > 0) {

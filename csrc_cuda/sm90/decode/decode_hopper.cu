@@ -7,7 +7,7 @@
 #include <mutex>
 
 #include "../../common/check.h"
-#include "hopper_kernel.cuh"
+#include "pair_kernel.cuh"
 #include "launch.h"
 
 namespace portmla {
@@ -61,19 +61,21 @@ template <typename T>
 cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
   CUtensorMap map;
   PORTMLA_RETURN_IF_ERROR(encode_kv_map(p, &map));
-  auto kernel = mla_decode_hopper_kernel<T>;
+  const bool pair = p.variant == sm80::kHopperPair;
+  auto kernel = pair ? mla_decode_hopper_pair_kernel<T> : mla_decode_hopper_kernel<T>;
+  const int smem = decode_smem_bytes(pair);
   PORTMLA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
   dim3 grid(m_tiles, p.num_splits, p.num_seqs);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(map, p);
+  kernel<<<grid, kThreads, smem, stream>>>(map, p);
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }
 
 }  // namespace
 
-int decode_smem_bytes() { return kSmemBytes; }
+int decode_smem_bytes(bool pair) { return pair ? kPairSmemBytes : kSmemBytes; }
 
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.kv_format != kKv16 || !block_size_ok(p.block_size) || p.num_blocks < 1 ||

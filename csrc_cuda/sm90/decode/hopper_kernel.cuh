@@ -59,6 +59,30 @@ __device__ __forceinline__ uint32_t swz(int r, int c) {
                                ((((cc >> 3) ^ (r & 7)) << 4) | ((cc & 7) << 1)));
 }
 
+// Q rows m0 .. m0 + 64 of the CTA -> swizzled chunks at `dst` (rows past the sequence's rows
+// are zero), visible to wgmma when this returns (ends with a CTA barrier).
+template <typename T>
+__device__ __forceinline__ void load_q(const DecodeParams& p, const sm80::CtaRows& c,
+                                       unsigned char* dst, int tid) {
+  const T* q = static_cast<const T*>(p.q);
+  const int H = p.num_heads;
+  for (int i = tid; i < kBM * (sm80::kD / 8); i += kThreads) {
+    const int r = i / (sm80::kD / 8), col = (i % (sm80::kD / 8)) * 8;
+    const int g = c.m0 + r;
+    unsigned char* d = dst + swz(r, col);
+    if (g < c.rows) {
+      cp_async16(d, q + static_cast<int64_t>(c.t0 + g / H) * p.q_stride_t +
+                        static_cast<int64_t>(g % H) * p.q_stride_h + col);
+    } else {
+      *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
+    }
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async_smem();
+  __syncthreads();
+}
+
 // Tile loads: issued by one thread. Positions [tile_start, min(tile_start + 64, kv_hi)).
 struct TileLoader {
   const CUtensorMap* map;
@@ -81,7 +105,36 @@ struct TileLoader {
       }
     }
   }
+
+  // One part of a tile: the 4 latent chunks from `c0` (columns 64 c0 ..), plus the rope
+  // chunk 8 when `rope`; completes `bar` once.
+  __device__ __forceinline__ void issue_part(unsigned char* dst, uint64_t* bar, int tile_start,
+                                             int c0, bool rope) const {
+    const int left = kv_hi - tile_start;
+    const int pieces = min(kBN / rows, (left + rows - 1) / rows);
+    const int nch = rope ? 5 : 4;
+    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(pieces * nch * rows * 128));
+    for (int k = 0; k < pieces; ++k) {
+      const int pos = tile_start + k * rows;
+      const int page = bt[pos / block_size];
+      const int in_page = pos % block_size;
+      for (int j = 0; j < nch; ++j) {
+        const int ch = j < 4 ? c0 + j : kChunks - 1;
+        tma_load_3d(dst + ch * kChunk + k * rows * 128, map, bar, ch * 64, in_page, page);
+      }
+    }
+  }
 };
+
+// Zeroes rows [valid, 64) of the 8 latent (V) chunks of a KV stage: positions past the split's
+// end may hold NaN, and 0 * NaN is NaN in P V. `t` is the thread's index among `n` writers.
+__device__ __forceinline__ void zero_v_rows(unsigned char* kv, int valid, int t, int n) {
+  for (int i = t; i < (kBN - valid) * 64; i += n) {
+    const int r = valid + i / 64, piece = i % 64;
+    *reinterpret_cast<uint4*>(kv + (piece / 8) * kChunk + r * 128 + (piece % 8) * 16) =
+        make_uint4(0, 0, 0, 0);
+  }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -113,25 +166,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
-  // Q rows m0 .. m0 + 64 -> swizzled chunks; rows past the sequence's rows are zero.
-  {
-    const T* q = static_cast<const T*>(p.q);
-    for (int i = tid; i < kBM * (sm80::kD / 8); i += kThreads) {
-      const int r = i / (sm80::kD / 8), col = (i % (sm80::kD / 8)) * 8;
-      const int g = c.m0 + r;
-      unsigned char* dst = sm.q + swz(r, col);
-      if (g < c.rows) {
-        cp_async16(dst, q + static_cast<int64_t>(c.t0 + g / H) * p.q_stride_t +
-                            static_cast<int64_t>(g % H) * p.q_stride_h + col);
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-      }
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_proxy_async_smem();
-    __syncthreads();
-  }
+  load_q<T>(p, c, sm.q, tid);
 
   // This thread's two rows (accumulator layout of wgmma m64: warp wq owns rows 16 wq ..).
   const int r0 = 16 * wq + (lane >> 2);

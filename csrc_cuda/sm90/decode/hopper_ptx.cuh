@@ -72,6 +72,11 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Arrives at barrier `id` without waiting (the producer side of a bar.sync of `threads`).
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // ---------------------------------------------------------------- GMMA descriptors
 
 // 128-byte-swizzled operand descriptor (the canonical GMMA layouts of CuTe's
@@ -103,8 +108,8 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 
 // Keeps the compiler from moving accesses of accumulator registers across wgmma fences.
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+template <typename R, int N>
+__device__ __forceinline__ void fence_regs(R (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(r[i]);
 }
@@ -116,25 +121,41 @@ __device__ __forceinline__ void gmma_call(uint64_t a, uint64_t b, float (&d)[N],
   Atom::fma(a, b, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One
                                       : cute::SM90::GMMA::ScaleOut::Zero);
 }
+template <class Atom, int N, std::size_t... I>
+__device__ __forceinline__ void gmma_rs_call(const uint32_t (&a)[4], uint64_t b, float (&d)[N],
+                                             std::index_sequence<I...>) {
+  Atom::fma(a[0], a[1], a[2], a[3], b, d[I]..., cute::SM90::GMMA::ScaleOut::One);
+}
 }  // namespace detail
 
 using cute::SM90::GMMA::Major;
 
-// Shapes of the decode kernel: S (m64 n32, both operands K-major) and O (m64 n256, A K-major,
-// B MN-major), for bf16 and fp16 inputs, fp32 accumulators.
+// Shapes of the decode kernels: S (m64 n32 or n64, both operands K-major) and O (m64 n256, A
+// K-major from shared memory or from registers, B MN-major), for bf16 and fp16 inputs, fp32
+// accumulators.
 template <typename T> struct Gmma;
 template <> struct Gmma<__nv_bfloat16> {
   using S = cute::SM90::GMMA::MMA_64x32x16_F32BF16BF16_SS<Major::K, Major::K>;
+  using S64 = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<Major::K, Major::K>;
   using O = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<Major::K, Major::MN>;
+  using ORs = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_RS<Major::K, Major::MN>;
 };
 template <> struct Gmma<__half> {
   using S = cute::SM90::GMMA::MMA_64x32x16_F32F16F16_SS<Major::K, Major::K>;
+  using S64 = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_SS<Major::K, Major::K>;
   using O = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<Major::K, Major::MN>;
+  using ORs = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_RS<Major::K, Major::MN>;
 };
 
 template <class Atom, int N>
 __device__ __forceinline__ void gmma(uint64_t a, uint64_t b, float (&d)[N], bool accumulate) {
   detail::gmma_call<Atom>(a, b, d, accumulate, std::make_index_sequence<N>{});
+}
+
+// d += A B with the m64 x k16 A fragment in registers (4 x 2 16-bit values per thread).
+template <class Atom, int N>
+__device__ __forceinline__ void gmma_rs(const uint32_t (&a)[4], uint64_t b, float (&d)[N]) {
+  detail::gmma_rs_call<Atom>(a, b, d, std::make_index_sequence<N>{});
 }
 
 }  // namespace sm90

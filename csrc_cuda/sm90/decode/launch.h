@@ -8,8 +8,8 @@
 namespace portmla {
 namespace sm90 {
 
-// Shared memory of the kernel (bytes, including alignment slack).
-int decode_smem_bytes();
+// Shared memory of the pair / single-tile kernel (bytes, including alignment slack).
+int decode_smem_bytes(bool pair);
 
 // The decode kernel only; the caller runs the combine when p.num_splits > 1.
 // cudaErrorInvalidValue for what the kernel does not take (non-16-bit formats, block sizes

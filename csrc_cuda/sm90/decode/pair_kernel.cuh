@@ -1,0 +1,342 @@
+// Hopper (sm_90a) absorbed-MLA decode, "pair" schedule: KV tiles are taken two at a time (a in
+// stage 0, b in stage 1) and each of the two consumer warpgroups computes the whole 64 x 64
+// score tile of one of them, so one warpgroup's softmax runs while the other's GEMMs keep the
+// tensor cores busy (the "seesaw" idea of FlashMLA's 2025-04 kernel write-up; this is our own
+// schedule). The output O (64 x 512, fp32) is split by columns: warpgroup 0 keeps O_L (columns
+// 0..255), warpgroup 1 O_R (256..511), 128 registers each.
+//
+// Per pair, with m the running row max shared by both warpgroups:
+//   WG0  S_a = Q K_a^T (m64 n64, 36 k-steps); m_a = max(m, rowmax S_a); P_a = exp2(S_a - m_a)
+//        P_a -> stage 0's rope chunk (dead once S_a is done), m_a -> smem, arrive BAR_A
+//        O_L = O_L * 2^(m - m_a) + P_a V_a[:, :256]       (A = P_a from registers)
+//        wait BAR_B; O_L = O_L * 2^(m_a - m_b) + P_b V_b[:, :256]   (P_b from stage 1's rope chunk)
+//   WG1  S_b = Q K_b^T; wait BAR_A; m_b = max(m_a, rowmax S_b); P_b = exp2(S_b - m_b)
+//        P_b -> stage 1's rope chunk, m_b -> smem, arrive BAR_B
+//        O_R = O_R * 2^(m - m_a) + P_a V_a[:, 256:]       (P_a from stage 0's rope chunk)
+//        O_R = O_R * 2^(m_a - m_b) + P_b V_b[:, 256:]     (A = P_b from registers)
+// Row sums: each warpgroup sums the P it computed, both kept at the current max; added at the end.
+//
+// Loads: each stage is loaded as two parts with their own mbarrier, each part released (and
+// refilled by one thread of that warpgroup) by the warpgroup that reads it last:
+//   stage 0: part 0 = chunks 0..3 (WG0: S_a, O_L), part 1 = chunks 4..7 + rope (WG1: O_R, P_a)
+//   stage 1: part 0 = chunks 0..3 + rope (WG0: O_L, P_b), part 1 = chunks 4..7 (WG1: S_b, O_R)
+// so stage 0 is refilled in the middle of a pair and the next S_a finds it loaded. S consumes
+// its stage's parts in the order they are released.
+#pragma once
+
+#include "hopper_kernel.cuh"
+
+namespace portmla {
+namespace sm90 {
+
+struct alignas(1024) PairSmem {
+  unsigned char q[kTileBytes];
+  unsigned char kv[kStages][kTileBytes];
+  float m_a[kBM];     // running max after tile a (WG0 -> WG1)
+  float m_b[kBM];     // after tile b (WG1 -> WG0)
+  float red[2][kBM];  // row sums of the two warpgroups (epilogue)
+  uint64_t full[kStages][2];
+};
+constexpr int kPairSmemBytes = static_cast<int>(sizeof(PairSmem)) + 1024;
+
+constexpr int kBarA = 1;     // m_a and P_a ready (WG0 arrives, WG1 waits)
+constexpr int kBarB = 2;     // m_b and P_b ready (WG1 arrives, WG0 waits)
+constexpr int kBarOwn0 = 3;  // warpgroup-local barriers after zeroing V rows
+constexpr int kRope = kChunks - 1;
+
+// 2^(m_old - m_new) for the O / row-sum rescale; 0 while nothing was seen (m_old = -inf).
+__device__ __forceinline__ float rescale(float m_old, float m_new) {
+  return m_old == -INFINITY ? 0.f : exp2f(m_old - m_new);
+}
+
+// The scores of a 64 x 64 tile (accumulator layout) -> P = exp2(s - m) in place, row sums added
+// to `sum`, and P packed as wgmma A fragments: k-step kk uses pk[4 kk .. 4 kk + 3].
+template <typename T>
+__device__ __forceinline__ void softmax_pack(float (&s)[32], const float (&m)[2], float (&sum)[2],
+                                             uint32_t (&pk)[16]) {
+  float use[2];
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) use[h2] = m[h2] == -INFINITY ? 0.f : m[h2];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    const int h2 = (i >> 1) & 1;
+    s[i] = exp2f(s[i] - use[h2]);
+    sum[h2] += s[i];
+  }
+#pragma unroll
+  for (int i = 0; i < 16; ++i) pk[i] = pack2<T>(s[2 * i], s[2 * i + 1]);
+}
+
+// P (packed, accumulator order: pk[2 j + h2] = row r0 + 8 h2, columns 8 j + 2 (lane % 4) ..)
+// -> a 64 x 64 swizzled chunk (the A operand of the other warpgroup's P V).
+__device__ __forceinline__ void store_p(unsigned char* chunk, const uint32_t (&pk)[16], int r0,
+                                        int lane) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int col = 8 * j + 2 * (lane & 3);
+    *reinterpret_cast<uint32_t*>(chunk + swz(r0, col)) = pk[2 * j];
+    *reinterpret_cast<uint32_t*>(chunk + swz(r0 + 8, col)) = pk[2 * j + 1];
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_hopper_pair_kernel(const __grid_constant__ CUtensorMap kv_map,
+                                  const DecodeParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using G = Gmma<T>;
+  extern __shared__ unsigned char smem_raw[];
+  PairSmem& sm = *reinterpret_cast<PairSmem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                              ~static_cast<uintptr_t>(1023));
+  const int tid = threadIdx.x, wq = (tid >> 5) & 3, lane = tid & 31;
+  // The warpgroup index through a shuffle, so the compiler knows it is warp-uniform (wgmma in
+  // the per-warpgroup branches is otherwise serialized).
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const int split = blockIdx.y, b = blockIdx.z;
+  const int H = p.num_heads;
+
+  sm80::CtaRows c;
+  if (!sm80::cta_rows<kBM>(p, c, split, blockIdx.x, b)) return;  // whole CTA, before barriers
+
+  const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
+  const int n_pairs = (n_tiles + 1) / 2;
+  const TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(b) * p.bt_stride,
+                      p.block_size, min(p.block_size, kBN), c.kv_hi};
+  if (tid == 0) {
+    tma_prefetch_desc(&kv_map);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&sm.full[s][0], 1);
+      mbar_init(&sm.full[s][1], 1);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  if (tid == 0) {
+    for (int s = 0; s < kStages && s < n_tiles; ++s) {
+      ld.issue_part(sm.kv[s], &sm.full[s][0], c.kv_lo + s * kBN, 0, s == 1);
+      ld.issue_part(sm.kv[s], &sm.full[s][1], c.kv_lo + s * kBN, 4, s == 0);
+    }
+  }
+  load_q<T>(p, c, sm.q, tid);
+
+  // This thread's two rows (accumulator layout of wgmma m64: warp wq owns rows 16 wq ..).
+  const int r0 = 16 * wq + (lane >> 2);
+  const int last0 = c.last_pos(c.m0 + r0, H), last1 = c.last_pos(c.m0 + r0 + 8, H);
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+
+  const uint64_t q_desc = gmma_desc_sw128(sm.q, 16, 1024);
+  unsigned char* const own = sm.kv[wg];  // the stage whose scores this warpgroup computes
+  const uint64_t k_desc = gmma_desc_sw128(own, 16, 1024);
+  // P V operands: V columns of this warpgroup's O half in stage 0 / 1 (MN-major), P chunks.
+  const uint64_t v_desc0 = gmma_desc_sw128(sm.kv[0] + 4 * wg * kChunk, kChunk, 1024);
+  const uint64_t v_desc1 = gmma_desc_sw128(sm.kv[1] + 4 * wg * kChunk, kChunk, 1024);
+  const uint64_t pa_desc = gmma_desc_sw128(sm.kv[0] + kRope * kChunk, 16, 1024);
+  const uint64_t pb_desc = gmma_desc_sw128(sm.kv[1] + kRope * kChunk, 16, 1024);
+
+  for (int pi = 0; pi < n_pairs; ++pi) {
+    const uint32_t par = pi & 1;
+    const int ta = 2 * pi, tb = ta + 1;
+    const bool has_b = tb < n_tiles;
+    const int own_start = c.kv_lo + (ta + wg) * kBN;
+
+    // ---- S = Q K^T of this warpgroup's tile (a for WG0, b for WG1)
+    float s[32];
+    float mx[2] = {-INFINITY, -INFINITY};
+    if (wg == 0 || has_b) {
+      mbar_wait(&sm.full[wg][wg], par);  // the part this warpgroup released itself
+      fence_regs(s);
+      wgmma_fence();
+#pragma unroll
+      for (int kc = 0; kc < 16; ++kc) {
+        const uint32_t off = (4 * wg + (kc >> 2)) * kChunk + (kc & 3) * 32;
+        gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, kc > 0);
+      }
+      mbar_wait(&sm.full[wg][wg ^ 1], par);
+      wgmma_fence();
+#pragma unroll
+      for (int kc = 0; kc < 20; ++kc) {
+        const int ch = kc < 16 ? 4 * (wg ^ 1) + (kc >> 2) : kRope;
+        const uint32_t off = ch * kChunk + (kc & 3) * 32;
+        gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, true);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(s);
+      fence_regs(o);
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int h2 = (i >> 1) & 1;
+        const int pos = own_start + 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
+        const bool ok = pos < c.kv_hi && pos <= (h2 ? last1 : last0);
+        s[i] = ok ? s[i] * scale_log2 : -INFINITY;
+        mx[h2] = fmaxf(mx[h2], s[i]);
+      }
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
+        mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
+      }
+    }
+
+    uint32_t pk[16];
+    float sum[2] = {0.f, 0.f};
+    const int valid = c.kv_hi - own_start;  // positions of the own tile (< 64: the last one)
+    if (wg == 0) {
+      // ---- WG0: softmax of tile a, O_L += P_a V_a, then O_L += P_b V_b
+      float m_a[2], sc0[2];
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        m_a[h2] = fmaxf(m_run[h2], mx[h2]);
+        sc0[h2] = rescale(m_run[h2], m_a[h2]);
+      }
+      if ((lane & 3) == 0) {
+        sm.m_a[r0] = m_a[0];
+        sm.m_a[r0 + 8] = m_a[1];
+      }
+      softmax_pack<T>(s, m_a, sum, pk);
+      store_p(own + kRope * kChunk, pk, r0, lane);
+      if (valid < kBN) zero_v_rows(own, valid, tid, 128);
+      fence_proxy_async_smem();
+      named_barrier_arrive(kBarA, kThreads);
+      if (valid < kBN) named_barrier(kBarOwn0, 128);  // own zeroed rows before own P V
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc0[h2] + sum[h2];
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] *= sc0[(i >> 1) & 1];
+      fence_regs(o);
+      fence_regs(pk);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        const uint32_t a[4] = {pk[4 * ks], pk[4 * ks + 1], pk[4 * ks + 2], pk[4 * ks + 3]};
+        gmma_rs<typename G::ORs>(a, desc_add(v_desc0, ks * 16 * 128), o);
+      }
+      wgmma_commit();
+      named_barrier(kBarB, kThreads);
+      float sc1[2];
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const float m_b = sm.m_b[r0 + 8 * h2];
+        sc1[h2] = rescale(m_a[h2], m_b);
+        m_run[h2] = m_b;
+        l_run[h2] *= sc1[h2];
+      }
+      wgmma_wait<0>();
+      fence_regs(o);
+      fence_regs(pk);
+      if (tid == 0 && ta + 2 < n_tiles) {  // stage 0's part 0 is free: tile a of the next pair
+        ld.issue_part(sm.kv[0], &sm.full[0][0], c.kv_lo + (ta + 2) * kBN, 0, false);
+      }
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] *= sc1[(i >> 1) & 1];
+      if (has_b) {  // waited for at the next pair's S (or after the loop)
+        fence_regs(o);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+          gmma<typename G::O>(desc_add(pb_desc, ks * 32), desc_add(v_desc1, ks * 16 * 128), o,
+                              true);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(o);
+        if (tid == 0 && tb + 2 < n_tiles) {
+          ld.issue_part(sm.kv[1], &sm.full[1][0], c.kv_lo + (tb + 2) * kBN, 0, true);
+        }
+      }
+    } else {
+      // ---- WG1: softmax of tile b, O_R += P_a V_a, then O_R += P_b V_b
+      named_barrier(kBarA, kThreads);
+      float m_a[2], m_b[2], sc0[2], sc1[2];
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        m_a[h2] = sm.m_a[r0 + 8 * h2];
+        m_b[h2] = fmaxf(m_a[h2], mx[h2]);
+        sc0[h2] = rescale(m_run[h2], m_a[h2]);
+        sc1[h2] = rescale(m_a[h2], m_b[h2]);
+        m_run[h2] = m_b[h2];
+      }
+      if ((lane & 3) == 0) {
+        sm.m_b[r0] = m_b[0];
+        sm.m_b[r0 + 8] = m_b[1];
+      }
+      if (has_b) {
+        softmax_pack<T>(s, m_b, sum, pk);
+        store_p(own + kRope * kChunk, pk, r0, lane);
+        if (valid < kBN) zero_v_rows(own, valid, tid - 128, 128);
+      }
+      fence_proxy_async_smem();
+      named_barrier_arrive(kBarB, kThreads);
+      if (has_b && valid < kBN) named_barrier(kBarOwn0 + 1, 128);
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc0[h2] * sc1[h2] + sum[h2];
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] *= sc0[(i >> 1) & 1];
+      fence_regs(o);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        gmma<typename G::O>(desc_add(pa_desc, ks * 32), desc_add(v_desc0, ks * 16 * 128), o, true);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o);
+      if (tid == 128 && ta + 2 < n_tiles) {  // stage 0's part 1 is free
+        ld.issue_part(sm.kv[0], &sm.full[0][1], c.kv_lo + (ta + 2) * kBN, 4, true);
+      }
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] *= sc1[(i >> 1) & 1];
+      if (has_b) {
+        fence_regs(o);
+        fence_regs(pk);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+          const uint32_t a[4] = {pk[4 * ks], pk[4 * ks + 1], pk[4 * ks + 2], pk[4 * ks + 3]};
+          gmma_rs<typename G::ORs>(a, desc_add(v_desc1, ks * 16 * 128), o);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs(pk);
+        if (tid == 128 && tb + 2 < n_tiles) {  // stage 1's part 1 is free
+          ld.issue_part(sm.kv[1], &sm.full[1][1], c.kv_lo + (tb + 2) * kBN, 4, false);
+        }
+      }
+    }
+  }
+  wgmma_wait<0>();  // WG0's last O_L += P_b V_b
+  fence_regs(o);
+
+  // Row sums: quad reduction, then the two warpgroups' through shared memory.
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 1);
+    l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 2);
+  }
+  if ((lane & 3) == 0) {
+    sm.red[wg][r0] = l_run[0];
+    sm.red[wg][r0 + 8] = l_run[1];
+  }
+  __syncthreads();
+  const auto& acc = *reinterpret_cast<const float(*)[32][4]>(o);
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int r = r0 + 8 * h2, g = c.m0 + r;
+    if (g >= c.rows) continue;
+    const float l = sm.red[0][r] + sm.red[1][r];
+    const float m = m_run[h2] == -INFINITY ? 0.f : m_run[h2];
+    sm80::store_out_row<T>(p, acc, h2, l, m, 1.f, split, c.t0 + g / H, g % H,
+                           256 * wg + 2 * (lane & 3), wg == 0 && (lane & 3) == 0);
+  }
+#else
+  __trap();  // built without sm_90a device code: the launcher never selects this kernel
+#endif
+}
+
+}  // namespace sm90
+}  // namespace portmla
