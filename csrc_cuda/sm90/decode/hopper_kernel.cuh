@@ -126,6 +126,39 @@ struct TileLoader {
   }
 };
 
+// Warp-wide block-table prefetch for two tiles: lane j < 8 returns the page of piece j % 4
+// of the tile starting at (j < 4 ? start0 : start1), 0 where there is none. Loaded early,
+// read at issue time through issue_part_warp's shuffles, so the TMA issue never waits on it.
+__device__ __forceinline__ int prefetch_pages(const TileLoader& ld, int start0, int start1,
+                                              int lane) {
+  const int start = lane < 4 ? start0 : start1, k = lane & 3;
+  const int pos = start + k * ld.rows;
+  return lane < 8 && pos < ld.kv_hi && k * ld.rows < kBN ? ld.bt[pos / ld.block_size] : 0;
+}
+
+// issue_part by a whole warp with the pages from prefetch_pages (`slot` 0: its first tile,
+// 4: its second); lane 0 issues.
+__device__ __forceinline__ void issue_part_warp(const TileLoader& ld, unsigned char* dst,
+                                                uint64_t* bar, int tile_start, int c0, bool rope,
+                                                int pages, int slot, int lane) {
+  const int left = ld.kv_hi - tile_start;
+  const int pieces = min(kBN / ld.rows, (left + ld.rows - 1) / ld.rows);
+  const int nch = rope ? 5 : 4;
+  if (lane == 0) {
+    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(pieces * nch * ld.rows * 128));
+  }
+  for (int k = 0; k < pieces; ++k) {
+    const int page = __shfl_sync(0xffffffffu, pages, slot + k);
+    if (lane == 0) {
+      const int in_page = (tile_start + k * ld.rows) % ld.block_size;
+      for (int j = 0; j < nch; ++j) {
+        const int ch = j < 4 ? c0 + j : kChunks - 1;
+        tma_load_3d(dst + ch * kChunk + k * ld.rows * 128, ld.map, bar, ch * 64, in_page, page);
+      }
+    }
+  }
+}
+
 // Zeroes rows [valid, 64) of the 8 latent (V) chunks of a KV stage: positions past the split's
 // end may hold NaN, and 0 * NaN is NaN in P V. `t` is the thread's index among `n` writers.
 __device__ __forceinline__ void zero_v_rows(unsigned char* kv, int valid, int t, int n) {
@@ -142,8 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using G = Gmma<T>;
   extern __shared__ unsigned char smem_raw[];
-  Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
-                                      ~static_cast<uintptr_t>(1023));
+  Smem& sm = smem_aligned_1024<Smem>(smem_raw);
   const int tid = threadIdx.x, wg = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31;
   const int split = blockIdx.y, b = blockIdx.z;
   const int H = p.num_heads;

@@ -19,6 +19,22 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// `raw` (the dynamic shared memory) moved up to a 1024-byte boundary by pointer arithmetic on
+// the __shared__ array itself, so the compiler keeps shared-space loads / stores (STS, not
+// generic ST with 64-bit addresses).
+template <typename S>
+__device__ __forceinline__ S& smem_aligned_1024(unsigned char* raw) {
+  return *reinterpret_cast<S*>(raw + ((1024u - (smem_u32(raw) & 1023u)) & 1023u));
+}
+
+// 2^x, the MUFU approximation (relative error ~2^-22), flushing subnormal results to 0;
+// 2^-inf = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // ---------------------------------------------------------------- mbarrier + TMA
 
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {

@@ -39,6 +39,18 @@ struct alignas(1024) PairSmem {
 };
 constexpr int kPairSmemBytes = static_cast<int>(sizeof(PairSmem)) + 1024;
 
+#if defined(PORTMLA_PAIR_TRACE)  // timeline of one CTA (scripts/pair_trace.cu), never in the module
+__device__ long long g_pair_trace[2][64][12];
+#define PAIR_TRACE(ev)                                                                   \
+  do {                                                                                   \
+    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == PORTMLA_PAIR_TRACE &&        \
+        (tid & 127) == 0 && pi < 64)                                                     \
+      g_pair_trace[wg][pi][ev] = clock64();                                              \
+  } while (0)
+#else
+#define PAIR_TRACE(ev)
+#endif
+
 constexpr int kBarA = 1;     // m_a and P_a ready (WG0 arrives, WG1 waits)
 constexpr int kBarB = 2;     // m_b and P_b ready (WG1 arrives, WG0 waits)
 constexpr int kBarOwn0 = 3;  // warpgroup-local barriers after zeroing V rows
@@ -46,7 +58,7 @@ constexpr int kRope = kChunks - 1;
 
 // 2^(m_old - m_new) for the O / row-sum rescale; 0 while nothing was seen (m_old = -inf).
 __device__ __forceinline__ float rescale(float m_old, float m_new) {
-  return m_old == -INFINITY ? 0.f : exp2f(m_old - m_new);
+  return m_old == -INFINITY ? 0.f : fast_exp2(m_old - m_new);
 }
 
 // The scores of a 64 x 64 tile (accumulator layout) -> P = exp2(s - m) in place, row sums added
@@ -60,7 +72,7 @@ __device__ __forceinline__ void softmax_pack(float (&s)[32], const float (&m)[2]
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
     const int h2 = (i >> 1) & 1;
-    s[i] = exp2f(s[i] - use[h2]);
+    s[i] = fast_exp2(s[i] - use[h2]);
     sum[h2] += s[i];
   }
 #pragma unroll
@@ -86,8 +98,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using G = Gmma<T>;
   extern __shared__ unsigned char smem_raw[];
-  PairSmem& sm = *reinterpret_cast<PairSmem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
-                                              ~static_cast<uintptr_t>(1023));
+  PairSmem& sm = smem_aligned_1024<PairSmem>(smem_raw);
   const int tid = threadIdx.x, wq = (tid >> 5) & 3, lane = tid & 31;
   // The warpgroup index through a shuffle, so the compiler knows it is warp-uniform (wgmma in
   // the per-warpgroup branches is otherwise serialized).
@@ -142,12 +153,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int ta = 2 * pi, tb = ta + 1;
     const bool has_b = tb < n_tiles;
     const int own_start = c.kv_lo + (ta + wg) * kBN;
+    // Pages of the next pair's tiles, for this warpgroup's refills (first warp only).
+    const int pages = wq == 0 ? prefetch_pages(ld, c.kv_lo + (ta + 2) * kBN,
+                                               c.kv_lo + (tb + 2) * kBN, lane)
+                              : 0;
 
+    PAIR_TRACE(0);
     // ---- S = Q K^T of this warpgroup's tile (a for WG0, b for WG1)
     float s[32];
     float mx[2] = {-INFINITY, -INFINITY};
     if (wg == 0 || has_b) {
       mbar_wait(&sm.full[wg][wg], par);  // the part this warpgroup released itself
+      PAIR_TRACE(1);
       fence_regs(s);
       wgmma_fence();
 #pragma unroll
@@ -156,6 +173,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, kc > 0);
       }
       mbar_wait(&sm.full[wg][wg ^ 1], par);
+      PAIR_TRACE(2);
       wgmma_fence();
 #pragma unroll
       for (int kc = 0; kc < 20; ++kc) {
@@ -167,6 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       fence_regs(s);
       fence_regs(o);
+      PAIR_TRACE(3);
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         const int h2 = (i >> 1) & 1;
@@ -202,6 +221,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (valid < kBN) zero_v_rows(own, valid, tid, 128);
       fence_proxy_async_smem();
       named_barrier_arrive(kBarA, kThreads);
+      fence_regs(o);  // keeps the O rescale below the arrive
+      PAIR_TRACE(4);
       if (valid < kBN) named_barrier(kBarOwn0, 128);  // own zeroed rows before own P V
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc0[h2] + sum[h2];
@@ -217,6 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       wgmma_commit();
       named_barrier(kBarB, kThreads);
+      PAIR_TRACE(5);
       float sc1[2];
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
@@ -228,8 +250,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       fence_regs(o);
       fence_regs(pk);
-      if (tid == 0 && ta + 2 < n_tiles) {  // stage 0's part 0 is free: tile a of the next pair
-        ld.issue_part(sm.kv[0], &sm.full[0][0], c.kv_lo + (ta + 2) * kBN, 0, false);
+      PAIR_TRACE(6);
+      if (wq == 0 && ta + 2 < n_tiles) {  // stage 0's part 0 is free: tile a of the next pair
+        issue_part_warp(ld, sm.kv[0], &sm.full[0][0], c.kv_lo + (ta + 2) * kBN, 0, false, pages, 0,
+                        lane);
       }
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] *= sc1[(i >> 1) & 1];
@@ -242,15 +266,19 @@ __global__ void __launch_bounds__(kThreads, 1)
                               true);
         }
         wgmma_commit();
+        PAIR_TRACE(7);
         wgmma_wait<0>();
         fence_regs(o);
-        if (tid == 0 && tb + 2 < n_tiles) {
-          ld.issue_part(sm.kv[1], &sm.full[1][0], c.kv_lo + (tb + 2) * kBN, 0, true);
+        PAIR_TRACE(8);
+        if (wq == 0 && tb + 2 < n_tiles) {
+          issue_part_warp(ld, sm.kv[1], &sm.full[1][0], c.kv_lo + (tb + 2) * kBN, 0, true, pages,
+                          4, lane);
         }
       }
     } else {
       // ---- WG1: softmax of tile b, O_R += P_a V_a, then O_R += P_b V_b
       named_barrier(kBarA, kThreads);
+      PAIR_TRACE(4);
       float m_a[2], m_b[2], sc0[2], sc1[2];
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
@@ -271,6 +299,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       fence_proxy_async_smem();
       named_barrier_arrive(kBarB, kThreads);
+      fence_regs(o);
+      PAIR_TRACE(5);
       if (has_b && valid < kBN) named_barrier(kBarOwn0 + 1, 128);
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc0[h2] * sc1[h2] + sum[h2];
@@ -285,8 +315,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(o);
-      if (tid == 128 && ta + 2 < n_tiles) {  // stage 0's part 1 is free
-        ld.issue_part(sm.kv[0], &sm.full[0][1], c.kv_lo + (ta + 2) * kBN, 4, true);
+      PAIR_TRACE(6);
+      if (wq == 0 && ta + 2 < n_tiles) {  // stage 0's part 1 is free
+        issue_part_warp(ld, sm.kv[0], &sm.full[0][1], c.kv_lo + (ta + 2) * kBN, 4, true, pages, 0,
+                        lane);
       }
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] *= sc1[(i >> 1) & 1];
@@ -303,8 +335,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pk);
-        if (tid == 128 && tb + 2 < n_tiles) {  // stage 1's part 1 is free
-          ld.issue_part(sm.kv[1], &sm.full[1][1], c.kv_lo + (tb + 2) * kBN, 4, false);
+        PAIR_TRACE(7);
+        if (wq == 0 && tb + 2 < n_tiles) {  // stage 1's part 1 is free
+          issue_part_warp(ld, sm.kv[1], &sm.full[1][1], c.kv_lo + (tb + 2) * kBN, 4, false, pages,
+                          4, lane);
         }
       }
     }
