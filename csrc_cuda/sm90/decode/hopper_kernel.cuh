@@ -159,6 +159,21 @@ __device__ __forceinline__ void issue_part_warp(const TileLoader& ld, unsigned c
   }
 }
 
+// L2 prefetch of the whole tile at `tile_start` by a whole warp (pages from prefetch_pages,
+// `slot` as in issue_part_warp); lane 0 issues. Nothing when the tile does not exist.
+__device__ __forceinline__ void prefetch_tile_l2(const TileLoader& ld, int tile_start, int pages,
+                                                 int slot, int lane) {
+  const int left = ld.kv_hi - tile_start;
+  const int pieces = left <= 0 ? 0 : min(kBN / ld.rows, (left + ld.rows - 1) / ld.rows);
+  for (int k = 0; k < pieces; ++k) {
+    const int page = __shfl_sync(0xffffffffu, pages, slot + k);
+    if (lane == 0) {
+      const int in_page = (tile_start + k * ld.rows) % ld.block_size;
+      for (int ch = 0; ch < kChunks; ++ch) tma_prefetch_l2_3d(ld.map, ch * 64, in_page, page);
+    }
+  }
+}
+
 // Zeroes rows [valid, 64) of the 8 latent (V) chunks of a KV stage: positions past the split's
 // end may hold NaN, and 0 * NaN is NaN in P V. `t` is the thread's index among `n` writers.
 __device__ __forceinline__ void zero_v_rows(unsigned char* kv, int valid, int t, int n) {

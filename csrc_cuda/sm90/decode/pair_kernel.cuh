@@ -61,18 +61,25 @@ __device__ __forceinline__ float rescale(float m_old, float m_new) {
   return m_old == -INFINITY ? 0.f : fast_exp2(m_old - m_new);
 }
 
-// The scores of a 64 x 64 tile (accumulator layout) -> P = exp2(s - m) in place, row sums added
+// O rows *= sc (this thread's two rows); skipped when no row of the warp changes (sc == 1).
+__device__ __forceinline__ void scale_rows(float (&o)[128], const float (&sc)[2]) {
+  if (!__any_sync(0xffffffffu, sc[0] != 1.f || sc[1] != 1.f)) return;
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] *= sc[(i >> 1) & 1];
+}
+
+// The raw scores of a 64 x 64 tile (accumulator layout) -> P = exp2(s * scale - m) in place, row sums added
 // to `sum`, and P packed as wgmma A fragments: k-step kk uses pk[4 kk .. 4 kk + 3].
 template <typename T>
-__device__ __forceinline__ void softmax_pack(float (&s)[32], const float (&m)[2], float (&sum)[2],
-                                             uint32_t (&pk)[16]) {
+__device__ __forceinline__ void softmax_pack(float (&s)[32], float scale_log2, const float (&m)[2],
+                                             float (&sum)[2], uint32_t (&pk)[16]) {
   float use[2];
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) use[h2] = m[h2] == -INFINITY ? 0.f : m[h2];
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
     const int h2 = (i >> 1) & 1;
-    s[i] = fast_exp2(s[i] - use[h2]);
+    s[i] = fast_exp2(fmaf(s[i], scale_log2, -use[h2]));
     sum[h2] += s[i];
   }
 #pragma unroll
@@ -133,6 +140,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // This thread's two rows (accumulator layout of wgmma m64: warp wq owns rows 16 wq ..).
   const int r0 = 16 * wq + (lane >> 2);
   const int last0 = c.last_pos(c.m0 + r0, H), last1 = c.last_pos(c.m0 + r0 + 8, H);
+  const int min_last = c.last_pos(c.m0, H);  // rows are (token, head) in order: the CTA's least
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   float o[128];
@@ -148,56 +156,85 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint64_t pa_desc = gmma_desc_sw128(sm.kv[0] + kRope * kChunk, 16, 1024);
   const uint64_t pb_desc = gmma_desc_sw128(sm.kv[1] + kRope * kChunk, 16, 1024);
 
+  // Block-table pages for the refills (first warp of each warpgroup; WG0's also prefetches the
+  // tiles into L2 a pair before they are loaded): `pages` holds those of the next pair's two
+  // tiles, `pages_next` is loaded a pair earlier still.
+  int pages = wq == 0 ? prefetch_pages(ld, c.kv_lo + 2 * kBN, c.kv_lo + 3 * kBN, lane) : 0;
+
   for (int pi = 0; pi < n_pairs; ++pi) {
     const uint32_t par = pi & 1;
     const int ta = 2 * pi, tb = ta + 1;
     const bool has_b = tb < n_tiles;
     const int own_start = c.kv_lo + (ta + wg) * kBN;
-    // Pages of the next pair's tiles, for this warpgroup's refills (first warp only).
-    const int pages = wq == 0 ? prefetch_pages(ld, c.kv_lo + (ta + 2) * kBN,
-                                               c.kv_lo + (tb + 2) * kBN, lane)
-                              : 0;
+    const int pages_next = wq == 0 ? prefetch_pages(ld, c.kv_lo + (ta + 4) * kBN,
+                                                    c.kv_lo + (tb + 4) * kBN, lane)
+                                   : 0;
+    if (wg == 0 && wq == 0) {
+      prefetch_tile_l2(ld, c.kv_lo + (ta + 2) * kBN, pages, 0, lane);
+      prefetch_tile_l2(ld, c.kv_lo + (tb + 2) * kBN, pages, 4, lane);
+    }
 
     PAIR_TRACE(0);
-    // ---- S = Q K^T of this warpgroup's tile (a for WG0, b for WG1)
+    // ---- S = Q K^T of this warpgroup's tile (a for WG0, b for WG1), raw (unscaled) scores.
+    // Stage parts in release order: part 0 (chunks 0..3, + rope in stage 1), then part 1.
     float s[32];
     float mx[2] = {-INFINITY, -INFINITY};
     if (wg == 0 || has_b) {
-      mbar_wait(&sm.full[wg][wg], par);  // the part this warpgroup released itself
+      mbar_wait(&sm.full[wg][0], par);
       PAIR_TRACE(1);
       fence_regs(s);
       wgmma_fence();
 #pragma unroll
       for (int kc = 0; kc < 16; ++kc) {
-        const uint32_t off = (4 * wg + (kc >> 2)) * kChunk + (kc & 3) * 32;
+        const uint32_t off = (kc >> 2) * kChunk + (kc & 3) * 32;
         gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, kc > 0);
       }
-      mbar_wait(&sm.full[wg][wg ^ 1], par);
+      if (wg == 1) {
+        wgmma_fence();
+#pragma unroll
+        for (int kc = 0; kc < 4; ++kc) {
+          const uint32_t off = kRope * kChunk + kc * 32;
+          gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, true);
+        }
+      }
+      mbar_wait(&sm.full[wg][1], par);
       PAIR_TRACE(2);
       wgmma_fence();
 #pragma unroll
-      for (int kc = 0; kc < 20; ++kc) {
-        const int ch = kc < 16 ? 4 * (wg ^ 1) + (kc >> 2) : kRope;
-        const uint32_t off = ch * kChunk + (kc & 3) * 32;
+      for (int kc = 0; kc < 16; ++kc) {
+        const uint32_t off = (4 + (kc >> 2)) * kChunk + (kc & 3) * 32;
         gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, true);
+      }
+      if (wg == 0) {
+        wgmma_fence();
+#pragma unroll
+        for (int kc = 0; kc < 4; ++kc) {
+          const uint32_t off = kRope * kChunk + kc * 32;
+          gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, true);
+        }
       }
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(s);
       fence_regs(o);
       PAIR_TRACE(3);
+      // Masks only where a position may be out of range for some row of the CTA: the split's
+      // last tile, or causal rows of a multi-token query ending inside the tile.
+      if (own_start + kBN > min(c.kv_hi, min_last + 1)) {
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        const int h2 = (i >> 1) & 1;
-        const int pos = own_start + 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
-        const bool ok = pos < c.kv_hi && pos <= (h2 ? last1 : last0);
-        s[i] = ok ? s[i] * scale_log2 : -INFINITY;
-        mx[h2] = fmaxf(mx[h2], s[i]);
+        for (int i = 0; i < 32; ++i) {
+          const int pos = own_start + 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
+          const bool ok = pos < c.kv_hi && pos <= ((i & 2) ? last1 : last0);
+          s[i] = ok ? s[i] : -INFINITY;
+        }
       }
+#pragma unroll
+      for (int i = 0; i < 32; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
         mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
         mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
+        mx[h2] *= scale_log2;  // scale > 0: the max of the scaled scores; -inf stays -inf
       }
     }
 
@@ -216,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm.m_a[r0] = m_a[0];
         sm.m_a[r0 + 8] = m_a[1];
       }
-      softmax_pack<T>(s, m_a, sum, pk);
+      softmax_pack<T>(s, scale_log2, m_a, sum, pk);
       store_p(own + kRope * kChunk, pk, r0, lane);
       if (valid < kBN) zero_v_rows(own, valid, tid, 128);
       fence_proxy_async_smem();
@@ -226,8 +263,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (valid < kBN) named_barrier(kBarOwn0, 128);  // own zeroed rows before own P V
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc0[h2] + sum[h2];
-#pragma unroll
-      for (int i = 0; i < 128; ++i) o[i] *= sc0[(i >> 1) & 1];
+      scale_rows(o, sc0);
       fence_regs(o);
       fence_regs(pk);
       wgmma_fence();
@@ -255,8 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         issue_part_warp(ld, sm.kv[0], &sm.full[0][0], c.kv_lo + (ta + 2) * kBN, 0, false, pages, 0,
                         lane);
       }
-#pragma unroll
-      for (int i = 0; i < 128; ++i) o[i] *= sc1[(i >> 1) & 1];
+      scale_rows(o, sc1);
       if (has_b) {  // waited for at the next pair's S (or after the loop)
         fence_regs(o);
         wgmma_fence();
@@ -293,7 +328,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm.m_b[r0 + 8] = m_b[1];
       }
       if (has_b) {
-        softmax_pack<T>(s, m_b, sum, pk);
+        softmax_pack<T>(s, scale_log2, m_b, sum, pk);
         store_p(own + kRope * kChunk, pk, r0, lane);
         if (valid < kBN) zero_v_rows(own, valid, tid - 128, 128);
       }
@@ -304,8 +339,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (has_b && valid < kBN) named_barrier(kBarOwn0 + 1, 128);
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc0[h2] * sc1[h2] + sum[h2];
-#pragma unroll
-      for (int i = 0; i < 128; ++i) o[i] *= sc0[(i >> 1) & 1];
+      scale_rows(o, sc0);
       fence_regs(o);
       wgmma_fence();
 #pragma unroll
@@ -320,8 +354,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         issue_part_warp(ld, sm.kv[0], &sm.full[0][1], c.kv_lo + (ta + 2) * kBN, 4, true, pages, 0,
                         lane);
       }
-#pragma unroll
-      for (int i = 0; i < 128; ++i) o[i] *= sc1[(i >> 1) & 1];
+      scale_rows(o, sc1);
       if (has_b) {
         fence_regs(o);
         fence_regs(pk);
@@ -342,6 +375,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+    pages = pages_next;
   }
   wgmma_wait<0>();  // WG0's last O_L += P_b V_b
   fence_regs(o);
