@@ -158,7 +158,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Block-table pages for the refills (first warp of each warpgroup; WG0's also prefetches the
   // tiles into L2 a pair before they are loaded): `pages` holds those of the next pair's two
-  // tiles, `pages_next` is loaded a pair earlier still.
+  // tiles, `pages_next` (loaded after the warpgroup's proxy fence of the pair, which would
+  // otherwise wait for the load) those of the pair after.
   int pages = wq == 0 ? prefetch_pages(ld, c.kv_lo + 2 * kBN, c.kv_lo + 3 * kBN, lane) : 0;
 
   for (int pi = 0; pi < n_pairs; ++pi) {
@@ -166,9 +167,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int ta = 2 * pi, tb = ta + 1;
     const bool has_b = tb < n_tiles;
     const int own_start = c.kv_lo + (ta + wg) * kBN;
-    const int pages_next = wq == 0 ? prefetch_pages(ld, c.kv_lo + (ta + 4) * kBN,
-                                                    c.kv_lo + (tb + 4) * kBN, lane)
-                                   : 0;
+    int pages_next = 0;  // loaded after this pair's proxy fence (which would wait for it)
+    const int next_start = c.kv_lo + (ta + 4) * kBN;  // the pair after the next one
     if (wg == 0 && wq == 0) {
       prefetch_tile_l2(ld, c.kv_lo + (ta + 2) * kBN, pages, 0, lane);
       prefetch_tile_l2(ld, c.kv_lo + (tb + 2) * kBN, pages, 4, lane);
@@ -259,6 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_proxy_async_smem();
       named_barrier_arrive(kBarA, kThreads);
       fence_regs(o);  // keeps the O rescale below the arrive
+      if (wq == 0) pages_next = prefetch_pages(ld, next_start, next_start + kBN, lane);
       PAIR_TRACE(4);
       if (valid < kBN) named_barrier(kBarOwn0, 128);  // own zeroed rows before own P V
 #pragma unroll
@@ -335,6 +336,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_proxy_async_smem();
       named_barrier_arrive(kBarB, kThreads);
       fence_regs(o);
+      if (wq == 0) pages_next = prefetch_pages(ld, next_start, next_start + kBN, lane);
       PAIR_TRACE(5);
       if (has_b && valid < kBN) named_barrier(kBarOwn0 + 1, 128);
 #pragma unroll
