@@ -68,7 +68,7 @@ cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
   dim3 grid(m_tiles, p.num_splits, p.num_seqs);
-  kernel<<<grid, kThreads, smem, stream>>>(map, p);
+  kernel<<<grid, pair ? kPairThreads : kThreads, smem, stream>>>(map, p);
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }

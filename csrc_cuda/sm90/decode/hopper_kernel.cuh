@@ -60,7 +60,7 @@ __device__ __forceinline__ uint32_t swz(int r, int c) {
 }
 
 // Q rows m0 .. m0 + 64 of the CTA -> swizzled chunks at `dst` (rows past the sequence's rows
-// are zero), visible to wgmma when this returns (ends with a CTA barrier).
+// are zero) by threads 0 .. kThreads - 1; visible to wgmma after the caller's barrier.
 template <typename T>
 __device__ __forceinline__ void load_q(const DecodeParams& p, const sm80::CtaRows& c,
                                        unsigned char* dst, int tid) {
@@ -80,7 +80,6 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, const sm80::CtaRow
   cp_async_commit();
   cp_async_wait<0>();
   fence_proxy_async_smem();
-  __syncthreads();
 }
 
 // Tile loads: issued by one thread. Positions [tile_start, min(tile_start + 64, kv_hi)).
@@ -214,6 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   load_q<T>(p, c, sm.q, tid);
+  __syncthreads();
 
   // This thread's two rows (accumulator layout of wgmma m64: warp wq owns rows 16 wq ..).
   const int r0 = 16 * wq + (lane >> 2);

@@ -35,7 +35,8 @@ struct alignas(1024) PairSmem {
   float m_a[kBM];     // running max after tile a (WG0 -> WG1)
   float m_b[kBM];     // after tile b (WG1 -> WG0)
   float red[2][kBM];  // row sums of the two warpgroups (epilogue)
-  uint64_t full[kStages][2];
+  uint64_t full[kStages][2];   // part loaded (TMA transaction bytes)
+  uint64_t empty[kStages][2];  // part released by the warpgroup that reads it last
 };
 constexpr int kPairSmemBytes = static_cast<int>(sizeof(PairSmem)) + 1024;
 
@@ -50,6 +51,10 @@ __device__ long long g_pair_trace[2][64][12];
 #else
 #define PAIR_TRACE(ev)
 #endif
+
+constexpr int kPairThreads = 384;  // consumer warpgroups 0, 1 and the producer warpgroup 2
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // setmaxnreg: 128 x 40 + 256 x 232
+constexpr int kBarConsumers = 5;  // the 256 consumer threads
 
 constexpr int kBarA = 1;     // m_a and P_a ready (WG0 arrives, WG1 waits)
 constexpr int kBarB = 2;     // m_b and P_b ready (WG1 arrives, WG0 waits)
@@ -99,7 +104,7 @@ __device__ __forceinline__ void store_p(unsigned char* chunk, const uint32_t (&p
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kPairThreads, 1)
     mla_decode_hopper_pair_kernel(const __grid_constant__ CUtensorMap kv_map,
                                   const DecodeParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -123,19 +128,42 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     tma_prefetch_desc(&kv_map);
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(&sm.full[s][0], 1);
-      mbar_init(&sm.full[s][1], 1);
+      for (int part = 0; part < 2; ++part) {
+        mbar_init(&sm.full[s][part], 1);
+        mbar_init(&sm.empty[s][part], 4);  // the 4 warps of the releasing warpgroup
+      }
     }
     mbar_init_fence();
   }
   __syncthreads();
-  if (tid == 0) {
-    for (int s = 0; s < kStages && s < n_tiles; ++s) {
-      ld.issue_part(sm.kv[s], &sm.full[s][0], c.kv_lo + s * kBN, 0, s == 1);
-      ld.issue_part(sm.kv[s], &sm.full[s][1], c.kv_lo + s * kBN, 4, s == 0);
+
+  if (wg == 2) {
+    // ---- Producer warpgroup: one warp issues every TMA load (lanes 0..7 hold the block-table
+    // pages of the two tiles in flight) and prefetches the next pair's tiles into L2.
+    setmaxnreg_dec<kProducerRegs>();
+    if (wq != 0) return;
+    int pages = prefetch_pages(ld, c.kv_lo, c.kv_lo + kBN, lane);
+    for (int pi = 0; pi < n_pairs; ++pi) {
+      const int ta = 2 * pi;
+      const int pages_next = prefetch_pages(ld, c.kv_lo + (ta + 2) * kBN,
+                                            c.kv_lo + (ta + 3) * kBN, lane);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // the order the consumers release the parts in a pair
+        const int st = j >> 1, part = j & 1;
+        if (ta + st >= n_tiles) continue;
+        if (pi > 0) mbar_wait(&sm.empty[st][part], (pi - 1) & 1);
+        issue_part_warp(ld, sm.kv[st], &sm.full[st][part], c.kv_lo + (ta + st) * kBN, 4 * part,
+                        part != st, pages, 4 * st, lane);
+      }
+      prefetch_tile_l2(ld, c.kv_lo + (ta + 2) * kBN, pages_next, 0, lane);
+      prefetch_tile_l2(ld, c.kv_lo + (ta + 3) * kBN, pages_next, 4, lane);
+      pages = pages_next;
     }
+    return;
   }
+  setmaxnreg_inc<kConsumerRegs>();
   load_q<T>(p, c, sm.q, tid);
+  named_barrier(kBarConsumers, kThreads);
 
   // This thread's two rows (accumulator layout of wgmma m64: warp wq owns rows 16 wq ..).
   const int r0 = 16 * wq + (lane >> 2);
@@ -156,23 +184,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint64_t pa_desc = gmma_desc_sw128(sm.kv[0] + kRope * kChunk, 16, 1024);
   const uint64_t pb_desc = gmma_desc_sw128(sm.kv[1] + kRope * kChunk, 16, 1024);
 
-  // Block-table pages for the refills (first warp of each warpgroup; WG0's also prefetches the
-  // tiles into L2 a pair before they are loaded): `pages` holds those of the next pair's two
-  // tiles, `pages_next` (loaded after the warpgroup's proxy fence of the pair, which would
-  // otherwise wait for the load) those of the pair after.
-  int pages = wq == 0 ? prefetch_pages(ld, c.kv_lo + 2 * kBN, c.kv_lo + 3 * kBN, lane) : 0;
-
   for (int pi = 0; pi < n_pairs; ++pi) {
     const uint32_t par = pi & 1;
     const int ta = 2 * pi, tb = ta + 1;
     const bool has_b = tb < n_tiles;
     const int own_start = c.kv_lo + (ta + wg) * kBN;
-    int pages_next = 0;  // loaded after this pair's proxy fence (which would wait for it)
-    const int next_start = c.kv_lo + (ta + 4) * kBN;  // the pair after the next one
-    if (wg == 0 && wq == 0) {
-      prefetch_tile_l2(ld, c.kv_lo + (ta + 2) * kBN, pages, 0, lane);
-      prefetch_tile_l2(ld, c.kv_lo + (tb + 2) * kBN, pages, 4, lane);
-    }
 
     PAIR_TRACE(0);
     // ---- S = Q K^T of this warpgroup's tile (a for WG0, b for WG1), raw (unscaled) scores.
@@ -259,7 +275,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_proxy_async_smem();
       named_barrier_arrive(kBarA, kThreads);
       fence_regs(o);  // keeps the O rescale below the arrive
-      if (wq == 0) pages_next = prefetch_pages(ld, next_start, next_start + kBN, lane);
       PAIR_TRACE(4);
       if (valid < kBN) named_barrier(kBarOwn0, 128);  // own zeroed rows before own P V
 #pragma unroll
@@ -288,10 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_regs(o);
       fence_regs(pk);
       PAIR_TRACE(6);
-      if (wq == 0 && ta + 2 < n_tiles) {  // stage 0's part 0 is free: tile a of the next pair
-        issue_part_warp(ld, sm.kv[0], &sm.full[0][0], c.kv_lo + (ta + 2) * kBN, 0, false, pages, 0,
-                        lane);
-      }
+      if (lane == 0) mbar_arrive(&sm.empty[0][0]);  // stage 0's part 0 is free
       scale_rows(o, sc1);
       if (has_b) {  // waited for at the next pair's S (or after the loop)
         fence_regs(o);
@@ -306,10 +318,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_wait<0>();
         fence_regs(o);
         PAIR_TRACE(8);
-        if (wq == 0 && tb + 2 < n_tiles) {
-          issue_part_warp(ld, sm.kv[1], &sm.full[1][0], c.kv_lo + (tb + 2) * kBN, 0, true, pages,
-                          4, lane);
-        }
+        if (lane == 0) mbar_arrive(&sm.empty[1][0]);
       }
     } else {
       // ---- WG1: softmax of tile b, O_R += P_a V_a, then O_R += P_b V_b
@@ -328,15 +337,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm.m_b[r0] = m_b[0];
         sm.m_b[r0 + 8] = m_b[1];
       }
+      PAIR_TRACE(10);
       if (has_b) {
         softmax_pack<T>(s, scale_log2, m_b, sum, pk);
         store_p(own + kRope * kChunk, pk, r0, lane);
         if (valid < kBN) zero_v_rows(own, valid, tid - 128, 128);
       }
+      PAIR_TRACE(8);
       fence_proxy_async_smem();
+      PAIR_TRACE(9);
       named_barrier_arrive(kBarB, kThreads);
       fence_regs(o);
-      if (wq == 0) pages_next = prefetch_pages(ld, next_start, next_start + kBN, lane);
       PAIR_TRACE(5);
       if (has_b && valid < kBN) named_barrier(kBarOwn0 + 1, 128);
 #pragma unroll
@@ -352,10 +363,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       fence_regs(o);
       PAIR_TRACE(6);
-      if (wq == 0 && ta + 2 < n_tiles) {  // stage 0's part 1 is free
-        issue_part_warp(ld, sm.kv[0], &sm.full[0][1], c.kv_lo + (ta + 2) * kBN, 4, true, pages, 0,
-                        lane);
-      }
+      if (lane == 0) mbar_arrive(&sm.empty[0][1]);  // stage 0's part 1 is free
       scale_rows(o, sc1);
       if (has_b) {
         fence_regs(o);
@@ -371,13 +379,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_regs(o);
         fence_regs(pk);
         PAIR_TRACE(7);
-        if (wq == 0 && tb + 2 < n_tiles) {  // stage 1's part 1 is free
-          issue_part_warp(ld, sm.kv[1], &sm.full[1][1], c.kv_lo + (tb + 2) * kBN, 4, false, pages,
-                          4, lane);
-        }
+        if (lane == 0) mbar_arrive(&sm.empty[1][1]);  // stage 1's part 1 is free
       }
     }
-    pages = pages_next;
   }
   wgmma_wait<0>();  // WG0's last O_L += P_b V_b
   fence_regs(o);
@@ -392,7 +396,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm.red[wg][r0] = l_run[0];
     sm.red[wg][r0 + 8] = l_run[1];
   }
-  __syncthreads();
+  named_barrier(kBarConsumers, kThreads);
   const auto& acc = *reinterpret_cast<const float(*)[32][4]>(o);
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
