@@ -3,8 +3,11 @@
 Kernels (see ``csrc_cuda/NOTES.md``):
 
 * ``mla_decode`` on sm_90 (H100 / H200), bf16 / fp16 caches with block size 16, 32 or a
-  multiple of 64: the Hopper kernel (TMA tile loads, wgmma for both products, 64 rows per
-  CTA); set ``PORTMLA_CUDA_HOPPER=0`` to use the generic kernels instead.
+  multiple of 64: the Hopper kernels (TMA tile loads, wgmma for both products, 64 rows per
+  CTA): the pair kernel (a producer warpgroup; each consumer warpgroup takes the scores of
+  one of two KV tiles) above ``HOPPER_TILE_MAX_ROWS`` rows per sequence, the single-tile
+  kernel at or below; ``PORTMLA_CUDA_HOPPER=pair`` / ``tile`` forces one, ``0`` uses the
+  generic kernels instead.
 * ``mla_decode`` elsewhere: generic sm80+ kernels (mma.sync m16n8k16 + cp.async), 16 or 64
   (token, head) rows per CTA so a KV tile is read once for all of them; every KV format, any
   block size and cache strides (16-byte aligned), varlen causal query tokens.
@@ -64,13 +67,21 @@ def hopper_unusable(mod, platform: Platform) -> str | None:
     return None
 
 
-def hopper_kernel_name(mod) -> str:
-    """``DECODE_VARIANTS`` key of the Hopper kernel in use: ``hopper`` (KV tiles in pairs, one
-    per warpgroup) or, with ``PORTMLA_CUDA_HOPPER=tile``, ``hopper_tile`` (one tile at a time,
-    both warpgroups on it) where the build has it."""
-    if os.environ.get("PORTMLA_CUDA_HOPPER") == "tile" and "hopper_tile" in mod.DECODE_VARIANTS:
-        return "hopper_tile"
-    return "hopper"
+HOPPER_TILE_MAX_ROWS = 32  # rows per sequence up to which the single-tile kernel is faster
+
+
+def hopper_kernel_name(mod, rows: int) -> str:
+    """``DECODE_VARIANTS`` key of the Hopper kernel for ``rows`` (query tokens x heads) per
+    sequence: ``hopper`` (KV tiles in pairs, one per consumer warpgroup, a TMA producer
+    warpgroup; compute-bound shapes) or ``hopper_tile`` (one tile at a time, both warpgroups
+    on it; faster where few rows make the call memory-bound, H100-measured).
+    ``PORTMLA_CUDA_HOPPER=pair`` / ``tile`` forces one."""
+    if "hopper_tile" not in mod.DECODE_VARIANTS:
+        return "hopper"
+    force = os.environ.get("PORTMLA_CUDA_HOPPER")
+    if force in ("pair", "tile"):
+        return "hopper" if force == "pair" else "hopper_tile"
+    return "hopper_tile" if rows <= HOPPER_TILE_MAX_ROWS else "hopper"
 
 
 def hopper_block_size_ok(block_size: int) -> bool:
@@ -253,7 +264,7 @@ class CudaBackend(Backend):
         rows = p.max_query_len * p.num_heads
         if p.cache.kv_format in HOPPER_FORMATS and hopper_block_size_ok(p.cache.block_size) \
                 and hopper_unusable(mod, p.platform) is None:
-            name = hopper_kernel_name(mod)
+            name = hopper_kernel_name(mod, rows)
             hopper = mod.DECODE_VARIANTS[name]
             if not have or have >= hopper[3]:
                 return name, hopper[0], hopper[2], hopper[3]

@@ -32,6 +32,7 @@ namespace sm90 {
 struct alignas(1024) PairSmem {
   unsigned char q[kTileBytes];
   unsigned char kv[kStages][kTileBytes];
+  unsigned char p_b[kChunk];  // P of tile b (WG1 -> WG0's O_L += P_b V_b)
   float m_a[kBM];     // running max after tile a (WG0 -> WG1)
   float m_b[kBM];     // after tile b (WG1 -> WG0)
   float red[2][kBM];  // row sums of the two warpgroups (epilogue)
@@ -39,6 +40,7 @@ struct alignas(1024) PairSmem {
   uint64_t empty[kStages][2];  // part released by the warpgroup that reads it last
 };
 constexpr int kPairSmemBytes = static_cast<int>(sizeof(PairSmem)) + 1024;
+static_assert(kPairSmemBytes <= 227 * 1024, "more than an sm_90 CTA may have");
 
 #if defined(PORTMLA_PAIR_TRACE)  // timeline of one CTA (scripts/pair_trace.cu), never in the module
 __device__ long long g_pair_trace[2][64][12];
@@ -58,6 +60,7 @@ constexpr int kBarConsumers = 5;  // the 256 consumer threads
 
 constexpr int kBarA = 1;     // m_a and P_a ready (WG0 arrives, WG1 waits)
 constexpr int kBarB = 2;     // m_b and P_b ready (WG1 arrives, WG0 waits)
+constexpr int kBarC = 6;     // P_a at m_b ready (WG0 arrives, WG1 waits)
 constexpr int kBarOwn0 = 3;  // warpgroup-local barriers after zeroing V rows
 constexpr int kRope = kChunks - 1;
 
@@ -149,11 +152,11 @@ __global__ void __launch_bounds__(kPairThreads, 1)
                                             c.kv_lo + (ta + 3) * kBN, lane);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {  // the order the consumers release the parts in a pair
-        const int st = j >> 1, part = j & 1;
+        const int st = j == 1 || j == 3 ? 1 : 0, part = j == 1 || j == 2 ? 1 : 0;
         if (ta + st >= n_tiles) continue;
         if (pi > 0) mbar_wait(&sm.empty[st][part], (pi - 1) & 1);
         issue_part_warp(ld, sm.kv[st], &sm.full[st][part], c.kv_lo + (ta + st) * kBN, 4 * part,
-                        part != st, pages, 4 * st, lane);
+                        part == 1, pages, 4 * st, lane);
       }
       prefetch_tile_l2(ld, c.kv_lo + (ta + 2) * kBN, pages_next, 0, lane);
       prefetch_tile_l2(ld, c.kv_lo + (ta + 3) * kBN, pages_next, 4, lane);
@@ -182,7 +185,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   const uint64_t v_desc0 = gmma_desc_sw128(sm.kv[0] + 4 * wg * kChunk, kChunk, 1024);
   const uint64_t v_desc1 = gmma_desc_sw128(sm.kv[1] + 4 * wg * kChunk, kChunk, 1024);
   const uint64_t pa_desc = gmma_desc_sw128(sm.kv[0] + kRope * kChunk, 16, 1024);
-  const uint64_t pb_desc = gmma_desc_sw128(sm.kv[1] + kRope * kChunk, 16, 1024);
+  const uint64_t pb_desc = gmma_desc_sw128(sm.p_b, 16, 1024);
 
   for (int pi = 0; pi < n_pairs; ++pi) {
     const uint32_t par = pi & 1;
@@ -192,17 +195,17 @@ __global__ void __launch_bounds__(kPairThreads, 1)
 
     PAIR_TRACE(0);
     // ---- S = Q K^T of this warpgroup's tile (a for WG0, b for WG1), raw (unscaled) scores.
-    // Stage parts in release order: part 0 (chunks 0..3, + rope in stage 1), then part 1.
+    // Stage parts in release order: part 0 = chunks 0..3, part 1 = chunks 4..7 + rope.
     float s[32];
     float mx[2] = {-INFINITY, -INFINITY};
     if (wg == 0 || has_b) {
-      mbar_wait(&sm.full[wg][0], par);
+      mbar_wait(&sm.full[wg][wg], par);  // WG0: part 0 first; WG1: part 1 (released earlier)
       PAIR_TRACE(1);
       fence_regs(s);
       wgmma_fence();
 #pragma unroll
       for (int kc = 0; kc < 16; ++kc) {
-        const uint32_t off = (kc >> 2) * kChunk + (kc & 3) * 32;
+        const uint32_t off = (4 * wg + (kc >> 2)) * kChunk + (kc & 3) * 32;
         gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, kc > 0);
       }
       if (wg == 1) {
@@ -213,12 +216,12 @@ __global__ void __launch_bounds__(kPairThreads, 1)
           gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, true);
         }
       }
-      mbar_wait(&sm.full[wg][1], par);
+      mbar_wait(&sm.full[wg][wg ^ 1], par);
       PAIR_TRACE(2);
       wgmma_fence();
 #pragma unroll
       for (int kc = 0; kc < 16; ++kc) {
-        const uint32_t off = (4 + (kc >> 2)) * kChunk + (kc & 3) * 32;
+        const uint32_t off = (4 * (wg ^ 1) + (kc >> 2)) * kChunk + (kc & 3) * 32;
         gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, true);
       }
       if (wg == 0) {
@@ -258,7 +261,8 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     float sum[2] = {0.f, 0.f};
     const int valid = c.kv_hi - own_start;  // positions of the own tile (< 64: the last one)
     if (wg == 0) {
-      // ---- WG0: softmax of tile a, O_L += P_a V_a, then O_L += P_b V_b
+      // ---- WG0: softmax of tile a; O_L += P_a V_a (P_a from registers); P_a rescaled to m_b
+      // for WG1; O_L += P_b V_b.
       float m_a[2], sc0[2];
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
@@ -269,14 +273,15 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         sm.m_a[r0] = m_a[0];
         sm.m_a[r0 + 8] = m_a[1];
       }
-      softmax_pack<T>(s, scale_log2, m_a, sum, pk);
-      store_p(own + kRope * kChunk, pk, r0, lane);
-      if (valid < kBN) zero_v_rows(own, valid, tid, 128);
-      fence_proxy_async_smem();
       named_barrier_arrive(kBarA, kThreads);
       fence_regs(o);  // keeps the O rescale below the arrive
       PAIR_TRACE(4);
-      if (valid < kBN) named_barrier(kBarOwn0, 128);  // own zeroed rows before own P V
+      softmax_pack<T>(s, scale_log2, m_a, sum, pk);
+      if (valid < kBN) {  // the split's last tile: zero V rows past its end for both halves
+        zero_v_rows(own, valid, tid, 128);
+        fence_proxy_async_smem();
+        named_barrier(kBarOwn0, 128);
+      }
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc0[h2] + sum[h2];
       scale_rows(o, sc0);
@@ -299,13 +304,22 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         m_run[h2] = m_b;
         l_run[h2] *= sc1[h2];
       }
+      // P_a at m_b -> stage 0's rope chunk (dead since S_a): the A operand of WG1's O_R += P_a V_a.
+      uint32_t pa[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        pa[i] = pack2<T>(s[2 * i] * sc1[i & 1], s[2 * i + 1] * sc1[i & 1]);
+      }
+      store_p(own + kRope * kChunk, pa, r0, lane);
+      fence_proxy_async_smem();
+      named_barrier_arrive(kBarC, kThreads);
       wgmma_wait<0>();
       fence_regs(o);
       fence_regs(pk);
       PAIR_TRACE(6);
       if (lane == 0) mbar_arrive(&sm.empty[0][0]);  // stage 0's part 0 is free
       scale_rows(o, sc1);
-      if (has_b) {  // waited for at the next pair's S (or after the loop)
+      if (has_b) {
         fence_regs(o);
         wgmma_fence();
 #pragma unroll
@@ -318,19 +332,19 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         wgmma_wait<0>();
         fence_regs(o);
         PAIR_TRACE(8);
-        if (lane == 0) mbar_arrive(&sm.empty[1][0]);
+        if (lane == 0) mbar_arrive(&sm.empty[1][0]);  // stage 1's part 0 is free
       }
     } else {
-      // ---- WG1: softmax of tile b, O_R += P_a V_a, then O_R += P_b V_b
+      // ---- WG1: softmax of tile b; O_R = O_R * 2^(m - m_b) + P_b V_b (P_b from registers)
+      // + P_a V_a (P_a at m_b from WG0).
       named_barrier(kBarA, kThreads);
       PAIR_TRACE(4);
-      float m_a[2], m_b[2], sc0[2], sc1[2];
+      float m_b[2], sc01[2];
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
-        m_a[h2] = sm.m_a[r0 + 8 * h2];
-        m_b[h2] = fmaxf(m_a[h2], mx[h2]);
-        sc0[h2] = rescale(m_run[h2], m_a[h2]);
-        sc1[h2] = rescale(m_a[h2], m_b[h2]);
+        const float m_a = sm.m_a[r0 + 8 * h2];
+        m_b[h2] = fmaxf(m_a, mx[h2]);
+        sc01[h2] = rescale(m_run[h2], m_b[h2]);
         m_run[h2] = m_b[h2];
       }
       if ((lane & 3) == 0) {
@@ -340,7 +354,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
       PAIR_TRACE(10);
       if (has_b) {
         softmax_pack<T>(s, scale_log2, m_b, sum, pk);
-        store_p(own + kRope * kChunk, pk, r0, lane);
+        store_p(sm.p_b, pk, r0, lane);
         if (valid < kBN) zero_v_rows(own, valid, tid - 128, 128);
       }
       PAIR_TRACE(8);
@@ -351,20 +365,8 @@ __global__ void __launch_bounds__(kPairThreads, 1)
       PAIR_TRACE(5);
       if (has_b && valid < kBN) named_barrier(kBarOwn0 + 1, 128);
 #pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc0[h2] * sc1[h2] + sum[h2];
-      scale_rows(o, sc0);
-      fence_regs(o);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        gmma<typename G::O>(desc_add(pa_desc, ks * 32), desc_add(v_desc0, ks * 16 * 128), o, true);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(o);
-      PAIR_TRACE(6);
-      if (lane == 0) mbar_arrive(&sm.empty[0][1]);  // stage 0's part 1 is free
-      scale_rows(o, sc1);
+      for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc01[h2] + sum[h2];
+      scale_rows(o, sc01);
       if (has_b) {
         fence_regs(o);
         fence_regs(pk);
@@ -375,12 +377,25 @@ __global__ void __launch_bounds__(kPairThreads, 1)
           gmma_rs<typename G::ORs>(a, desc_add(v_desc1, ks * 16 * 128), o);
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(o);
+      }
+      named_barrier(kBarC, kThreads);
+      fence_regs(o);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        gmma<typename G::O>(desc_add(pa_desc, ks * 32), desc_add(v_desc0, ks * 16 * 128), o, true);
+      }
+      wgmma_commit();
+      if (has_b) {
+        wgmma_wait<1>();
         fence_regs(pk);
-        PAIR_TRACE(7);
         if (lane == 0) mbar_arrive(&sm.empty[1][1]);  // stage 1's part 1 is free
       }
+      PAIR_TRACE(6);
+      wgmma_wait<0>();
+      fence_regs(o);
+      PAIR_TRACE(7);
+      if (lane == 0) mbar_arrive(&sm.empty[0][1]);  // stage 0's part 1 is free
     }
   }
   wgmma_wait<0>();  // WG0's last O_L += P_b V_b
