@@ -49,11 +49,13 @@ SPLIT_GRANULE = 64     # chunks are whole KV tiles of every variant
 SPLIT_WAVES = 16       # CTAs per resident slot for the upper bound of the work
 NARROW_MAX_ROWS = 32   # rows per sequence (query tokens x heads) served by 16-row tiles
 MAX_GRID_Y = 65535
-# Hopper kernel split plan (cost in KV tiles of 64 positions per CTA): a CTA's fixed cost
-# (Q load, pipeline fill) and a split's partial output (rows x 512 fp32 written + read back).
-HOPPER_CTA_COST_TILES = 2.0
+# Hopper kernels' split plan (cost in KV tiles of 64 positions per CTA): a CTA's fixed cost
+# (Q load, pipeline fill) and a split's partial output (rows x 512 fp32 written + read back);
+# the waves term's weight. Per kernel, fitted to H100 split sweeps
+# (scripts/cuda_split_sweep.py; csrc_cuda/NOTES.md): the pair kernel fills a longer pipeline.
+HOPPER_CTA_COST_TILES = {"hopper": 8.0, "hopper_tile": 2.0}
+HOPPER_WAVE_WEIGHT = {"hopper": 0.7, "hopper_tile": 0.8}
 HOPPER_TILE_BYTES = 64 * 576 * 2  # one bf16 KV tile
-HOPPER_WAVE_WEIGHT = 0.8
 
 
 def hopper_unusable(mod, platform: Platform) -> str | None:
@@ -90,7 +92,8 @@ def hopper_block_size_ok(block_size: int) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def hopper_splits(num_seqs: int, m_tiles: int, rows_per_cta: int, tiles: int, slots: int) -> int:
+def hopper_splits(num_seqs: int, m_tiles: int, rows_per_cta: int, tiles: int, slots: int,
+                  kernel: str = "hopper") -> int:
     """Splits of the Hopper kernel (one CTA per SM) from shapes only.
 
     Cost, in KV tiles of one CTA: the busiest SM's share of all the work (every CTA's tiles
@@ -105,10 +108,10 @@ def hopper_splits(num_seqs: int, m_tiles: int, rows_per_cta: int, tiles: int, sl
         if -(-tiles // per) != splits:
             continue  # same chunk as a smaller split count
         ctas = num_seqs * m_tiles * splits
-        fixed = HOPPER_CTA_COST_TILES + (partial if splits > 1 else 0.0)
+        fixed = HOPPER_CTA_COST_TILES[kernel] + (partial if splits > 1 else 0.0)
         waves = -(-ctas // slots)
         cost = max((num_seqs * m_tiles * tiles + ctas * fixed) / slots,
-                   HOPPER_WAVE_WEIGHT * waves * (per + fixed)) + per / 2
+                   HOPPER_WAVE_WEIGHT[kernel] * waves * (per + fixed)) + per / 2
         if cost < best_cost - 1e-9:
             best, best_cost = splits, cost
     return best
@@ -291,7 +294,7 @@ class CudaBackend(Backend):
             max_kv = p.max_blocks_per_seq * p.cache.block_size
             tiles = max(1, -(-max_kv // SPLIT_GRANULE))
             splits = hopper_splits(p.num_seqs, rows_tiles, min(bm, p.max_query_len * p.num_heads),
-                                   tiles, max(1, p.platform.num_compute_units))
+                                   tiles, max(1, p.platform.num_compute_units), name)
             per = -(-tiles // splits)
             return code, splits, (per * SPLIT_GRANULE if splits > 1 else 0)
         have = p.platform.shared_memory_per_block or smem

@@ -1,27 +1,28 @@
 // Hopper (sm_90a) absorbed-MLA decode, "pair" schedule: KV tiles are taken two at a time (a in
 // stage 0, b in stage 1) and each of the two consumer warpgroups computes the whole 64 x 64
 // score tile of one of them, so one warpgroup's softmax runs while the other's GEMMs keep the
-// tensor cores busy (the "seesaw" idea of FlashMLA's 2025-04 kernel write-up; this is our own
-// schedule). The output O (64 x 512, fp32) is split by columns: warpgroup 0 keeps O_L (columns
-// 0..255), warpgroup 1 O_R (256..511), 128 registers each.
+// tensor cores busy (the product order of FlashMLA's 2025-04 "seesaw" write-up; our code). The
+// output O (64 x 512, fp32) is split by columns: warpgroup 0 keeps O_L (columns 0..255),
+// warpgroup 1 O_R (256..511), 128 registers each. A third, producer warpgroup (one warp; 40
+// registers, the consumers 232 through setmaxnreg) issues every TMA load and prefetches the
+// next pair's tiles into L2, so no consumer ever waits on a TMA issue or a block-table read.
 //
-// Per pair, with m the running row max shared by both warpgroups:
-//   WG0  S_a = Q K_a^T (m64 n64, 36 k-steps); m_a = max(m, rowmax S_a); P_a = exp2(S_a - m_a)
-//        P_a -> stage 0's rope chunk (dead once S_a is done), m_a -> smem, arrive BAR_A
-//        O_L = O_L * 2^(m - m_a) + P_a V_a[:, :256]       (A = P_a from registers)
-//        wait BAR_B; O_L = O_L * 2^(m_a - m_b) + P_b V_b[:, :256]   (P_b from stage 1's rope chunk)
-//   WG1  S_b = Q K_b^T; wait BAR_A; m_b = max(m_a, rowmax S_b); P_b = exp2(S_b - m_b)
-//        P_b -> stage 1's rope chunk, m_b -> smem, arrive BAR_B
-//        O_R = O_R * 2^(m - m_a) + P_a V_a[:, 256:]       (P_a from stage 0's rope chunk)
-//        O_R = O_R * 2^(m_a - m_b) + P_b V_b[:, 256:]     (A = P_b from registers)
+// Per pair, with m the running row max shared by both warpgroups (base-2 scaled scores):
+//   WG0  S_a = Q K_a^T (m64 n64, 36 k-steps); m_a = max(m, rowmax S_a) -> smem, arrive BAR_A;
+//        P_a = exp2(S_a - m_a); O_L = O_L 2^(m - m_a) + P_a V_a[:, :256] (A = P_a in registers);
+//        wait BAR_B (m_b, P_b); P_a 2^(m_a - m_b) -> stage 0's rope chunk (dead since S_a),
+//        arrive BAR_C; O_L = O_L 2^(m_a - m_b) + P_b V_b[:, :256]
+//   WG1  S_b = Q K_b^T; wait BAR_A; m_b = max(m_a, rowmax S_b); P_b = exp2(S_b - m_b) -> its
+//        own smem chunk, m_b -> smem, arrive BAR_B; O_R = O_R 2^(m - m_b) + P_b V_b[:, 256:]
+//        (A = P_b in registers); wait BAR_C; O_R += P_a' V_a[:, 256:]
 // Row sums: each warpgroup sums the P it computed, both kept at the current max; added at the end.
 //
-// Loads: each stage is loaded as two parts with their own mbarrier, each part released (and
-// refilled by one thread of that warpgroup) by the warpgroup that reads it last:
-//   stage 0: part 0 = chunks 0..3 (WG0: S_a, O_L), part 1 = chunks 4..7 + rope (WG1: O_R, P_a)
-//   stage 1: part 0 = chunks 0..3 + rope (WG0: O_L, P_b), part 1 = chunks 4..7 (WG1: S_b, O_R)
-// so stage 0 is refilled in the middle of a pair and the next S_a finds it loaded. S consumes
-// its stage's parts in the order they are released.
+// Stages are loaded in two parts (part 0 = chunks 0..3, part 1 = chunks 4..7 + rope), each
+// with a `full` (TMA bytes) and an `empty` mbarrier; the warpgroup that reads a part last
+// releases it (its 4 warps arrive), and the producer refills it with the next pair's tile:
+//   stage 0: part 0 after WG0's O_L += P_a V_a, part 1 after WG1's O_R += P_a' V_a
+//   stage 1: part 1 after WG1's O_R += P_b V_b, part 0 after WG0's O_L += P_b V_b
+// S consumes its stage's parts in the order they are released.
 #pragma once
 
 #include "hopper_kernel.cuh"
