@@ -193,8 +193,9 @@ class CudaBackend(Backend):
         if why is not None:
             return (generic + f" for every call (sm_90a Hopper kernel {why})", cache_ops)
         fmts = "/".join(HOPPER_FORMATS)
-        return (f"mla_decode: sm_90a Hopper kernel (TMA + wgmma) for {fmts} caches with block "
-                f"size 16, 32 or a multiple of 64",
+        return (f"mla_decode: sm_90a Hopper kernels (TMA + wgmma) for {fmts} caches with block "
+                f"size 16, 32 or a multiple of 64: tile pairs with a producer warpgroup above "
+                f"{HOPPER_TILE_MAX_ROWS} (token, head) rows per sequence, single tiles at or below",
                 generic + " for the other formats and block sizes", cache_ops)
 
     def reasons(self, p: Problem) -> list[Reason]:
