@@ -90,35 +90,21 @@ struct TileLoader {
   int rows;    // rows per TMA box: min(block_size, 64)
   int kv_hi;
 
-  __device__ __forceinline__ void issue(unsigned char* dst, uint64_t* bar, int tile_start) const {
+  // TMA boxes (of `rows` positions) of the tile at `tile_start` that hold positions < kv_hi.
+  __device__ __forceinline__ int pieces(int tile_start) const {
     const int left = kv_hi - tile_start;
-    const int pieces = min(kBN / rows, (left + rows - 1) / rows);
-    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(pieces * kChunks * rows * 128));
-    for (int k = 0; k < pieces; ++k) {
+    return left <= 0 ? 0 : min(kBN / rows, (left + rows - 1) / rows);
+  }
+
+  __device__ __forceinline__ void issue(unsigned char* dst, uint64_t* bar, int tile_start) const {
+    const int n = pieces(tile_start);
+    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(n * kChunks * rows * 128));
+    for (int k = 0; k < n; ++k) {
       const int pos = tile_start + k * rows;
       const int page = bt[pos / block_size];
       const int in_page = pos % block_size;
 #pragma unroll
       for (int ch = 0; ch < kChunks; ++ch) {
-        tma_load_3d(dst + ch * kChunk + k * rows * 128, map, bar, ch * 64, in_page, page);
-      }
-    }
-  }
-
-  // One part of a tile: the 4 latent chunks from `c0` (columns 64 c0 ..), plus the rope
-  // chunk 8 when `rope`; completes `bar` once.
-  __device__ __forceinline__ void issue_part(unsigned char* dst, uint64_t* bar, int tile_start,
-                                             int c0, bool rope) const {
-    const int left = kv_hi - tile_start;
-    const int pieces = min(kBN / rows, (left + rows - 1) / rows);
-    const int nch = rope ? 5 : 4;
-    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(pieces * nch * rows * 128));
-    for (int k = 0; k < pieces; ++k) {
-      const int pos = tile_start + k * rows;
-      const int page = bt[pos / block_size];
-      const int in_page = pos % block_size;
-      for (int j = 0; j < nch; ++j) {
-        const int ch = j < 4 ? c0 + j : kChunks - 1;
         tma_load_3d(dst + ch * kChunk + k * rows * 128, map, bar, ch * 64, in_page, page);
       }
     }
@@ -135,13 +121,13 @@ __device__ __forceinline__ int prefetch_pages(const TileLoader& ld, int start0, 
   return lane < 8 && pos < ld.kv_hi && k * ld.rows < kBN ? ld.bt[pos / ld.block_size] : 0;
 }
 
-// issue_part by a whole warp with the pages from prefetch_pages (`slot` 0: its first tile,
-// 4: its second); lane 0 issues.
+// One part of a tile, loaded by a whole warp with the pages from prefetch_pages (`slot` 0:
+// its first tile, 4: its second): the 4 latent chunks from `c0` (columns 64 c0 ..), plus the
+// rope chunk 8 when `rope`; completes `bar` once. Lane 0 issues.
 __device__ __forceinline__ void issue_part_warp(const TileLoader& ld, unsigned char* dst,
                                                 uint64_t* bar, int tile_start, int c0, bool rope,
                                                 int pages, int slot, int lane) {
-  const int left = ld.kv_hi - tile_start;
-  const int pieces = min(kBN / ld.rows, (left + ld.rows - 1) / ld.rows);
+  const int pieces = ld.pieces(tile_start);
   const int nch = rope ? 5 : 4;
   if (lane == 0) {
     mbar_arrive_expect_tx(bar, static_cast<uint32_t>(pieces * nch * ld.rows * 128));
@@ -162,8 +148,7 @@ __device__ __forceinline__ void issue_part_warp(const TileLoader& ld, unsigned c
 // `slot` as in issue_part_warp); lane 0 issues. Nothing when the tile does not exist.
 __device__ __forceinline__ void prefetch_tile_l2(const TileLoader& ld, int tile_start, int pages,
                                                  int slot, int lane) {
-  const int left = ld.kv_hi - tile_start;
-  const int pieces = left <= 0 ? 0 : min(kBN / ld.rows, (left + ld.rows - 1) / ld.rows);
+  const int pieces = ld.pieces(tile_start);
   for (int k = 0; k < pieces; ++k) {
     const int page = __shfl_sync(0xffffffffu, pages, slot + k);
     if (lane == 0) {
@@ -180,6 +165,81 @@ __device__ __forceinline__ void zero_v_rows(unsigned char* kv, int valid, int t,
     const int r = valid + i / 64, piece = i % 64;
     *reinterpret_cast<uint4*>(kv + (piece / 8) * kChunk + r * 128 + (piece % 8) * 16) =
         make_uint4(0, 0, 0, 0);
+  }
+}
+
+// S (+)= Q K^T over kN 64-column chunks from chunk c0 (4 k-steps each); with `init` the first
+// k-step overwrites S. Issue only: the caller fences, commits and waits.
+template <class Atom, int kN, int N>
+__device__ __forceinline__ void qk_chunks(uint64_t q_desc, uint64_t k_desc, float (&s)[N], int c0,
+                                          bool init) {
+#pragma unroll
+  for (int kc = 0; kc < 4 * kN; ++kc) {
+    const uint32_t off = (c0 + (kc >> 2)) * kChunk + (kc & 3) * 32;
+    gmma<Atom>(desc_add(q_desc, off), desc_add(k_desc, off), s, !(init && kc == 0));
+  }
+}
+
+// O += P V over a tile's 64 positions (4 k-steps), P from a swizzled smem chunk; one
+// committed group.
+template <class Atom>
+__device__ __forceinline__ void pv_ss(uint64_t p_desc, uint64_t v_desc, float (&o)[128]) {
+  fence_regs(o);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    gmma<Atom>(desc_add(p_desc, ks * 32), desc_add(v_desc, ks * 16 * 128), o, true);
+  }
+  wgmma_commit();
+}
+
+// The same with P in registers (A fragments: k-step ks uses pk[4 ks .. 4 ks + 3]).
+template <class Atom>
+__device__ __forceinline__ void pv_rs(uint32_t (&pk)[16], uint64_t v_desc,
+                                      float (&o)[128]) {
+  fence_regs(o);
+  fence_regs(pk);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    const uint32_t a[4] = {pk[4 * ks], pk[4 * ks + 1], pk[4 * ks + 2], pk[4 * ks + 3]};
+    gmma_rs<Atom>(a, desc_add(v_desc, ks * 16 * 128), o);
+  }
+  wgmma_commit();
+}
+
+// Epilogue, first half: this thread's row sums summed over its quad and published to
+// red[wg] (the caller then syncs both warpgroups).
+__device__ __forceinline__ void share_row_sums(float (&l_run)[2], float (&red)[2][kBM], int wg,
+                                               int r0, int lane) {
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 1);
+    l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 2);
+  }
+  if ((lane & 3) == 0) {
+    red[wg][r0] = l_run[0];
+    red[wg][r0 + 8] = l_run[1];
+  }
+}
+
+// Epilogue, second half: warpgroup wg's 256 output columns of this thread's two rows (or the
+// split's partials), normalised by both warpgroups' row sums.
+template <typename T>
+__device__ __forceinline__ void store_rows(const DecodeParams& p, const sm80::CtaRows& c,
+                                           const float (&o)[128], const float (&red)[2][kBM],
+                                           const float (&m_run)[2], int split, int wg, int r0,
+                                           int lane) {
+  const int H = p.num_heads;
+  const auto& acc = *reinterpret_cast<const float(*)[32][4]>(o);
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int r = r0 + 8 * h2, g = c.m0 + r;
+    if (g >= c.rows) continue;
+    const float l = red[0][r] + red[1][r];
+    const float m = m_run[h2] == -INFINITY ? 0.f : m_run[h2];
+    sm80::store_out_row<T>(p, acc, h2, l, m, 1.f, split, c.t0 + g / H, g % H,
+                           256 * wg + 2 * (lane & 3), wg == 0 && (lane & 3) == 0);
   }
 }
 
@@ -239,11 +299,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint64_t k_desc = gmma_desc_sw128(kv + wg * 32 * 128, 16, 1024);
       fence_regs(s);
       wgmma_fence();
-#pragma unroll
-      for (int kc = 0; kc < kChunks * 4; ++kc) {
-        const uint32_t off = (kc >> 2) * kChunk + (kc & 3) * 32;
-        gmma<typename G::S>(desc_add(q_desc, off), desc_add(k_desc, off), s, kc > 0);
-      }
+      qk_chunks<typename G::S, kChunks>(q_desc, k_desc, s, 0, true);
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(s);
@@ -314,13 +370,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // O[:, 256 wg ..] += P V over the tile's 64 positions (4 k-steps).
     {
       const uint64_t v_desc = gmma_desc_sw128(kv + 4 * wg * kChunk, kChunk, 1024);
-      fence_regs(o);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        gmma<typename G::O>(desc_add(p_desc, ks * 32), desc_add(v_desc, ks * 16 * 128), o, true);
-      }
-      wgmma_commit();
+      pv_ss<typename G::O>(p_desc, v_desc, o);
       wgmma_wait<0>();
       fence_regs(o);
     }
@@ -332,26 +382,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // Row sums: quad reduction, then the two halves through shared memory.
-#pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 1);
-    l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 2);
-  }
-  if ((lane & 3) == 0) {
-    sm.red[wg][r0] = l_run[0];
-    sm.red[wg][r0 + 8] = l_run[1];
-  }
+  share_row_sums(l_run, sm.red, wg, r0, lane);
   __syncthreads();
-  const auto& acc = *reinterpret_cast<const float(*)[32][4]>(o);
-#pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    const int r = r0 + 8 * h2, g = c.m0 + r;
-    if (g >= c.rows) continue;
-    const float l = sm.red[0][r] + sm.red[1][r];
-    const float m = m_run[h2] == -INFINITY ? 0.f : m_run[h2];
-    sm80::store_out_row<T>(p, acc, h2, l, m, 1.f, split, c.t0 + g / H, g % H,
-                           256 * wg + 2 * (lane & 3), wg == 0 && (lane & 3) == 0);
-  }
+  store_rows<T>(p, c, o, sm.red, m_run, split, wg, r0, lane);
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
 #endif

@@ -204,34 +204,18 @@ __global__ void __launch_bounds__(kPairThreads, 1)
       PAIR_TRACE(1);
       fence_regs(s);
       wgmma_fence();
-#pragma unroll
-      for (int kc = 0; kc < 16; ++kc) {
-        const uint32_t off = (4 * wg + (kc >> 2)) * kChunk + (kc & 3) * 32;
-        gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, kc > 0);
-      }
+      qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * wg, true);
       if (wg == 1) {
         wgmma_fence();
-#pragma unroll
-        for (int kc = 0; kc < 4; ++kc) {
-          const uint32_t off = kRope * kChunk + kc * 32;
-          gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, true);
-        }
+        qk_chunks<typename G::S64, 1>(q_desc, k_desc, s, kRope, false);
       }
       mbar_wait(&sm.full[wg][wg ^ 1], par);
       PAIR_TRACE(2);
       wgmma_fence();
-#pragma unroll
-      for (int kc = 0; kc < 16; ++kc) {
-        const uint32_t off = (4 * (wg ^ 1) + (kc >> 2)) * kChunk + (kc & 3) * 32;
-        gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, true);
-      }
+      qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * (wg ^ 1), false);
       if (wg == 0) {
         wgmma_fence();
-#pragma unroll
-        for (int kc = 0; kc < 4; ++kc) {
-          const uint32_t off = kRope * kChunk + kc * 32;
-          gmma<typename G::S64>(desc_add(q_desc, off), desc_add(k_desc, off), s, true);
-        }
+        qk_chunks<typename G::S64, 1>(q_desc, k_desc, s, kRope, false);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -286,15 +270,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc0[h2] + sum[h2];
       scale_rows(o, sc0);
-      fence_regs(o);
-      fence_regs(pk);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        const uint32_t a[4] = {pk[4 * ks], pk[4 * ks + 1], pk[4 * ks + 2], pk[4 * ks + 3]};
-        gmma_rs<typename G::ORs>(a, desc_add(v_desc0, ks * 16 * 128), o);
-      }
-      wgmma_commit();
+      pv_rs<typename G::ORs>(pk, v_desc0, o);
       named_barrier(kBarB, kThreads);
       PAIR_TRACE(5);
       float sc1[2];
@@ -321,14 +297,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
       if (lane == 0) mbar_arrive(&sm.empty[0][0]);  // stage 0's part 0 is free
       scale_rows(o, sc1);
       if (has_b) {
-        fence_regs(o);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-          gmma<typename G::O>(desc_add(pb_desc, ks * 32), desc_add(v_desc1, ks * 16 * 128), o,
-                              true);
-        }
-        wgmma_commit();
+        pv_ss<typename G::O>(pb_desc, v_desc1, o);
         PAIR_TRACE(7);
         wgmma_wait<0>();
         fence_regs(o);
@@ -368,25 +337,9 @@ __global__ void __launch_bounds__(kPairThreads, 1)
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc01[h2] + sum[h2];
       scale_rows(o, sc01);
-      if (has_b) {
-        fence_regs(o);
-        fence_regs(pk);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-          const uint32_t a[4] = {pk[4 * ks], pk[4 * ks + 1], pk[4 * ks + 2], pk[4 * ks + 3]};
-          gmma_rs<typename G::ORs>(a, desc_add(v_desc1, ks * 16 * 128), o);
-        }
-        wgmma_commit();
-      }
+      if (has_b) pv_rs<typename G::ORs>(pk, v_desc1, o);
       named_barrier(kBarC, kThreads);
-      fence_regs(o);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        gmma<typename G::O>(desc_add(pa_desc, ks * 32), desc_add(v_desc0, ks * 16 * 128), o, true);
-      }
-      wgmma_commit();
+      pv_ss<typename G::O>(pa_desc, v_desc0, o);
       if (has_b) {
         wgmma_wait<1>();
         fence_regs(pk);
@@ -403,26 +356,9 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   fence_regs(o);
 
   // Row sums: quad reduction, then the two warpgroups' through shared memory.
-#pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 1);
-    l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 2);
-  }
-  if ((lane & 3) == 0) {
-    sm.red[wg][r0] = l_run[0];
-    sm.red[wg][r0 + 8] = l_run[1];
-  }
+  share_row_sums(l_run, sm.red, wg, r0, lane);
   named_barrier(kBarConsumers, kThreads);
-  const auto& acc = *reinterpret_cast<const float(*)[32][4]>(o);
-#pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    const int r = r0 + 8 * h2, g = c.m0 + r;
-    if (g >= c.rows) continue;
-    const float l = sm.red[0][r] + sm.red[1][r];
-    const float m = m_run[h2] == -INFINITY ? 0.f : m_run[h2];
-    sm80::store_out_row<T>(p, acc, h2, l, m, 1.f, split, c.t0 + g / H, g % H,
-                           256 * wg + 2 * (lane & 3), wg == 0 && (lane & 3) == 0);
-  }
+  store_rows<T>(p, c, o, sm.red, m_run, split, wg, r0, lane);
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
 #endif
