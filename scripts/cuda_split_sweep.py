@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Time the Hopper decode kernel at forced split counts (GPU machine), to check the planner.
+"""Time the Hopper decode kernels over the device schedule's knobs (GPU machine), to fit them.
 
     python scripts/cuda_split_sweep.py [spec:heads[:fixed] ...]
 
-Inputs are the bench's (same lengths, seed 0); CUDA-graph replay medians; the planner's own
-choice is printed beside the sweep.
+For each row: the per-sequence fixed cost (``HOPPER_SCHED_FIXED``, in KV tiles) at the
+planner's part count, then a few part counts at the planner's fixed cost. Inputs are the
+bench's (same lengths, seed 0); CUDA-graph replay medians in us.
 """
 
 from __future__ import annotations
@@ -19,35 +20,48 @@ from portmla.bench.inputs import build_inputs
 from portmla.bench.specs import parse_spec
 from portmla.bench.timing import measure, prepare
 
-DEFAULT = ["128q1s4k:128", "64q1s16k:128", "128q1s8k:16", "64q1s32k:16", "8q1s8k:16"]
-SPLITS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+DEFAULT = ["128q1s4k:128", "64q1s16k:128", "32q1s4k:128", "1q1s32k:128:fixed",
+           "128q1s8k:16", "64q1s32k:16:fixed", "8q1s8k:16"]
+FIXED = [1, 2, 3, 4, 6, 8, 12]
+PARTS_SCALE = [0.5, 1.0]  # times the planner's part count (its own one included)
 
 
-def sweep(spec: str, heads: int, fixed: bool) -> str:
-    orig = cuda_backend.hopper_splits
-    inp = build_inputs(parse_spec(spec), heads, "bfloat16", 64, device="cuda", fixed=fixed,
+def sweep(spec: str, heads: int, fixed_len: bool) -> str:
+    inp = build_inputs(parse_spec(spec), heads, "bfloat16", 64, device="cuda", fixed=fixed_len,
                        layers=2)
     out = torch.empty(inp.q.shape[0], heads, 512, dtype=torch.bfloat16, device="cuda")
-    chosen = []
+    orig_parts, orig_fixed = cuda_backend.hopper_parts, dict(cuda_backend.HOPPER_SCHED_FIXED)
+    seen = []
 
     def spy(*a):
-        chosen.append(orig(*a))
-        return chosen[-1]
+        seen.append(orig_parts(*a))
+        return seen[-1]
 
-    def call(i):
-        return lambda: pm.mla_decode(backend="cuda", out=out, **inp.decode_kwargs(i))
+    def time_it() -> float:
+        calls = [lambda i=i: pm.mla_decode(backend="cuda", out=out, **inp.decode_kwargs(i))
+                 for i in range(len(inp.caches))]
+        return measure(prepare(calls, out.device, use_graphs=True), out.device, 3, 20).median_us
 
     try:
-        cuda_backend.hopper_splits = spy
-        call(0)()
-        row = [f"{spec} h{heads} {'fixed' if inp.fixed else 'varlen'} planner={chosen[0]}:"]
-        for s in sorted(set(SPLITS + chosen[:1])):
-            cuda_backend.hopper_splits = lambda *a, s=s: s
-            prepared = prepare([call(i) for i in range(len(inp.caches))], out.device,
-                               use_graphs=True)
-            row.append(f"{s}={measure(prepared, out.device, 3, 20).median_us:.1f}")
+        cuda_backend.hopper_parts = spy
+        pm.mla_decode(backend="cuda", out=out, **inp.decode_kwargs(0))
+        parts = seen[0]
+        kernel = cuda_backend.hopper_kernel_name(cuda_backend.load_module()[0],
+                                                 inp.max_query_len * heads)
+        row = [f"{spec} h{heads} {'fixed' if inp.fixed else 'varlen'} {kernel} "
+               f"parts={parts} fixed={orig_fixed[kernel]}: fixed cost"]
+        for f in FIXED:
+            cuda_backend.HOPPER_SCHED_FIXED = {**orig_fixed, kernel: f}
+            row.append(f"{f}={time_it():.1f}")
+        cuda_backend.HOPPER_SCHED_FIXED = orig_fixed
+        row.append("| parts")
+        for sc in PARTS_SCALE:
+            n = max(1, int(parts * sc))
+            cuda_backend.hopper_parts = lambda *a, n=n: n
+            row.append(f"{n}={time_it():.1f}")
     finally:
-        cuda_backend.hopper_splits = orig
+        cuda_backend.hopper_parts = orig_parts
+        cuda_backend.HOPPER_SCHED_FIXED = orig_fixed
     return " ".join(row)
 
 

@@ -1,5 +1,6 @@
 // Timeline of one CTA of the Hopper pair kernel (clock64 at the schedule's events), on the
-// 128q1s4k h128 shape with fixed lengths. GPU machine:
+// 128q1s4k h128 shape with fixed lengths (part PORTMLA_PAIR_TRACE of the device schedule;
+// pairs counted over its segments). GPU machine:
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -DPORTMLA_HAVE_SM90A=1 \
 //     -DPORTMLA_PAIR_TRACE=10 -Icsrc_cuda -I$PORTMLA_CUTLASS_INCLUDE scripts/pair_trace.cu -o /tmp/pt
 #include <cstdio>
@@ -8,6 +9,7 @@
 
 #include <cuda_bf16.h>
 
+#include "../csrc_cuda/sm80/decode/schedule.cu"
 #include "../csrc_cuda/sm90/decode/decode_hopper.cu"
 
 int main(int argc, char** argv) {
@@ -51,6 +53,15 @@ int main(int argc, char** argv) {
   p.num_heads = H;
   p.softmax_scale = 0.0417f;
   p.variant = portmla::sm80::kHopperPair;
+  p.num_parts = 66;  // 132 SMs / 2 row tiles
+  p.sched_fixed = 4;
+  p.part_rows = H;
+  const int slots = 2 * (p.num_parts - 1);
+  cudaMalloc(&p.sched_cum, (2 * B + 2) * 8);
+  p.sched_piece = reinterpret_cast<int32_t*>(p.sched_cum + B + 2);
+  cudaMalloc(&p.part_out, static_cast<size_t>(slots) * H * 512 * 4);
+  cudaMalloc(&p.part_lse, static_cast<size_t>(slots) * H * 4);
+  portmla::launch_decode_schedule(p, 0);
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);

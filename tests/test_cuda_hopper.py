@@ -56,22 +56,46 @@ CASES = [  # heads, seq lens, query lens, strided cache
 ]
 
 
+# (parts, fixed cost) of the device schedule: 0 = the planner's; 1 part never cuts a sequence;
+# many parts with a small fixed cost cut every sequence into pieces, some of them empty for the
+# row tiles of the earlier query tokens.
+SCHEDULES = [(0, 0), (1, 0), (3, 1), (40, 7)]
+
+
+def force_schedule(monkeypatch, parts, fixed):
+    if parts:
+        monkeypatch.setattr(cuda_backend, "hopper_parts", lambda *a: parts)
+    if fixed:
+        monkeypatch.setattr(cuda_backend, "HOPPER_SCHED_FIXED",
+                            dict.fromkeys(cuda_backend.HOPPER_SCHED_FIXED, fixed))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("splits", [0, 1, 3, 40], ids=lambda s: f"splits{s or 'auto'}")
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"parts{s[0] or 'auto'}-fixed{s[1] or 'auto'}")
 @pytest.mark.parametrize("kernel", ["pair", "tile"])
-def test_hopper_decode(monkeypatch, ran, block_size, dtype, splits, kernel):
+def test_hopper_decode(monkeypatch, ran, block_size, dtype, schedule, kernel):
     _need_hopper()
     want = "hopper" if kernel == "pair" else "hopper_tile"
     monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
-    if splits:
-        monkeypatch.setattr(cuda_backend, "hopper_splits", lambda *a: splits)
+    force_schedule(monkeypatch, *schedule)
     fmt = "bfloat16" if dtype == torch.bfloat16 else "float16"
     for heads, lens, qlens, strided in CASES:
         case = make_decode_case(lens, qlens, heads, block_size, fmt, dtype, "cuda", strided=strided)
         check_decode(*run_both(case, single_token=False), tol=1e-2)
     assert ran and set(ran) == {want}, f"variants that ran: {sorted(set(ran))}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["pair", "tile"])
+def test_hopper_one_long_sequence(monkeypatch, ran, kernel):
+    """b = 1: the planner's parts (66 on an H100 at 128 heads) all take a piece of it."""
+    _need_hopper()
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
+    case = make_decode_case([20000], [1], 128, 64, "bfloat16", torch.bfloat16, "cuda")
+    check_decode(*run_both(case, single_token=True), tol=1e-2)
+    assert set(ran) == {"hopper" if kernel == "pair" else "hopper_tile"}
 
 
 @pytest.mark.gpu

@@ -37,10 +37,17 @@ struct DecodeParams {
   float* lse = nullptr;  // [T, H] or null
   int64_t lse_stride_t = 0, lse_stride_h = 0;
   float* part_out = nullptr;  // [num_splits, T, H, L] fp32 scratch when num_splits > 1
-  float* part_lse = nullptr;  // [num_splits, T, H]
+  float* part_lse = nullptr;  // [num_splits, T, H] (scheduled: [slots, part_rows (, L)])
   int num_tokens = 0, num_seqs = 0, num_heads = 0, max_query_len = 1, num_splits = 1;
   int split_chunk = 0;  // KV positions per split when num_splits > 1 (split s: [s*chunk, (s+1)*chunk))
   int variant = 0;      // sm80::DecodeVariant: which tile shape runs (the caller plans splits for it)
+  // Device-side schedule (the Hopper kernels; common/schedule.cuh): num_parts CTAs per row
+  // tile share the work of all sequences evenly, computed from seq_lens on the device.
+  int num_parts = 0;      // > 0: scheduled (num_splits / split_chunk unused)
+  int sched_fixed = 1;    // a sequence's fixed cost in KV tiles (Q load, epilogue), >= 1
+  int64_t* sched_cum = nullptr;    // [num_seqs + 2] scratch: cost prefix, then tiles per part
+  int32_t* sched_piece = nullptr;  // [2 num_seqs] scratch: first partial slot (-1: one piece), pieces
+  int64_t part_rows = 0;  // rows per partial slot (>= max_query_len * num_heads); 2 (num_parts - 1) slots
   int kv_lora_rank = 512, rope_dim = 64;
   float softmax_scale = 1.f;
   int q_dtype = kBF16, kv_format = kKv16;

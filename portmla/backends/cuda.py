@@ -11,8 +11,10 @@ Kernels (see ``csrc_cuda/NOTES.md``):
 * ``mla_decode`` elsewhere: generic sm80+ kernels (mma.sync m16n8k16 + cp.async), 16 or 64
   (token, head) rows per CTA so a KV tile is read once for all of them; every KV format, any
   block size and cache strides (16-byte aligned), varlen causal query tokens.
-* Both: split-KV planned on the host from shapes only, merged by an LSE combine kernel;
-  deterministic; no host reads (CUDA-graph safe).
+* Split-KV: the Hopper kernels are persistent (one CTA per SM) and split the work by a
+  schedule computed on the device from ``seq_lens`` each call; the generic kernels by a
+  host plan from shapes only. Both merge pieces by LSE; deterministic; no host reads
+  (CUDA-graph safe).
 * ``concat_and_cache_mla`` / ``gather_cache``: every format, any block size.
 
 The module is a table of launch functions taking plain structs; this file validates what
@@ -49,14 +51,11 @@ SPLIT_GRANULE = 64     # chunks are whole KV tiles of every variant
 SPLIT_WAVES = 16       # CTAs per resident slot for the upper bound of the work
 NARROW_MAX_ROWS = 32   # rows per sequence (query tokens x heads) served by 16-row tiles
 MAX_GRID_Y = 65535
-# Hopper kernels' split plan (cost in KV tiles of 64 positions per CTA): a CTA's fixed cost
-# (Q load, pipeline fill) and a split's partial output (rows x 512 fp32 written + read back);
-# the waves term's weight. Per kernel, fitted to H100 split sweeps
-# (scripts/cuda_split_sweep.py; csrc_cuda/NOTES.md): the pair kernel fills a longer pipeline.
-HOPPER_CTA_COST_TILES = {"hopper": 8.0, "hopper_tile": 2.0}
-HOPPER_WAVE_WEIGHT = {"hopper": 0.7, "hopper_tile": 0.8}
-HOPPER_TILE_BYTES = 64 * 576 * 2  # one bf16 KV tile
-
+# Hopper kernels: the device schedule (csrc_cuda/common/schedule.cuh) gives each of
+# num_parts CTAs per row tile the same share of all sequences' KV tiles, plus this fixed cost
+# per sequence (Q load, epilogue) in tiles; fitted to H100 sweeps (scripts/cuda_split_sweep.py).
+HOPPER_SCHED_FIXED = {"hopper": 4, "hopper_tile": 2}
+MAX_GRID_PARTS = 65535
 
 def hopper_unusable(mod, platform: Platform) -> str | None:
     """Why the Hopper kernel serves no call on ``platform`` (None: it serves the calls it takes)."""
@@ -91,30 +90,9 @@ def hopper_block_size_ok(block_size: int) -> bool:
     return block_size >= 16 and (64 % block_size == 0 or block_size % 64 == 0)
 
 
-@functools.lru_cache(maxsize=4096)
-def hopper_splits(num_seqs: int, m_tiles: int, rows_per_cta: int, tiles: int, slots: int,
-                  kernel: str = "hopper") -> int:
-    """Splits of the Hopper kernel (one CTA per SM) from shapes only.
-
-    Cost, in KV tiles of one CTA: the busiest SM's share of all the work (every CTA's tiles
-    plus its fixed cost plus, when split, its partial output written and read back), or the
-    waves of whole CTAs if that is more (weighted: real lengths are often below ``tiles``,
-    their upper bound), plus half a split as the tail that greedy CTA scheduling leaves.
-    """
-    best, best_cost = 1, float("inf")
-    partial = rows_per_cta * 512 * 4 * 2 / HOPPER_TILE_BYTES
-    for splits in range(1, min(MAX_SPLITS, max(1, tiles)) + 1):
-        per = -(-tiles // splits)
-        if -(-tiles // per) != splits:
-            continue  # same chunk as a smaller split count
-        ctas = num_seqs * m_tiles * splits
-        fixed = HOPPER_CTA_COST_TILES[kernel] + (partial if splits > 1 else 0.0)
-        waves = -(-ctas // slots)
-        cost = max((num_seqs * m_tiles * tiles + ctas * fixed) / slots,
-                   HOPPER_WAVE_WEIGHT[kernel] * waves * (per + fixed)) + per / 2
-        if cost < best_cost - 1e-9:
-            best, best_cost = splits, cost
-    return best
+def hopper_parts(m_tiles: int, sms: int) -> int:
+    """Persistent parts of the Hopper kernels: one CTA per SM over all row tiles."""
+    return max(1, min(MAX_GRID_PARTS, sms // max(1, m_tiles)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -281,23 +259,22 @@ class CudaBackend(Backend):
             smem = smem8 if fp8 else smem16
         return want, code, bm, smem
 
-    def plan_decode(self, p: DecodeProblem, mod) -> tuple[int, int, int]:
-        """``(variant code, num_splits, split_chunk)`` from host-side upper bounds only (graph-safe).
+    def plan_decode(self, p: DecodeProblem, mod) -> tuple[str, int, int, int, int]:
+        """``(variant name, code, num_splits, split_chunk, num_parts)`` from host-side upper
+        bounds only (graph-safe).
 
-        Split s covers KV positions [s * chunk, (s + 1) * chunk): every CTA does at most one
-        chunk of work whatever the lengths, so CTAs balance over the SMs. The chunk aims at
-        ``SPLIT_WAVES`` CTAs per resident slot for the upper bound of the work (the real
-        work of a varlen batch is often 2-3x below it), never below ``MIN_SPLIT_CHUNK``.
+        Hopper kernels: ``num_parts`` persistent CTAs per row tile; the split of the work
+        among them is computed on the device from ``seq_lens`` (``num_splits`` = 1).
+        Generic kernels: split s covers KV positions [s * chunk, (s + 1) * chunk): every CTA
+        does at most one chunk of work whatever the lengths, so CTAs balance over the SMs. The
+        chunk aims at ``SPLIT_WAVES`` CTAs per resident slot for the upper bound of the work
+        (the real work of a varlen batch is often 2-3x below it), never below
+        ``MIN_SPLIT_CHUNK``.
         """
         name, code, bm, smem = self.decode_variant(p, mod)
         rows_tiles = -(-p.max_query_len * p.num_heads // bm)
         if name.startswith("hopper"):
-            max_kv = p.max_blocks_per_seq * p.cache.block_size
-            tiles = max(1, -(-max_kv // SPLIT_GRANULE))
-            splits = hopper_splits(p.num_seqs, rows_tiles, min(bm, p.max_query_len * p.num_heads),
-                                   tiles, max(1, p.platform.num_compute_units), name)
-            per = -(-tiles // splits)
-            return code, splits, (per * SPLIT_GRANULE if splits > 1 else 0)
+            return name, code, 1, 0, hopper_parts(rows_tiles, max(1, p.platform.num_compute_units))
         have = p.platform.shared_memory_per_block or smem
         per_sm = max(1, min(2, (have + 1024) // (smem + 1024)))
         slots = per_sm * max(1, p.platform.num_compute_units)
@@ -310,7 +287,7 @@ class CudaBackend(Backend):
             chunk = -(-max_kv // MAX_SPLITS)
             chunk = -(-chunk // SPLIT_GRANULE) * SPLIT_GRANULE
             splits = max(1, -(-max_kv // chunk))
-        return code, splits, (chunk if splits > 1 else 0)
+        return name, code, splits, (chunk if splits > 1 else 0), 0
 
     # ------------------------------------------------------------------- ops
 
@@ -342,8 +319,19 @@ class CudaBackend(Backend):
         par.out, par.out_stride_t, par.out_stride_h = out_k.data_ptr(), out_k.stride(0), out_k.stride(1)
         if lse is not None:
             par.lse, par.lse_stride_t, par.lse_stride_h = lse.data_ptr(), lse.stride(0), lse.stride(1)
-        variant, splits, chunk = self.plan_decode(p, mod)
-        if splits > 1:
+        name, variant, splits, chunk, parts = self.plan_decode(p, mod)
+        if parts:  # the device schedule's scratch: sizes from host bounds only (graph-safe)
+            b = p.num_seqs
+            rows = p.max_query_len * h
+            slots = max(1, 2 * (parts - 1))
+            sched = torch.empty(2 * b + 2, dtype=torch.int64, device=q.device)
+            part_out = torch.empty(slots * rows * c.kv_lora_rank, dtype=torch.float32, device=q.device)
+            part_lse = torch.empty(slots * rows, dtype=torch.float32, device=q.device)
+            par.part_out, par.part_lse = part_out.data_ptr(), part_lse.data_ptr()
+            par.sched_cum, par.sched_piece = sched.data_ptr(), sched[b + 2:].data_ptr()
+            par.num_parts, par.part_rows = parts, rows
+            par.sched_fixed = HOPPER_SCHED_FIXED[name]
+        elif splits > 1:
             part_out = torch.empty(splits * t * h * c.kv_lora_rank, dtype=torch.float32, device=q.device)
             part_lse = torch.empty(splits * t * h, dtype=torch.float32, device=q.device)
             par.part_out, par.part_lse = part_out.data_ptr(), part_lse.data_ptr()

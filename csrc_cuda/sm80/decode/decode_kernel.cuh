@@ -228,17 +228,13 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
 // Splits are visited in order (deterministic); the LSE maximum is read lane-parallel.
 constexpr int kCombineWarpsPerRow = 4;
 
+// One row's merge: n partials at lse[s * stride], part[s * stride * kL] -> out row (t, h).
 template <typename T>
-__global__ void __launch_bounds__(256) mla_decode_combine_kernel(const DecodeParams p) {
-  const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.num_heads;
-  const int64_t w = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
-  const int64_t row = w / kCombineWarpsPerRow;
-  const int quarter = static_cast<int>(w % kCombineWarpsPerRow);
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;
-  const int S = p.num_splits;
+__device__ __forceinline__ void combine_row(const DecodeParams& p, const float* lse_in,
+                                            const float* part, int64_t stride, int n, int t,
+                                            int h, int quarter, int lane) {
   float mx = -INFINITY;
-  for (int s = lane; s < S; s += 32) mx = fmaxf(mx, p.part_lse[s * rows + row]);
+  for (int s = lane; s < n; s += 32) mx = fmaxf(mx, lse_in[s * stride]);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -246,12 +242,12 @@ __global__ void __launch_bounds__(256) mla_decode_combine_kernel(const DecodePar
   const int col4 = quarter * (kL / 4 / kCombineWarpsPerRow) + lane;  // float4 index in the row
   if (mx != -INFINITY) {
 #pragma unroll 4
-    for (int s = 0; s < S; ++s) {
-      const float ls = p.part_lse[s * rows + row];
+    for (int s = 0; s < n; ++s) {
+      const float ls = lse_in[s * stride];
       if (ls == -INFINITY) continue;  // an empty split: its partial output is not read
       const float wgt = expf(ls - mx);
       total += wgt;
-      const float4 v = reinterpret_cast<const float4*>(p.part_out + (s * rows + row) * kL)[col4];
+      const float4 v = reinterpret_cast<const float4*>(part + s * stride * kL)[col4];
       acc.x += wgt * v.x;
       acc.y += wgt * v.y;
       acc.z += wgt * v.z;
@@ -259,7 +255,6 @@ __global__ void __launch_bounds__(256) mla_decode_combine_kernel(const DecodePar
     }
   }
   const float inv = total > 0.f ? 1.f / total : 0.f;
-  const int t = static_cast<int>(row / p.num_heads), h = static_cast<int>(row % p.num_heads);
   T* o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
          static_cast<int64_t>(h) * p.out_stride_h;
   uint2 v;
@@ -273,9 +268,51 @@ __global__ void __launch_bounds__(256) mla_decode_combine_kernel(const DecodePar
 }
 
 template <typename T>
+__global__ void __launch_bounds__(256) mla_decode_combine_kernel(const DecodeParams p) {
+  const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.num_heads;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int64_t row = w / kCombineWarpsPerRow;
+  if (row >= rows) return;
+  combine_row<T>(p, p.part_lse + row, p.part_out + row * kL, rows, p.num_splits,
+                 static_cast<int>(row / p.num_heads), static_cast<int>(row % p.num_heads),
+                 static_cast<int>(w % kCombineWarpsPerRow), threadIdx.x & 31);
+}
+
+template <typename T>
 cudaError_t launch_decode_combine(const DecodeParams& p, cudaStream_t stream) {
   const int64_t warps = static_cast<int64_t>(p.num_tokens) * p.num_heads * kCombineWarpsPerRow;
   mla_decode_combine_kernel<T><<<static_cast<unsigned>((warps + 7) / 8), 256, 0, stream>>>(p);
+  PORTMLA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
+// The device schedule's merge (common/schedule.cuh): blocks of 8 warps over (sequence, rows of
+// the sequence); only sequences cut into pieces have work (the others wrote their output).
+template <typename T>
+__global__ void __launch_bounds__(256) mla_decode_combine_pieces_kernel(const DecodeParams p,
+                                                                        int blocks_per_seq) {
+  const int b = static_cast<int>(blockIdx.x / blocks_per_seq);
+  const int pieces = p.sched_piece[2 * b + 1];
+  if (pieces < 2) return;
+  const int t0 = p.query_start_loc != nullptr ? p.query_start_loc[b] : b;
+  const int nq = p.query_start_loc != nullptr ? p.query_start_loc[b + 1] - t0 : 1;
+  const int64_t w = static_cast<int64_t>(blockIdx.x % blocks_per_seq) * 8 + (threadIdx.x >> 5);
+  const int64_t row = w / kCombineWarpsPerRow;
+  if (row >= static_cast<int64_t>(nq) * p.num_heads) return;
+  const int64_t first = static_cast<int64_t>(p.sched_piece[2 * b]) * p.part_rows + row;
+  combine_row<T>(p, p.part_lse + first, p.part_out + first * kL, p.part_rows, pieces,
+                 t0 + static_cast<int>(row / p.num_heads), static_cast<int>(row % p.num_heads),
+                 static_cast<int>(w % kCombineWarpsPerRow), threadIdx.x & 31);
+}
+
+template <typename T>
+cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.max_query_len) * p.num_heads;
+  const int per_seq = static_cast<int>((rows * kCombineWarpsPerRow + 7) / 8);
+  const int64_t blocks = static_cast<int64_t>(per_seq) * p.num_seqs;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  mla_decode_combine_pieces_kernel<T>
+      <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p, per_seq);
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }

@@ -1,5 +1,7 @@
 // launch_mla_decode: picks the instantiation for (q dtype, cache format) and checks the call;
-// variant kHopper runs the sm_90a kernel (csrc_cuda/sm90) and then this file's combine.
+// the Hopper variants run the device schedule, the sm_90a kernel (csrc_cuda/sm90) and the
+// pieces' merge.
+#include "../../common/schedule.cuh"
 #include "decode_kernel.cuh"
 #if defined(PORTMLA_HAVE_SM90A)
 #include "../../sm90/decode/launch.h"
@@ -17,12 +19,17 @@ cudaError_t launch_mla_decode(const DecodeParams& p, cudaStream_t stream) {
   if (!bf16 && p.q_dtype != kFP16) return cudaErrorInvalidValue;
   if (p.variant == sm80::kHopper || p.variant == sm80::kHopperPair) {
 #if defined(PORTMLA_HAVE_SM90A)
-    PORTMLA_RETURN_IF_ERROR(sm90::launch_decode(p, stream));
-    if (p.num_splits > 1 && p.num_seqs > 0 && p.num_tokens > 0 && p.num_heads > 0) {
-      return bf16 ? sm80::launch_decode_combine<__nv_bfloat16>(p, stream)
-                  : sm80::launch_decode_combine<__half>(p, stream);
+    // Device schedule -> decode (persistent parts) -> merge of the sequences cut into pieces.
+    if (p.num_parts < 1 || !p.part_out || !p.part_lse ||
+        p.part_rows < static_cast<int64_t>(p.max_query_len) * p.num_heads) {
+      return cudaErrorInvalidValue;
     }
-    return cudaSuccess;
+    if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
+    PORTMLA_RETURN_IF_ERROR(launch_decode_schedule(p, stream));
+    PORTMLA_RETURN_IF_ERROR(sm90::launch_decode(p, stream));
+    if (p.num_parts == 1) return cudaSuccess;  // nothing is ever cut
+    return bf16 ? sm80::launch_decode_combine_pieces<__nv_bfloat16>(p, stream)
+                : sm80::launch_decode_combine_pieces<__half>(p, stream);
 #else
     return cudaErrorNotSupported;
 #endif

@@ -50,12 +50,10 @@ struct CtaRows {
   }
 };
 
-// Fills c for (split, row tile, sequence b); false: the whole CTA has nothing to do (no rows,
-// or a split past the positions its rows may see, whose partial LSE it has marked empty).
-// Call before any barrier.
+// Fills c for row tile m_tile of sequence b with every position its rows may see
+// ([0, kv_end): row (j, h) sees 0 .. seq_len - nq + j); false: the sequence has no rows there.
 template <int BM>
-__device__ __forceinline__ bool cta_rows(const DecodeParams& p, CtaRows& c, int split,
-                                         int m_tile, int b) {
+__device__ __forceinline__ bool seq_rows(const DecodeParams& p, CtaRows& c, int m_tile, int b) {
   if (p.query_start_loc != nullptr) {
     c.t0 = p.query_start_loc[b];
     c.nq = p.query_start_loc[b + 1] - c.t0;
@@ -67,13 +65,21 @@ __device__ __forceinline__ bool cta_rows(const DecodeParams& p, CtaRows& c, int 
   c.m0 = m_tile * BM;
   if (c.m0 >= c.rows) return false;
   c.seq_len = p.seq_lens[b];
-
-  // Positions any row of this tile may see: [0, kv_end). Row (j, h) sees 0 .. seq_len - nq + j.
   const int j_last = (min(c.m0 + BM, c.rows) - 1) / p.num_heads;
-  const int kv_end = max(0, c.seq_len - c.nq + j_last + 1);
   c.kv_lo = 0;
-  c.kv_hi = kv_end;
+  c.kv_hi = max(0, c.seq_len - c.nq + j_last + 1);
+  return true;
+}
+
+// Fills c for (split, row tile, sequence b); false: the whole CTA has nothing to do (no rows,
+// or a split past the positions its rows may see, whose partial LSE it has marked empty).
+// Call before any barrier.
+template <int BM>
+__device__ __forceinline__ bool cta_rows(const DecodeParams& p, CtaRows& c, int split,
+                                         int m_tile, int b) {
+  if (!seq_rows<BM>(p, c, m_tile, b)) return false;
   if (p.num_splits > 1) {  // split s covers [s * split_chunk, (s + 1) * split_chunk)
+    const int kv_end = c.kv_hi;
     const int64_t lo = static_cast<int64_t>(split) * p.split_chunk;
     if (lo >= kv_end) {
       mark_empty_split(p, split, c.t0, c.m0, c.rows, BM);
@@ -258,15 +264,16 @@ __device__ __forceinline__ void scale_rows(float (&acc)[NT][4], int h2, float al
 
 // Epilogue of one row (token t, head h): fragment row h2 of NT accumulator tiles, columns
 // col + 8 nt (+1), divided by the row sum l (times out_scale); m is the row's running max
-// (base 2). One split: T output (and LSE if asked); several: fp32 partial + partial LSE of
-// split `split`. lse_writer: the one thread that writes the row's LSE.
+// (base 2). part_row < 0: T output (and LSE if asked); else the fp32 partial + partial LSE at
+// row part_row of part_out / part_lse. lse_writer: the one thread that writes the row's LSE.
 template <typename T, int NT>
-__device__ __forceinline__ void store_out_row(const DecodeParams& p, const float (&acc)[NT][4],
-                                              int h2, float l, float m, float out_scale,
-                                              int split, int t, int h, int col, bool lse_writer) {
+__device__ __forceinline__ void store_out_row_at(const DecodeParams& p, const float (&acc)[NT][4],
+                                                 int h2, float l, float m, float out_scale,
+                                                 int64_t part_row, int t, int h, int col,
+                                                 bool lse_writer) {
   const float inv = l > 0.f ? out_scale / l : 0.f;
   const float lse = l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
-  if (p.num_splits == 1) {
+  if (part_row < 0) {
     T* o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
            static_cast<int64_t>(h) * p.out_stride_h + col;
 #pragma unroll
@@ -278,15 +285,26 @@ __device__ __forceinline__ void store_out_row(const DecodeParams& p, const float
       p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(h) * p.lse_stride_h] = lse;
     }
   } else {
-    const int64_t row = (static_cast<int64_t>(split) * p.num_tokens + t) * p.num_heads + h;
-    float* o = p.part_out + row * kL + col;
+    float* o = p.part_out + part_row * kL + col;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       *reinterpret_cast<float2*>(o + nt * 8) =
           make_float2(acc[nt][2 * h2] * inv, acc[nt][2 * h2 + 1] * inv);
     }
-    if (lse_writer) p.part_lse[row] = lse;
+    if (lse_writer) p.part_lse[part_row] = lse;
   }
+}
+
+// The same for the host-planned splits: one split writes the output, several the partials of
+// split `split` (rows [split][token][head]).
+template <typename T, int NT>
+__device__ __forceinline__ void store_out_row(const DecodeParams& p, const float (&acc)[NT][4],
+                                              int h2, float l, float m, float out_scale,
+                                              int split, int t, int h, int col, bool lse_writer) {
+  const int64_t row = p.num_splits == 1
+                          ? -1
+                          : (static_cast<int64_t>(split) * p.num_tokens + t) * p.num_heads + h;
+  store_out_row_at<T>(p, acc, h2, l, m, out_scale, row, t, h, col, lse_writer);
 }
 
 }  // namespace sm80

@@ -67,7 +67,7 @@ cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
   PORTMLA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
-  dim3 grid(m_tiles, p.num_splits, p.num_seqs);
+  dim3 grid(m_tiles, p.num_parts);  // persistent: each CTA walks its part's segments
   kernel<<<grid, pair ? kPairThreads : kThreads, smem, stream>>>(map, p);
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
@@ -80,7 +80,8 @@ int decode_smem_bytes(bool pair) { return pair ? kPairSmemBytes : kSmemBytes; }
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.kv_format != kKv16 || !block_size_ok(p.block_size) || p.num_blocks < 1 ||
       (p.token_stride * 2) % 16 || (p.page_stride * 2) % 16 ||
-      reinterpret_cast<uintptr_t>(p.kv_cache) % 16 || (p.num_splits > 1 && p.split_chunk % kBN)) {
+      reinterpret_cast<uintptr_t>(p.kv_cache) % 16 || p.num_parts < 1 || p.num_parts > 65535 ||
+      p.sched_cum == nullptr || p.sched_piece == nullptr) {
     return cudaErrorInvalidValue;
   }
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;

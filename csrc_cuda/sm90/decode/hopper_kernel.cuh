@@ -1,10 +1,11 @@
 // Hopper (sm_90a) absorbed-MLA decode for 16-bit caches: TMA tile loads through a two-stage
-// mbarrier pipeline, wgmma for S = Q K^T and O += P V, split-KV planned on the host from
-// shapes only (the sm80 combine kernel merges the partials by LSE).
+// mbarrier pipeline, wgmma for S = Q K^T and O += P V, split-KV by the device schedule of
+// common/schedule.cuh (persistent parts; the pieces of cut sequences merged by LSE after).
 //
-// CTA = (row tile of 64, split, sequence); rows of a sequence are its (query token j, head h)
-// pairs in order j * H + h, so one KV tile in shared memory serves 64 of them. Row tiles of the
-// same (split, sequence) are neighbours in the grid, so their KV reads meet in L2.
+// CTA = (row tile of 64, part); the part's segments (a sequence's run of KV tiles) one after
+// the other. Rows of a sequence are its (query token j, head h) pairs in order j * H + h, so
+// one KV tile in shared memory serves 64 of them. Row tiles of the same part are neighbours in
+// the grid and walk the same tiles, so their KV reads meet in L2.
 // Two consumer warpgroups (256 threads), per KV tile of 64 positions:
 //   S    warpgroup w: S[:, 32w .. 32w+32) = Q K^T (m64 n32, 36 k-steps, operands in smem)
 //   max  row maxima of the two halves exchanged through shared memory (named barrier)
@@ -18,7 +19,7 @@
 // (9 chunks each: 8 latent + 1 rope), P (1 chunk) = 229,376 bytes + barriers and row data.
 // Cache pages: any block size with 64 % block_size == 0 (>= 16) or block_size % 64 == 0; a
 // tile is 64 / block_size TMA boxes per chunk, or one box inside a larger page.
-// Positions past the split's end inside a loaded tile are masked out of S and their V rows
+// Positions past the segment's end inside a loaded tile are masked out of S and their V rows
 // are zeroed in shared memory before O += P V (unused cache slots may hold NaN).
 #pragma once
 
@@ -28,6 +29,7 @@
 
 #include "../../common/numeric.cuh"
 #include "../../common/params.h"
+#include "../../common/schedule.cuh"
 #include "../../sm80/decode/config.h"
 #include "../../sm80/decode/tile_common.cuh"
 #include "hopper_ptx.cuh"
@@ -80,6 +82,20 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, const sm80::CtaRow
   cp_async_commit();
   cp_async_wait<0>();
   fence_proxy_async_smem();
+}
+
+// Row tile m_tile of segment s: its sequence's rows and the positions of the segment's tiles
+// they may see (kv_lo == kv_hi: none, the epilogue writes the empty result). false: the
+// sequence has no rows in this tile (nothing to compute or write).
+__device__ __forceinline__ bool segment_rows(const DecodeParams& p, const Segment& s, int m_tile,
+                                             sm80::CtaRows& c) {
+  if (!sm80::seq_rows<kBM>(p, c, m_tile, s.b)) return false;
+  const int kv_end = c.kv_hi;
+  c.kv_lo = s.tile_lo * kBN;
+  c.kv_hi = static_cast<int>(
+      min(static_cast<int64_t>(kv_end), static_cast<int64_t>(s.tile_hi) * kBN));
+  if (c.kv_hi < c.kv_lo) c.kv_hi = c.kv_lo;
+  return true;
 }
 
 // Tile loads: issued by one thread. Positions [tile_start, min(tile_start + 64, kv_hi)).
@@ -158,7 +174,7 @@ __device__ __forceinline__ void prefetch_tile_l2(const TileLoader& ld, int tile_
   }
 }
 
-// Zeroes rows [valid, 64) of the 8 latent (V) chunks of a KV stage: positions past the split's
+// Zeroes rows [valid, 64) of the 8 latent (V) chunks of a KV stage: positions past the segment's
 // end may hold NaN, and 0 * NaN is NaN in P V. `t` is the thread's index among `n` writers.
 __device__ __forceinline__ void zero_v_rows(unsigned char* kv, int valid, int t, int n) {
   for (int i = t; i < (kBN - valid) * 64; i += n) {
@@ -223,12 +239,12 @@ __device__ __forceinline__ void share_row_sums(float (&l_run)[2], float (&red)[2
   }
 }
 
-// Epilogue, second half: warpgroup wg's 256 output columns of this thread's two rows (or the
-// split's partials), normalised by both warpgroups' row sums.
+// Epilogue, second half: warpgroup wg's 256 output columns of this thread's two rows, or the
+// segment's partials (slot >= 0), normalised by both warpgroups' row sums.
 template <typename T>
 __device__ __forceinline__ void store_rows(const DecodeParams& p, const sm80::CtaRows& c,
                                            const float (&o)[128], const float (&red)[2][kBM],
-                                           const float (&m_run)[2], int split, int wg, int r0,
+                                           const float (&m_run)[2], int slot, int wg, int r0,
                                            int lane) {
   const int H = p.num_heads;
   const auto& acc = *reinterpret_cast<const float(*)[32][4]>(o);
@@ -238,8 +254,9 @@ __device__ __forceinline__ void store_rows(const DecodeParams& p, const sm80::Ct
     if (g >= c.rows) continue;
     const float l = red[0][r] + red[1][r];
     const float m = m_run[h2] == -INFINITY ? 0.f : m_run[h2];
-    sm80::store_out_row<T>(p, acc, h2, l, m, 1.f, split, c.t0 + g / H, g % H,
-                           256 * wg + 2 * (lane & 3), wg == 0 && (lane & 3) == 0);
+    sm80::store_out_row_at<T>(p, acc, h2, l, m, 1.f, slot < 0 ? -1 : slot * p.part_rows + g,
+                              c.t0 + g / H, g % H, 256 * wg + 2 * (lane & 3),
+                              wg == 0 && (lane & 3) == 0);
   }
 }
 
@@ -251,140 +268,149 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   Smem& sm = smem_aligned_1024<Smem>(smem_raw);
   const int tid = threadIdx.x, wg = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31;
-  const int split = blockIdx.y, b = blockIdx.z;
+  const int part = blockIdx.y, m_tile = blockIdx.x;
   const int H = p.num_heads;
 
-  sm80::CtaRows c;
-  if (!sm80::cta_rows<kBM>(p, c, split, blockIdx.x, b)) return;  // whole CTA, before barriers
-
-  const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
-  TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(b) * p.bt_stride, p.block_size,
-                min(p.block_size, kBN), c.kv_hi};
   if (tid == 0) {
     tma_prefetch_desc(&kv_map);
     for (int s = 0; s < kStages; ++s) mbar_init(&sm.full[s], 1);
     mbar_init_fence();
   }
   __syncthreads();
-  if (tid == 0) {
-    for (int s = 0; s < kStages && s < n_tiles; ++s) {
-      ld.issue(sm.kv[s], &sm.full[s], c.kv_lo + s * kBN);
-    }
-  }
-
-  load_q<T>(p, c, sm.q, tid);
-  __syncthreads();
 
   // This thread's two rows (accumulator layout of wgmma m64: warp wq owns rows 16 wq ..).
   const int r0 = 16 * wq + (lane >> 2);
-  const int last0 = c.last_pos(c.m0 + r0, H), last1 = c.last_pos(c.m0 + r0 + 8, H);
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-  float o[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] = 0.f;
-
   const uint64_t q_desc = gmma_desc_sw128(sm.q, 16, 1024);
   const uint64_t p_desc = gmma_desc_sw128(sm.p, 16, 1024);
 
-  for (int it = 0; it < n_tiles; ++it) {
-    const int st = it & (kStages - 1);
-    const int tile_start = c.kv_lo + it * kBN;
-    unsigned char* kv = sm.kv[st];
-    mbar_wait(&sm.full[st], (it / kStages) & 1);
-
-    // S[:, 32 wg ..] = Q K^T over 576 = 9 chunks x 4 k-steps.
-    float s[16];
-    {
-      const uint64_t k_desc = gmma_desc_sw128(kv + wg * 32 * 128, 16, 1024);
-      fence_regs(s);
-      wgmma_fence();
-      qk_chunks<typename G::S, kChunks>(q_desc, k_desc, s, 0, true);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(s);
-    }
-
-    // Mask, scale to base 2, row maxima of this half.
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const int h2 = (i >> 1) & 1;
-      const int pos = tile_start + wg * 32 + 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
-      const bool ok = pos < c.kv_hi && pos <= (h2 ? last1 : last0);
-      s[i] = ok ? s[i] * scale_log2 : -INFINITY;
-      mx[h2] = fmaxf(mx[h2], s[i]);
-    }
-#pragma unroll
-    for (int h2 = 0; h2 < 2; ++h2) {
-      mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
-      mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
-    }
-    if ((lane & 3) == 0) {
-      sm.red[wg][r0] = mx[0];
-      sm.red[wg][r0 + 8] = mx[1];
-    }
-    named_barrier(1, kThreads);
-    float alpha[2];
-#pragma unroll
-    for (int h2 = 0; h2 < 2; ++h2) {
-      const float other = sm.red[wg ^ 1][r0 + 8 * h2];
-      const float m_new = fmaxf(m_run[h2], fmaxf(mx[h2], other));
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: no NaN
-      alpha[h2] = exp2f(m_run[h2] - m_use);
-      m_run[h2] = m_new;
-      mx[h2] = m_use;
-    }
-    float sum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const int h2 = (i >> 1) & 1;
-      s[i] = exp2f(s[i] - mx[h2]);
-      sum[h2] += s[i];
-    }
-#pragma unroll
-    for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * alpha[h2] + sum[h2];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] *= alpha[(i >> 1) & 1];
-
-    // P (this warpgroup's 32 columns) -> the swizzled P chunk.
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int col = wg * 32 + 8 * j + 2 * (lane & 3);
-      *reinterpret_cast<uint32_t*>(sm.p + swz(r0, col)) = pack2<T>(s[4 * j], s[4 * j + 1]);
-      *reinterpret_cast<uint32_t*>(sm.p + swz(r0 + 8, col)) = pack2<T>(s[4 * j + 2], s[4 * j + 3]);
-    }
-    // A tile past the split's end: zero the V rows this warpgroup reads (NaN * 0 = NaN).
-    const int valid = c.kv_hi - tile_start;
-    if (valid < kBN) {
-      const int t = tid & 127;
-      for (int i = t; i < (kBN - valid) * 4 * 8; i += 128) {
-        const int r = valid + i / 32, piece = i % 32;  // 4 chunks x 8 16-byte pieces per row
-        *reinterpret_cast<uint4*>(kv + (4 * wg + piece / 8) * kChunk + r * 128 + (piece % 8) * 16) =
-            make_uint4(0, 0, 0, 0);
+  PartWalker walk;
+  walk.init(p, part);
+  Segment seg;
+  int g0 = 0;  // tiles of the earlier segments: tile g uses stage g % 2, phase (g / 2) % 2
+  while (walk.next(p, seg)) {
+    sm80::CtaRows c;
+    if (!segment_rows(p, seg, m_tile, c)) continue;  // the same for every thread
+    const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
+    const TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
+                        p.block_size, min(p.block_size, kBN), c.kv_hi};
+    if (tid == 0) {  // both stages are free: the last tile ended with a CTA barrier
+      for (int s = 0; s < kStages && s < n_tiles; ++s) {
+        const int st = (g0 + s) & (kStages - 1);
+        ld.issue(sm.kv[st], &sm.full[st], c.kv_lo + s * kBN);
       }
     }
-    fence_proxy_async_smem();
-    named_barrier(2, kThreads);
-
-    // O[:, 256 wg ..] += P V over the tile's 64 positions (4 k-steps).
-    {
-      const uint64_t v_desc = gmma_desc_sw128(kv + 4 * wg * kChunk, kChunk, 1024);
-      pv_ss<typename G::O>(p_desc, v_desc, o);
-      wgmma_wait<0>();
-      fence_regs(o);
-    }
-    // Both warpgroups are done with this stage and with P: refill the stage.
+    load_q<T>(p, c, sm.q, tid);
     __syncthreads();
-    if (tid == 0 && it + kStages < n_tiles) {
-      ld.issue(kv, &sm.full[st], tile_start + kStages * kBN);
-    }
-  }
 
-  // Row sums: quad reduction, then the two halves through shared memory.
-  share_row_sums(l_run, sm.red, wg, r0, lane);
-  __syncthreads();
-  store_rows<T>(p, c, o, sm.red, m_run, split, wg, r0, lane);
+    const int last0 = c.last_pos(c.m0 + r0, H), last1 = c.last_pos(c.m0 + r0 + 8, H);
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+
+    for (int it = 0; it < n_tiles; ++it) {
+      const int g = g0 + it, st = g & (kStages - 1);
+      const int tile_start = c.kv_lo + it * kBN;
+      unsigned char* kv = sm.kv[st];
+      mbar_wait(&sm.full[st], (g / kStages) & 1);
+
+      // S[:, 32 wg ..] = Q K^T over 576 = 9 chunks x 4 k-steps.
+      float s[16];
+      {
+        const uint64_t k_desc = gmma_desc_sw128(kv + wg * 32 * 128, 16, 1024);
+        fence_regs(s);
+        wgmma_fence();
+        qk_chunks<typename G::S, kChunks>(q_desc, k_desc, s, 0, true);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s);
+      }
+
+      // Mask, scale to base 2, row maxima of this half.
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int h2 = (i >> 1) & 1;
+        const int pos = tile_start + wg * 32 + 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
+        const bool ok = pos < c.kv_hi && pos <= (h2 ? last1 : last0);
+        s[i] = ok ? s[i] * scale_log2 : -INFINITY;
+        mx[h2] = fmaxf(mx[h2], s[i]);
+      }
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
+        mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
+      }
+      if ((lane & 3) == 0) {
+        sm.red[wg][r0] = mx[0];
+        sm.red[wg][r0 + 8] = mx[1];
+      }
+      named_barrier(1, kThreads);
+      float alpha[2];
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const float other = sm.red[wg ^ 1][r0 + 8 * h2];
+        const float m_new = fmaxf(m_run[h2], fmaxf(mx[h2], other));
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: no NaN
+        alpha[h2] = exp2f(m_run[h2] - m_use);
+        m_run[h2] = m_new;
+        mx[h2] = m_use;
+      }
+      float sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int h2 = (i >> 1) & 1;
+        s[i] = exp2f(s[i] - mx[h2]);
+        sum[h2] += s[i];
+      }
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * alpha[h2] + sum[h2];
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] *= alpha[(i >> 1) & 1];
+
+      // P (this warpgroup's 32 columns) -> the swizzled P chunk.
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int col = wg * 32 + 8 * j + 2 * (lane & 3);
+        *reinterpret_cast<uint32_t*>(sm.p + swz(r0, col)) = pack2<T>(s[4 * j], s[4 * j + 1]);
+        *reinterpret_cast<uint32_t*>(sm.p + swz(r0 + 8, col)) =
+            pack2<T>(s[4 * j + 2], s[4 * j + 3]);
+      }
+      // A tile past the segment's end: zero the V rows this warpgroup reads (NaN * 0 = NaN).
+      const int valid = c.kv_hi - tile_start;
+      if (valid < kBN) {
+        const int t = tid & 127;
+        for (int i = t; i < (kBN - valid) * 4 * 8; i += 128) {
+          const int r = valid + i / 32, piece = i % 32;  // 4 chunks x 8 16-byte pieces per row
+          *reinterpret_cast<uint4*>(kv + (4 * wg + piece / 8) * kChunk + r * 128 +
+                                    (piece % 8) * 16) = make_uint4(0, 0, 0, 0);
+        }
+      }
+      fence_proxy_async_smem();
+      named_barrier(2, kThreads);
+
+      // O[:, 256 wg ..] += P V over the tile's 64 positions (4 k-steps).
+      {
+        const uint64_t v_desc = gmma_desc_sw128(kv + 4 * wg * kChunk, kChunk, 1024);
+        pv_ss<typename G::O>(p_desc, v_desc, o);
+        wgmma_wait<0>();
+        fence_regs(o);
+      }
+      // Both warpgroups are done with this stage and with P: refill the stage.
+      __syncthreads();
+      if (tid == 0 && it + kStages < n_tiles) {
+        ld.issue(kv, &sm.full[st], tile_start + kStages * kBN);
+      }
+    }
+    g0 += n_tiles;
+
+    // Row sums: quad reduction, then the two halves through shared memory. The next
+    // segment's Q load and red[] writes come after its CTA barrier.
+    share_row_sums(l_run, sm.red, wg, r0, lane);
+    __syncthreads();
+    store_rows<T>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane);
+  }
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
 #endif

@@ -47,16 +47,16 @@ static_assert(kPairSmemBytes <= 227 * 1024, "more than an sm_90 CTA may have");
 __device__ long long g_pair_trace[2][64][12];
 #define PAIR_TRACE(ev)                                                                   \
   do {                                                                                   \
-    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == PORTMLA_PAIR_TRACE &&        \
-        (tid & 127) == 0 && pi < 64)                                                     \
-      g_pair_trace[wg][pi][ev] = clock64();                                              \
+    if (blockIdx.x == 0 && blockIdx.y == PORTMLA_PAIR_TRACE && (tid & 127) == 0 &&       \
+        used[0] < 64)                                                                    \
+      g_pair_trace[wg][used[0]][ev] = clock64();                                         \
   } while (0)
 #else
 #define PAIR_TRACE(ev)
 #endif
 
 constexpr int kPairThreads = 384;  // consumer warpgroups 0, 1 and the producer warpgroup 2
-constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // setmaxnreg: 128 x 40 + 256 x 232
+constexpr int kProducerRegs = 48, kConsumerRegs = 232;  // setmaxnreg: 128 x 48 + 256 x 232
 constexpr int kBarConsumers = 5;  // the 256 consumer threads
 
 constexpr int kBarA = 1;     // m_a and P_a ready (WG0 arrives, WG1 waits)
@@ -119,66 +119,65 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   // The warpgroup index through a shuffle, so the compiler knows it is warp-uniform (wgmma in
   // the per-warpgroup branches is otherwise serialized).
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
-  const int split = blockIdx.y, b = blockIdx.z;
+  const int part = blockIdx.y, m_tile = blockIdx.x;
   const int H = p.num_heads;
 
-  sm80::CtaRows c;
-  if (!sm80::cta_rows<kBM>(p, c, split, blockIdx.x, b)) return;  // whole CTA, before barriers
-
-  const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
-  const int n_pairs = (n_tiles + 1) / 2;
-  const TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(b) * p.bt_stride,
-                      p.block_size, min(p.block_size, kBN), c.kv_hi};
   if (tid == 0) {
     tma_prefetch_desc(&kv_map);
     for (int s = 0; s < kStages; ++s) {
-      for (int part = 0; part < 2; ++part) {
-        mbar_init(&sm.full[s][part], 1);
-        mbar_init(&sm.empty[s][part], 4);  // the 4 warps of the releasing warpgroup
+      for (int half = 0; half < 2; ++half) {
+        mbar_init(&sm.full[s][half], 1);
+        mbar_init(&sm.empty[s][half], 4);  // the 4 warps of the releasing warpgroup
       }
     }
     mbar_init_fence();
   }
   __syncthreads();
 
+  // Every thread walks the part's segments itself (common/schedule.cuh); tile pairs restart at
+  // each segment (a: stage 0, b: stage 1), the stages' phases run on across segments.
+  PartWalker walk;
+  walk.init(p, part);
+  Segment seg;
   if (wg == 2) {
     // ---- Producer warpgroup: one warp issues every TMA load (lanes 0..7 hold the block-table
-    // pages of the two tiles in flight) and prefetches the next pair's tiles into L2.
+    // pages of the two tiles in flight) and prefetches the next pair's tiles into L2. It runs
+    // ahead into the next segment while the consumers finish this one.
     setmaxnreg_dec<kProducerRegs>();
     if (wq != 0) return;
-    int pages = prefetch_pages(ld, c.kv_lo, c.kv_lo + kBN, lane);
-    for (int pi = 0; pi < n_pairs; ++pi) {
-      const int ta = 2 * pi;
-      const int pages_next = prefetch_pages(ld, c.kv_lo + (ta + 2) * kBN,
-                                            c.kv_lo + (ta + 3) * kBN, lane);
+    int fills[kStages] = {0, 0};  // loads of each stage so far
+    while (walk.next(p, seg)) {
+      sm80::CtaRows c;
+      if (!segment_rows(p, seg, m_tile, c)) continue;
+      const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
+      const TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
+                          p.block_size, min(p.block_size, kBN), c.kv_hi};
+      int pages = prefetch_pages(ld, c.kv_lo, c.kv_lo + kBN, lane);
+      for (int ta = 0; ta < n_tiles; ta += 2) {
+        const int pages_next = prefetch_pages(ld, c.kv_lo + (ta + 2) * kBN,
+                                              c.kv_lo + (ta + 3) * kBN, lane);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {  // the order the consumers release the parts in a pair
-        const int st = j == 1 || j == 3 ? 1 : 0, part = j == 1 || j == 2 ? 1 : 0;
-        if (ta + st >= n_tiles) continue;
-        if (pi > 0) mbar_wait(&sm.empty[st][part], (pi - 1) & 1);
-        issue_part_warp(ld, sm.kv[st], &sm.full[st][part], c.kv_lo + (ta + st) * kBN, 4 * part,
-                        part == 1, pages, 4 * st, lane);
+        for (int j = 0; j < 4; ++j) {  // the order the consumers release the parts in a pair
+          const int st = j == 1 || j == 3 ? 1 : 0, half = j == 1 || j == 2 ? 1 : 0;
+          if (ta + st >= n_tiles) continue;
+          if (fills[st] > 0) mbar_wait(&sm.empty[st][half], (fills[st] - 1) & 1);
+          issue_part_warp(ld, sm.kv[st], &sm.full[st][half], c.kv_lo + (ta + st) * kBN,
+                          4 * half, half == 1, pages, 4 * st, lane);
+        }
+        ++fills[0];
+        if (ta + 1 < n_tiles) ++fills[1];
+        prefetch_tile_l2(ld, c.kv_lo + (ta + 2) * kBN, pages_next, 0, lane);
+        prefetch_tile_l2(ld, c.kv_lo + (ta + 3) * kBN, pages_next, 4, lane);
+        pages = pages_next;
       }
-      prefetch_tile_l2(ld, c.kv_lo + (ta + 2) * kBN, pages_next, 0, lane);
-      prefetch_tile_l2(ld, c.kv_lo + (ta + 3) * kBN, pages_next, 4, lane);
-      pages = pages_next;
     }
     return;
   }
   setmaxnreg_inc<kConsumerRegs>();
-  load_q<T>(p, c, sm.q, tid);
-  named_barrier(kBarConsumers, kThreads);
 
   // This thread's two rows (accumulator layout of wgmma m64: warp wq owns rows 16 wq ..).
   const int r0 = 16 * wq + (lane >> 2);
-  const int last0 = c.last_pos(c.m0 + r0, H), last1 = c.last_pos(c.m0 + r0 + 8, H);
-  const int min_last = c.last_pos(c.m0, H);  // rows are (token, head) in order: the CTA's least
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-  float o[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] = 0.f;
-
   const uint64_t q_desc = gmma_desc_sw128(sm.q, 16, 1024);
   unsigned char* const own = sm.kv[wg];  // the stage whose scores this warpgroup computes
   const uint64_t k_desc = gmma_desc_sw128(own, 16, 1024);
@@ -188,177 +187,196 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   const uint64_t pa_desc = gmma_desc_sw128(sm.kv[0] + kRope * kChunk, 16, 1024);
   const uint64_t pb_desc = gmma_desc_sw128(sm.p_b, 16, 1024);
 
-  for (int pi = 0; pi < n_pairs; ++pi) {
-    const uint32_t par = pi & 1;
-    const int ta = 2 * pi, tb = ta + 1;
-    const bool has_b = tb < n_tiles;
-    const int own_start = c.kv_lo + (ta + wg) * kBN;
-
-    PAIR_TRACE(0);
-    // ---- S = Q K^T of this warpgroup's tile (a for WG0, b for WG1), raw (unscaled) scores.
-    // Stage parts in release order: part 0 = chunks 0..3, part 1 = chunks 4..7 + rope.
-    float s[32];
-    float mx[2] = {-INFINITY, -INFINITY};
-    if (wg == 0 || has_b) {
-      mbar_wait(&sm.full[wg][wg], par);  // WG0: part 0 first; WG1: part 1 (released earlier)
-      PAIR_TRACE(1);
-      fence_regs(s);
-      wgmma_fence();
-      qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * wg, true);
-      if (wg == 1) {
-        wgmma_fence();
-        qk_chunks<typename G::S64, 1>(q_desc, k_desc, s, kRope, false);
-      }
-      mbar_wait(&sm.full[wg][wg ^ 1], par);
-      PAIR_TRACE(2);
-      wgmma_fence();
-      qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * (wg ^ 1), false);
-      if (wg == 0) {
-        wgmma_fence();
-        qk_chunks<typename G::S64, 1>(q_desc, k_desc, s, kRope, false);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(s);
-      fence_regs(o);
-      PAIR_TRACE(3);
-      // Masks only where a position may be out of range for some row of the CTA: the split's
-      // last tile, or causal rows of a multi-token query ending inside the tile.
-      if (own_start + kBN > min(c.kv_hi, min_last + 1)) {
+  int used[kStages] = {0, 0};  // pairs that read each stage so far (the full barriers' phases)
+  while (walk.next(p, seg)) {
+    sm80::CtaRows c;
+    if (!segment_rows(p, seg, m_tile, c)) continue;  // the same for every thread
+    const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
+    const int n_pairs = (n_tiles + 1) / 2;
+    // Q is free: every consumer passed the last segment's epilogue barrier after its last S.
+    load_q<T>(p, c, sm.q, tid);
+    named_barrier(kBarConsumers, kThreads);
+    const int last0 = c.last_pos(c.m0 + r0, H), last1 = c.last_pos(c.m0 + r0 + 8, H);
+    const int min_last = c.last_pos(c.m0, H);  // rows are (token, head) in order: the least
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    float o[128];
 #pragma unroll
-        for (int i = 0; i < 32; ++i) {
-          const int pos = own_start + 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
-          const bool ok = pos < c.kv_hi && pos <= ((i & 2) ? last1 : last0);
-          s[i] = ok ? s[i] : -INFINITY;
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+
+    for (int pi = 0; pi < n_pairs; ++pi) {
+      const uint32_t par = (wg == 0 ? used[0] : used[1]) & 1;
+      const int ta = 2 * pi, tb = ta + 1;
+      const bool has_b = tb < n_tiles;
+      const int own_start = c.kv_lo + (ta + wg) * kBN;
+
+      PAIR_TRACE(0);
+      // ---- S = Q K^T of this warpgroup's tile (a for WG0, b for WG1), raw (unscaled) scores.
+      // Stage parts in release order: part 0 = chunks 0..3, part 1 = chunks 4..7 + rope.
+      float s[32];
+      float mx[2] = {-INFINITY, -INFINITY};
+      if (wg == 0 || has_b) {
+        mbar_wait(&sm.full[wg][wg], par);  // WG0: part 0 first; WG1: part 1 (released earlier)
+        PAIR_TRACE(1);
+        fence_regs(s);
+        wgmma_fence();
+        qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * wg, true);
+        if (wg == 1) {
+          wgmma_fence();
+          qk_chunks<typename G::S64, 1>(q_desc, k_desc, s, kRope, false);
+        }
+        mbar_wait(&sm.full[wg][wg ^ 1], par);
+        PAIR_TRACE(2);
+        wgmma_fence();
+        qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * (wg ^ 1), false);
+        if (wg == 0) {
+          wgmma_fence();
+          qk_chunks<typename G::S64, 1>(q_desc, k_desc, s, kRope, false);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s);
+        fence_regs(o);
+        PAIR_TRACE(3);
+        // Masks only where a position may be out of range for some row of the CTA: the segment's
+        // last tile, or causal rows of a multi-token query ending inside the tile.
+        if (own_start + kBN > min(c.kv_hi, min_last + 1)) {
+#pragma unroll
+          for (int i = 0; i < 32; ++i) {
+            const int pos = own_start + 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
+            const bool ok = pos < c.kv_hi && pos <= ((i & 2) ? last1 : last0);
+            s[i] = ok ? s[i] : -INFINITY;
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 32; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2) {
+          mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
+          mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
+          mx[h2] *= scale_log2;  // scale > 0: the max of the scaled scores; -inf stays -inf
         }
       }
-#pragma unroll
-      for (int i = 0; i < 32; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
-        mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
-        mx[h2] *= scale_log2;  // scale > 0: the max of the scaled scores; -inf stays -inf
-      }
-    }
 
-    uint32_t pk[16];
-    float sum[2] = {0.f, 0.f};
-    const int valid = c.kv_hi - own_start;  // positions of the own tile (< 64: the last one)
-    if (wg == 0) {
-      // ---- WG0: softmax of tile a; O_L += P_a V_a (P_a from registers); P_a rescaled to m_b
-      // for WG1; O_L += P_b V_b.
-      float m_a[2], sc0[2];
+      uint32_t pk[16];
+      float sum[2] = {0.f, 0.f};
+      const int valid = c.kv_hi - own_start;  // positions of the own tile (< 64: the last one)
+      if (wg == 0) {
+        // ---- WG0: softmax of tile a; O_L += P_a V_a (P_a from registers); P_a rescaled to m_b
+        // for WG1; O_L += P_b V_b.
+        float m_a[2], sc0[2];
 #pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        m_a[h2] = fmaxf(m_run[h2], mx[h2]);
-        sc0[h2] = rescale(m_run[h2], m_a[h2]);
-      }
-      if ((lane & 3) == 0) {
-        sm.m_a[r0] = m_a[0];
-        sm.m_a[r0 + 8] = m_a[1];
-      }
-      named_barrier_arrive(kBarA, kThreads);
-      fence_regs(o);  // keeps the O rescale below the arrive
-      PAIR_TRACE(4);
-      softmax_pack<T>(s, scale_log2, m_a, sum, pk);
-      if (valid < kBN) {  // the split's last tile: zero V rows past its end for both halves
-        zero_v_rows(own, valid, tid, 128);
+        for (int h2 = 0; h2 < 2; ++h2) {
+          m_a[h2] = fmaxf(m_run[h2], mx[h2]);
+          sc0[h2] = rescale(m_run[h2], m_a[h2]);
+        }
+        if ((lane & 3) == 0) {
+          sm.m_a[r0] = m_a[0];
+          sm.m_a[r0 + 8] = m_a[1];
+        }
+        named_barrier_arrive(kBarA, kThreads);
+        fence_regs(o);  // keeps the O rescale below the arrive
+        PAIR_TRACE(4);
+        softmax_pack<T>(s, scale_log2, m_a, sum, pk);
+        if (valid < kBN) {  // the segment's last tile: zero V rows past its end for both halves
+          zero_v_rows(own, valid, tid, 128);
+          fence_proxy_async_smem();
+          named_barrier(kBarOwn0, 128);
+        }
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc0[h2] + sum[h2];
+        scale_rows(o, sc0);
+        pv_rs<typename G::ORs>(pk, v_desc0, o);
+        named_barrier(kBarB, kThreads);
+        PAIR_TRACE(5);
+        float sc1[2];
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2) {
+          const float m_b = sm.m_b[r0 + 8 * h2];
+          sc1[h2] = rescale(m_a[h2], m_b);
+          m_run[h2] = m_b;
+          l_run[h2] *= sc1[h2];
+        }
+        // P_a at m_b -> stage 0's rope chunk (dead since S_a): the A operand of WG1's O_R += P_a V_a.
+        uint32_t pa[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          pa[i] = pack2<T>(s[2 * i] * sc1[i & 1], s[2 * i + 1] * sc1[i & 1]);
+        }
+        store_p(own + kRope * kChunk, pa, r0, lane);
         fence_proxy_async_smem();
-        named_barrier(kBarOwn0, 128);
-      }
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc0[h2] + sum[h2];
-      scale_rows(o, sc0);
-      pv_rs<typename G::ORs>(pk, v_desc0, o);
-      named_barrier(kBarB, kThreads);
-      PAIR_TRACE(5);
-      float sc1[2];
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        const float m_b = sm.m_b[r0 + 8 * h2];
-        sc1[h2] = rescale(m_a[h2], m_b);
-        m_run[h2] = m_b;
-        l_run[h2] *= sc1[h2];
-      }
-      // P_a at m_b -> stage 0's rope chunk (dead since S_a): the A operand of WG1's O_R += P_a V_a.
-      uint32_t pa[16];
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        pa[i] = pack2<T>(s[2 * i] * sc1[i & 1], s[2 * i + 1] * sc1[i & 1]);
-      }
-      store_p(own + kRope * kChunk, pa, r0, lane);
-      fence_proxy_async_smem();
-      named_barrier_arrive(kBarC, kThreads);
-      wgmma_wait<0>();
-      fence_regs(o);
-      fence_regs(pk);
-      PAIR_TRACE(6);
-      if (lane == 0) mbar_arrive(&sm.empty[0][0]);  // stage 0's part 0 is free
-      scale_rows(o, sc1);
-      if (has_b) {
-        pv_ss<typename G::O>(pb_desc, v_desc1, o);
-        PAIR_TRACE(7);
+        named_barrier_arrive(kBarC, kThreads);
         wgmma_wait<0>();
         fence_regs(o);
-        PAIR_TRACE(8);
-        if (lane == 0) mbar_arrive(&sm.empty[1][0]);  // stage 1's part 0 is free
-      }
-    } else {
-      // ---- WG1: softmax of tile b; O_R = O_R * 2^(m - m_b) + P_b V_b (P_b from registers)
-      // + P_a V_a (P_a at m_b from WG0).
-      named_barrier(kBarA, kThreads);
-      PAIR_TRACE(4);
-      float m_b[2], sc01[2];
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        const float m_a = sm.m_a[r0 + 8 * h2];
-        m_b[h2] = fmaxf(m_a, mx[h2]);
-        sc01[h2] = rescale(m_run[h2], m_b[h2]);
-        m_run[h2] = m_b[h2];
-      }
-      if ((lane & 3) == 0) {
-        sm.m_b[r0] = m_b[0];
-        sm.m_b[r0 + 8] = m_b[1];
-      }
-      PAIR_TRACE(10);
-      if (has_b) {
-        softmax_pack<T>(s, scale_log2, m_b, sum, pk);
-        store_p(sm.p_b, pk, r0, lane);
-        if (valid < kBN) zero_v_rows(own, valid, tid - 128, 128);
-      }
-      PAIR_TRACE(8);
-      fence_proxy_async_smem();
-      PAIR_TRACE(9);
-      named_barrier_arrive(kBarB, kThreads);
-      fence_regs(o);
-      PAIR_TRACE(5);
-      if (has_b && valid < kBN) named_barrier(kBarOwn0 + 1, 128);
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc01[h2] + sum[h2];
-      scale_rows(o, sc01);
-      if (has_b) pv_rs<typename G::ORs>(pk, v_desc1, o);
-      named_barrier(kBarC, kThreads);
-      pv_ss<typename G::O>(pa_desc, v_desc0, o);
-      if (has_b) {
-        wgmma_wait<1>();
         fence_regs(pk);
-        if (lane == 0) mbar_arrive(&sm.empty[1][1]);  // stage 1's part 1 is free
+        PAIR_TRACE(6);
+        if (lane == 0) mbar_arrive(&sm.empty[0][0]);  // stage 0's part 0 is free
+        scale_rows(o, sc1);
+        if (has_b) {
+          pv_ss<typename G::O>(pb_desc, v_desc1, o);
+          PAIR_TRACE(7);
+          wgmma_wait<0>();
+          fence_regs(o);
+          PAIR_TRACE(8);
+          if (lane == 0) mbar_arrive(&sm.empty[1][0]);  // stage 1's part 0 is free
+        }
+      } else {
+        // ---- WG1: softmax of tile b; O_R = O_R * 2^(m - m_b) + P_b V_b (P_b from registers)
+        // + P_a V_a (P_a at m_b from WG0).
+        named_barrier(kBarA, kThreads);
+        PAIR_TRACE(4);
+        float m_b[2], sc01[2];
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2) {
+          const float m_a = sm.m_a[r0 + 8 * h2];
+          m_b[h2] = fmaxf(m_a, mx[h2]);
+          sc01[h2] = rescale(m_run[h2], m_b[h2]);
+          m_run[h2] = m_b[h2];
+        }
+        if ((lane & 3) == 0) {
+          sm.m_b[r0] = m_b[0];
+          sm.m_b[r0 + 8] = m_b[1];
+        }
+        PAIR_TRACE(10);
+        if (has_b) {
+          softmax_pack<T>(s, scale_log2, m_b, sum, pk);
+          store_p(sm.p_b, pk, r0, lane);
+          if (valid < kBN) zero_v_rows(own, valid, tid - 128, 128);
+        }
+        PAIR_TRACE(8);
+        fence_proxy_async_smem();
+        PAIR_TRACE(9);
+        named_barrier_arrive(kBarB, kThreads);
+        fence_regs(o);
+        PAIR_TRACE(5);
+        if (has_b && valid < kBN) named_barrier(kBarOwn0 + 1, 128);
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc01[h2] + sum[h2];
+        scale_rows(o, sc01);
+        if (has_b) pv_rs<typename G::ORs>(pk, v_desc1, o);
+        named_barrier(kBarC, kThreads);
+        pv_ss<typename G::O>(pa_desc, v_desc0, o);
+        if (has_b) {
+          wgmma_wait<1>();
+          fence_regs(pk);
+          if (lane == 0) mbar_arrive(&sm.empty[1][1]);  // stage 1's part 1 is free
+        }
+        PAIR_TRACE(6);
+        wgmma_wait<0>();
+        fence_regs(o);
+        PAIR_TRACE(7);
+        if (lane == 0) mbar_arrive(&sm.empty[0][1]);  // stage 0's part 1 is free
       }
-      PAIR_TRACE(6);
-      wgmma_wait<0>();
-      fence_regs(o);
-      PAIR_TRACE(7);
-      if (lane == 0) mbar_arrive(&sm.empty[0][1]);  // stage 0's part 1 is free
+      ++used[0];
+      if (has_b) ++used[1];
     }
-  }
-  wgmma_wait<0>();  // WG0's last O_L += P_b V_b
-  fence_regs(o);
+    wgmma_wait<0>();  // WG0's last O_L += P_b V_b
+    fence_regs(o);
 
-  // Row sums: quad reduction, then the two warpgroups' through shared memory.
-  share_row_sums(l_run, sm.red, wg, r0, lane);
-  named_barrier(kBarConsumers, kThreads);
-  store_rows<T>(p, c, o, sm.red, m_run, split, wg, r0, lane);
+    // Row sums: quad reduction, then the two warpgroups' through shared memory.
+    share_row_sums(l_run, sm.red, wg, r0, lane);
+    named_barrier(kBarConsumers, kThreads);
+    store_rows<T>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane);
+  }
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
 #endif
