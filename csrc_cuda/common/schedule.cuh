@@ -42,13 +42,13 @@ struct Segment {
 // Walks the segments of one part in sequence order. Every thread that needs them keeps its
 // own walker (a producer warp and the consumers step through the same list).
 struct PartWalker {
-  int64_t lo, hi, per_part;
-  int b;
+  int64_t per_part;  // units per part (T)
+  int part, b;       // lo / hi recomputed from these: fewer registers held across a segment
 
-  __device__ __forceinline__ void init(const DecodeParams& p, int part) {
+  __device__ __forceinline__ void init(const DecodeParams& p, int part_) {
+    part = part_;
     per_part = p.sched_cum[p.num_seqs + 1];
-    lo = part * per_part;
-    hi = lo + per_part;
+    const int64_t lo = part * per_part;
     int l = 0, r = p.num_seqs;  // the first sequence whose units reach past lo
     while (l < r) {
       const int m = (l + r) >> 1;
@@ -59,6 +59,7 @@ struct PartWalker {
   }
 
   __device__ __forceinline__ bool next(const DecodeParams& p, Segment& s) {
+    const int64_t lo = part * per_part, hi = lo + per_part;
     for (; b < p.num_seqs; ++b) {
       const int64_t c = p.sched_cum[b];
       if (c >= hi) return false;
@@ -76,7 +77,7 @@ struct PartWalker {
       s.tile_lo = static_cast<int>(i_lo);
       s.tile_hi = static_cast<int>(i_hi);
       const int base = p.sched_piece[2 * b];
-      s.slot = base < 0 ? -1 : base + static_cast<int>(lo / per_part - first / per_part);
+      s.slot = base < 0 ? -1 : base + part - static_cast<int>(first / per_part);
       ++b;
       return true;
     }

@@ -56,7 +56,10 @@ __device__ long long g_pair_trace[2][64][12];
 #endif
 
 constexpr int kPairThreads = 384;  // consumer warpgroups 0, 1 and the producer warpgroup 2
-constexpr int kProducerRegs = 48, kConsumerRegs = 232;  // setmaxnreg: 128 x 48 + 256 x 232
+// setmaxnreg moves registers within what the launch gave the CTA (384 x 168): an inc past that
+// pool never returns (the kernel hangs), so 128 x 40 + 256 x 232 must not exceed it.
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kPairThreads * 168, "register pool");
 constexpr int kBarConsumers = 5;  // the 256 consumer threads
 
 constexpr int kBarA = 1;     // m_a and P_a ready (WG0 arrives, WG1 waits)
