@@ -54,7 +54,7 @@ MAX_GRID_Y = 65535
 # Hopper kernels: the device schedule (csrc_cuda/common/schedule.cuh) gives each of
 # num_parts CTAs per row tile the same share of all sequences' KV tiles, plus this fixed cost
 # per sequence (Q load, epilogue) in tiles; fitted to H100 sweeps (scripts/cuda_split_sweep.py).
-HOPPER_SCHED_FIXED = {"hopper": 4, "hopper_tile": 2}
+HOPPER_SCHED_FIXED = {"hopper": 6, "hopper_tile": 3}
 MAX_GRID_PARTS = 65535
 
 def hopper_unusable(mod, platform: Platform) -> str | None:
