@@ -85,6 +85,14 @@ def hopper_kernel_name(mod, rows: int) -> str:
     return "hopper_tile" if rows <= HOPPER_TILE_MAX_ROWS else "hopper"
 
 
+def hopper_cluster(kernel: str, num_heads: int) -> bool:
+    """The pair kernel as CTA pairs sharing each KV tile (TMA multicast): when the two row
+    tiles of a pair are one query token's heads (``num_heads % 128 == 0``);
+    ``PORTMLA_CUDA_CLUSTER=0`` turns it off."""
+    return kernel == "hopper" and num_heads % 128 == 0 and \
+        os.environ.get("PORTMLA_CUDA_CLUSTER", "1") != "0"
+
+
 def hopper_block_size_ok(block_size: int) -> bool:
     """Block sizes the Hopper kernel's TMA boxes take (csrc_cuda/sm90/decode/decode_hopper.cu)."""
     return block_size >= 16 and (64 % block_size == 0 or block_size % 64 == 0)
@@ -331,6 +339,7 @@ class CudaBackend(Backend):
             par.sched_cum, par.sched_piece = sched.data_ptr(), sched[b + 2:].data_ptr()
             par.num_parts, par.part_rows = parts, rows
             par.sched_fixed = HOPPER_SCHED_FIXED[name]
+            par.cluster = int(hopper_cluster(name, h))
         elif splits > 1:
             part_out = torch.empty(splits * t * h * c.kv_lora_rank, dtype=torch.float32, device=q.device)
             part_lse = torch.empty(splits * t * h, dtype=torch.float32, device=q.device)
