@@ -73,7 +73,6 @@ PYBIND11_MODULE(_cuda, m) {
       .PTR_FIELD(DecodeParams, int64_t*, sched_cum)
       .PTR_FIELD(DecodeParams, int32_t*, sched_piece)
       .FIELD(DecodeParams, part_rows)
-      .FIELD(DecodeParams, cluster)
       .FIELD(DecodeParams, kv_lora_rank)
       .FIELD(DecodeParams, rope_dim)
       .FIELD(DecodeParams, softmax_scale)

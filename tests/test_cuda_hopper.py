@@ -74,13 +74,11 @@ def force_schedule(monkeypatch, parts, fixed):
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"parts{s[0] or 'auto'}-fixed{s[1] or 'auto'}")
-@pytest.mark.parametrize("kernel", ["pair", "pair-nocluster", "tile"])
+@pytest.mark.parametrize("kernel", ["pair", "tile"])
 def test_hopper_decode(monkeypatch, ran, block_size, dtype, schedule, kernel):
-    """pair: CTA pairs sharing KV tiles for the 128-head case, single CTAs for the others."""
     _need_hopper()
-    want = "hopper_tile" if kernel == "tile" else "hopper"
-    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel.split("-")[0])
-    monkeypatch.setenv("PORTMLA_CUDA_CLUSTER", "0" if kernel.endswith("nocluster") else "1")
+    want = "hopper" if kernel == "pair" else "hopper_tile"
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
     force_schedule(monkeypatch, *schedule)
     fmt = "bfloat16" if dtype == torch.bfloat16 else "float16"
     for heads, lens, qlens, strided in CASES:
@@ -90,15 +88,14 @@ def test_hopper_decode(monkeypatch, ran, block_size, dtype, schedule, kernel):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["pair", "pair-nocluster", "tile"])
+@pytest.mark.parametrize("kernel", ["pair", "tile"])
 def test_hopper_one_long_sequence(monkeypatch, ran, kernel):
     """b = 1: the planner's parts (66 on an H100 at 128 heads) all take a piece of it."""
     _need_hopper()
-    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel.split("-")[0])
-    monkeypatch.setenv("PORTMLA_CUDA_CLUSTER", "0" if kernel.endswith("nocluster") else "1")
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
     case = make_decode_case([20000], [1], 128, 64, "bfloat16", torch.bfloat16, "cuda")
     check_decode(*run_both(case, single_token=True), tol=1e-2)
-    assert set(ran) == {"hopper_tile" if kernel == "tile" else "hopper"}
+    assert set(ran) == {"hopper" if kernel == "pair" else "hopper_tile"}
 
 
 @pytest.mark.gpu

@@ -48,7 +48,6 @@ struct DecodeParams {
   int64_t* sched_cum = nullptr;    // [num_seqs + 2] scratch: cost prefix, then tiles per part
   int32_t* sched_piece = nullptr;  // [2 num_seqs] scratch: first partial slot (-1: one piece), pieces
   int64_t part_rows = 0;  // rows per partial slot (>= max_query_len * num_heads); 2 (num_parts - 1) slots
-  int cluster = 0;        // Hopper pair kernel: 1 = CTA pairs share KV tiles (num_heads % 128 == 0)
   int kv_lora_rank = 512, rope_dim = 64;
   float softmax_scale = 1.f;
   int q_dtype = kBF16, kv_format = kKv16;

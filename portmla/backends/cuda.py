@@ -85,15 +85,6 @@ def hopper_kernel_name(mod, rows: int) -> str:
     return "hopper_tile" if rows <= HOPPER_TILE_MAX_ROWS else "hopper"
 
 
-def hopper_cluster(kernel: str, num_heads: int) -> bool:
-    """The pair kernel as CTA pairs sharing each KV tile (TMA multicast), where the two row
-    tiles of a pair are one query token's heads (``num_heads % 128 == 0``): opt-in with
-    ``PORTMLA_CUDA_CLUSTER=1``. Off by default: measured no faster (H200, 128q1s4k: 376 us
-    with, 367 us without; the two CTAs then wait for each other's releases)."""
-    return kernel == "hopper" and num_heads % 128 == 0 and \
-        os.environ.get("PORTMLA_CUDA_CLUSTER", "0") == "1"
-
-
 def hopper_block_size_ok(block_size: int) -> bool:
     """Block sizes the Hopper kernel's TMA boxes take (csrc_cuda/sm90/decode/decode_hopper.cu)."""
     return block_size >= 16 and (64 % block_size == 0 or block_size % 64 == 0)
@@ -340,7 +331,6 @@ class CudaBackend(Backend):
             par.sched_cum, par.sched_piece = sched.data_ptr(), sched[b + 2:].data_ptr()
             par.num_parts, par.part_rows = parts, rows
             par.sched_fixed = HOPPER_SCHED_FIXED[name]
-            par.cluster = int(hopper_cluster(name, h))
         elif splits > 1:
             part_out = torch.empty(splits * t * h * c.kv_lora_rank, dtype=torch.float32, device=q.device)
             part_lse = torch.empty(splits * t * h, dtype=torch.float32, device=q.device)

@@ -25,13 +25,11 @@ cudaError_t launch_mla_decode(const DecodeParams& p, cudaStream_t stream) {
       return cudaErrorInvalidValue;
     }
     if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
-    DecodeParams q = p;  // fewer parts than planned only need fewer partial slots
-    q.num_parts = min(p.num_parts, sm90::max_parts(p));
-    PORTMLA_RETURN_IF_ERROR(launch_decode_schedule(q, stream));
-    PORTMLA_RETURN_IF_ERROR(sm90::launch_decode(q, stream));
-    if (q.num_parts == 1) return cudaSuccess;  // nothing is ever cut
-    return bf16 ? sm80::launch_decode_combine_pieces<__nv_bfloat16>(q, stream)
-                : sm80::launch_decode_combine_pieces<__half>(q, stream);
+    PORTMLA_RETURN_IF_ERROR(launch_decode_schedule(p, stream));
+    PORTMLA_RETURN_IF_ERROR(sm90::launch_decode(p, stream));
+    if (p.num_parts == 1) return cudaSuccess;  // nothing is ever cut
+    return bf16 ? sm80::launch_decode_combine_pieces<__nv_bfloat16>(p, stream)
+                : sm80::launch_decode_combine_pieces<__half>(p, stream);
 #else
     return cudaErrorNotSupported;
 #endif

@@ -57,44 +57,17 @@ cudaError_t encode_kv_map(const DecodeParams& p, CUtensorMap* map) {
 
 bool block_size_ok(int bs) { return bs >= 16 && (kBN % bs == 0 || bs % kBN == 0); }
 
-// The launch configuration of the pair kernel as a cluster of 2 along x (the row tiles).
-struct ClusterLaunch {
-  cudaLaunchConfig_t cfg{};
-  cudaLaunchAttribute attr[1];
-  ClusterLaunch(dim3 grid, int smem, cudaStream_t stream) {
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(kPairThreads);
-    cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-    cfg.stream = stream;
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 2;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-  }
-};
-
-int m_tiles_of(const DecodeParams& p) { return (p.max_query_len * p.num_heads + kBM - 1) / kBM; }
-
 template <typename T>
 cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
   CUtensorMap map;
   PORTMLA_RETURN_IF_ERROR(encode_kv_map(p, &map));
   const bool pair = p.variant == sm80::kHopperPair;
+  auto kernel = pair ? mla_decode_hopper_pair_kernel<T> : mla_decode_hopper_kernel<T>;
   const int smem = decode_smem_bytes(pair);
-  dim3 grid(m_tiles_of(p), p.num_parts);  // persistent: each CTA walks its part's segments
-  if (pair && p.cluster) {
-    auto kernel = mla_decode_hopper_pair_kernel<T, 2>;
-    PORTMLA_RETURN_IF_ERROR(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    ClusterLaunch l(grid, smem, stream);
-    PORTMLA_RETURN_IF_ERROR(cudaLaunchKernelEx(&l.cfg, kernel, map, p));
-    return cudaSuccess;
-  }
-  auto kernel = pair ? mla_decode_hopper_pair_kernel<T, 1> : mla_decode_hopper_kernel<T>;
   PORTMLA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
+  dim3 grid(m_tiles, p.num_parts);  // persistent: each CTA walks its part's segments
   kernel<<<grid, pair ? kPairThreads : kThreads, smem, stream>>>(map, p);
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
@@ -104,31 +77,7 @@ cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
 
 int decode_smem_bytes(bool pair) { return pair ? kPairSmemBytes : kSmemBytes; }
 
-int max_parts(const DecodeParams& p) {
-  if (!(p.variant == sm80::kHopperPair && p.cluster)) return 65535;
-  // Clusters need both SMs in one GPC: ask how many fit at once so that no part waits for a
-  // second wave (a persistent part that does would double the call's time).
-  auto kernel = p.q_dtype == kBF16 ? mla_decode_hopper_pair_kernel<__nv_bfloat16, 2>
-                                   : mla_decode_hopper_pair_kernel<__half, 2>;
-  const int smem = decode_smem_bytes(true);
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
-      cudaSuccess) {
-    return 1;
-  }
-  ClusterLaunch l(dim3(m_tiles_of(p), 1), smem, nullptr);
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &l.cfg) != cudaSuccess || clusters < 1) {
-    cudaGetLastError();
-    return 1;
-  }
-  const int per_part = m_tiles_of(p) / 2;  // clusters of one part
-  return clusters / per_part > 0 ? clusters / per_part : 1;
-}
-
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
-  if (p.cluster && (p.variant != sm80::kHopperPair || p.num_heads % 128 != 0)) {
-    return cudaErrorInvalidValue;  // a cluster's two row tiles must be one query token's
-  }
   if (p.kv_format != kKv16 || !block_size_ok(p.block_size) || p.num_blocks < 1 ||
       (p.token_stride * 2) % 16 || (p.page_stride * 2) % 16 ||
       reinterpret_cast<uintptr_t>(p.kv_cache) % 16 || p.num_parts < 1 || p.num_parts > 65535 ||

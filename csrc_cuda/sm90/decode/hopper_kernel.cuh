@@ -137,31 +137,24 @@ __device__ __forceinline__ int prefetch_pages(const TileLoader& ld, int start0, 
   return lane < 8 && pos < ld.kv_hi && k * ld.rows < kBN ? ld.bt[pos / ld.block_size] : 0;
 }
 
-// Bytes of one part of the tile at `tile_start` (4 latent chunks, + the rope chunk: `rope`).
-__device__ __forceinline__ uint32_t part_bytes(const TileLoader& ld, int tile_start, bool rope) {
-  return static_cast<uint32_t>(ld.pieces(tile_start) * (rope ? 5 : 4) * ld.rows * 128);
-}
-
 // One part of a tile, loaded by a whole warp with the pages from prefetch_pages (`slot` 0:
 // its first tile, 4: its second): the 4 latent chunks from `c0` (columns 64 c0 ..), plus the
-// rope chunk 8 when `rope`; completes `bar` once. Lane 0 issues. mask != 0: multicast to the
-// cluster's CTAs in mask (each of them expects the bytes on its own `bar`).
+// rope chunk 8 when `rope`; completes `bar` once. Lane 0 issues.
 __device__ __forceinline__ void issue_part_warp(const TileLoader& ld, unsigned char* dst,
                                                 uint64_t* bar, int tile_start, int c0, bool rope,
-                                                int pages, int slot, int lane,
-                                                uint16_t mask = 0) {
+                                                int pages, int slot, int lane) {
   const int pieces = ld.pieces(tile_start);
   const int nch = rope ? 5 : 4;
-  if (lane == 0) mbar_arrive_expect_tx(bar, part_bytes(ld, tile_start, rope));
+  if (lane == 0) {
+    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(pieces * nch * ld.rows * 128));
+  }
   for (int k = 0; k < pieces; ++k) {
     const int page = __shfl_sync(0xffffffffu, pages, slot + k);
     if (lane == 0) {
       const int in_page = (tile_start + k * ld.rows) % ld.block_size;
       for (int j = 0; j < nch; ++j) {
         const int ch = j < 4 ? c0 + j : kChunks - 1;
-        unsigned char* d = dst + ch * kChunk + k * ld.rows * 128;
-        if (mask) tma_load_3d_mc(d, ld.map, bar, mask, ch * 64, in_page, page);
-        else tma_load_3d(d, ld.map, bar, ch * 64, in_page, page);
+        tma_load_3d(dst + ch * kChunk + k * ld.rows * 128, ld.map, bar, ch * 64, in_page, page);
       }
     }
   }

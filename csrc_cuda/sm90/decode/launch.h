@@ -11,10 +11,6 @@ namespace sm90 {
 // Shared memory of the pair / single-tile kernel (bytes, including alignment slack).
 int decode_smem_bytes(bool pair);
 
-// Most parts that run at once (the cluster launch of the pair kernel; 65535 otherwise): the
-// caller clamps num_parts to it before the schedule.
-int max_parts(const DecodeParams& p);
-
 // The decode kernel only, on the schedule in p.sched_cum / p.sched_piece (the caller runs
 // launch_decode_schedule before and the pieces' merge after).
 // cudaErrorInvalidValue for what the kernel does not take (non-16-bit formats, block sizes

@@ -110,11 +110,7 @@ __device__ __forceinline__ void store_p(unsigned char* chunk, const uint32_t (&p
   }
 }
 
-// kCl = 2: a cluster of the two row tiles (64 heads each) of one query token; each CTA loads
-// one part of every stage (part = its cluster rank) into both CTAs' shared memory (TMA
-// multicast), so a KV tile crosses L2 -> SM once for 128 heads. Its `empty` barriers then
-// collect the releases of both CTAs' warpgroups.
-template <typename T, int kCl>
+template <typename T>
 __global__ void __launch_bounds__(kPairThreads, 1)
     mla_decode_hopper_pair_kernel(const __grid_constant__ CUtensorMap kv_map,
                                   const DecodeParams p) {
@@ -134,20 +130,12 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       for (int half = 0; half < 2; ++half) {
         mbar_init(&sm.full[s][half], 1);
-        mbar_init(&sm.empty[s][half], 4 * kCl);  // the 4 warps of the releasing warpgroup(s)
+        mbar_init(&sm.empty[s][half], 4);  // the 4 warps of the releasing warpgroup
       }
     }
     mbar_init_fence();
   }
   __syncthreads();
-  const uint32_t rank = kCl == 2 ? cluster_rank() : 0;
-  if constexpr (kCl == 2) cluster_sync();  // the peer's barriers exist before any multicast
-  // A stage part is free: its releasing warp arrives at the barrier of the CTA that loads it.
-  auto release = [&](int st, int half) {
-    if (lane != 0) return;
-    if constexpr (kCl == 2) mbar_arrive_cluster(&sm.empty[st][half], half);
-    else mbar_arrive(&sm.empty[st][half]);
-  };
 
   // Every thread walks the part's segments itself (common/schedule.cuh); tile pairs restart at
   // each segment (a: stage 0, b: stage 1), the stages' phases run on across segments.
@@ -159,8 +147,9 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     // pages of the two tiles in flight) and prefetches the next pair's tiles into L2. It runs
     // ahead into the next segment while the consumers finish this one.
     setmaxnreg_dec<kProducerRegs>();
+    if (wq != 0) return;
     int fills[kStages] = {0, 0};  // loads of each stage so far
-    while (wq == 0 && walk.next(p, seg)) {
+    while (walk.next(p, seg)) {
       sm80::CtaRows c;
       if (!segment_rows(p, seg, m_tile, c)) continue;
       const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
@@ -173,28 +162,18 @@ __global__ void __launch_bounds__(kPairThreads, 1)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {  // the order the consumers release the parts in a pair
           const int st = j == 1 || j == 3 ? 1 : 0, half = j == 1 || j == 2 ? 1 : 0;
-          if (ta + st >= n_tiles || (kCl == 2 && half != static_cast<int>(rank))) continue;
-          const int start = c.kv_lo + (ta + st) * kBN;
+          if (ta + st >= n_tiles) continue;
           if (fills[st] > 0) mbar_wait(&sm.empty[st][half], (fills[st] - 1) & 1);
-          if constexpr (kCl == 2) {
-            // Both CTAs have consumed the stage's last fill (a release of either part comes
-            // after both parts landed): expect the peer's part too, then load ours into both.
-            if (lane == 0) mbar_arrive_expect_tx(&sm.full[st][half ^ 1],
-                                                 part_bytes(ld, start, half == 0));
-          }
-          issue_part_warp(ld, sm.kv[st], &sm.full[st][half], start, 4 * half, half == 1, pages,
-                          4 * st, lane, kCl == 2 ? 3 : 0);
+          issue_part_warp(ld, sm.kv[st], &sm.full[st][half], c.kv_lo + (ta + st) * kBN,
+                          4 * half, half == 1, pages, 4 * st, lane);
         }
         ++fills[0];
         if (ta + 1 < n_tiles) ++fills[1];
-        if (rank == 0) {
-          prefetch_tile_l2(ld, c.kv_lo + (ta + 2) * kBN, pages_next, 0, lane);
-          prefetch_tile_l2(ld, c.kv_lo + (ta + 3) * kBN, pages_next, 4, lane);
-        }
+        prefetch_tile_l2(ld, c.kv_lo + (ta + 2) * kBN, pages_next, 0, lane);
+        prefetch_tile_l2(ld, c.kv_lo + (ta + 3) * kBN, pages_next, 4, lane);
         pages = pages_next;
       }
     }
-    if constexpr (kCl == 2) cluster_sync();  // every thread of both CTAs, as at the end below
     return;
   }
   setmaxnreg_inc<kConsumerRegs>();
@@ -333,7 +312,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         fence_regs(o);
         fence_regs(pk);
         PAIR_TRACE(6);
-        release(0, 0);  // stage 0's part 0 is free
+        if (lane == 0) mbar_arrive(&sm.empty[0][0]);  // stage 0's part 0 is free
         scale_rows(o, sc1);
         if (has_b) {
           pv_ss<typename G::O>(pb_desc, v_desc1, o);
@@ -341,7 +320,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
           wgmma_wait<0>();
           fence_regs(o);
           PAIR_TRACE(8);
-          release(1, 0);  // stage 1's part 0 is free
+          if (lane == 0) mbar_arrive(&sm.empty[1][0]);  // stage 1's part 0 is free
         }
       } else {
         // ---- WG1: softmax of tile b; O_R = O_R * 2^(m - m_b) + P_b V_b (P_b from registers)
@@ -382,13 +361,13 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         if (has_b) {
           wgmma_wait<1>();
           fence_regs(pk);
-          release(1, 1);  // stage 1's part 1 is free
+          if (lane == 0) mbar_arrive(&sm.empty[1][1]);  // stage 1's part 1 is free
         }
         PAIR_TRACE(6);
         wgmma_wait<0>();
         fence_regs(o);
         PAIR_TRACE(7);
-        release(0, 1);  // stage 0's part 1 is free
+        if (lane == 0) mbar_arrive(&sm.empty[0][1]);  // stage 0's part 1 is free
       }
       ++used[0];
       if (has_b) ++used[1];
@@ -401,9 +380,6 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     named_barrier(kBarConsumers, kThreads);
     store_rows<T>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane);
   }
-  // The peer may still arrive at this CTA's barriers or load into its shared memory until it
-  // has consumed its last tile.
-  if constexpr (kCl == 2) cluster_sync();
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
 #endif
