@@ -320,20 +320,20 @@ class CudaBackend(Backend):
         if lse is not None:
             par.lse, par.lse_stride_t, par.lse_stride_h = lse.data_ptr(), lse.stride(0), lse.stride(1)
         name, variant, splits, chunk, parts = self.plan_decode(p, mod)
+        partial_rows = 0  # fp32 partial rows of 512 (+ one LSE each) the merge reads back
         if parts:  # the device schedule's scratch: sizes from host bounds only (graph-safe)
             b = p.num_seqs
             rows = p.max_query_len * h
-            slots = max(1, 2 * (parts - 1))
+            partial_rows = max(1, 2 * (parts - 1)) * rows
             sched = torch.empty(2 * b + 2, dtype=torch.int64, device=q.device)
-            part_out = torch.empty(slots * rows * c.kv_lora_rank, dtype=torch.float32, device=q.device)
-            part_lse = torch.empty(slots * rows, dtype=torch.float32, device=q.device)
-            par.part_out, par.part_lse = part_out.data_ptr(), part_lse.data_ptr()
             par.sched_cum, par.sched_piece = sched.data_ptr(), sched[b + 2:].data_ptr()
             par.num_parts, par.part_rows = parts, rows
             par.sched_fixed = HOPPER_SCHED_FIXED[name]
         elif splits > 1:
-            part_out = torch.empty(splits * t * h * c.kv_lora_rank, dtype=torch.float32, device=q.device)
-            part_lse = torch.empty(splits * t * h, dtype=torch.float32, device=q.device)
+            partial_rows = splits * t * h
+        if partial_rows:
+            part_out = torch.empty(partial_rows * c.kv_lora_rank, dtype=torch.float32, device=q.device)
+            part_lse = torch.empty(partial_rows, dtype=torch.float32, device=q.device)
             par.part_out, par.part_lse = part_out.data_ptr(), part_lse.data_ptr()
         par.num_tokens, par.num_seqs, par.num_heads = t, p.num_seqs, h
         par.max_query_len, par.num_splits = p.max_query_len, splits

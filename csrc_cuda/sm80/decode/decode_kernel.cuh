@@ -294,8 +294,8 @@ __global__ void __launch_bounds__(256) mla_decode_combine_pieces_kernel(const De
   const int b = static_cast<int>(blockIdx.x / blocks_per_seq);
   const int pieces = p.sched_piece[2 * b + 1];
   if (pieces < 2) return;
-  const int t0 = p.query_start_loc != nullptr ? p.query_start_loc[b] : b;
-  const int nq = p.query_start_loc != nullptr ? p.query_start_loc[b + 1] - t0 : 1;
+  int t0, nq;
+  seq_tokens(p, b, t0, nq);
   const int64_t w = static_cast<int64_t>(blockIdx.x % blocks_per_seq) * 8 + (threadIdx.x >> 5);
   const int64_t row = w / kCombineWarpsPerRow;
   if (row >= static_cast<int64_t>(nq) * p.num_heads) return;

@@ -52,15 +52,20 @@ struct CtaRows {
 
 // Fills c for row tile m_tile of sequence b with every position its rows may see
 // ([0, kv_end): row (j, h) sees 0 .. seq_len - nq + j); false: the sequence has no rows there.
+// First query token and query tokens of sequence b (one each without query_start_loc).
+__device__ __forceinline__ void seq_tokens(const DecodeParams& p, int b, int& t0, int& nq) {
+  if (p.query_start_loc != nullptr) {
+    t0 = p.query_start_loc[b];
+    nq = p.query_start_loc[b + 1] - t0;
+  } else {
+    t0 = b;
+    nq = 1;
+  }
+}
+
 template <int BM>
 __device__ __forceinline__ bool seq_rows(const DecodeParams& p, CtaRows& c, int m_tile, int b) {
-  if (p.query_start_loc != nullptr) {
-    c.t0 = p.query_start_loc[b];
-    c.nq = p.query_start_loc[b + 1] - c.t0;
-  } else {
-    c.t0 = b;
-    c.nq = 1;
-  }
+  seq_tokens(p, b, c.t0, c.nq);
   c.rows = c.nq * p.num_heads;
   c.m0 = m_tile * BM;
   if (c.m0 >= c.rows) return false;
