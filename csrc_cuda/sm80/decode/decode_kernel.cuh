@@ -23,6 +23,7 @@
 #include "../../common/check.h"
 #include "../../common/numeric.cuh"
 #include "../../common/params.h"
+#include "../../common/pdl.cuh"
 #include "config.h"
 #include "tile_common.cuh"
 #include "tile_kernel.cuh"
@@ -225,7 +226,11 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
 
 // Merge the splits of every (token, head) row by their LSE. One warp per (row, quarter of the
 // 512 columns), so even a handful of rows spreads over the SMs; each lane owns one float4.
-// Splits are visited in order (deterministic); the LSE maximum is read lane-parallel.
+// Splits are visited in order (deterministic). The LSEs are read lane-parallel, 32 at a time:
+// each lane turns one into its weight, which the warp then broadcasts split by split, so the
+// partial-row loads of a run of splits do not wait on each other (a b=1 call merges 66
+// pieces per row). An empty split (LSE -inf, weight 0) is read but not used: its slot lies
+// inside the scratch, and a select (not a multiply) keeps its unwritten values out.
 constexpr int kCombineWarpsPerRow = 4;
 
 // One row's merge: n partials at lse[s * stride], part[s * stride * kL] -> out row (t, h).
@@ -241,17 +246,29 @@ __device__ __forceinline__ void combine_row(const DecodeParams& p, const float* 
   float total = 0.f;
   const int col4 = quarter * (kL / 4 / kCombineWarpsPerRow) + lane;  // float4 index in the row
   if (mx != -INFINITY) {
-#pragma unroll 4
-    for (int s = 0; s < n; ++s) {
-      const float ls = lse_in[s * stride];
-      if (ls == -INFINITY) continue;  // an empty split: its partial output is not read
-      const float wgt = expf(ls - mx);
-      total += wgt;
-      const float4 v = reinterpret_cast<const float4*>(part + s * stride * kL)[col4];
-      acc.x += wgt * v.x;
-      acc.y += wgt * v.y;
-      acc.z += wgt * v.z;
-      acc.w += wgt * v.w;
+    const float4* col = reinterpret_cast<const float4*>(part) + col4;
+    const int64_t slot4 = stride * (kL / 4);  // float4s from one split's row to the next
+    for (int s0 = 0; s0 < n; s0 += 32) {
+      const int mine = s0 + lane;
+      const float w_lane = mine < n ? expf(lse_in[mine * stride] - mx) : 0.f;  // exp(-inf) = 0
+      const int m = n - s0 < 32 ? n - s0 : 32;
+      for (int j0 = 0; j0 < m; j0 += 8) {  // 8 loads issued before any is used
+        float4 v[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          v[k] = j0 + k < m ? col[(s0 + j0 + k) * slot4] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const float w = __shfl_sync(0xffffffffu, w_lane, j0 + k);  // 0 past m
+          const bool used = w > 0.f;
+          total += w;
+          acc.x = used ? fmaf(w, v[k].x, acc.x) : acc.x;
+          acc.y = used ? fmaf(w, v[k].y, acc.y) : acc.y;
+          acc.z = used ? fmaf(w, v[k].z, acc.z) : acc.z;
+          acc.w = used ? fmaf(w, v[k].w, acc.w) : acc.w;
+        }
+      }
     }
   }
   const float inv = total > 0.f ? 1.f / total : 0.f;
@@ -286,33 +303,37 @@ cudaError_t launch_decode_combine(const DecodeParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// The device schedule's merge (common/schedule.cuh): blocks of 8 warps over (sequence, rows of
-// the sequence); only sequences cut into pieces have work (the others wrote their output).
+// The device schedule's merge (common/schedule.cuh): blocks of 4 warps, one (sequence, row)
+// each, so the few rows of a small batch still spread over the SMs; only sequences cut into
+// pieces have work (the others wrote their output). Launched programmatically after the decode
+// kernel (common/pdl.cuh): it may be resident before the decode grid ends, and waits for it.
+constexpr int kPiecesThreads = 32 * kCombineWarpsPerRow;
+
 template <typename T>
-__global__ void __launch_bounds__(256) mla_decode_combine_pieces_kernel(const DecodeParams p,
-                                                                        int blocks_per_seq) {
+__global__ void __launch_bounds__(kPiecesThreads)
+    mla_decode_combine_pieces_kernel(const DecodeParams p, int blocks_per_seq) {
+  pdl_wait();
   const int b = static_cast<int>(blockIdx.x / blocks_per_seq);
   const int pieces = p.sched_piece[2 * b + 1];
   if (pieces < 2) return;
   int t0, nq;
   seq_tokens(p, b, t0, nq);
-  const int64_t w = static_cast<int64_t>(blockIdx.x % blocks_per_seq) * 8 + (threadIdx.x >> 5);
-  const int64_t row = w / kCombineWarpsPerRow;
+  const int64_t row = blockIdx.x % blocks_per_seq;
   if (row >= static_cast<int64_t>(nq) * p.num_heads) return;
   const int64_t first = static_cast<int64_t>(p.sched_piece[2 * b]) * p.part_rows + row;
   combine_row<T>(p, p.part_lse + first, p.part_out + first * kL, p.part_rows, pieces,
                  t0 + static_cast<int>(row / p.num_heads), static_cast<int>(row % p.num_heads),
-                 static_cast<int>(w % kCombineWarpsPerRow), threadIdx.x & 31);
+                 static_cast<int>(threadIdx.x >> 5), threadIdx.x & 31);
 }
 
 template <typename T>
 cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t stream) {
-  const int64_t rows = static_cast<int64_t>(p.max_query_len) * p.num_heads;
-  const int per_seq = static_cast<int>((rows * kCombineWarpsPerRow + 7) / 8);
-  const int64_t blocks = static_cast<int64_t>(per_seq) * p.num_seqs;
+  const int64_t per_seq = static_cast<int64_t>(p.max_query_len) * p.num_heads;
+  const int64_t blocks = per_seq * p.num_seqs;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  mla_decode_combine_pieces_kernel<T>
-      <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p, per_seq);
+  PORTMLA_RETURN_IF_ERROR(launch_pdl(mla_decode_combine_pieces_kernel<T>,
+                                     dim3(static_cast<unsigned>(blocks)), dim3(kPiecesThreads), 0,
+                                     stream, p, static_cast<int>(per_seq)));
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }

@@ -7,6 +7,7 @@
 #include <mutex>
 
 #include "../../common/check.h"
+#include "../../common/pdl.cuh"
 #include "pair_kernel.cuh"
 #include "launch.h"
 
@@ -68,7 +69,9 @@ cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
   dim3 grid(m_tiles, p.num_parts);  // persistent: each CTA walks its part's segments
-  kernel<<<grid, pair ? kPairThreads : kThreads, smem, stream>>>(map, p);
+  // programmatic launch: the prologue overlaps the schedule kernel (common/pdl.cuh)
+  PORTMLA_RETURN_IF_ERROR(
+      launch_pdl(kernel, grid, dim3(pair ? kPairThreads : kThreads), smem, stream, map, p));
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }

@@ -1,0 +1,94 @@
+"""Where the time of one mla_decode call goes, kernel by kernel (GPU machine).
+
+For each row: the median of CUDA-graph replays of the whole call (as the benchmark times
+it) and, from torch.profiler, every kernel's mean duration and the gaps between kernels
+inside one eager call.
+
+    PYTHONPATH=. python scripts/kernel_times.py 1q1s32k:128:fixed 8q1s8k:16 32q1s4k:128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import portmla as pm
+from portmla.bench.inputs import build_inputs
+from portmla.bench.specs import parse_spec
+
+
+def graph_median(fn, replays: int = 30) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def kernel_table(fn, calls: int = 20) -> list[tuple[str, float, int]]:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    evs = sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
+                 key=lambda e: e.time_range.start)
+    per: dict[str, list[float]] = {}
+    for e in evs:
+        per.setdefault(e.name[:70], []).append(e.time_range.elapsed_us())
+    rows = [(k, statistics.mean(v), len(v)) for k, v in per.items()]
+    # gaps inside one call: kernel start minus previous kernel end, per call position
+    n = len(evs) // calls if calls else 0
+    gaps = []
+    for c in range(calls):
+        one = evs[c * n:(c + 1) * n]
+        gaps.append([one[i].time_range.start - one[i - 1].time_range.end for i in range(1, len(one))])
+    if gaps and gaps[0]:
+        med = [statistics.median(g[i] for g in gaps) for i in range(len(gaps[0]))]
+        rows.append(("gaps between kernels (median per position, us)", sum(med), len(med)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("rows", nargs="+", help="spec:heads[:fixed]")
+    ap.add_argument("--backend", default="cuda")
+    ap.add_argument("--kv-cache-dtype", default="bfloat16")
+    a = ap.parse_args()
+    for row in a.rows:
+        spec, heads, *rest = row.split(":")
+        inp = build_inputs(parse_spec(spec), int(heads), a.kv_cache_dtype, 64, device="cuda",
+                           fixed=bool(rest), layers=1)
+        kw = inp.decode_kwargs(0)
+
+        def call(kw=kw):
+            return pm.mla_decode(backend=a.backend, **kw)
+
+        med = graph_median(call)
+        print(f"== {row} ({'fixed' if inp.fixed else 'varlen'}): graph replay median {med:.1f} us")
+        for name, us, n in kernel_table(call):
+            print(f"   {us:8.1f} us  x{n:<3d} {name}")
+        del inp, kw
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
