@@ -72,6 +72,7 @@ PYBIND11_MODULE(_cuda, m) {
       .FIELD(DecodeParams, sched_fixed)
       .PTR_FIELD(DecodeParams, int64_t*, sched_cum)
       .PTR_FIELD(DecodeParams, int32_t*, sched_piece)
+      .PTR_FIELD(DecodeParams, int32_t*, sched_cut)
       .FIELD(DecodeParams, part_rows)
       .FIELD(DecodeParams, kv_lora_rank)
       .FIELD(DecodeParams, rope_dim)

@@ -47,6 +47,7 @@ struct DecodeParams {
   int sched_fixed = 1;    // a sequence's fixed cost in KV tiles (Q load, epilogue), >= 1
   int64_t* sched_cum = nullptr;    // [num_seqs + 2] scratch: cost prefix, then tiles per part
   int32_t* sched_piece = nullptr;  // [2 num_seqs] scratch: first partial slot (-1: one piece), pieces
+  int32_t* sched_cut = nullptr;    // [1 + min(num_seqs, num_parts - 1)]: count, cut sequences
   int64_t part_rows = 0;  // rows per partial slot (>= max_query_len * num_heads); 2 (num_parts - 1) slots
   int kv_lora_rank = 512, rope_dim = 64;
   float softmax_scale = 1.f;

@@ -9,6 +9,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 
 namespace portmla {
@@ -25,6 +27,16 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// PORTMLA_CUDA_PDL=0 launches the chain plainly (serialised): a profiler then times each kernel
+// alone (with PDL a kernel's span includes its wait for the one before).
+inline bool pdl_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("PORTMLA_CUDA_PDL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
 // Launch `kernel` allowed to overlap the stream's previous kernel (it must call pdl_wait()
 // before reading anything that kernel writes).
 template <typename... Params, typename... Args>
@@ -39,7 +51,7 @@ cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t 
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 

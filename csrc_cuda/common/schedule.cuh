@@ -12,6 +12,8 @@
 //   sched_cum[b]      units before sequence b (b = 0 .. B), sched_cum[B + 1] = T
 //   sched_piece[2 b]  first partial slot of sequence b, -1 when it is one piece
 //   sched_piece[2b+1] its pieces
+//   sched_cut[0]      how many sequences are cut, sched_cut[1 + k] the k-th of them (the merge's
+//                     grid is sized by the bound min(num_seqs, num_parts - 1), not by num_seqs)
 // Slots: a boundary adds one piece and makes at most one more sequence split, so the split
 // sequences hold at most 2 (num_parts - 1) pieces.
 #pragma once

@@ -325,8 +325,10 @@ class CudaBackend(Backend):
             b = p.num_seqs
             rows = p.max_query_len * h
             partial_rows = max(1, 2 * (parts - 1)) * rows
-            sched = torch.empty(2 * b + 2, dtype=torch.int64, device=q.device)
+            cuts = 1 + min(b, parts - 1)  # count + cut sequences (int32)
+            sched = torch.empty(2 * b + 2 + (cuts + 1) // 2, dtype=torch.int64, device=q.device)
             par.sched_cum, par.sched_piece = sched.data_ptr(), sched[b + 2:].data_ptr()
+            par.sched_cut = sched[2 * b + 2:].data_ptr()
             par.num_parts, par.part_rows = parts, rows
             par.sched_fixed = HOPPER_SCHED_FIXED[name]
         elif splits > 1:

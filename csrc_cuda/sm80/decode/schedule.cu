@@ -51,6 +51,7 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
   if (threadIdx.x == 0) p.sched_cum[B + 1] = per_part;
   __syncthreads();  // sched_cum (global) is read back by other threads below
   carry = 0;
+  int64_t cuts = 0;
   for (int base = 0; base < B; base += blockDim.x) {
     const int b = base + threadIdx.x;
     int64_t pieces = 1;
@@ -58,20 +59,27 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
       const int64_t first = p.sched_cum[b] + F, n = p.sched_cum[b + 1] - first;
       if (n > 0) pieces = (first + n - 1) / per_part - first / per_part + 1;
     }
-    const int64_t v = b < B && pieces > 1 ? pieces : 0;
+    const bool cut = b < B && pieces > 1;
+    const int64_t v = cut ? pieces : 0;
     const int64_t incl = block_scan(v, warp_sums, &total);
+    int64_t cut_total = 0;
+    const int64_t cut_incl = block_scan(cut ? 1 : 0, warp_sums, &cut_total);
     if (b < B) {
-      p.sched_piece[2 * b] = pieces > 1 ? static_cast<int32_t>(carry + incl - v) : -1;
+      p.sched_piece[2 * b] = cut ? static_cast<int32_t>(carry + incl - v) : -1;
       p.sched_piece[2 * b + 1] = static_cast<int32_t>(pieces);
     }
+    if (cut) p.sched_cut[cuts + cut_incl] = b;  // 1 + (cut sequences before b)
     carry += total;
+    cuts += cut_total;
   }
+  if (threadIdx.x == 0) p.sched_cut[0] = static_cast<int32_t>(cuts);
 }
 
 }  // namespace
 
 cudaError_t launch_decode_schedule(const DecodeParams& p, cudaStream_t stream) {
-  if (p.num_parts < 1 || p.sched_fixed < 1 || p.sched_cum == nullptr || p.sched_piece == nullptr) {
+  if (p.num_parts < 1 || p.sched_fixed < 1 || p.sched_cum == nullptr || p.sched_piece == nullptr ||
+      p.sched_cut == nullptr) {
     return cudaErrorInvalidValue;
   }
   decode_schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(p);
