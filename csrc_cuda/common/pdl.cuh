@@ -10,7 +10,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <utility>
 
 namespace portmla {
@@ -27,20 +26,24 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// PORTMLA_CUDA_PDL=0 launches the chain plainly (serialised): a profiler then times each kernel
-// alone (with PDL a kernel's span includes its wait for the one before).
-inline bool pdl_enabled() {
-  static const bool on = [] {
+// Which launches of the chain are programmatic: a mask of these bits, PORTMLA_CUDA_PDL
+// (default kPdlDefault). 0 launches the chain plainly (serialised): a profiler then times each
+// kernel alone (with PDL a kernel's span includes its wait for the one before).
+constexpr int kPdlDecode = 1, kPdlMerge = 2;
+constexpr int kPdlDefault = kPdlDecode | kPdlMerge;
+
+inline int pdl_mask() {
+  static const int mask = [] {
     const char* v = std::getenv("PORTMLA_CUDA_PDL");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    return v == nullptr || *v == 0 ? kPdlDefault : static_cast<int>(std::strtol(v, nullptr, 10));
   }();
-  return on;
+  return mask;
 }
 
-// Launch `kernel` allowed to overlap the stream's previous kernel (it must call pdl_wait()
-// before reading anything that kernel writes).
+// Launch `kernel`, allowed to overlap the stream's previous kernel when `which` is in the mask
+// (it must call pdl_wait() before reading anything that kernel writes).
 template <typename... Params, typename... Args>
-cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+cudaError_t launch_pdl(int which, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                        cudaStream_t stream, Args&&... args) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -51,7 +54,7 @@ cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t 
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  cfg.numAttrs = (pdl_mask() & which) ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 

@@ -303,29 +303,30 @@ cudaError_t launch_decode_combine(const DecodeParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// The device schedule's merge (common/schedule.cuh): blocks of 4 warps, one (cut sequence, row)
-// each, so the few rows of a small batch still spread over the SMs. The grid covers the bound
-// on cut sequences (min(num_seqs, num_parts - 1)); the others wrote their output. Launched
-// programmatically after the decode kernel (common/pdl.cuh): it may be resident before the
-// decode grid ends, and waits for it.
-constexpr int kPiecesThreads = 32 * kCombineWarpsPerRow;
+// The device schedule's merge (common/schedule.cuh): 4 warps per (cut sequence, row), one row
+// per block when the rows are few (a small batch's rows still spread over the SMs), two when
+// they are many (fewer blocks to launch). The grid covers the bound on cut sequences
+// (min(num_seqs, num_parts - 1)); the other sequences wrote their output.
+constexpr int kPiecesRowThreads = 32 * kCombineWarpsPerRow;
 
 template <typename T>
-__global__ void __launch_bounds__(kPiecesThreads)
-    mla_decode_combine_pieces_kernel(const DecodeParams p, int rows_per_seq) {
+__global__ void __launch_bounds__(2 * kPiecesRowThreads)
+    mla_decode_combine_pieces_kernel(const DecodeParams p, int blocks_per_seq) {
   pdl_wait();
-  const int k = static_cast<int>(blockIdx.x / rows_per_seq);
+  const int k = static_cast<int>(blockIdx.x / blocks_per_seq);
   if (k >= p.sched_cut[0]) return;
   const int b = p.sched_cut[1 + k];
   int t0, nq;
   seq_tokens(p, b, t0, nq);
-  const int64_t row = blockIdx.x % rows_per_seq;
+  const int rows_per_block = blockDim.x / kPiecesRowThreads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x % blocks_per_seq) * rows_per_block +
+                      threadIdx.x / kPiecesRowThreads;
   if (row >= static_cast<int64_t>(nq) * p.num_heads) return;
   const int64_t first = static_cast<int64_t>(p.sched_piece[2 * b]) * p.part_rows + row;
   combine_row<T>(p, p.part_lse + first, p.part_out + first * kL, p.part_rows,
                  p.sched_piece[2 * b + 1], t0 + static_cast<int>(row / p.num_heads),
-                 static_cast<int>(row % p.num_heads), static_cast<int>(threadIdx.x >> 5),
-                 threadIdx.x & 31);
+                 static_cast<int>(row % p.num_heads),
+                 static_cast<int>(threadIdx.x >> 5) % kCombineWarpsPerRow, threadIdx.x & 31);
 }
 
 // Sequences a schedule of num_parts parts can cut: each part boundary cuts at most one.
@@ -336,12 +337,15 @@ inline int max_cut_seqs(const DecodeParams& p) {
 template <typename T>
 cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t stream) {
   const int64_t per_seq = static_cast<int64_t>(p.max_query_len) * p.num_heads;
-  const int64_t blocks = per_seq * max_cut_seqs(p);
+  const int rows_per_block = per_seq * max_cut_seqs(p) > 2048 ? 2 : 1;
+  const int64_t per_seq_blocks = (per_seq + rows_per_block - 1) / rows_per_block;
+  const int64_t blocks = per_seq_blocks * max_cut_seqs(p);
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   if (blocks == 0) return cudaSuccess;
-  PORTMLA_RETURN_IF_ERROR(launch_pdl(mla_decode_combine_pieces_kernel<T>,
-                                     dim3(static_cast<unsigned>(blocks)), dim3(kPiecesThreads), 0,
-                                     stream, p, static_cast<int>(per_seq)));
+  PORTMLA_RETURN_IF_ERROR(launch_pdl(kPdlMerge, mla_decode_combine_pieces_kernel<T>,
+                                     dim3(static_cast<unsigned>(blocks)),
+                                     dim3(rows_per_block * kPiecesRowThreads), 0, stream, p,
+                                     static_cast<int>(per_seq_blocks)));
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }

@@ -71,7 +71,8 @@ cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
   dim3 grid(m_tiles, p.num_parts);  // persistent: each CTA walks its part's segments
   // programmatic launch: the prologue overlaps the schedule kernel (common/pdl.cuh)
   PORTMLA_RETURN_IF_ERROR(
-      launch_pdl(kernel, grid, dim3(pair ? kPairThreads : kThreads), smem, stream, map, p));
+      launch_pdl(kPdlDecode, kernel, grid, dim3(pair ? kPairThreads : kThreads), smem,
+                                     stream, map, p));
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }
