@@ -2,7 +2,6 @@
 // Two block-wide scans over the sequences: units before each sequence, then the partial slots
 // of the sequences that part boundaries cut. 64-bit unit counts (long sequences x big batches).
 #include "../../common/check.h"
-#include "../../common/pdl.cuh"
 #include "../../common/schedule.cuh"
 
 namespace portmla {
@@ -36,7 +35,6 @@ __device__ int64_t block_scan(int64_t v, int64_t* warp_sums, int64_t* total) {
 
 __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const DecodeParams p) {
   __shared__ int64_t warp_sums[32];
-  pdl_launch_dependents();  // the decode kernel's prologue may start; it waits for this grid
   const int B = p.num_seqs, F = p.sched_fixed;
   int64_t carry = 0, total = 0;
   if (threadIdx.x == 0) p.sched_cum[0] = 0;

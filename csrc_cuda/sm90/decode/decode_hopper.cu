@@ -7,7 +7,6 @@
 #include <mutex>
 
 #include "../../common/check.h"
-#include "../../common/pdl.cuh"
 #include "pair_kernel.cuh"
 #include "launch.h"
 
@@ -69,10 +68,7 @@ cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
   dim3 grid(m_tiles, p.num_parts);  // persistent: each CTA walks its part's segments
-  // programmatic launch: the prologue overlaps the schedule kernel (common/pdl.cuh)
-  PORTMLA_RETURN_IF_ERROR(
-      launch_pdl(kPdlDecode, kernel, grid, dim3(pair ? kPairThreads : kThreads), smem,
-                                     stream, map, p));
+  kernel<<<grid, pair ? kPairThreads : kThreads, smem, stream>>>(map, p);
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }

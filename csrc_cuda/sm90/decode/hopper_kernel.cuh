@@ -29,7 +29,6 @@
 
 #include "../../common/numeric.cuh"
 #include "../../common/params.h"
-#include "../../common/pdl.cuh"
 #include "../../common/schedule.cuh"
 #include "../../sm80/decode/config.h"
 #include "../../sm80/decode/tile_common.cuh"
@@ -285,8 +284,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint64_t q_desc = gmma_desc_sw128(sm.q, 16, 1024);
   const uint64_t p_desc = gmma_desc_sw128(sm.p, 16, 1024);
 
-  pdl_launch_dependents();  // the pieces' merge may be scheduled (it waits for this grid)
-  pdl_wait();  // the schedule kernel's sched_cum / sched_piece (programmatic launch)
   PartWalker walk;
   walk.init(p, part);
   Segment seg;

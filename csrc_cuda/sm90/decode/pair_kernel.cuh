@@ -139,8 +139,6 @@ __global__ void __launch_bounds__(kPairThreads, 1)
 
   // Every thread walks the part's segments itself (common/schedule.cuh); tile pairs restart at
   // each segment (a: stage 0, b: stage 1), the stages' phases run on across segments.
-  pdl_launch_dependents();  // the pieces' merge may be scheduled (it waits for this grid)
-  pdl_wait();  // the schedule kernel's sched_cum / sched_piece (programmatic launch)
   PartWalker walk;
   walk.init(p, part);
   Segment seg;
