@@ -175,7 +175,7 @@ def main():
     a = ap.parse_args()
     t0 = time.time()
     print(f"device: {pm.current_platform().device_name} torch {torch.__version__} "
-          f"triton {__import__('triton').__version__}", flush=True)
+          f"triton {__import__('triton').__version__} portmla from {os.path.dirname(pm.__file__)}", flush=True)
     run(a.plan.split(","), a.reps, a.out)
     print(f"[done in {time.time() - t0:.0f}s]")
 
