@@ -1,12 +1,18 @@
 """Same-data A/B of Triton decode launch variants on a GPU (one call, one table).
 
-    PYTHONPATH=. python scripts/triton_tune.py [--plan final|ds,fp8,bf16,h128] [--reps 15]
+    PYTHONPATH=. python scripts/triton_tune.py [--plan final|sched|ds,fp8,bf16,h128] [--reps 15]
 
 Each data set (the ANCHORS.md row shapes, fixed or varlen lengths) is built once and every
 variant of the plan is timed on it: median of CUDA-graph replays of one whole
 ``pm.mla_decode`` (decode + split combine), after a reference check of the variant's output.
-A variant is ``(block_m, block_n, warps, stages, m, exact_ds)`` (splits: ~4 m programs per
-SM); ``None`` means the committed default (``launch.decode_config``) for that field.
+A variant is ``(block_m, block_n, warps, stages, m, exact_ds[, scheduled, sched_fixed])``
+(splits: ~4 m programs per SM; ``m`` None: the committed split rule); ``None`` means the
+committed default (``launch.decode_config``) for that field. ``scheduled`` picks the device
+schedule (True) or the host-planned splits (False); ``sched_fixed`` its fixed cost per
+sequence in KV tiles.
+
+``--plan sched``: split kernel vs device schedule with fixed cost 2 / 4 / 8, on the 16-head
+rows (bf16 fixed + varlen, fp8 / fp8_ds_mla at b=128 S=8192) and two 128-head rows.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ DEFAULT = (None, None, None, None, 1, None)
 OLD = (None, None, None, None, 1, False)  # session-5 narrow default: 4 programs / SM, ds dequantized
 M12 = (None, None, None, None, 3, None)  # 12 programs / SM for narrow tiles
 W8 = (None, None, None, None, 2, None)  # 8 programs / SM for wide tiles
+
+SPLIT = (None, None, None, None, None, None, False, None)  # host-planned splits, committed rule
+SCHED = {f: (None, None, None, None, None, None, True, f) for f in (2, 4, 8)}  # device schedule
+AB = [SPLIT, SCHED[2], SCHED[4], SCHED[8]]
 
 # data set (b, S, h, fixed[, s_q]) -> formats -> variants. Session 6: "ds", "fp8", "bf16", "h128"
 # were the first call (split multiplier 1 = 4 programs / SM then); "final" the second.
@@ -67,30 +77,51 @@ PLANS = {
               ((64, 16384, 128, False), ("bfloat16",), [DEFAULT]),
               ((32, 4096, 128, False), ("bfloat16",), [DEFAULT]),
               ((1, 32768, 128, True), ("bfloat16",), [DEFAULT])],
+    "sched": [((128, 8192, 16, False), ("bfloat16", "fp8", "fp8_ds_mla"), AB),
+              ((128, 8192, 16, True), ("bfloat16", "fp8", "fp8_ds_mla"), AB),
+              ((64, 32768, 16, True), ("bfloat16",), AB),
+              ((8, 8192, 16, False), ("bfloat16",), AB),
+              ((128, 4096, 128, False), ("bfloat16",), AB),
+              ((1, 32768, 128, True), ("bfloat16",), AB)],
 }
 
 
 def variant_config(v):
     """decode_config with the fields of ``v`` that are not None replaced; splits by the
-    4-programs-per-compute-unit rule times the multiplier."""
-    bm_, bn_, w_, st_, mult, exact = v
+    4-programs-per-compute-unit rule times the multiplier (when any tile field or the
+    multiplier is given)."""
+    bm_, bn_, w_, st_, mult, exact, sched, fixed = (tuple(v) + (None, None))[:8]
     if v == DEFAULT:
         return tlaunch.decode_config
 
     def cfg(plat, ns, nh, mql, mkv, fmt, lora):
         d = tlaunch.decode_config(plat, ns, nh, mql, mkv, fmt, lora)
-        bm = bm_ or d.block_m
-        bn = bn_ or d.block_n
-        rt = tlaunch.cdiv(max(1, mql) * nh, bm)
-        tiles = tlaunch.cdiv(max(1, mkv), bn)
-        min_tiles = max(1, (256 if bm >= 32 else 128) // bn)
-        want = min(tlaunch.cdiv(int(4 * mult * plat.num_compute_units), ns * rt), max(1, tiles // min_tiles), 64)
-        per = tlaunch.cdiv(tiles, max(1, want)) * bn
-        return dataclasses.replace(d, block_m=bm, block_n=bn, num_warps=w_ or d.num_warps,
-                                   num_stages=st_ or d.num_stages, num_splits=tlaunch.cdiv(mkv, per),
-                                   kv_per_split=per, row_tiles=rt,
-                                   exact_ds=d.exact_ds if exact is None else exact)
+        if any(x is not None for x in (bm_, bn_, w_, st_, mult)):
+            bm = bm_ or d.block_m
+            bn = bn_ or d.block_n
+            rt = tlaunch.cdiv(max(1, mql) * nh, bm)
+            tiles = tlaunch.cdiv(max(1, mkv), bn)
+            min_tiles = max(1, (256 if bm >= 32 else 128) // bn)
+            want = min(tlaunch.cdiv(int(4 * (mult or 1) * plat.num_compute_units), ns * rt),
+                       max(1, tiles // min_tiles), 64)
+            per = tlaunch.cdiv(tiles, max(1, want)) * bn
+            d = dataclasses.replace(d, block_m=bm, block_n=bn, num_warps=w_ or d.num_warps,
+                                    num_stages=st_ or d.num_stages, num_splits=tlaunch.cdiv(mkv, per),
+                                    kv_per_split=per, row_tiles=rt, parts=max(1, d.parts * d.row_tiles // rt))
+        return dataclasses.replace(d, exact_ds=d.exact_ds if exact is None else exact,
+                                   scheduled=d.scheduled if sched is None else sched,
+                                   sched_fixed=fixed or d.sched_fixed)
     return cfg
+
+
+def variant_name(v) -> str:
+    if v == DEFAULT:
+        return "default"
+    if v == SPLIT:
+        return "split"
+    if v in SCHED.values():
+        return f"sched F={v[7]}"
+    return "x".join("-" if x is None else f"{x:g}" for x in v)
 
 
 def run(plans, reps, out_dir):
@@ -106,7 +137,7 @@ def run(plans, reps, out_dir):
                 ref = None
                 for v in variants:
                     tdec.decode_config = variant_config(v)
-                    name = "default" if v == DEFAULT else "x".join("-" if x is None else f"{x:g}" for x in v)
+                    name = variant_name(v)
                     try:
                         c = tdec.decode_config(plat, b, h, s_q, d["bt"].shape[1] * 64, fmt, 512)
                         o = call(d, "triton")
@@ -118,11 +149,13 @@ def run(plans, reps, out_dir):
                         med, lo, hi = graph_time(d, reps=reps)
                         tf, tb = figures(d, b, s_q, h, med)
                         row = dict(plan=plan, b=b, s_q=s_q, S=S, h=h, fixed=fixed, fmt=fmt, variant=name, us=med,
-                                   us_min=lo, us_max=hi, tflops=tf, tbs=tb, splits=c.num_splits, rel=err)
+                                   us_min=lo, us_max=hi, tflops=tf, tbs=tb, splits=c.num_splits, rel=err,
+                                   scheduled=c.scheduled, parts=c.parts, sched_fixed=c.sched_fixed)
                         res.append(row)
                         print(f"{plan:5s} {fmt:10s} b={b:3d} q{s_q} S={S:5d} h={h:3d} {'fix' if fixed else 'var'} "
                               f"{name:16s} {med:8.1f} us [{lo:7.1f},{hi:7.1f}] {tf:6.1f} TF {tb:5.2f} TB/s "
-                              f"splits={c.num_splits:2d} rel={err:.1e}", flush=True)
+                              f"{f'parts={c.parts:3d}' if c.scheduled else f'splits={c.num_splits:2d}'} "
+                              f"rel={err:.1e}", flush=True)
                     except Exception:  # noqa: BLE001 - report and go on
                         print(f"{plan} {fmt} b={b} S={S} h={h} {name}: FAILED\n{traceback.format_exc()[-1500:]}")
                     finally:
@@ -142,7 +175,7 @@ def main():
     a = ap.parse_args()
     t0 = time.time()
     print(f"device: {pm.current_platform().device_name} torch {torch.__version__} "
-          f"triton {__import__('triton').__version__}", flush=True)
+          f"triton {__import__('triton').__version__} portmla from {os.path.dirname(pm.__file__)}", flush=True)
     run(a.plan.split(","), a.reps, a.out)
     print(f"[done in {time.time() - t0:.0f}s]")
 

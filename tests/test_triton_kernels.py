@@ -9,6 +9,8 @@ device (``PORTMLA_TEST_DEVICE=cuda``).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 
 # conftest.py turns on TRITON_INTERPRET=1 on machines without a GPU (and only there)
@@ -117,8 +119,36 @@ DECODE_CASES = [
 ]
 
 
+def force_decode_config(monkeypatch, scheduled, parts=None, fixed=None, block_m=None):
+    """Make the Triton decode use the split kernel or the device schedule (with ``parts`` /
+    ``fixed`` / ``block_m`` where given; the rest from ``decode_config``). Returns the list
+    of schedule launches, so a test can check the path it asked for ran."""
+    from portmla.backends.triton import decode as tdec
+    from portmla.backends.triton import launch as tlaunch
+
+    orig_cfg, orig_sched = tdec.decode_config, tdec.launch_schedule
+    launches = []
+
+    def cfg(plat, num_seqs, num_heads, max_query_len, max_kv_len, fmt, lora):
+        d = orig_cfg(plat, num_seqs, num_heads, max_query_len, max_kv_len, fmt, lora)
+        bm = block_m or d.block_m
+        return dataclasses.replace(d, scheduled=scheduled, block_m=bm, exact_ds=bm < 32,
+                                   row_tiles=tlaunch.cdiv(max(1, max_query_len) * num_heads, bm),
+                                   parts=parts or d.parts, sched_fixed=fixed or d.sched_fixed)
+
+    def sched(*a, **k):
+        launches.append(a[3:5])  # (parts, fixed)
+        return orig_sched(*a, **k)
+
+    monkeypatch.setattr(tdec, "decode_config", cfg)
+    monkeypatch.setattr(tdec, "launch_schedule", sched)
+    return launches
+
+
+@pytest.mark.parametrize("path", ["split", "sched"])
 @pytest.mark.parametrize("fmt,page,heads,qlens,layout", DECODE_CASES)
-def test_mla_decode(fmt, page, heads, qlens, layout):
+def test_mla_decode(fmt, page, heads, qlens, layout, path, monkeypatch):
+    launches = force_decode_config(monkeypatch, path == "sched")
     g = _gen(hash((fmt, page, heads, layout)) % 1000)
     nseq = len(qlens) if qlens else 3
     qlens_ = qlens or [1] * nseq
@@ -143,6 +173,7 @@ def test_mla_decode(fmt, page, heads, qlens, layout):
     o_tri, l_tri = pm.mla_decode(q, cache, bt, sl, out=out, backend="triton", **kw)
     o_ref, l_ref = pm.mla_decode(q, cache, bt, sl, backend="reference", **kw)
     assert o_tri.data_ptr() == out.data_ptr()
+    assert len(launches) == (path == "sched")
     # fp8_ds_mla on >= 32-row tiles: the kernel rounds fp8 * tile-scale to bf16 before the dot
     _close(o_tri, o_ref, 2e-2 if fmt == "fp8_ds_mla" else 1e-2, "out")
     atol = 3e-2 if fmt == "fp8_ds_mla" else 2e-3
@@ -191,6 +222,110 @@ def test_mla_decode_tuple_q_matches_concatenated():
     a = pm.mla_decode((q[..., :L], q[..., L:]), cache, bt, sl, softmax_scale=0.1, backend="triton")
     b = pm.mla_decode(q, cache, bt, sl, softmax_scale=0.1, backend="triton")
     assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------ device split schedule
+
+
+def schedule_model(lens, parts, fixed, unit):
+    """The schedule of ``portmla/backends/triton/schedule.py`` in Python: (cum + [T], first
+    slot per sequence, pieces per sequence, slots used)."""
+    units = [-(-max(s, 0) // unit) + fixed for s in lens]
+    cum = [0, *itertools.accumulate(units)]
+    per = max(1, -(-cum[-1] // parts))
+    first_slot, pieces, used = [], [], 0
+    for b, u in enumerate(units):
+        f, n = cum[b] + fixed, u - fixed
+        k = (f + n - 1) // per - f // per + 1 if n > 0 else 1
+        pieces.append(k)
+        first_slot.append(used if k > 1 else -1)
+        used += k if k > 1 else 0
+    return cum + [per], first_slot, pieces, used
+
+
+@pytest.mark.parametrize("lens,parts,fixed,unit", [
+    ([70, 0, 33, 1, 50], 3, 1, 16),
+    ([3, 17], 40, 2, 16),  # more parts than units: empty parts, every sequence cut
+    ([5] * 3000, 7, 4, 64),  # three chunks of the scan (carry across chunks)
+    ([2**31 - 1] * 5 + [0, 9], 132, 4, 1),  # unit prefix beyond 2^31 (int64)
+])
+def test_schedule_kernel_matches_model(lens, parts, fixed, unit):
+    from portmla.backends.triton import schedule as tsched
+
+    g = _gen(len(lens))
+    if len(set(lens)) == 1:  # a varlen mix for the long case
+        lens = [int(x) for x in torch.randint(0, 2 * lens[0] * unit, (len(lens),), generator=g)]
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    cum, piece = tsched.sched_scratch(len(lens), DEV)
+    piece.fill_(-7)
+    tsched.launch_schedule(sl, cum, piece, parts, fixed, unit, 4)
+    want_cum, want_first, want_pieces, used = schedule_model(lens, parts, fixed, unit)
+    assert cum.tolist() == want_cum
+    assert piece[0::2].tolist() == want_first
+    assert piece[1::2].tolist() == want_pieces
+    assert used <= tsched.num_slots(parts)
+
+
+# fmt, page, heads, seq lens, query lens (None: one each), parts, fixed, block_m (None: default),
+# return_lse. Pages 1 / 24 / 40 do not hold whole 16-token tiles; block_m 16 with several query
+# tokens gives one row tile per token, so with many parts some pieces see no position of
+# their rows (empty pieces); 0-length sequences have no query token.
+SCHED_CASES = [
+    ("bfloat16", 16, 16, [70, 33, 1, 50], None, 3, 1, None, True),
+    ("bfloat16", 24, 16, [49, 33, 65], [3, 2, 3], 40, 1, 16, True),
+    ("bfloat16", 16, 4, [0, 45, 0, 30, 7], [0, 2, 0, 1, 0], 3, 1, None, True),
+    ("bfloat16", 16, 16, [300], None, 40, 2, None, True),  # b=1: one sequence in 40 pieces
+    ("bfloat16", 64, 128, [70, 90], [1, 2], 3, 1, None, False),  # 64-row tiles, 4 row tiles
+    ("float16", 24, 8, [90, 5, 41], [2, 1, 3], 1, 2, None, False),
+    ("float16", 1, 8, [90, 5, 41], [2, 1, 3], 3, 1, None, True),
+    ("fp8", 16, 16, [70, 20, 64, 3], None, 40, 2, None, True),
+    ("fp8", 1, 4, [37, 12], [2, 3], 3, 1, None, False),
+    ("fp8_ds_mla", 16, 16, [70, 33, 1], None, 3, 1, None, True),  # exact path
+    ("fp8_ds_mla", 40, 8, [60, 45, 9], [2, 1, 2], 40, 1, 16, True),  # exact path, 2 row tiles
+    ("fp8_ds_mla", 64, 32, [70, 33], [1, 2], 1, 3, None, False),  # dequantized (64-row) path
+]
+
+
+@pytest.mark.parametrize("fmt,page,heads,lens,qlens,parts,fixed,block_m,lse", SCHED_CASES)
+def test_mla_decode_scheduled(fmt, page, heads, lens, qlens, parts, fixed, block_m, lse, monkeypatch):
+    launches = force_decode_config(monkeypatch, True, parts, fixed, block_m)
+    case = mla_cases.make_decode_case(lens, qlens or [1] * len(lens), heads=heads, block_size=page,
+                                      fmt=fmt, layout="padded" if page % 2 else "contiguous",
+                                      device=DEV, model_dtype=torch.float16 if fmt == "float16"
+                                      else torch.bfloat16)
+    out = torch.full((case.q.shape[0], heads, L), float("nan"), dtype=case.q.dtype, device=DEV)
+    got = mla_cases.decode(case, "triton", return_lse=lse, out=out)
+    ref = mla_cases.decode(case, "reference", return_lse=lse)
+    assert launches == [(parts, fixed)]
+    rows = max(qlens or [1]) * heads
+    exact = fmt != "fp8_ds_mla" or (block_m or min(64, max(16, triton.next_power_of_2(rows)))) < 32
+    o_tri, o_ref = (got[0], ref[0]) if lse else (got, ref)
+    _close(o_tri, o_ref, 1e-2 if exact else 2e-2, "out")
+    if lse:
+        atol = 2e-3 if exact else 3e-2
+        assert torch.allclose(got[1], ref[1], atol=atol, rtol=1e-3), (got[1] - ref[1]).abs().max()
+
+
+def test_mla_decode_scheduled_same_shapes_new_lengths(monkeypatch):
+    """What a CUDA graph replay does: the same call (shapes, out buffer) with new seq_lens
+    contents; the schedule is recomputed on the device, so both results are right. On a GPU
+    the call is captured once and replayed."""
+    force_decode_config(monkeypatch, True, 3, 1)
+    case = mla_cases.make_decode_case([80] * 4, [1] * 4, heads=16, block_size=16, device=DEV)
+    out = torch.full((4, 16, L), float("nan"), dtype=torch.bfloat16, device=DEV)
+    graph = None
+    for lens in ([80, 3, 45, 1], [10, 80, 1, 64], [80, 80, 80, 80]):
+        case.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        if DEV.startswith("cuda"):
+            if graph is None:
+                mla_cases.decode(case, "triton", return_lse=False, out=out)  # compile outside capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    mla_cases.decode(case, "triton", return_lse=False, out=out)
+            graph.replay()
+        else:
+            mla_cases.decode(case, "triton", return_lse=False, out=out)
+        _close(out, mla_cases.decode(case, "reference", return_lse=False), 1e-2, f"lens {lens}")
 
 
 # ----------------------------------------------------------------------- cache writes

@@ -167,3 +167,16 @@ def store_rn(ptrs, x, mask):
         tl.store(ptrs, (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def seq_tokens(qsl_ptr, b, HAS_QSL: tl.constexpr):
+    """``(first query token, query tokens)`` of sequence ``b``: from ``query_start_loc``, or
+    token ``b`` alone when there is none (one query token per sequence)."""
+    if HAS_QSL:
+        t0 = tl.load(qsl_ptr + b)
+        n_q = tl.load(qsl_ptr + b + 1) - t0
+    else:
+        t0 = b
+        n_q = 1
+    return t0, n_q

@@ -1,16 +1,22 @@
-"""Absorbed MLA decode: split-KV flash decoding over the paged latent cache + LSE combine.
+"""Absorbed MLA decode: flash decoding over the paged latent cache, split two ways.
 
 All query heads share the one latent KV head, so a program takes a tile of up to
 ``BLOCK_M`` query *rows* (a row is one (query token, head) pair of one sequence, row
 ``i`` = token ``i // H``, head ``i % H``) and streams each KV tile once for all of them:
 ``S = Q[:, :L] K_c^T + Q[:, L:] K_pe^T`` (576-wide for DeepSeek) and ``O += P K_c``
 (512-wide) on the tensor cores. A tile of ``BLOCK_N`` tokens may span several pages:
-each token's page comes from the block table.
+each token's page comes from the block table. The attention of one row tile over one KV
+range is shared code (``_attend`` / ``_ds_exact`` + ``_finish``); two kernels call it:
 
-Grid ``(row_tiles, num_splits, num_seqs)``: the row tiles of one KV split are adjacent in
-launch order so they run together and share the KV tile through L2. With one split the
-kernel writes the final output; otherwise it writes float32 partials + LSE and
-``_combine_kernel`` merges them in a fixed order (deterministic).
+* ``_decode_kernel``, grid ``(row_tiles, num_splits, num_seqs)``: host-planned splits of
+  ``kv_per_split`` positions (a shape-only bound from the longest sequence). The row tiles of
+  one KV split are adjacent in launch order so they share the KV tile through L2. With one
+  split it writes the final output; otherwise float32 partials + LSE that
+  ``combine._combine_kernel`` merges in a fixed order (deterministic).
+* ``_decode_sched_kernel``, grid ``(row_tiles, parts)``: persistent programs over the
+  device-side balanced schedule of ``schedule.py`` (every part gets the same number of KV
+  tiles whatever the lengths); a sequence that a part boundary cuts writes partials to its
+  slots, merged by ``combine._combine_pieces_kernel``. ``DecodeConfig.scheduled`` picks it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .combine import _combine_kernel, _combine_pieces_kernel, combine_blocks, pieces_combine_blocks
 from .common import (
     DS_TILE,
     dot,
@@ -27,12 +34,37 @@ from .common import (
     load_nope,
     load_rope,
     pow2_row_scale,
+    seq_tokens,
     softmax_step,
 )
-from .launch import FMT_DS_MLA, FMT_FP8, decode_config, format_code, fp8_is_fnuz, interpreting
+from .launch import (
+    FMT_DS_MLA,
+    FMT_FP8,
+    decode_config,
+    elementwise_warps,
+    format_code,
+    fp8_is_fnuz,
+    interpreting,
+)
+from .schedule import first_seq, launch_schedule, num_slots, sched_scratch
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _seq_rows(seq_lens_ptr, qsl_ptr, b, tile, H, HAS_QSL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Sequence ``b``'s rows in row tile ``tile``: ``(n_q, rows, t, head, row_ok, limit, kv_end)``
+    with ``t`` the rows' query tokens (int64), ``limit`` the last KV position each row sees
+    (causal over the new tokens) and ``kv_end`` the end of the KV range the tile needs."""
+    seq_len = tl.load(seq_lens_ptr + b)
+    t0, n_q = seq_tokens(qsl_ptr, b, HAS_QSL)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = rows // H
+    head = rows % H
+    limit = seq_len - n_q + tok
+    tok_last = tl.minimum(n_q - 1, (tile * BLOCK_M + BLOCK_M - 1) // H)
+    return n_q, rows, (t0 + tok).to(tl.int64), head, tok < n_q, limit, seq_len - n_q + tok_last + 1
 
 
 @triton.jit
@@ -52,40 +84,116 @@ def _decode_kernel(
     tile = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + b)
-    if HAS_QSL:
-        t0 = tl.load(qsl_ptr + b)
-        n_q = tl.load(qsl_ptr + b + 1) - t0
-    else:
-        t0 = b
-        n_q = 1
+    n_q, rows, t, head, row_ok, limit, kv_end = _seq_rows(seq_lens_ptr, qsl_ptr, b, tile, H, HAS_QSL,
+                                                          BLOCK_M)
     if tile * BLOCK_M >= n_q * H:
         return
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok = rows // H
-    head = rows % H
-    row_ok = tok < n_q
-    t = (t0 + tok).to(tl.int64)
-    limit = seq_len - n_q + tok  # last KV position each row sees (causal over new tokens)
-    tok_last = tl.minimum(n_q - 1, (tile * BLOCK_M + BLOCK_M - 1) // H)
     kv_lo = split * kv_per_split
-    kv_hi = tl.minimum(tl.minimum(seq_len, kv_lo + kv_per_split), seq_len - n_q + tok_last + 1)
-
-    dl = tl.arange(0, BLOCK_L)
+    kv_hi = tl.minimum(kv_end, kv_lo + kv_per_split)
     o_rows = o_ptr + split.to(tl.int64) * stride_os + t * stride_ot + head.to(tl.int64) * stride_oh
     l_rows = lse_ptr + split.to(tl.int64) * stride_ls + t * stride_lt + head
     if kv_lo >= kv_hi:  # nothing to see in this split: only the LSE says so
         if WRITE_LSE:
             tl.store(l_rows, tl.full((BLOCK_M,), float("-inf"), tl.float32), mask=row_ok)
         return
+    a0, a1, a2, a3, m_i, l_i = _attend_tile(
+        q_ptr + t * stride_qt + head.to(tl.int64) * stride_qh, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page,
+        stride_tok, bt_ptr + b.to(tl.int64) * stride_bt, kscale_ptr, kv_lo, kv_hi, limit, qk_scale, PAGE, FMT,
+        FNUZ, ALIGNED, L, R, BLOCK_L, BLOCK_R, BLOCK_M, BLOCK_N, UPCAST, EXACT_DS)
+    _finish(o_rows, l_rows, row_ok, a0, a1, a2, a3, m_i, l_i, L, BLOCK_L, WRITE_LSE, EXACT_DS)
 
-    dr = tl.arange(0, BLOCK_R)
-    q_rows = q_ptr + t * stride_qt + head.to(tl.int64) * stride_qh
+
+@triton.jit
+def _decode_sched_kernel(
+    q_ptr, stride_qt, stride_qh,
+    kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok,
+    bt_ptr, stride_bt,
+    seq_lens_ptr, qsl_ptr, kscale_ptr,
+    cum_ptr, piece_ptr, num_seqs, sched_fixed,
+    o_ptr, stride_ot, stride_oh,
+    lse_ptr, stride_lt,
+    po_ptr, pl_ptr, slot_rows,
+    H, qk_scale,
+    PAGE: tl.constexpr, FMT: tl.constexpr, FNUZ: tl.constexpr, ALIGNED: tl.constexpr,
+    L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_QSL: tl.constexpr, WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr, EXACT_DS: tl.constexpr,
+):
+    """Program (row tile, part) computes units ``[part T, (part + 1) T)`` of the schedule
+    (one unit = ``BLOCK_N`` KV positions): segment by segment, each a sequence and a range of
+    its KV tiles. A one-piece sequence's segment writes the output (+ LSE); a piece of a cut
+    sequence writes float32 partials + LSE (always) to its slot, rows ``[slot * slot_rows +
+    i]`` for the sequence's row ``i``. The outer loop is a ``while`` over segments; the tile
+    loop inside ``_attend`` / ``_ds_exact`` stays the one Triton software-pipelines."""
+    tile = tl.program_id(0)
+    part = tl.program_id(1)
+    per_part = tl.load(cum_ptr + num_seqs + 1)
+    lo = part.to(tl.int64) * per_part
+    hi = lo + per_part
+    b = first_seq(cum_ptr, num_seqs, lo)
+    c = tl.load(cum_ptr + b)
+    while (b < num_seqs) & (c < hi):
+        c_next = tl.load(cum_ptr + b + 1)
+        first = c + sched_fixed  # unit of the sequence's KV tile 0
+        u_lo = tl.maximum(lo - first, 0)
+        u_hi = tl.minimum(hi - first, c_next - first)
+        # a sequence with no KV tiles belongs to the part its fixed units start in
+        if (u_lo < u_hi) | ((c_next == first) & (c >= lo)):
+            n_q, rows, t, head, row_ok, limit, kv_end = _seq_rows(seq_lens_ptr, qsl_ptr, b, tile, H,
+                                                                  HAS_QSL, BLOCK_M)
+            if tile * BLOCK_M < n_q * H:
+                a0, a1, a2, a3, m_i, l_i = _attend_tile(
+                    q_ptr + t * stride_qt + head.to(tl.int64) * stride_qh, row_ok, kv_ptr, kv32_ptr, kv16_ptr,
+                    stride_page, stride_tok, bt_ptr + b.to(tl.int64) * stride_bt, kscale_ptr,
+                    (u_lo * BLOCK_N).to(tl.int32), tl.minimum(u_hi * BLOCK_N, kv_end).to(tl.int32), limit,
+                    qk_scale, PAGE, FMT, FNUZ, ALIGNED, L, R, BLOCK_L, BLOCK_R, BLOCK_M, BLOCK_N, UPCAST, EXACT_DS)
+                base = tl.load(piece_ptr + 2 * b.to(tl.int64))
+                if base >= 0:  # a piece of a cut sequence: float32 partials + LSE in its slot
+                    srow = (base + part - (first // per_part).to(tl.int32)).to(tl.int64) * slot_rows + rows
+                    _finish(po_ptr + srow * L, pl_ptr + srow, row_ok, a0, a1, a2, a3, m_i, l_i, L, BLOCK_L,
+                            True, EXACT_DS)
+                else:
+                    _finish(o_ptr + t * stride_ot + head.to(tl.int64) * stride_oh, lse_ptr + t * stride_lt + head,
+                            row_ok, a0, a1, a2, a3, m_i, l_i, L, BLOCK_L, WRITE_LSE, EXACT_DS)
+        b += 1
+        c = c_next
+
+
+@triton.jit
+def _attend_tile(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok, bt_row, kscale_ptr,
+                 kv_lo, kv_hi, limit, qk_scale, PAGE: tl.constexpr, FMT: tl.constexpr, FNUZ: tl.constexpr,
+                 ALIGNED: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                 EXACT_DS: tl.constexpr):
+    """One row tile over KV positions ``[kv_lo, kv_hi)``: ``(a0, a1, a2, a3, m, l)`` for
+    ``_finish`` (the exact fp8_ds_mla path's four 128-wide accumulators, or the one
+    ``BLOCK_L``-wide accumulator of ``_attend`` in ``a0``, repeated). The callers store it
+    after the loop (the scheduled kernel picks output or partial slot only then, so the
+    store pointers are not live across the tile loop)."""
     if EXACT_DS:
-        _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok, bt_ptr, stride_bt, b,
-                  o_rows, l_rows, kv_lo, kv_hi, limit, qk_scale, ALIGNED, PAGE, L, R, BLOCK_R, BLOCK_M,
-                  BLOCK_N, WRITE_LSE, UPCAST)
-        return
+        a0, a1, a2, a3, m_i, l_i = _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok,
+                                             bt_row, kv_lo, kv_hi, limit, qk_scale, ALIGNED, PAGE, L, R, BLOCK_R,
+                                             BLOCK_M, BLOCK_N, UPCAST)
+    else:
+        a0, m_i, l_i = _attend(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok, bt_row,
+                               kscale_ptr, kv_lo, kv_hi, limit, qk_scale, PAGE, FMT, FNUZ, ALIGNED, L, R,
+                               BLOCK_L, BLOCK_R, BLOCK_M, BLOCK_N, UPCAST)
+        a1 = a0
+        a2 = a0
+        a3 = a0
+    return a0, a1, a2, a3, m_i, l_i
+
+
+@triton.jit
+def _attend(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok, bt_row, kscale_ptr,
+            kv_lo, kv_hi, limit, qk_scale, PAGE: tl.constexpr, FMT: tl.constexpr, FNUZ: tl.constexpr,
+            ALIGNED: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
+            BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax of one row tile over ``[kv_lo, kv_hi)`` for 16-bit, per-tensor fp8 and
+    (dequantized) fp8_ds_mla caches: ``(acc, m, l)``, ``acc`` the unnormalised ``[BLOCK_M,
+    BLOCK_L]`` output (times ``k_scale`` for fp8), ``m`` / ``l`` the base-2 running max / sum."""
+    dl = tl.arange(0, BLOCK_L)
+    dr = tl.arange(0, BLOCK_R)
     qn = tl.load(q_rows[:, None] + dl[None, :], mask=row_ok[:, None] & (dl < L)[None, :], other=0.0)
     qr = tl.load(q_rows[:, None] + L + dr[None, :], mask=row_ok[:, None] & (dr < R)[None, :],
                  other=0.0)
@@ -104,7 +212,6 @@ def _decode_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_L), tl.float32)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     for start in range(kv_lo, kv_hi, BLOCK_N):
         pos, ok, off = _tile_offsets(bt_row, start, kv_hi, stride_page, stride_tok, PAGE, BLOCK_N)
         kr = load_rope(kv_ptr, kv16_ptr, off, ok, FMT, FNUZ, ALIGNED, L, R, BLOCK_R, qn.dtype)
@@ -126,17 +233,38 @@ def _decode_kernel(
                                             m_i, l_i)
         acc = dot(p.to(kv.dtype), kv, acc * alpha[:, None], UPCAST)
         m_i = m_new
-
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if FMT == 1:
-        out = out * ks
-    tl.store(o_rows[:, None] + dl[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (dl < L)[None, :])
+        acc = acc * ks
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _finish(o_rows, l_rows, row_ok, a0, a1, a2, a3, m_i, l_i, L: tl.constexpr, BLOCK_L: tl.constexpr,
+            WRITE_LSE: tl.constexpr, EXACT_DS: tl.constexpr):
+    """Store ``acc / l`` of one row tile in ``o_rows``' dtype (``a0`` holds all ``BLOCK_L``
+    columns, or, for the exact fp8_ds_mla path, ``a0 .. a3`` the four 128-wide tiles) and, if
+    ``WRITE_LSE``, the natural-log LSE (``-inf`` for rows that saw nothing; their output 0)."""
+    seen = l_i > 0
+    inv_l = 1.0 / tl.where(seen, l_i, 1.0)
+    if EXACT_DS:
+        _store_cols(o_rows, a0, inv_l, row_ok, 0, DS_TILE, L)
+        _store_cols(o_rows, a1, inv_l, row_ok, DS_TILE, DS_TILE, L)
+        _store_cols(o_rows, a2, inv_l, row_ok, 2 * DS_TILE, DS_TILE, L)
+        _store_cols(o_rows, a3, inv_l, row_ok, 3 * DS_TILE, DS_TILE, L)
+    else:
+        _store_cols(o_rows, a0, inv_l, row_ok, 0, BLOCK_L, L)
     if WRITE_LSE:
         lse = tl.where(seen, (tl.where(seen, m_i, 0.0) + tl.log2(tl.where(seen, l_i, 1.0))) * LN2,
                        float("-inf"))
         tl.store(l_rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _store_cols(o_rows, acc, inv_l, row_ok, COL0: tl.constexpr, W: tl.constexpr, L: tl.constexpr):
+    """Columns ``COL0 .. COL0 + W - 1`` (those below ``L``) of ``acc * inv_l`` to the rows."""
+    d = COL0 + tl.arange(0, W)
+    tl.store(o_rows[:, None] + d[None, :], (acc * inv_l[:, None]).to(o_rows.dtype.element_ty),
+             mask=row_ok[:, None] & (d < L)[None, :])
 
 
 @triton.jit
@@ -154,11 +282,11 @@ def _tile_offsets(bt_row, start, kv_hi, stride_page, stride_tok, PAGE: tl.conste
 
 
 @triton.jit
-def _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok, bt_ptr, stride_bt, b,
-              o_rows, l_rows, kv_lo, kv_hi, limit, qk_scale, ALIGNED: tl.constexpr, PAGE: tl.constexpr,
-              L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr):
-    """fp8_ds_mla decode of one row tile and split (``L <= 512``) without dequantizing the tile:
+def _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok, bt_row, kv_lo, kv_hi, limit,
+              qk_scale, ALIGNED: tl.constexpr, PAGE: tl.constexpr, L: tl.constexpr, R: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """fp8_ds_mla attention of one row tile over ``[kv_lo, kv_hi)`` (``L <= 512``) without
+    dequantizing the tile, ``(acc0, acc1, acc2, acc3, m, l)`` (one accumulator per scale tile):
     fp16 dots of the raw e4m3 values, one per 128-wide scale tile. QK^T: the four partial
     scores times the per-token tile scales (fp32), Q rows scaled by a power of two into fp16
     range (exact); RoPE dot in the query's dtype. PV: ``P * scale / max_scale`` (<= 1, fp16)
@@ -189,7 +317,6 @@ def _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_to
     acc3 = tl.zeros((BLOCK_M, DS_TILE), tl.float32)
     zs = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     zo = tl.zeros((BLOCK_M, DS_TILE), tl.float32)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     for start in range(kv_lo, kv_hi, BLOCK_N):
         pos, ok, off = _tile_offsets(bt_row, start, kv_hi, stride_page, stride_tok, PAGE, BLOCK_N)
         kr = load_rope(kv_ptr, kv16_ptr, off, ok, 2, False, ALIGNED, L, R, BLOCK_R, qr.dtype)
@@ -224,87 +351,7 @@ def _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_to
                                            load_ds_chunk(kv_ptr, off, ok, 3, L, "evict_first"), zo, UPCAST) * mx3
         m_i = m_new
 
-    seen = l_i > 0
-    inv_l = 1.0 / tl.where(seen, l_i, 1.0)
-    o_ty = o_rows.dtype.element_ty
-    om = row_ok[:, None]
-    tl.store(o_rows[:, None] + dt[None, :], (acc0 * inv_l[:, None]).to(o_ty), mask=om & (dt < L)[None, :])
-    tl.store(o_rows[:, None] + DS_TILE + dt[None, :], (acc1 * inv_l[:, None]).to(o_ty),
-             mask=om & (dt + DS_TILE < L)[None, :])
-    tl.store(o_rows[:, None] + 2 * DS_TILE + dt[None, :], (acc2 * inv_l[:, None]).to(o_ty),
-             mask=om & (dt + 2 * DS_TILE < L)[None, :])
-    tl.store(o_rows[:, None] + 3 * DS_TILE + dt[None, :], (acc3 * inv_l[:, None]).to(o_ty),
-             mask=om & (dt + 3 * DS_TILE < L)[None, :])
-    if WRITE_LSE:
-        lse = tl.where(seen, (tl.where(seen, m_i, 0.0) + tl.log2(tl.where(seen, l_i, 1.0))) * LN2,
-                       float("-inf"))
-        tl.store(l_rows, lse, mask=row_ok)
-
-
-@triton.jit
-def _combine_kernel(
-    po_ptr, stride_ps, stride_pt, stride_ph,
-    pl_ptr, stride_pls, stride_plt,
-    o_ptr, stride_ot, stride_oh,
-    lse_ptr, stride_lt,
-    H, NUM_SPLITS,
-    L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
-):
-    """One program per (token, BLOCK_H heads, BLOCK_D columns). ``BLOCK_S`` splits are read
-    as one tile per step (the LSEs as one vector, the partial outputs as one
-    ``[BLOCK_H, BLOCK_S, BLOCK_D]`` tile), so a call with many splits waits for two memory
-    round trips per ``BLOCK_S`` splits, not two per split. Fixed reduction order:
-    deterministic."""
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    sp = tl.arange(0, BLOCK_S)
-    h_ok = h < H
-    d_ok = d < L
-    l_base = pl_ptr + t * stride_plt + h[:, None]
-    m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
-    for s0 in range(0, NUM_SPLITS, BLOCK_S):
-        s = s0 + sp
-        s_ok = h_ok[:, None] & (s < NUM_SPLITS)[None, :]
-        ls = tl.load(l_base + s.to(tl.int64)[None, :] * stride_pls, mask=s_ok, other=float("-inf"))
-        m = tl.maximum(m, tl.max(ls, 1))
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.zeros((BLOCK_H,), tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
-    o_base = po_ptr + t * stride_pt + h.to(tl.int64)[:, None, None] * stride_ph + d[None, None, :]
-    for s0 in range(0, NUM_SPLITS, BLOCK_S):
-        s = s0 + sp
-        s_ok = h_ok[:, None] & (s < NUM_SPLITS)[None, :]
-        s64 = s.to(tl.int64)
-        ls = tl.load(l_base + s64[None, :] * stride_pls, mask=s_ok, other=float("-inf"))
-        w = tl.exp(ls - m_use[:, None])  # [BLOCK_H, BLOCK_S]; 0 for empty splits
-        used = w > 0
-        po = tl.load(o_base + s64[None, :, None] * stride_ps,
-                     mask=used[:, :, None] & d_ok[None, None, :], other=0.0)
-        acc += tl.sum(tl.where(used[:, :, None], po * w[:, :, None], 0.0), 1)
-        den += tl.sum(w, 1)
-    seen = den > 0
-    out = acc / tl.where(seen, den, 1.0)[:, None]
-    tl.store(o_ptr + t * stride_ot + h.to(tl.int64)[:, None] * stride_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
-    if WRITE_LSE:
-        if tl.program_id(2) == 0:
-            lse = tl.where(seen, m_use + tl.log(tl.where(seen, den, 1.0)), float("-inf"))
-            tl.store(lse_ptr + t * stride_lt + h, lse, mask=h_ok)
-
-
-def combine_blocks(num_splits: int, num_heads: int, block_l: int):
-    """(BLOCK_H, BLOCK_S, BLOCK_D) of the combine. Up to 8 splits: one split per step over
-    4096-value head tiles (the earlier combine's tiles; reading all splits at once measured
-    0.3-2 % slower on the 128-head rows, which have 2-8 splits). More splits: a tile of at
-    most 8192 float32 values (64 registers a thread at 4 warps) holding up to 64 of them."""
-    if num_splits <= 8:
-        return min(triton.next_power_of_2(num_heads), max(1, 4096 // block_l)), 1, block_l
-    block_s = min(triton.next_power_of_2(num_splits), 64)
-    block_d = min(block_l, max(64, 8192 // block_s))
-    block_h = max(1, min(triton.next_power_of_2(num_heads), 8192 // (block_s * block_d)))
-    return block_h, block_s, block_d
+    return acc0, acc1, acc2, acc3, m_i, l_i
 
 
 def kv_view(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -328,9 +375,12 @@ def ds_views(kv_cache: torch.Tensor, fmt: int):
     return kv, kv
 
 
+
+
 def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, k_scale,
                out, lse, config=None) -> None:
-    """Launch decode (+ combine when split). ``config`` overrides the launch choice (tuning)."""
+    """Launch decode (+ combine when split). ``config`` overrides the launch choice (tuning,
+    tests: ``DecodeConfig.scheduled`` selects the device schedule or the host-planned splits)."""
     c = p.cache
     plat = p.platform
     cfg = config or decode_config(plat, p.num_seqs, p.num_heads, p.max_query_len,
@@ -352,30 +402,49 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         HAS_QSL=query_start_loc is not None, UPCAST=interpreting(),
         EXACT_DS=fmt == FMT_DS_MLA and lora <= 4 * 128 and cfg.exact_ds,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    head = (q, q.stride(0), q.stride(1), kv, kv32, kv16, kv.stride(0), kv.stride(1),
+            block_table, block_table.stride(0), seq_lens, qsl, ks)
+    lse_stride = lse.stride(0) if lse is not None else 0
+    if cfg.scheduled:
+        if cfg.parts < 1 or cfg.sched_fixed < 1:
+            raise ValueError(f"DecodeConfig parts={cfg.parts}, sched_fixed={cfg.sched_fixed} "
+                             f"(both must be >= 1)")
+        b = p.num_seqs
+        rows = p.max_query_len * h  # rows of one sequence: a slot's size (host bound)
+        cum, piece = sched_scratch(b, q.device)
+        part_o = torch.empty(num_slots(cfg.parts), rows, lora, dtype=torch.float32, device=q.device)
+        part_l = torch.empty(num_slots(cfg.parts), rows, dtype=torch.float32, device=q.device)
+        launch_schedule(seq_lens, cum, piece, cfg.parts, cfg.sched_fixed, cfg.block_n, elementwise_warps(plat))
+        _decode_sched_kernel[(cfg.row_tiles, cfg.parts)](
+            *head, cum, piece, b, cfg.sched_fixed,
+            out, out.stride(0), out.stride(1), lse if lse is not None else part_l, lse_stride,
+            part_o, part_l, rows, h, scale, WRITE_LSE=lse is not None, **common)
+        if cfg.parts > 1:
+            block_r, block_s, block_d = pieces_combine_blocks(cfg.parts, b, rows, block_l)
+            _combine_pieces_kernel[(triton.cdiv(rows, block_r), b, triton.cdiv(lora, block_d))](
+                part_o, part_l, rows, piece, qsl, out, out.stride(0), out.stride(1),
+                lse if lse is not None else part_l, lse_stride, h, L=lora, BLOCK_R=block_r,
+                BLOCK_S=block_s, BLOCK_D=block_d, HAS_QSL=query_start_loc is not None,
+                WRITE_LSE=lse is not None, num_warps=4)
+        return
     grid = (cfg.row_tiles, cfg.num_splits, p.num_seqs)
     if cfg.num_splits == 1:
-        lse_t = lse if lse is not None else out  # dummy pointer when WRITE_LSE is off
         _decode_kernel[grid](
-            q, q.stride(0), q.stride(1), kv, kv32, kv16, kv.stride(0), kv.stride(1),
-            block_table, block_table.stride(0), seq_lens, qsl, ks,
-            out, 0, out.stride(0), out.stride(1),
-            lse_t, 0, lse.stride(0) if lse is not None else 0,
+            *head, out, 0, out.stride(0), out.stride(1),
+            lse if lse is not None else out, 0, lse_stride,  # out: a dummy pointer without LSE
             h, cfg.kv_per_split, scale, WRITE_LSE=lse is not None, **common)
         return
     part_o = torch.empty(cfg.num_splits, t, h, lora, dtype=torch.float32, device=q.device)
     part_l = torch.empty(cfg.num_splits, t, h, dtype=torch.float32, device=q.device)
     _decode_kernel[grid](
-        q, q.stride(0), q.stride(1), kv, kv32, kv16, kv.stride(0), kv.stride(1),
-        block_table, block_table.stride(0), seq_lens, qsl, ks,
-        part_o, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        *head, part_o, part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_l, part_l.stride(0), part_l.stride(1),
         h, cfg.kv_per_split, scale, WRITE_LSE=True, **common)
     block_h, block_s, block_d = combine_blocks(cfg.num_splits, h, block_l)
-    lse_t = lse if lse is not None else part_l
     _combine_kernel[(t, triton.cdiv(h, block_h), triton.cdiv(lora, block_d))](
         part_o, part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_l, part_l.stride(0), part_l.stride(1),
         out, out.stride(0), out.stride(1),
-        lse_t, lse.stride(0) if lse is not None else 0,
+        lse if lse is not None else part_l, lse_stride,
         h, cfg.num_splits, L=lora, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d,
         WRITE_LSE=lse is not None, num_warps=4)

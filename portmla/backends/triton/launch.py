@@ -61,6 +61,13 @@ class DecodeConfig:
     # fp8_ds_mla with kv_lora_rank <= 512: fp16 dots of the raw e4m3 tiles, scales on the fp32
     # scores / P (``decode._ds_exact``); else the tile is dequantized to bf16 before the dots
     exact_ds: bool = True
+    # Device-side balanced schedule (``schedule.py``, ``decode._decode_sched_kernel``) instead of
+    # the host-planned splits above (``num_splits`` / ``kv_per_split`` then unused): ``parts``
+    # persistent programs per row tile, each taking the same number of KV tiles (``block_n``
+    # positions each) plus ``sched_fixed`` tiles of fixed cost per sequence it starts.
+    scheduled: bool = False
+    parts: int = 1
+    sched_fixed: int = 4
 
 
 # Hand-set per vendor. CUDA: from the H100 tuning runs (benchmarks/results/triton_h100_notes.md).
@@ -105,7 +112,7 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     rows = max(1, max_query_len) * num_heads
     block_m = min(max_rows_per_program(platform), max(16, next_pow2(rows)))
     row_tiles = cdiv(rows, block_m)
-    per_unit = 4  # split target: programs per compute unit (below)
+    per_unit = 1  # programs resident per compute unit at once (shared memory / registers)
     if platform.kind == "cuda":
         wide = block_m >= 32
         if kv_format in ("fp8", "fp8_ds_mla"):
@@ -119,7 +126,7 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
         if next_pow2(kv_lora_rank) > 512 or smem < 160 * 1024:
             block_n, stages = 16, 1
         if tile == "quant" and not wide:
-            per_unit = 8  # two programs per SM (see the split rule below)
+            per_unit = 2  # 4 warps x 32 tokens: two programs per SM (89-94 KB, 255 registers)
     elif platform.kind == "rocm":
         block_n, warps, stages = _ROCM_DECODE
     elif platform.kind == "xpu":
@@ -141,15 +148,29 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
         # tile (one per SM) stays at 4: at 8 it was 3 % faster on b=128 S=8192 varlen and 2 %
         # on b=64 S=32768, but 6 % slower on b=128 S=8192 fixed.
         min_tiles = max(1, (256 if block_m >= 32 else 128) // block_n)
-        want = min(cdiv(per_unit * units, programs), max(1, tiles // min_tiles), 64)
+        want = min(cdiv(4 * per_unit * units, programs), max(1, tiles // min_tiles), 64)
     splits = max(1, want)
     per = cdiv(tiles, splits) * block_n
     splits = cdiv(max_kv_len, per)
+    # Device schedule: one persistent program per resident program slot and row tile.
+    # Default ON for the narrow tiles (<= 16 rows: one row tile, the memory-bound 16-head rows,
+    # where the splits of the longest varlen sequences ran as a tail: 480.9 us varlen vs 443 us
+    # fixed at b=128 S=8192 bf16 on the H100) on CUDA, and on the CPU interpreter by the same rule
+    # so the conformance suite covers both kernels. UNMEASURED on a GPU when this was written
+    # (scripts/triton_tune.py --plan sched is the A/B). The wide tiles keep the split kernel: with
+    # multi-token queries their row tiles hold different sequences' work (the schedule balances
+    # KV tiles, not rows); ROCm / XPU keep it until measured there.
+    # The interpreter: 4 parts, so the tests' short sequences get cut into pieces.
+    resident = 4 if platform.kind == "cpu" else per_unit * units
+    parts = max(1, resident // row_tiles)
+    scheduled = block_m < 32 and platform.kind in ("cuda", "cpu")
+    sched_fixed = 2 if platform.kind == "cpu" else 4
     # The exact fp8_ds_mla path wins on narrow tiles (1.5-1.6x at h=16 on the H100) and loses
     # on the 64-row wgmma tile (1762 vs 1232 us at b=128, S=4096, h=128: its four 128-wide dots
     # and four accumulators spill). Same rule everywhere, so the interpreter tests cover both.
     exact_ds = block_m < 32
-    return DecodeConfig(block_m, block_n, warps, stages, splits, per, row_tiles, exact_ds)
+    return DecodeConfig(block_m, block_n, warps, stages, splits, per, row_tiles, exact_ds, scheduled, parts,
+                        sched_fixed)
 
 
 @dataclass(frozen=True)
