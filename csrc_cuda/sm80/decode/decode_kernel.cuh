@@ -226,16 +226,16 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
 // Merge the splits of every (token, head) row by their LSE. One warp per (row, quarter of the
 // 512 columns), so even a handful of rows spreads over the SMs; each lane owns one float4.
 // Splits are visited in order (deterministic); the LSE maximum is read lane-parallel.
-// Up to kFewSplits splits: one LSE then one partial load per split, an empty split (LSE -inf)
-// not read. More (a b=1 call merges 66 pieces a row): each lane turns one LSE of a run of 32
+// kBatched false: one LSE then one partial load per split, an empty split (LSE -inf) not read
+// (40 registers: many rows in flight, for merges of a few splits). true (a b=1 call merges 66
+// pieces a row; 64 registers): each lane turns one LSE of a run of 32
 // into its weight, the warp broadcasts them split by split, and 8 partial-row loads are issued
 // before any is used; an empty split's slot (inside the scratch) is read but a select, not a
 // multiply, keeps its unwritten values out. H100, b=1 S=32768 h=128: merge 20.4 -> 7.5 us.
 constexpr int kCombineWarpsPerRow = 4;
-constexpr int kFewSplits = 8;
 
 // One row's merge: n partials at lse[s * stride], part[s * stride * kL] -> out row (t, h).
-template <typename T>
+template <typename T, bool kBatched>
 __device__ __forceinline__ void combine_row(const DecodeParams& p, const float* lse_in,
                                             const float* part, int64_t stride, int n, int t,
                                             int h, int quarter, int lane) {
@@ -248,7 +248,7 @@ __device__ __forceinline__ void combine_row(const DecodeParams& p, const float* 
   const int col4 = quarter * (kL / 4 / kCombineWarpsPerRow) + lane;  // float4 index in the row
   const float4* col = reinterpret_cast<const float4*>(part) + col4;
   const int64_t slot4 = stride * (kL / 4);  // float4s from one split's row to the next
-  if (mx != -INFINITY && n <= kFewSplits) {
+  if (mx != -INFINITY && !kBatched) {
 #pragma unroll 4
     for (int s = 0; s < n; ++s) {
       const float ls = lse_in[s * stride];
@@ -298,13 +298,13 @@ __device__ __forceinline__ void combine_row(const DecodeParams& p, const float* 
   }
 }
 
-template <typename T>
+template <typename T, bool kBatched>
 __global__ void __launch_bounds__(256) mla_decode_combine_kernel(const DecodeParams p) {
   const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.num_heads;
   const int64_t w = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
   const int64_t row = w / kCombineWarpsPerRow;
   if (row >= rows) return;
-  combine_row<T>(p, p.part_lse + row, p.part_out + row * kL, rows, p.num_splits,
+  combine_row<T, kBatched>(p, p.part_lse + row, p.part_out + row * kL, rows, p.num_splits,
                  static_cast<int>(row / p.num_heads), static_cast<int>(row % p.num_heads),
                  static_cast<int>(w % kCombineWarpsPerRow), threadIdx.x & 31);
 }
@@ -312,7 +312,12 @@ __global__ void __launch_bounds__(256) mla_decode_combine_kernel(const DecodePar
 template <typename T>
 cudaError_t launch_decode_combine(const DecodeParams& p, cudaStream_t stream) {
   const int64_t warps = static_cast<int64_t>(p.num_tokens) * p.num_heads * kCombineWarpsPerRow;
-  mla_decode_combine_kernel<T><<<static_cast<unsigned>((warps + 7) / 8), 256, 0, stream>>>(p);
+  const unsigned blocks = static_cast<unsigned>((warps + 7) / 8);
+  if (p.num_splits > 8) {
+    mla_decode_combine_kernel<T, true><<<blocks, 256, 0, stream>>>(p);
+  } else {
+    mla_decode_combine_kernel<T, false><<<blocks, 256, 0, stream>>>(p);
+  }
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }
@@ -323,7 +328,7 @@ cudaError_t launch_decode_combine(const DecodeParams& p, cudaStream_t stream) {
 // from the schedule's list), not every sequence: the others wrote their output.
 constexpr int kPiecesRowThreads = 32 * kCombineWarpsPerRow;
 
-template <typename T>
+template <typename T, bool kBatched>
 __global__ void __launch_bounds__(2 * kPiecesRowThreads)
     mla_decode_combine_pieces_kernel(const DecodeParams p, int blocks_per_seq) {
   const int k = static_cast<int>(blockIdx.x / blocks_per_seq);
@@ -336,7 +341,7 @@ __global__ void __launch_bounds__(2 * kPiecesRowThreads)
                       threadIdx.x / kPiecesRowThreads;
   if (row >= static_cast<int64_t>(nq) * p.num_heads) return;
   const int64_t first = static_cast<int64_t>(p.sched_piece[2 * b]) * p.part_rows + row;
-  combine_row<T>(p, p.part_lse + first, p.part_out + first * kL, p.part_rows,
+  combine_row<T, kBatched>(p, p.part_lse + first, p.part_out + first * kL, p.part_rows,
                  p.sched_piece[2 * b + 1], t0 + static_cast<int>(row / p.num_heads),
                  static_cast<int>(row % p.num_heads),
                  static_cast<int>(threadIdx.x >> 5) % kCombineWarpsPerRow, threadIdx.x & 31);
@@ -355,9 +360,18 @@ cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t str
   const int64_t blocks = per_seq_blocks * max_cut_seqs(p);
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   if (blocks == 0) return cudaSuccess;
-  mla_decode_combine_pieces_kernel<T>
-      <<<static_cast<unsigned>(blocks), rows_per_block * kPiecesRowThreads, 0, stream>>>(
-          p, static_cast<int>(per_seq_blocks));
+  // Few rows (small batches, whose sequences the parts cut into many pieces): one row per block
+  // and the batched merge. Many rows (large batches: a cut sequence has 2-3 pieces): two rows
+  // per block and the plain loop (H100: the batched one at 64 registers cost 128q1s8k h128's
+  // merge 18 -> 24 us).
+  const unsigned grid = static_cast<unsigned>(blocks);
+  if (rows_per_block == 1) {
+    mla_decode_combine_pieces_kernel<T, true>
+        <<<grid, kPiecesRowThreads, 0, stream>>>(p, static_cast<int>(per_seq_blocks));
+  } else {
+    mla_decode_combine_pieces_kernel<T, false>
+        <<<grid, 2 * kPiecesRowThreads, 0, stream>>>(p, static_cast<int>(per_seq_blocks));
+  }
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }
