@@ -106,6 +106,11 @@ def max_rows_per_program(platform: Platform) -> int:
     return 64
 
 
+def wide_or_quant(block_m: int, kv_format: str) -> bool:
+    """The 64-row (wgmma) tile or a quantized cache: the tiles whose schedule takes fixed cost 2."""
+    return block_m >= 32 or kv_format in ("fp8", "fp8_ds_mla")
+
+
 def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_len: int,
                   max_kv_len: int, kv_format: str, kv_lora_rank: int) -> DecodeConfig:
     """Tile sizes, warps and the split count of one decode call, from shapes only."""
@@ -152,19 +157,22 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     splits = max(1, want)
     per = cdiv(tiles, splits) * block_n
     splits = cdiv(max_kv_len, per)
-    # Device schedule: one persistent program per resident program slot and row tile.
-    # Default ON for the narrow tiles (<= 16 rows: one row tile, the memory-bound 16-head rows,
-    # where the splits of the longest varlen sequences ran as a tail: 480.9 us varlen vs 443 us
-    # fixed at b=128 S=8192 bf16 on the H100) on CUDA, and on the CPU interpreter by the same rule
-    # so the conformance suite covers both kernels. UNMEASURED on a GPU when this was written
-    # (scripts/triton_tune.py --plan sched is the A/B). The wide tiles keep the split kernel: with
-    # multi-token queries their row tiles hold different sequences' work (the schedule balances
-    # KV tiles, not rows); ROCm / XPU keep it until measured there.
-    # The interpreter: 4 parts, so the tests' short sequences get cut into pieces.
+    # Device schedule: one persistent program per resident program slot and row tile, each
+    # taking an equal run of KV tiles (+ a fixed cost per sequence) of the whole batch, so the
+    # longest varlen sequences' splits no longer run as a tail. H100 same-data A/B (session 7
+    # of benchmarks/results/triton_h100_notes.md), split -> schedule: 16-head b=128 S=8192
+    # varlen bf16 481 -> 427 us (2.81 TB/s), fp8 464 -> 395, fp8_ds_mla 566 -> 449; b=64
+    # S=32768 fixed 901 -> 819; b=8 S=8192 fixed 59 -> 48; 128 heads b=128 S=4096 varlen
+    # 737 -> 603, s_q=2 1335 -> 1112, S=8192 1381 -> 1126, b=64 S=16384 1665 -> 1283, b=32
+    # 210 -> 183; b=1 S=32768 65.0 -> 66.5 (a wash). Fixed cost: 4 tiles for the 16-bit narrow
+    # tile (b=8: 48.0 vs 52.9 us at 2), 2 elsewhere (wide b=32: 183 vs 192 at 8). On by default
+    # on CUDA (measured) and the interpreter (so the conformance suite covers it); ROCm / XPU
+    # keep the split kernel until measured there. The interpreter: 4 parts, so the tests'
+    # short sequences get cut into pieces.
     resident = 4 if platform.kind == "cpu" else per_unit * units
     parts = max(1, resident // row_tiles)
-    scheduled = block_m < 32 and platform.kind in ("cuda", "cpu")
-    sched_fixed = 2 if platform.kind == "cpu" else 4
+    scheduled = platform.kind in ("cuda", "cpu")
+    sched_fixed = 4 if platform.kind == "cuda" and not wide_or_quant(block_m, kv_format) else 2
     # The exact fp8_ds_mla path wins on narrow tiles (1.5-1.6x at h=16 on the H100) and loses
     # on the 64-row wgmma tile (1762 vs 1232 us at b=128, S=4096, h=128: its four 128-wide dots
     # and four accumulators spill). Same rule everywhere, so the interpreter tests cover both.
