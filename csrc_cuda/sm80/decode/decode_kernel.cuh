@@ -227,11 +227,11 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
 // 512 columns), so even a handful of rows spreads over the SMs; each lane owns one float4.
 // Splits are visited in order (deterministic); the LSE maximum is read lane-parallel.
 // kBatched false: one LSE then one partial load per split, an empty split (LSE -inf) not read
-// (40 registers: many rows in flight, for merges of a few splits). true (a b=1 call merges 66
-// pieces a row; 64 registers): each lane turns one LSE of a run of 32
-// into its weight, the warp broadcasts them split by split, and 8 partial-row loads are issued
-// before any is used; an empty split's slot (inside the scratch) is read but a select, not a
-// multiply, keeps its unwritten values out. H100, b=1 S=32768 h=128: merge 20.4 -> 7.5 us.
+// (32 registers: many rows in flight, for merges of a few splits). true (a b=1 call merges 66
+// pieces a row; 64 registers): each lane turns one LSE of a run of 32 into its weight, the
+// warp broadcasts them split by split, and 8 partial-row loads are issued before any is used;
+// an empty split's slot (inside the scratch) is read but a select, not a multiply, keeps its
+// unwritten values out. H100, b=1 S=32768 h=128: merge 20.4 -> 7.6 us.
 constexpr int kCombineWarpsPerRow = 4;
 
 // One row's merge: n partials at lse[s * stride], part[s * stride * kL] -> out row (t, h).

@@ -375,8 +375,6 @@ def ds_views(kv_cache: torch.Tensor, fmt: int):
     return kv, kv
 
 
-
-
 def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, k_scale,
                out, lse, config=None) -> None:
     """Launch decode (+ combine when split). ``config`` overrides the launch choice (tuning,

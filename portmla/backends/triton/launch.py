@@ -106,11 +106,6 @@ def max_rows_per_program(platform: Platform) -> int:
     return 64
 
 
-def wide_or_quant(block_m: int, kv_format: str) -> bool:
-    """The 64-row (wgmma) tile or a quantized cache: the tiles whose schedule takes fixed cost 2."""
-    return block_m >= 32 or kv_format in ("fp8", "fp8_ds_mla")
-
-
 def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_len: int,
                   max_kv_len: int, kv_format: str, kv_lora_rank: int) -> DecodeConfig:
     """Tile sizes, warps and the split count of one decode call, from shapes only."""
@@ -118,6 +113,7 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     block_m = min(max_rows_per_program(platform), max(16, next_pow2(rows)))
     row_tiles = cdiv(rows, block_m)
     per_unit = 1  # programs resident per compute unit at once (shared memory / registers)
+    sched_fixed = 2  # the device schedule's fixed cost per sequence, in KV tiles (see below)
     if platform.kind == "cuda":
         wide = block_m >= 32
         if kv_format in ("fp8", "fp8_ds_mla"):
@@ -132,6 +128,8 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
             block_n, stages = 16, 1
         if tile == "quant" and not wide:
             per_unit = 2  # 4 warps x 32 tokens: two programs per SM (89-94 KB, 255 registers)
+        if tile == "16bit" and not wide:
+            sched_fixed = 4
     elif platform.kind == "rocm":
         block_n, warps, stages = _ROCM_DECODE
     elif platform.kind == "xpu":
@@ -172,7 +170,6 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     resident = 4 if platform.kind == "cpu" else per_unit * units
     parts = max(1, resident // row_tiles)
     scheduled = platform.kind in ("cuda", "cpu")
-    sched_fixed = 4 if platform.kind == "cuda" and not wide_or_quant(block_m, kv_format) else 2
     # The exact fp8_ds_mla path wins on narrow tiles (1.5-1.6x at h=16 on the H100) and loses
     # on the 64-row wgmma tile (1762 vs 1232 us at b=128, S=4096, h=128: its four 128-wide dots
     # and four accumulators spill). Same rule everywhere, so the interpreter tests cover both.
