@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Time the Hopper decode kernels over the device schedule's knobs (GPU machine), to fit them.
+"""Time the scheduled decode kernels (Hopper, quantized-cache) over the device schedule's
+knobs (GPU machine), to fit them.
 
-    python scripts/cuda_split_sweep.py [spec:heads[:fixed] ...]
+    python scripts/cuda_split_sweep.py [spec:heads[:fixed|varlen][:format] ...]
 
-For each row: the per-sequence fixed cost (``HOPPER_SCHED_FIXED``, in KV tiles) at the
+For each row: the per-sequence fixed cost (``SCHED_FIXED``, in KV tiles) at the
 planner's part count, then a few part counts at the planner's fixed cost. Inputs are the
 bench's (same lengths, seed 0); CUDA-graph replay medians in us.
 """
@@ -26,16 +27,21 @@ FIXED = [1, 2, 3, 4, 6, 8, 12]
 PARTS_SCALE = [0.5, 1.0]  # times the planner's part count (its own one included)
 
 
-def sweep(spec: str, heads: int, fixed_len: bool) -> str:
-    inp = build_inputs(parse_spec(spec), heads, "bfloat16", 64, device="cuda", fixed=fixed_len,
+def sweep(spec: str, heads: int, fixed_len: bool, fmt: str = "bfloat16") -> str:
+    inp = build_inputs(parse_spec(spec), heads, fmt, 64, device="cuda", fixed=fixed_len,
                        layers=2)
     out = torch.empty(inp.q.shape[0], heads, 512, dtype=torch.bfloat16, device="cuda")
-    orig_parts, orig_fixed = cuda_backend.hopper_parts, dict(cuda_backend.HOPPER_SCHED_FIXED)
-    seen = []
+    orig_parts, orig_fixed = cuda_backend.sched_parts, dict(cuda_backend.SCHED_FIXED)
+    orig_variant = cuda_backend.CudaBackend.decode_variant
+    seen, kernels = [], []
 
     def spy(*a):
         seen.append(orig_parts(*a))
         return seen[-1]
+
+    def variant_spy(p, mod):
+        kernels.append(orig_variant(p, mod)[0])
+        return orig_variant(p, mod)
 
     def time_it() -> float:
         calls = [lambda i=i: pm.mla_decode(backend="cuda", out=out, **inp.decode_kwargs(i))
@@ -43,32 +49,34 @@ def sweep(spec: str, heads: int, fixed_len: bool) -> str:
         return measure(prepare(calls, out.device, use_graphs=True), out.device, 3, 20).median_us
 
     try:
-        cuda_backend.hopper_parts = spy
+        cuda_backend.sched_parts = spy
+        cuda_backend.CudaBackend.decode_variant = staticmethod(variant_spy)
         pm.mla_decode(backend="cuda", out=out, **inp.decode_kwargs(0))
-        parts = seen[0]
-        kernel = cuda_backend.hopper_kernel_name(cuda_backend.load_module()[0],
-                                                 inp.max_query_len * heads)
-        row = [f"{spec} h{heads} {'fixed' if inp.fixed else 'varlen'} {kernel} "
+        cuda_backend.CudaBackend.decode_variant = staticmethod(orig_variant)
+        parts, kernel = seen[0], kernels[0]
+        row = [f"{spec} h{heads} {fmt} {'fixed' if inp.fixed else 'varlen'} {kernel} "
                f"parts={parts} fixed={orig_fixed[kernel]}: fixed cost"]
         for f in FIXED:
-            cuda_backend.HOPPER_SCHED_FIXED = {**orig_fixed, kernel: f}
+            cuda_backend.SCHED_FIXED = {**orig_fixed, kernel: f}
             row.append(f"{f}={time_it():.1f}")
-        cuda_backend.HOPPER_SCHED_FIXED = orig_fixed
+        cuda_backend.SCHED_FIXED = orig_fixed
         row.append("| parts")
         for sc in PARTS_SCALE:
             n = max(1, int(parts * sc))
-            cuda_backend.hopper_parts = lambda *a, n=n: n
+            cuda_backend.sched_parts = lambda *a, n=n: n
             row.append(f"{n}={time_it():.1f}")
     finally:
-        cuda_backend.hopper_parts = orig_parts
-        cuda_backend.HOPPER_SCHED_FIXED = orig_fixed
+        cuda_backend.CudaBackend.decode_variant = staticmethod(orig_variant)
+        cuda_backend.sched_parts = orig_parts
+        cuda_backend.SCHED_FIXED = orig_fixed
     return " ".join(row)
 
 
 def main() -> None:
     for item in sys.argv[1:] or DEFAULT:
         spec, heads, *rest = item.split(":")
-        print(sweep(spec, int(heads), bool(rest)), flush=True)
+        fixed = bool(rest) and rest[0] == "fixed"
+        print(sweep(spec, int(heads), fixed, *rest[1:2]), flush=True)
 
 
 if __name__ == "__main__":

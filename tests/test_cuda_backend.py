@@ -57,8 +57,10 @@ def make_cache(num_blocks, block_size, fmt, dtype, device, strided):
 
 
 def make_decode_case(seq_lens, q_lens, num_heads, block_size, fmt, dtype, device, *,
-                     strided=False, k_scale=0.02, extra_blocks=3, generator=None):
-    """Cache filled through the reference write path; block table shuffled, unused columns poisoned."""
+                     strided=False, k_scale=0.02, extra_blocks=3, generator=None, token_gain=None):
+    """Cache filled through the reference write path; block table shuffled, unused columns poisoned.
+    ``token_gain=(lo, hi)``: each token's values times a log-uniform factor in [lo, hi] (wide
+    spreads of fp8_ds_mla tile scales inside one KV tile)."""
     b = len(seq_lens)
     need = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(need) + extra_blocks
@@ -78,6 +80,11 @@ def make_decode_case(seq_lens, q_lens, num_heads, block_size, fmt, dtype, device
         slots = (table[i, pos // block_size].long() * block_size + pos % block_size)
         kv_c = torch.randn(s, L, device=device, dtype=dtype)
         k_pe = torch.randn(s, R, device=device, dtype=dtype)
+        if token_gain is not None:
+            lo, hi = torch.log(torch.tensor(token_gain, dtype=torch.float64))
+            gain = torch.exp(lo + (hi - lo) * torch.rand(s, 1, dtype=torch.float64)).to(device)
+            kv_c = (kv_c.double() * gain).to(dtype)
+            k_pe = (k_pe.double() * gain).to(dtype)
         pm.concat_and_cache_mla(kv_c, k_pe, cache, slots, fmt, scale, backend="reference")
     t = sum(q_lens)
     q = torch.randn(t, num_heads, L + R, device=device, dtype=dtype)

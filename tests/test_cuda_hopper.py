@@ -64,10 +64,10 @@ SCHEDULES = [(0, 0), (1, 0), (3, 1), (40, 7)]
 
 def force_schedule(monkeypatch, parts, fixed):
     if parts:
-        monkeypatch.setattr(cuda_backend, "hopper_parts", lambda *a: parts)
+        monkeypatch.setattr(cuda_backend, "sched_parts", lambda *a: parts)
     if fixed:
-        monkeypatch.setattr(cuda_backend, "HOPPER_SCHED_FIXED",
-                            dict.fromkeys(cuda_backend.HOPPER_SCHED_FIXED, fixed))
+        monkeypatch.setattr(cuda_backend, "SCHED_FIXED",
+                            dict.fromkeys(cuda_backend.SCHED_FIXED, fixed))
 
 
 @pytest.mark.gpu

@@ -154,6 +154,47 @@ def test_cuda_hopper_routing_and_kernels_report(monkeypatch, fmt, block_size, ho
     assert "PORTMLA_CUDA_HOPPER=0" in cuda_backend.CudaBackend().kernels(_h100())[0]
 
 
+class _FakeQuantModule(_FakeCudaModule):
+    DECODE_VARIANTS = {**_FakeCudaModule.DECODE_VARIANTS, "quant": (5, 16, 64, 0, 113600, 256),
+                       "quant_deep": (6, 16, 64, 0, 196000, 256)}
+    DECODE_QUANT_SMEM = {"fp8": (96448, 170000), "fp8_ds_mla": (113600, 196000)}
+
+
+@pytest.mark.parametrize("fmt,heads,s_q,cap,smem,env,want", [
+    ("fp8", 16, 1, (9, 0), 232448, None, "quant"),
+    ("fp8_ds_mla", 16, 2, (9, 0), 232448, None, "quant"),
+    ("fp8", 16, 1, (9, 0), 232448, "deep", "quant_deep"),
+    ("fp8", 16, 1, (9, 0), 232448, "0", "narrow"),
+    ("fp8", 16, 3, (9, 0), 232448, None, "wide"),          # 48 rows a sequence
+    ("fp8", 128, 1, (9, 0), 232448, None, "wide"),
+    ("bfloat16", 16, 1, (9, 0), 232448, None, "hopper"),   # 16-bit: not the quantized kernel
+    ("fp8", 16, 1, (8, 0), 166912, None, "narrow"),        # sm_80 would emulate e4m3 -> fp16
+    ("fp8", 16, 1, (8, 9), 101376, None, "quant"),         # 96 KB fits an sm_89 block
+    ("fp8_ds_mla", 16, 1, (8, 9), 101376, None, "narrow")])  # 114 KB does not
+def test_cuda_quant_routing(monkeypatch, fmt, heads, s_q, cap, smem, env, want):
+    from portmla.backends import cuda as cuda_backend
+
+    if env is None:
+        monkeypatch.delenv("PORTMLA_CUDA_QUANT", raising=False)
+    else:
+        monkeypatch.setenv("PORTMLA_CUDA_QUANT", env)
+    plat = dataclasses.replace(_h100(), capability=cap, arch=f"sm_{cap[0]}{cap[1]}",
+                               shared_memory_per_block=smem)
+    p = _problem(platform=plat, block_size=64)
+    p = dataclasses.replace(p, num_heads=heads, max_query_len=s_q,
+                            cache=dataclasses.replace(p.cache, kv_format=fmt))
+    name = cuda_backend.CudaBackend.decode_variant(p, _FakeQuantModule)[0]
+    assert name == want
+    if name.startswith("quant"):  # two CTAs per SM where they fit, on the device schedule
+        plan = cuda_backend.CudaBackend().plan_decode(p, _FakeQuantModule)
+        tiles = -(-heads * s_q // 16)
+        per_sm = 2 if name == "quant" and smem > 2 * 113600 else 1
+        assert plan[2:] == (1, 0, 132 * per_sm // tiles)
+    monkeypatch.setattr(cuda_backend, "load_module", lambda: (_FakeQuantModule, None))
+    report = cuda_backend.CudaBackend().kernels(plat)
+    assert any("quantized-cache kernel" in k for k in report) == (cap >= (8, 9) and env != "0")
+
+
 def test_cuda_kernels_report_without_hopper_build(monkeypatch):
     from portmla.backends import cuda as cuda_backend
 

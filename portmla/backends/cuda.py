@@ -8,10 +8,14 @@ Kernels (see ``csrc_cuda/NOTES.md``):
   one of two KV tiles) above ``HOPPER_TILE_MAX_ROWS`` rows per sequence, the single-tile
   kernel at or below; ``PORTMLA_CUDA_HOPPER=pair`` / ``tile`` forces one, ``0`` uses the
   generic kernels instead.
+* ``mla_decode`` with an fp8 / fp8_ds_mla cache and at most ``QUANT_MAX_ROWS`` (token, head)
+  rows per sequence on sm_89+: the quantized-cache kernel (raw e4m3 bytes in shared memory,
+  converted to fp16 in registers at the mma fragment load; 16 rows per CTA, two CTAs per SM);
+  ``PORTMLA_CUDA_QUANT=0`` uses the generic kernels instead, ``deep`` its 4-stage shape.
 * ``mla_decode`` elsewhere: generic sm80+ kernels (mma.sync m16n8k16 + cp.async), 16 or 64
   (token, head) rows per CTA so a KV tile is read once for all of them; every KV format, any
   block size and cache strides (16-byte aligned), varlen causal query tokens.
-* Split-KV: the Hopper kernels are persistent (one CTA per SM) and split the work by a
+* Split-KV: the Hopper and quantized-cache kernels are persistent and split the work by a
   schedule computed on the device from ``seq_lens`` each call; the generic kernels by a
   host plan from shapes only. Both merge pieces by LSE; deterministic; no host reads
   (CUDA-graph safe).
@@ -54,8 +58,12 @@ MAX_GRID_Y = 65535
 # Hopper kernels: the device schedule (csrc_cuda/common/schedule.cuh) gives each of
 # num_parts CTAs per row tile the same share of all sequences' KV tiles, plus this fixed cost
 # per sequence (Q load, epilogue) in tiles; fitted to H100 sweeps (scripts/cuda_split_sweep.py).
-HOPPER_SCHED_FIXED = {"hopper": 6, "hopper_tile": 3}
+SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "quant": 2, "quant_deep": 2}
 MAX_GRID_PARTS = 65535
+QUANT_FORMATS = ("fp8", "fp8_ds_mla")
+QUANT_MAX_ROWS = 32  # rows per sequence (query tokens x heads) served by the quantized kernel
+QUANT_MIN_CAPABILITY = (8, 9)  # e4m3 -> fp16 in one instruction (sm_80 / 86 would emulate it)
+
 
 def hopper_unusable(mod, platform: Platform) -> str | None:
     """Why the Hopper kernel serves no call on ``platform`` (None: it serves the calls it takes)."""
@@ -90,9 +98,31 @@ def hopper_block_size_ok(block_size: int) -> bool:
     return block_size >= 16 and (64 % block_size == 0 or block_size % 64 == 0)
 
 
-def hopper_parts(m_tiles: int, sms: int) -> int:
-    """Persistent parts of the Hopper kernels: one CTA per SM over all row tiles."""
-    return max(1, min(MAX_GRID_PARTS, sms // max(1, m_tiles)))
+def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
+    """Persistent parts of the scheduled kernels: ``per_sm`` CTAs per SM over all row tiles."""
+    return max(1, min(MAX_GRID_PARTS, sms * per_sm // max(1, m_tiles)))
+
+
+def quant_kernel_name(mod, p: DecodeProblem) -> str | None:
+    """``DECODE_VARIANTS`` key of the quantized-cache kernel for ``p`` (``quant``: 2 stages,
+    two CTAs per SM; ``quant_deep``: 4 stages, one), or None where it does not serve ``p``
+    (16-bit cache, more than ``QUANT_MAX_ROWS`` rows, an older GPU, too little shared memory,
+    ``PORTMLA_CUDA_QUANT=0``)."""
+    force = os.environ.get("PORTMLA_CUDA_QUANT", "1")
+    if force == "0" or "quant" not in mod.DECODE_VARIANTS or p.cache.kv_format not in QUANT_FORMATS \
+            or p.max_query_len * p.num_heads > QUANT_MAX_ROWS or p.platform.capability is None \
+            or p.platform.capability < QUANT_MIN_CAPABILITY:
+        return None
+    name = "quant_deep" if force == "deep" else "quant"
+    have = p.platform.shared_memory_per_block
+    if have and have < quant_smem(mod, p.cache.kv_format, name):
+        return None
+    return name
+
+
+def quant_smem(mod, kv_format: str, name: str) -> int:
+    """Shared memory of the quantized kernel ``name`` for ``kv_format`` (bytes)."""
+    return mod.DECODE_QUANT_SMEM[kv_format][name == "quant_deep"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -165,16 +195,23 @@ class CudaBackend(Backend):
             return ()
         generic = "mla_decode: generic sm80+ kernels (mma.sync, cp.async)"
         cache_ops = "concat_and_cache_mla, gather_cache: one kernel each, every format"
+        quant = ()
+        if "quant" in mod.DECODE_VARIANTS and platform.capability is not None and \
+                platform.capability >= QUANT_MIN_CAPABILITY and os.environ.get("PORTMLA_CUDA_QUANT") != "0":
+            quant = (f"mla_decode: quantized-cache kernel (raw e4m3 in shared memory, fp16 mma.sync) for "
+                     f"{'/'.join(QUANT_FORMATS)} caches with at most {QUANT_MAX_ROWS} (token, head) rows "
+                     f"per sequence, any block size",)
+        others = " for the other calls" if quant else " for every format and block size"
         if platform.capability != (9, 0):
-            return (generic + " for every format and block size", cache_ops)
+            return quant + (generic + others, cache_ops)
         why = hopper_unusable(mod, platform)
         if why is not None:
-            return (generic + f" for every call (sm_90a Hopper kernel {why})", cache_ops)
+            return quant + (generic + f" for every other call (sm_90a Hopper kernel {why})", cache_ops)
         fmts = "/".join(HOPPER_FORMATS)
         return (f"mla_decode: sm_90a Hopper kernels (TMA + wgmma) for {fmts} caches with block "
                 f"size 16, 32 or a multiple of 64: tile pairs with a producer warpgroup above "
                 f"{HOPPER_TILE_MAX_ROWS} (token, head) rows per sequence, single tiles at or below",
-                generic + " for the other formats and block sizes", cache_ops)
+                *quant, generic + " for the other formats and block sizes", cache_ops)
 
     def reasons(self, p: Problem) -> list[Reason]:
         out = super().reasons(p)
@@ -236,6 +273,7 @@ class CudaBackend(Backend):
     def decode_variant(p: DecodeProblem, mod) -> tuple[str, int, int, int]:
         """``(name, code, rows per CTA, shared memory)`` of the kernel that runs ``p``.
 
+        sm_89+ with an fp8 / fp8_ds_mla cache and few rows: the quantized-cache kernel.
         sm_90 with a 16-bit cache and a block size its TMA boxes take: the Hopper kernel.
         Otherwise few rows per sequence (<= ``NARROW_MAX_ROWS``): 16-row tiles (memory-bound);
         more: 64-row tiles (compute-bound); the 32-row legacy kernel where the device's
@@ -244,6 +282,10 @@ class CudaBackend(Backend):
         fp8 = p.cache.kv_format not in _FORMAT_TORCH
         have = p.platform.shared_memory_per_block
         rows = p.max_query_len * p.num_heads
+        quant = quant_kernel_name(mod, p)
+        if quant is not None:
+            return quant, mod.DECODE_VARIANTS[quant][0], mod.DECODE_VARIANTS[quant][1], \
+                quant_smem(mod, p.cache.kv_format, quant)
         if p.cache.kv_format in HOPPER_FORMATS and hopper_block_size_ok(p.cache.block_size) \
                 and hopper_unusable(mod, p.platform) is None:
             name = hopper_kernel_name(mod, rows)
@@ -263,7 +305,8 @@ class CudaBackend(Backend):
         """``(variant name, code, num_splits, split_chunk, num_parts)`` from host-side upper
         bounds only (graph-safe).
 
-        Hopper kernels: ``num_parts`` persistent CTAs per row tile; the split of the work
+        Hopper / quantized kernels: ``num_parts`` persistent CTAs per row tile (``quant``: two
+        per SM where they fit); the split of the work
         among them is computed on the device from ``seq_lens`` (``num_splits`` = 1).
         Generic kernels: split s covers KV positions [s * chunk, (s + 1) * chunk): every CTA
         does at most one chunk of work whatever the lengths, so CTAs balance over the SMs. The
@@ -273,10 +316,11 @@ class CudaBackend(Backend):
         """
         name, code, bm, smem = self.decode_variant(p, mod)
         rows_tiles = -(-p.max_query_len * p.num_heads // bm)
-        if name.startswith("hopper"):
-            return name, code, 1, 0, hopper_parts(rows_tiles, max(1, p.platform.num_compute_units))
         have = p.platform.shared_memory_per_block or smem
         per_sm = max(1, min(2, (have + 1024) // (smem + 1024)))
+        if name in SCHED_FIXED:
+            per_sm = per_sm if name == "quant" else 1
+            return name, code, 1, 0, sched_parts(rows_tiles, max(1, p.platform.num_compute_units), per_sm)
         slots = per_sm * max(1, p.platform.num_compute_units)
         max_kv = p.max_blocks_per_seq * p.cache.block_size
         work = max(1, p.num_seqs * rows_tiles * max_kv)
@@ -330,7 +374,7 @@ class CudaBackend(Backend):
             par.sched_cum, par.sched_piece = sched.data_ptr(), sched[b + 2:].data_ptr()
             par.sched_cut = sched[2 * b + 2:].data_ptr()
             par.num_parts, par.part_rows = parts, rows
-            par.sched_fixed = HOPPER_SCHED_FIXED[name]
+            par.sched_fixed = SCHED_FIXED[name]
         elif splits > 1:
             partial_rows = splits * t * h
         if partial_rows:

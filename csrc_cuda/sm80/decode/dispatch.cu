@@ -1,13 +1,32 @@
 // launch_mla_decode: picks the instantiation for (q dtype, cache format) and checks the call;
-// the Hopper variants run the device schedule, the sm_90a kernel (csrc_cuda/sm90) and the
-// pieces' merge.
+// the scheduled variants (the sm_90a Hopper kernels, the quantized-cache kernel) run the device
+// schedule, the decode kernel and the pieces' merge.
 #include "../../common/schedule.cuh"
 #include "decode_kernel.cuh"
+#include "quant_launch.h"
 #if defined(PORTMLA_HAVE_SM90A)
 #include "../../sm90/decode/launch.h"
 #endif
 
 namespace portmla {
+namespace {
+
+// Device schedule -> decode (persistent parts) -> merge of the sequences cut into pieces.
+template <class Decode>
+cudaError_t run_scheduled(const DecodeParams& p, cudaStream_t stream, Decode decode) {
+  if (p.num_parts < 1 || !p.part_out || !p.part_lse ||
+      p.part_rows < static_cast<int64_t>(p.max_query_len) * p.num_heads) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
+  PORTMLA_RETURN_IF_ERROR(launch_decode_schedule(p, stream));
+  PORTMLA_RETURN_IF_ERROR(decode(p, stream));
+  if (p.num_parts == 1) return cudaSuccess;  // nothing is ever cut
+  return p.q_dtype == kBF16 ? sm80::launch_decode_combine_pieces<__nv_bfloat16>(p, stream)
+                            : sm80::launch_decode_combine_pieces<__half>(p, stream);
+}
+
+}  // namespace
 
 cudaError_t launch_mla_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.kv_lora_rank != sm80::kL || p.rope_dim != sm80::kR || p.num_splits < 1 ||
@@ -19,20 +38,13 @@ cudaError_t launch_mla_decode(const DecodeParams& p, cudaStream_t stream) {
   if (!bf16 && p.q_dtype != kFP16) return cudaErrorInvalidValue;
   if (p.variant == sm80::kHopper || p.variant == sm80::kHopperPair) {
 #if defined(PORTMLA_HAVE_SM90A)
-    // Device schedule -> decode (persistent parts) -> merge of the sequences cut into pieces.
-    if (p.num_parts < 1 || !p.part_out || !p.part_lse ||
-        p.part_rows < static_cast<int64_t>(p.max_query_len) * p.num_heads) {
-      return cudaErrorInvalidValue;
-    }
-    if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
-    PORTMLA_RETURN_IF_ERROR(launch_decode_schedule(p, stream));
-    PORTMLA_RETURN_IF_ERROR(sm90::launch_decode(p, stream));
-    if (p.num_parts == 1) return cudaSuccess;  // nothing is ever cut
-    return bf16 ? sm80::launch_decode_combine_pieces<__nv_bfloat16>(p, stream)
-                : sm80::launch_decode_combine_pieces<__half>(p, stream);
+    return run_scheduled(p, stream, sm90::launch_decode);
 #else
     return cudaErrorNotSupported;
 #endif
+  }
+  if (p.variant == sm80::kQuant || p.variant == sm80::kQuantDeep) {
+    return run_scheduled(p, stream, sm80::launch_decode_quant);
   }
   switch (p.kv_format) {
     case kKv16:

@@ -1,0 +1,20 @@
+// Host entry of the quantized-cache decode kernel (decode_quant.cu, quant_kernel.cuh).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../../common/params.h"
+
+namespace portmla {
+namespace sm80 {
+
+// Shared memory of the kQuant (deep = false) / kQuantDeep shape for a quantized format.
+int quant_smem_bytes(int kv_format, bool deep);
+
+// The decode kernel only, on the schedule in p.sched_cum / p.sched_piece (the caller runs
+// launch_decode_schedule before and the pieces' merge after). cudaErrorInvalidValue for
+// 16-bit caches and cache strides that are not multiples of 16 bytes.
+cudaError_t launch_decode_quant(const DecodeParams& p, cudaStream_t stream);
+
+}  // namespace sm80
+}  // namespace portmla

@@ -1,0 +1,123 @@
+"""The quantized-cache decode kernel of the cuda backend (fp8 / fp8_ds_mla caches, few rows per
+sequence; csrc_cuda/sm80/decode/quant_kernel.cuh) against the torch reference.
+
+Runs on an sm_89+ GPU; skips elsewhere, except when PORTMLA_REQUIRE_BACKEND=cuda on such a GPU:
+then a module built without the kernel FAILS. Every case asserts that the kernel ran.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cuda_backend import REQUIRED, _need_cuda, check_decode, make_decode_case, run_both
+
+from portmla.backends import cuda as cuda_backend
+
+
+def _need_quant():
+    _need_cuda()
+    mod, _ = cuda_backend.load_module()
+    cap = torch.cuda.get_device_capability()
+    if cap < cuda_backend.QUANT_MIN_CAPABILITY:
+        pytest.skip(f"device capability {cap} (the quantized kernel serves sm_89+)")
+    if "quant" not in mod.DECODE_VARIANTS:
+        msg = "portmla._cuda built without the quantized-cache kernel"
+        if REQUIRED:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """Names of the decode variants chosen during the test."""
+    seen = []
+    orig = cuda_backend.CudaBackend.decode_variant
+
+    def spy(p, mod):
+        out = orig(p, mod)
+        seen.append(out[0])
+        return out
+
+    monkeypatch.setattr(cuda_backend.CudaBackend, "decode_variant", staticmethod(spy))
+    return seen
+
+
+CASES = [  # heads, seq lens, query lens (rows <= 32 a sequence), strided cache
+    (16, [2000, 33, 64, 1, 0], [1, 2, 1, 1, 0], True),
+    (1, [129, 640, 4100], [1, 2, 1], False),
+    (3, [300, 77, 5], [4, 1, 5], True),
+    (32, [700, 5], [1, 1], False),
+]
+# (parts, fixed cost) of the device schedule: 0 = the planner's; 1 part never cuts; many parts
+# with a small fixed cost cut every sequence into pieces, some empty for early query tokens.
+SCHEDULES = [(0, 0), (1, 0), (3, 1), (40, 7)]
+
+
+def force(monkeypatch, shape, parts, fixed):
+    monkeypatch.setenv("PORTMLA_CUDA_QUANT", "deep" if shape == "quant_deep" else "1")
+    if parts:
+        monkeypatch.setattr(cuda_backend, "sched_parts", lambda *a: parts)
+    if fixed:
+        monkeypatch.setattr(cuda_backend, "SCHED_FIXED", dict.fromkeys(cuda_backend.SCHED_FIXED, fixed))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [1, 16, 48, 64, 256])
+@pytest.mark.parametrize("fmt,dtype", [("fp8", torch.bfloat16), ("fp8", torch.float16),
+                                       ("fp8_ds_mla", torch.bfloat16), ("fp8_ds_mla", torch.float16)],
+                         ids=["fp8-bf16", "fp8-fp16", "ds-bf16", "ds-fp16"])
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"parts{s[0] or 'auto'}-fixed{s[1] or 'auto'}")
+@pytest.mark.parametrize("shape", ["quant", "quant_deep"])
+def test_quant_decode(monkeypatch, ran, block_size, fmt, dtype, schedule, shape):
+    _need_quant()
+    force(monkeypatch, shape, *schedule)
+    for heads, lens, qlens, strided in CASES:
+        case = make_decode_case(lens, qlens, heads, block_size, fmt, dtype, "cuda", strided=strided)
+        check_decode(*run_both(case, single_token=False), tol=1e-2)
+    assert ran and set(ran) == {shape}, f"variants that ran: {sorted(set(ran))}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["quant", "quant_deep"])
+def test_quant_ds_scales_spread(monkeypatch, ran, shape):
+    """fp8_ds_mla tile scales spread over 4 decades inside each KV tile: P of each scale tile is
+    normalised by the KV tile's largest scale, O rescaled exactly when that changes."""
+    _need_quant()
+    force(monkeypatch, shape, 0, 0)
+    for gain in ((1e-3, 30.0), (1e-2, 1e2)):
+        case = make_decode_case([3000, 200], [1, 2], 16, 64, "fp8_ds_mla", torch.bfloat16, "cuda",
+                                token_gain=gain)
+        check_decode(*run_both(case, single_token=False), tol=1e-2)
+    assert set(ran) == {shape}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_ds_mla"])
+def test_quant_one_long_sequence(ran, fmt):
+    """b = 1: every part takes a piece of it (the pieces' merge over ~264 partials)."""
+    _need_quant()
+    case = make_decode_case([40000], [1], 16, 64, fmt, torch.bfloat16, "cuda")
+    check_decode(*run_both(case, single_token=True), tol=1e-2)
+    assert set(ran) == {"quant"}
+
+
+@pytest.mark.gpu
+def test_quant_large_batch_default_route(ran):
+    """The planner's own choice for 16-head fp8 decode is the quantized kernel."""
+    _need_quant()
+    lens = [int(x) for x in torch.randint(1, 3000, (150,))]
+    for fmt in ("fp8", "fp8_ds_mla"):
+        case = make_decode_case(lens, [1] * 150, 16, 64, fmt, torch.bfloat16, "cuda")
+        check_decode(*run_both(case, single_token=True), tol=1e-2)
+    assert set(ran) == {"quant"}
+
+
+@pytest.mark.gpu
+def test_quant_not_taken_for_many_rows_or_when_off(monkeypatch, ran):
+    _need_quant()
+    case = make_decode_case([100, 7], [1, 1], 64, 64, "fp8", torch.bfloat16, "cuda")
+    check_decode(*run_both(case, single_token=True))
+    monkeypatch.setenv("PORTMLA_CUDA_QUANT", "0")
+    case = make_decode_case([100, 7], [1, 1], 16, 64, "fp8", torch.bfloat16, "cuda")
+    check_decode(*run_both(case, single_token=True))
+    assert len(ran) == 2 and not any(r.startswith("quant") for r in ran), ran
