@@ -50,9 +50,10 @@ def sanitize() -> None:
         check_decode(*run_both(case, single_token=False))
         case = make_decode_case([900], [1], 128, 64, fmt, dtype, "cuda")
         check_decode(*run_both(case, single_token=True))
-        if fmt == "bfloat16":  # 16 heads: the single-tile Hopper kernel (the others: the pair one)
-            case = make_decode_case([500, 64], [1, 1], 16, 64, fmt, dtype, "cuda")
-            check_decode(*run_both(case, single_token=True))
+        # 16 heads: the single-tile Hopper kernel for bf16 (above: the pair one), the quantized-
+        # cache kernel for fp8 / fp8_ds_mla (above: the generic wide one)
+        case = make_decode_case([500, 64, 3], [1, 2, 1], 16, 16, fmt, dtype, "cuda", strided=True)
+        check_decode(*run_both(case, single_token=False))
         kv_c = torch.randn(9, L, device="cuda", dtype=dtype)
         k_pe = torch.randn(9, R, device="cuda", dtype=dtype)
         cache = pm.allocate_kv_cache(4, 16, fmt, dtype, "cuda")
