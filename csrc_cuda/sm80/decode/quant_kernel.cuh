@@ -52,6 +52,7 @@ constexpr int kQThreads = kQuantThreads;  // 8 warps
 static_assert(kQN == kSchedTile && kQM == 16 && kQThreads == 256, "the kernel is written for these");
 constexpr int kQRow = kD + 8;            // Q row pitch in fp16 elements (1168 bytes: conflict-free)
 constexpr int kQPRow = kQN + 8;           // P row pitch (144 bytes: conflict-free ldmatrix)
+constexpr int kSPitch = kQN + 8;         // partial-score row pitch in fp32 (288 bytes: conflict-free)
 constexpr int kNopeBytes = kL;           // e4m3 latent part of an entry (512)
 
 // Shared-memory layout per format / stage count (byte offsets, all 16-byte aligned).
@@ -75,6 +76,7 @@ struct Layout {
   static constexpr int kQInv = kGmax + 8 * 4 * 4;       // fp32 [16]
   static constexpr int kBytes = kQInv + kQM * 4;
   static_assert(kStage % 16 == 0 && kKv % 16 == 0 && kP % 16 == 0 && kOff % 16 == 0, "align");
+  static_assert(4 * kQM * kSPitch * 4 <= kKv - kQ, "the partial scores fit the Q staging area");
 };
 
 // Byte offset of 16-byte chunk c of token t: latent rows (32 chunks) and 128-byte RoPE rows
@@ -149,6 +151,7 @@ __global__ void __launch_bounds__(quant::kQThreads, MINB)
   static_assert(STAGES >= 2 && STAGES <= 4 && (STAGES & (STAGES - 1)) == 0, "2 or 4 stages");
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* sQ = smem + Lay::kQ;
+  float* sS = reinterpret_cast<float*>(smem + Lay::kQ);  // [4][16][kSPitch] partial scores, per tile
   unsigned char* sP = smem + Lay::kP;
   int64_t* sOff = reinterpret_cast<int64_t*>(smem + Lay::kOff);
   float* sRed = reinterpret_cast<float*>(smem + Lay::kRed);
@@ -278,6 +281,29 @@ __global__ void __launch_bounds__(quant::kQThreads, MINB)
 
     const int last0 = c.last_pos(c.m0 + g, H), last1 = c.last_pos(c.m0 + g + 8, H);
     const float qinv0 = sQInv[g], qinv1 = sQInv[g + 8];
+    // This warp's k-range of Q as mma A fragments: latent k-steps 8 kq .. 8 kq + 7 (channels
+    // 128 kq ..) and RoPE k-step kq (channels 512 + 16 kq ..): e4m3 caches in the permuted
+    // order, fp8_ds_mla's bf16 RoPE in the standard one (T).
+    const int kq = w & 3, th = w >> 2;
+    uint32_t qf[9][4];
+#pragma unroll
+    for (int i = 0; i < 9; ++i) {
+      if (i < 8 || !kDs) {
+        const int ch0 = (i < 8 ? 128 * kq + 16 * i : kL + 16 * kq) + 4 * j;
+        const uint2 lo = lds64(sQ + (g * kQRow + ch0) * 2), hi = lds64(sQ + ((g + 8) * kQRow + ch0) * 2);
+        qf[i][0] = lo.x;
+        qf[i][1] = hi.x;
+        qf[i][2] = lo.y;
+        qf[i][3] = hi.y;
+      } else {
+        const int col = kL + 16 * kq + 2 * j;
+        auto q32 = [&](int row, int cc) { return *reinterpret_cast<const uint32_t*>(sQ + (row * kQRow + cc) * 2); };
+        qf[i][0] = q32(g, col);
+        qf[i][1] = q32(g + 8, col);
+        qf[i][2] = q32(g, col + 8);
+        qf[i][3] = q32(g + 8, col + 8);
+      }
+    }
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     float pw_prev = 1.f;  // ds: the power of two P of this warp's scale tile was scaled by
     float o[2][4][4];     // [32-channel half][E0, O0, E1, O1][fragment]
@@ -296,66 +322,82 @@ __global__ void __launch_bounds__(quant::kQThreads, MINB)
       const unsigned char* base = smem + Lay::kKv + st * Lay::kStage;
       const int tile_start = c.kv_lo + it * kQN;
 
-      // ---- S for tokens 8w .. 8w+7 (fragment columns 2j, 2j+1).
-      float s[4];
-      float sc[2][4];  // ds: the two tokens' scales per scale tile
-      const int tk = 8 * w + (lane & 7);  // the token whose row this lane addresses
-      if constexpr (!kDs) {
-        float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int kc = 0; kc < 9; ++kc) {  // 8 latent groups of 4 k-steps, then the RoPE
-          uint32_t r[4];
-          if (kc < 8) {
-            ldmatrix_x4(r, base + Lay::kNope + nope_off(tk, 4 * kc + (lane >> 3)));
-          } else {
-            ldmatrix_x4(r, base + Lay::kRope + rope_off<FMT>(tk, lane >> 3));
-          }
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int ch0 = 16 * (4 * kc + i) + 4 * j;  // physical channels ch0 .. ch0 + 3
-            const uint2 a_lo = lds64(sQ + (g * kQRow + ch0) * 2);
-            const uint2 a_hi = lds64(sQ + ((g + 8) * kQRow + ch0) * 2);
-            const uint32_t a[4] = {a_lo.x, a_hi.x, a_lo.y, a_hi.y};
-            mma_16816<__half>((i & 1) ? sb : sa, a, e4m3x2_to_h2(r[i]), e4m3x2_to_h2(r[i] >> 16));
-          }
-        }
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[e] = (sa[e] + sb[e]) * (e < 2 ? qinv0 : qinv1);
-      } else {
+      // ---- S, split over k: warp (kq, th) takes tokens 32 th .. 32 th + 31 (4 n8 tiles) over its
+      // channels (Q fragments in registers); the four partials meet in shared memory (sS, over
+      // the Q staging area), where warp w sums those of tokens 8w .. 8w+7.
+      {
         float acc[4][4];
 #pragma unroll
-        for (int t4 = 0; t4 < 4; ++t4)
+        for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[t4][e] = 0.f;
+          for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
 #pragma unroll
-        for (int kc = 0; kc < 8; ++kc) {  // scale tile kc / 2
-          uint32_t r[4];
-          ldmatrix_x4(r, base + Lay::kNope + nope_off(tk, 4 * kc + (lane >> 3)));
+        for (int nt = 0; nt < 4; ++nt) {
+          const int tok = 32 * th + 8 * nt + (lane & 7);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int ch0 = 16 * (4 * kc + i) + 4 * j;
-            const uint2 a_lo = lds64(sQ + (g * kQRow + ch0) * 2);
-            const uint2 a_hi = lds64(sQ + ((g + 8) * kQRow + ch0) * 2);
-            const uint32_t a[4] = {a_lo.x, a_hi.x, a_lo.y, a_hi.y};
-            mma_16816<__half>(acc[kc >> 1], a, e4m3x2_to_h2(r[i]), e4m3x2_to_h2(r[i] >> 16));
+          for (int h = 0; h < 2; ++h) {
+            uint32_t r[4];
+            ldmatrix_x4(r, base + Lay::kNope + nope_off(tok, 8 * kq + 4 * h + (lane >> 3)));
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              mma_16816<__half>(acc[nt], qf[4 * h + i], e4m3x2_to_h2(r[i]), e4m3x2_to_h2(r[i] >> 16));
+            }
           }
         }
-        float sr[4] = {0.f, 0.f, 0.f, 0.f};  // RoPE: bf16 values, standard fragments, in T
-#pragma unroll
-        for (int kc = 0; kc < 2; ++kc) {
+        if constexpr (!kDs) {  // e4m3 RoPE k-step kq, one matrix per n8 tile
           uint32_t r[4];
-          ldmatrix_x4(r, base + Lay::kRope + rope_off<FMT>(tk, 4 * kc + (lane >> 3)));
+          ldmatrix_x4(r, base + Lay::kRope + rope_off<FMT>(32 * th + 8 * (lane >> 3) + (lane & 7), kq));
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const int col = kL + 16 * (2 * kc + i) + 2 * j;
-            const uint32_t a[4] = {
-                *reinterpret_cast<const uint32_t*>(sQ + (g * kQRow + col) * 2),
-                *reinterpret_cast<const uint32_t*>(sQ + ((g + 8) * kQRow + col) * 2),
-                *reinterpret_cast<const uint32_t*>(sQ + (g * kQRow + col + 8) * 2),
-                *reinterpret_cast<const uint32_t*>(sQ + ((g + 8) * kQRow + col + 8) * 2)};
-            mma_16816<T>(sr, a, bf16x2_to<T>(r[2 * i]), bf16x2_to<T>(r[2 * i + 1]));
+          for (int nt = 0; nt < 4; ++nt) {
+            mma_16816<__half>(acc[nt], qf[8], e4m3x2_to_h2(r[nt]), e4m3x2_to_h2(r[nt] >> 16));
+          }
+        } else {
+          // latent partial times the tokens' scale of tile kq and Q's row factor, then the bf16
+          // RoPE k-step kq (two matrices per n8 tile) on top, in T
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) {
+            const int t0 = 32 * th + 8 * nt + 2 * j;
+            const float* sc0 = reinterpret_cast<const float*>(base + Lay::kScale + 16 * t0);
+            const float a = sc0[kq], b = sc0[4 + kq];
+            acc[nt][0] *= a * qinv0;
+            acc[nt][1] *= b * qinv0;
+            acc[nt][2] *= a * qinv1;
+            acc[nt][3] *= b * qinv1;
+          }
+#pragma unroll
+          for (int pr = 0; pr < 2; ++pr) {
+            uint32_t r[4];
+            ldmatrix_x4(r, base + Lay::kRope +
+                               rope_off<FMT>(32 * th + 8 * (2 * pr + (lane >> 4)) + (lane & 7),
+                                             2 * kq + ((lane >> 3) & 1)));
+            mma_16816<T>(acc[2 * pr], qf[8], bf16x2_to<T>(r[0]), bf16x2_to<T>(r[1]));
+            mma_16816<T>(acc[2 * pr + 1], qf[8], bf16x2_to<T>(r[2]), bf16x2_to<T>(r[3]));
           }
         }
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const int col = 32 * th + 8 * nt + 2 * j;
+          *reinterpret_cast<float2*>(sS + (kq * kQM + g) * kSPitch + col) = make_float2(acc[nt][0], acc[nt][1]);
+          *reinterpret_cast<float2*>(sS + (kq * kQM + g + 8) * kSPitch + col) =
+              make_float2(acc[nt][2], acc[nt][3]);
+        }
+      }
+      __syncthreads();
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int k4 = 0; k4 < 4; ++k4) {
+        const float2 a = *reinterpret_cast<const float2*>(sS + (k4 * kQM + g) * kSPitch + 8 * w + 2 * j);
+        const float2 b = *reinterpret_cast<const float2*>(sS + (k4 * kQM + g + 8) * kSPitch + 8 * w + 2 * j);
+        s[0] += a.x;
+        s[1] += a.y;
+        s[2] += b.x;
+        s[3] += b.y;
+      }
+      float sc[2][4];  // ds: the two tokens' scales per scale tile
+      if constexpr (!kDs) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[e] *= e < 2 ? qinv0 : qinv1;
+      } else {
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
           const float4 v =
@@ -365,15 +407,7 @@ __global__ void __launch_bounds__(quant::kQThreads, MINB)
           sc[k][2] = v.z;
           sc[k][3] = v.w;
         }
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int k = e & 1;
-          const float nope = acc[0][e] * sc[k][0] + acc[1][e] * sc[k][1] + acc[2][e] * sc[k][2] +
-                             acc[3][e] * sc[k][3];
-          s[e] = nope * (e < 2 ? qinv0 : qinv1) + sr[e];
-        }
       }
-
       // ---- Mask, base-2 scale, row maxima of this warp's 8 tokens.
       float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
