@@ -137,7 +137,7 @@ def force_decode_config(monkeypatch, scheduled, parts=None, fixed=None, block_m=
                                    parts=parts or d.parts, sched_fixed=fixed or d.sched_fixed)
 
     def sched(*a, **k):
-        launches.append(a[3:5])  # (parts, fixed)
+        launches.append(a[4:6])  # (parts, fixed)
         return orig_sched(*a, **k)
 
     monkeypatch.setattr(tdec, "decode_config", cfg)
@@ -229,7 +229,8 @@ def test_mla_decode_tuple_q_matches_concatenated():
 
 def schedule_model(lens, parts, fixed, unit):
     """The schedule of ``portmla/backends/triton/schedule.py`` in Python: (cum + [T], first
-    slot per sequence, pieces per sequence, slots used)."""
+    slot per sequence, pieces per sequence, slots used). The cut list is the sequences with
+    more than one piece, in order."""
     units = [-(-max(s, 0) // unit) + fixed for s in lens]
     cum = [0, *itertools.accumulate(units)]
     per = max(1, -(-cum[-1] // parts))
@@ -243,27 +244,39 @@ def schedule_model(lens, parts, fixed, unit):
     return cum + [per], first_slot, pieces, used
 
 
-@pytest.mark.parametrize("lens,parts,fixed,unit", [
-    ([70, 0, 33, 1, 50], 3, 1, 16),
-    ([3, 17], 40, 2, 16),  # more parts than units: empty parts, every sequence cut
-    ([5] * 3000, 7, 4, 64),  # three chunks of the scan (carry across chunks)
-    ([2**31 - 1] * 5 + [0, 9], 132, 4, 1),  # unit prefix beyond 2^31 (int64)
+@pytest.mark.parametrize("lens,parts,fixed,unit,want_cuts", [
+    ([70, 0, 33, 1, 50], 3, 1, 16, None),
+    ([3, 17], 40, 2, 16, 1),  # more parts than units: empty parts, every multi-tile sequence cut
+    ([16] * 4, 4, 1, 16, 0),  # boundaries only between sequences: parts > 1, no cut
+    ([90], 1, 1, 16, 0),  # one part: nothing cut, a count-only list
+    ([40, 36, 44, 64], 5, 1, 4, 4),  # every sequence cut, the list full (B = parts - 1)
+    ([5] * 3000, 7, 4, 64, None),  # three chunks of the scan (carry across chunks)
+    ([9] * 3000, 2000, 1, 1, None),  # > 1024 sequences, cuts in every chunk (the count's carry)
+    ([2**31 - 1] * 5 + [0, 9], 132, 4, 1, None),  # unit prefix beyond 2^31 (int64)
 ])
-def test_schedule_kernel_matches_model(lens, parts, fixed, unit):
+def test_schedule_kernel_matches_model(lens, parts, fixed, unit, want_cuts):
     from portmla.backends.triton import schedule as tsched
 
     g = _gen(len(lens))
-    if len(set(lens)) == 1:  # a varlen mix for the long case
+    if len(lens) > 1000:  # a varlen mix for the long cases
         lens = [int(x) for x in torch.randint(0, 2 * lens[0] * unit, (len(lens),), generator=g)]
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    cum, piece = tsched.sched_scratch(len(lens), DEV)
+    cum, piece, cut = tsched.sched_scratch(len(lens), parts, DEV)
     piece.fill_(-7)
-    tsched.launch_schedule(sl, cum, piece, parts, fixed, unit, 4)
+    cut.fill_(-7)
+    tsched.launch_schedule(sl, cum, piece, cut, parts, fixed, unit, 4)
     want_cum, want_first, want_pieces, used = schedule_model(lens, parts, fixed, unit)
     assert cum.tolist() == want_cum
     assert piece[0::2].tolist() == want_first
     assert piece[1::2].tolist() == want_pieces
     assert used <= tsched.num_slots(parts)
+    want_list = [b for b, k in enumerate(want_pieces) if k > 1]
+    assert want_cuts is None or len(want_list) == want_cuts
+    assert len(cut) == 1 + tsched.max_cuts(len(lens), parts) >= 1 + len(want_list)
+    n = int(cut[0])
+    assert n == len(want_list)
+    assert cut[1:1 + n].tolist() == want_list
+    assert (cut[1 + n:] == -7).all()  # entries past the count are not written
 
 
 # fmt, page, heads, seq lens, query lens (None: one each), parts, fixed, block_m (None: default),

@@ -46,7 +46,7 @@ from .launch import (
     fp8_is_fnuz,
     interpreting,
 )
-from .schedule import first_seq, launch_schedule, num_slots, sched_scratch
+from .schedule import first_seq, launch_schedule, max_cuts, num_slots, sched_scratch
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -409,18 +409,20 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
                              f"(both must be >= 1)")
         b = p.num_seqs
         rows = p.max_query_len * h  # rows of one sequence: a slot's size (host bound)
-        cum, piece = sched_scratch(b, q.device)
+        cum, piece, cut = sched_scratch(b, cfg.parts, q.device)
         part_o = torch.empty(num_slots(cfg.parts), rows, lora, dtype=torch.float32, device=q.device)
         part_l = torch.empty(num_slots(cfg.parts), rows, dtype=torch.float32, device=q.device)
-        launch_schedule(seq_lens, cum, piece, cfg.parts, cfg.sched_fixed, cfg.block_n, elementwise_warps(plat))
+        launch_schedule(seq_lens, cum, piece, cut, cfg.parts, cfg.sched_fixed, cfg.block_n,
+                        elementwise_warps(plat))
         _decode_sched_kernel[(cfg.row_tiles, cfg.parts)](
             *head, cum, piece, b, cfg.sched_fixed,
             out, out.stride(0), out.stride(1), lse if lse is not None else part_l, lse_stride,
             part_o, part_l, rows, h, scale, WRITE_LSE=lse is not None, **common)
-        if cfg.parts > 1:
+        if max_cuts(b, cfg.parts) > 0:
             block_r, block_s, block_d = pieces_combine_blocks(cfg.parts, b, rows, block_l)
-            _combine_pieces_kernel[(triton.cdiv(rows, block_r), b, triton.cdiv(lora, block_d))](
-                part_o, part_l, rows, piece, qsl, out, out.stride(0), out.stride(1),
+            grid = (triton.cdiv(rows, block_r), max_cuts(b, cfg.parts), triton.cdiv(lora, block_d))
+            _combine_pieces_kernel[grid](
+                part_o, part_l, rows, piece, cut, qsl, out, out.stride(0), out.stride(1),
                 lse if lse is not None else part_l, lse_stride, h, L=lora, BLOCK_R=block_r,
                 BLOCK_S=block_s, BLOCK_D=block_d, HAS_QSL=query_start_loc is not None,
                 WRITE_LSE=lse is not None, num_warps=4)
