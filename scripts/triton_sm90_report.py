@@ -50,7 +50,7 @@ TILES = {"narrow bf16": (0, 16, 64, 8, 5, False), "narrow fp8": (1, 16, 32, 4, 5
 def pointer_types(fmt: int, sched: bool) -> dict:
     kv = "*bf16" if fmt == 0 else "*u8"
     return dict(q_ptr="*bf16", kv_ptr=kv, kv32_ptr="*fp32" if fmt == 2 else kv,
-                kv16_ptr="*bf16" if fmt == 2 else kv, bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
+                kv16_ptr="*bf16" if fmt in (1, 2) else kv, bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
                 kscale_ptr="*fp32" if fmt == 1 else "*i32", o_ptr="*bf16" if sched else "*fp32",
                 lse_ptr="*fp32", cum_ptr="*i64", piece_ptr="*i32", cut_ptr="*i32", po_ptr="*fp32",
                 pl_ptr="*fp32")

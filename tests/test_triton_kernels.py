@@ -119,10 +119,11 @@ DECODE_CASES = [
 ]
 
 
-def force_decode_config(monkeypatch, scheduled, parts=None, fixed=None, block_m=None):
+def force_decode_config(monkeypatch, scheduled, parts=None, fixed=None, block_m=None, **fields):
     """Make the Triton decode use the split kernel or the device schedule (with ``parts`` /
-    ``fixed`` / ``block_m`` where given; the rest from ``decode_config``). Returns the list
-    of schedule launches, so a test can check the path it asked for ran."""
+    ``fixed`` / ``block_m`` and any other ``DecodeConfig`` ``fields`` where given; the rest
+    from ``decode_config``). Returns the list of schedule launches, so a test can check the
+    path it asked for ran."""
     from portmla.backends.triton import decode as tdec
     from portmla.backends.triton import launch as tlaunch
 
@@ -134,7 +135,7 @@ def force_decode_config(monkeypatch, scheduled, parts=None, fixed=None, block_m=
         bm = block_m or d.block_m
         return dataclasses.replace(d, scheduled=scheduled, block_m=bm, exact_ds=bm < 32,
                                    row_tiles=tlaunch.cdiv(max(1, max_query_len) * num_heads, bm),
-                                   parts=parts or d.parts, sched_fixed=fixed or d.sched_fixed)
+                                   parts=parts or d.parts, sched_fixed=fixed or d.sched_fixed, **fields)
 
     def sched(*a, **k):
         launches.append(a[4:6])  # (parts, fixed)
@@ -317,6 +318,53 @@ def test_mla_decode_scheduled(fmt, page, heads, lens, qlens, parts, fixed, block
     if lse:
         atol = 2e-3 if exact else 3e-2
         assert torch.allclose(got[1], ref[1], atol=atol, rtol=1e-3), (got[1] - ref[1]).abs().max()
+
+
+# fmt, layout, lora, block_m (None: default), scheduled. Contiguous, cross-layer and padded
+# caches are aligned (the "pairs" reads run); "padded3" pads tokens by 3 elements, unaligned
+# (it reads "twice"); lora 384 leaves columns of the 512-wide tile (and one fp8_ds_mla scale
+# tile) empty; block_m 64 is the dequantizing fp8_ds_mla path ("once" applies, "pairs" does not).
+QUANT_CASES = [
+    ("fp8", "contiguous", 512, None, True),
+    ("fp8", "cross_layer", 384, None, False),
+    ("fp8", "padded", 512, None, True),
+    ("fp8", "padded3", 512, None, True),
+    ("fp8_ds_mla", "contiguous", 512, None, True),
+    ("fp8_ds_mla", "cross_layer", 384, None, False),
+    ("fp8_ds_mla", "padded", 512, None, False),
+    ("fp8_ds_mla", "padded3", 512, None, True),
+    ("fp8_ds_mla", "contiguous", 512, 64, True),
+]
+
+
+@pytest.mark.parametrize("quant_read", ["twice", "once", "pairs", "pairs_once"])
+@pytest.mark.parametrize("fmt,layout,lora,block_m,scheduled", QUANT_CASES)
+def test_mla_decode_quant_read_variants(fmt, layout, lora, block_m, scheduled, quant_read, monkeypatch):
+    """Every ``DecodeConfig.quant_read`` (and a register cap) forced on the quantized tiles:
+    the same results as the reference at each path's tolerance."""
+    from portmla.backends.triton.launch import QUANT_READS
+
+    assert quant_read in QUANT_READS
+    launches = force_decode_config(monkeypatch, scheduled, 3 if scheduled else None, 1 if scheduled else None,
+                                   block_m, quant_read=quant_read, maxnreg=168)
+    case = mla_cases.make_decode_case([70, 33, 1, 50], [1, 2, 1, 1], heads=8, block_size=16, fmt=fmt,
+                                      layout=layout.removesuffix("3"), device=DEV, lora=lora,
+                                      entry_pad=3 if layout == "padded3" else 16)
+    out = torch.full((case.q.shape[0], 8, lora), float("nan"), dtype=case.q.dtype, device=DEV)
+    got_o, got_l = mla_cases.decode(case, "triton", out=out)
+    ref_o, ref_l = mla_cases.decode(case, "reference")
+    assert len(launches) == scheduled
+    exact = fmt != "fp8_ds_mla" or block_m is None
+    _close(got_o, ref_o, 1e-2 if exact else 2e-2, "out")
+    atol = 2e-3 if exact else 3e-2
+    assert torch.allclose(got_l, ref_l, atol=atol, rtol=1e-3), (got_l - ref_l).abs().max()
+
+
+def test_mla_decode_quant_read_rejects_unknown(monkeypatch):
+    force_decode_config(monkeypatch, True, quant_read="thrice")
+    case = mla_cases.make_decode_case([20], [1], heads=4, fmt="fp8", device=DEV)
+    with pytest.raises(ValueError, match="quant_read='thrice' \\(supported: twice, once, pairs, pairs_once\\)"):
+        mla_cases.decode(case, "triton")
 
 
 def test_mla_decode_scheduled_same_shapes_new_lengths(monkeypatch):
