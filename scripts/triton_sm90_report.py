@@ -111,7 +111,7 @@ def tile_constexprs(fmt: int, bm: int, bn: int, exact: bool, quant_read: str = "
 
 def quant_report() -> None:
     """The quantized 16-row tile's variants (triton_tune.QUANT) on the scheduled kernel."""
-    from triton_tune import QUANT  # noqa: PLC0415 - scripts/ is on sys.path when run as a script
+    from triton_tune import QUANT  # scripts/ is on sys.path when this runs as a script
 
     cols = ("regs", "stack", "smem", "ldgsts", "async_copies", "loop_ldgsts", "loop_spill", "loop_lds_u8",
             "loop_ldsm", "loop_sass")
