@@ -1,6 +1,10 @@
 """sm_90 compile report of the Triton decode kernels, on a machine without a GPU.
 
-    PYTHONPATH=<dir of a Triton wheel, e.g. 3.6>:. TRITON_INTERPRET=0 python scripts/triton_sm90_report.py
+    PYTHONPATH=<dir of a Triton wheel, e.g. 3.6>:. TRITON_INTERPRET=0 python scripts/triton_sm90_report.py [names]
+
+``names`` picks tables / tiles by substring ("quant": only the quantized-tile variants of
+``scripts/triton_tune.py``'s ``QUANT``, scheduled kernel, fp8 and fp8_ds_mla, with the loop's
+byte-wise shared loads (``loop_lds_u8``) and ``ldmatrix`` counts).
 
 Compiles the split kernel (``decode._decode_kernel``, writing float32 partials as at
 b=128 S=8192) and the scheduled kernel (``decode._decode_sched_kernel``, without LSE) for
@@ -50,12 +54,13 @@ TILES = {"narrow bf16": (0, 16, 64, 8, 5, False), "narrow fp8": (1, 16, 32, 4, 5
 def pointer_types(fmt: int, sched: bool) -> dict:
     kv = "*bf16" if fmt == 0 else "*u8"
     return dict(q_ptr="*bf16", kv_ptr=kv, kv32_ptr="*fp32" if fmt == 2 else kv,
-                kv16_ptr="*bf16" if fmt == 2 else kv, bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
+                kv16_ptr="*bf16" if fmt in (1, 2) else kv, bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
                 kscale_ptr="*fp32" if fmt == 1 else "*i32", o_ptr="*bf16" if sched else "*fp32",
-                lse_ptr="*fp32", cum_ptr="*i64", piece_ptr="*i32", po_ptr="*fp32", pl_ptr="*fp32")
+                lse_ptr="*fp32", cum_ptr="*i64", piece_ptr="*i32", cut_ptr="*i32", po_ptr="*fp32",
+                pl_ptr="*fp32")
 
 
-def compile_kernel(fn, constexprs: dict, fmt: int, sched: bool, warps: int, stages: int):
+def compile_kernel(fn, constexprs: dict, fmt: int, sched: bool, warps: int, stages: int, maxnreg: int = 0):
     ptrs = pointer_types(fmt, sched)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -66,7 +71,8 @@ def compile_kernel(fn, constexprs: dict, fmt: int, sched: bool, warps: int, stag
         if name in ptrs or name in DIVISIBLE_INTS:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=dict(num_warps=warps, num_stages=stages))
+    options = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(src, target=TARGET, options=options)
 
 
 def report(k) -> dict:
@@ -94,7 +100,34 @@ def report(k) -> dict:
                 ldgsts=count("LDGSTS"), async_copies=k.asm["ttgir"].count("async_copy_global_to_local"),
                 hmma=count("HMMA"), hgmma=count("HGMMA"), ldl=count("LDL"), stl=count("STL"),
                 loop_ldgsts=count("LDGSTS", lo, hi), loop_spill=count("LDL", lo, hi) + count("STL", lo, hi),
+                loop_lds_u8=count(r"LDS\.U8", lo, hi), loop_ldsm=count("LDSM", lo, hi),
                 loop_sass=sum(1 for a, _ in ops if lo <= a <= hi), sass=len(ops))
+
+
+def tile_constexprs(fmt: int, bm: int, bn: int, exact: bool, quant_read: str = "twice") -> dict:
+    return dict(PAGE=64, FMT=fmt, FNUZ=False, ALIGNED=True, L=512, R=64, BLOCK_L=512, BLOCK_R=64, BLOCK_M=bm,
+                BLOCK_N=bn, HAS_QSL=False, UPCAST=False, EXACT_DS=exact, QREAD=quant_read, NV_PTX=True)
+
+
+def quant_report() -> None:
+    """The quantized 16-row tile's variants (triton_tune.QUANT) on the scheduled kernel."""
+    from triton_tune import QUANT  # scripts/ is on sys.path when this runs as a script
+
+    cols = ("regs", "stack", "smem", "ldgsts", "async_copies", "loop_ldgsts", "loop_spill", "loop_lds_u8",
+            "loop_ldsm", "loop_sass")
+    print(f"\n| format | variant | {' | '.join(cols)} |\n|---|---|{'---|' * len(cols)}")
+    for fmt, fname in ((1, "fp8"), (2, "fp8_ds_mla")):
+        for v in [None, *QUANT.values()]:
+            bn, warps, stages = (v.block_n or 32, v.warps or 4, v.stages or 5) if v else (32, 4, 5)
+            name = f"{v.name if v else 'default'} ({bn}x{warps}w{stages}st{f' r{v.maxnreg}' if v and v.maxnreg else ''})"
+            try:
+                k = compile_kernel(D._decode_sched_kernel,
+                                   dict(tile_constexprs(fmt, 16, bn, fmt == 2, v.quant_read if v else "twice"),
+                                        WRITE_LSE=False), fmt, True, warps, stages, v.maxnreg if v else 0)
+                r = report(k)
+                print(f"| {fname} | {name} | {' | '.join(str(r[c]) for c in cols)} |", flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"| {fname} | {name} | FAILED: {type(e).__name__}: {str(e)[:800]} |", flush=True)
 
 
 def main() -> None:
@@ -106,8 +139,7 @@ def main() -> None:
     for name, (fmt, bm, bn, warps, stages, exact) in TILES.items():
         if only and not any(o in name for o in only):
             continue
-        common = dict(PAGE=64, FMT=fmt, FNUZ=False, ALIGNED=True, L=512, R=64, BLOCK_L=512, BLOCK_R=64,
-                      BLOCK_M=bm, BLOCK_N=bn, HAS_QSL=False, UPCAST=False, EXACT_DS=exact)
+        common = tile_constexprs(fmt, bm, bn, exact)
         for kname, fn, sched, lse in (("split", D._decode_kernel, False, True),
                                       ("sched", D._decode_sched_kernel, True, False)):
             try:
@@ -120,6 +152,8 @@ def main() -> None:
         if not only or any(o in name for o in only):
             r = report(compile_kernel(fn, constexprs, 0, True, warps, stages))
             print(f"| {name} | {warps}w | {' | '.join(str(r[c]) for c in cols)} |", flush=True)
+    if not only or "quant" in only:
+        quant_report()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Same-data A/B of Triton decode launch variants on a GPU (one call, one table).
 
-    PYTHONPATH=. python scripts/triton_tune.py [--plan final|sched|ds,fp8,bf16,h128] [--reps 15]
+    PYTHONPATH=. python scripts/triton_tune.py [--plan final|sched|quant|ds,fp8,bf16,h128] [--reps 15]
+        [--budget-s S]
 
 Each data set (the ANCHORS.md row shapes, fixed or varlen lengths) is built once and every
 variant of the plan is timed on it: median of CUDA-graph replays of one whole
@@ -13,6 +14,12 @@ sequence in KV tiles.
 
 ``--plan sched``: split kernel vs device schedule with fixed cost 2 / 4 / 8, on the 16-head
 rows (bf16 fixed + varlen, fp8 / fp8_ds_mla at b=128 S=8192) and two 128-head rows.
+
+``--plan quant``: the quantized 16-head tile's variants (``QUANT``: ``DecodeConfig.quant_read``,
+tile, register cap, programs per SM for the schedule's parts) against the default, fp8 and
+fp8_ds_mla, with bf16's default on the same shape as the reference speed. Rows whose reference
+is skipped for memory are checked against the default variant's output (``rel`` then says
+``vs default``). ``--budget-s`` stops starting new data sets past that many seconds.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TRITON_INTERPRET", "0")
+
+from typing import NamedTuple  # noqa: E402
 
 import torch  # noqa: E402
 from triton_device_check import build, call, figures, graph_time, rel  # noqa: E402
@@ -44,6 +53,33 @@ W8 = (None, None, None, None, 2, None)  # 8 programs / SM for wide tiles
 SPLIT = (None, None, None, None, None, None, False, None)  # host-planned splits, committed rule
 SCHED = {f: (None, None, None, None, None, None, True, f) for f in (2, 4, 8)}  # device schedule
 AB = [SPLIT, SCHED[2], SCHED[4], SCHED[8]]
+
+
+
+class QuantVariant(NamedTuple):
+    """A quantized-tile variant on the device schedule (None / 0: the committed default)."""
+
+    name: str
+    quant_read: str = "twice"  # launch.QUANT_READS
+    block_n: int | None = None
+    warps: int | None = None
+    stages: int | None = None
+    maxnreg: int = 0  # register cap per thread (0: the compiler's choice)
+    per_sm: int | None = None  # programs per SM the schedule's parts assume (default tile: 2)
+
+
+# sm_90 compile of each (scripts/triton_sm90_report.py quant) in the report of the commit that
+# added them; 16 x 32 / 4 warps / 5 stages unless named.
+QUANT = {
+    "pairs": QuantVariant("pairs", "pairs"),
+    "pairs1": QuantVariant("pairs1", "pairs_once"),
+    "pairs1 st7": QuantVariant("pairs1 st7", "pairs_once", stages=7),  # 3 KV buffers, not 2
+    "pairs1 r168": QuantVariant("pairs1 r168", "pairs_once", maxnreg=168, per_sm=3),  # 3 programs / SM
+    "pairs1 64x8w": QuantVariant("pairs1 64x8w", "pairs_once", 64, 8, 5, per_sm=1),
+    "twice 64x8w3st": QuantVariant("twice 64x8w3st", "twice", 64, 8, 3, per_sm=1),
+    "once": QuantVariant("once", "once"),
+}
+_Q = [DEFAULT] + [QUANT[k] for k in ("pairs", "pairs1", "pairs1 st7", "pairs1 r168", "pairs1 64x8w")]
 
 # data set (b, S, h, fixed[, s_q]) -> formats -> variants. Session 6: "ds", "fp8", "bf16", "h128"
 # were the first call (split multiplier 1 = 4 programs / SM then); "final" the second.
@@ -86,6 +122,15 @@ PLANS = {
              ((128, 4096, 128, False), ("fp8", "fp8_ds_mla"), AB[:2]),
              ((8, 8192, 16, True), ("bfloat16", "fp8", "fp8_ds_mla"), AB[:3]),
              ((64, 32768, 16, True), ("fp8", "fp8_ds_mla"), AB[:3])],
+    "quant": [((128, 8192, 16, True), ("fp8",), _Q + [QUANT["twice 64x8w3st"], QUANT["once"]]),
+              ((128, 8192, 16, True), ("fp8_ds_mla",), _Q + [QUANT["twice 64x8w3st"]]),
+              ((128, 8192, 16, True), ("bfloat16",), [DEFAULT]),
+              ((128, 8192, 16, False), ("fp8", "fp8_ds_mla"), _Q + [QUANT["twice 64x8w3st"]]),
+              ((128, 8192, 16, False), ("bfloat16",), [DEFAULT]),
+              ((64, 32768, 16, True), ("fp8", "fp8_ds_mla"), _Q),
+              ((64, 32768, 16, True), ("bfloat16",), [DEFAULT]),
+              ((8, 8192, 16, True), ("fp8", "fp8_ds_mla"), [DEFAULT, QUANT["pairs1"], QUANT["pairs1 r168"]]),
+              ((8, 8192, 16, True), ("bfloat16",), [DEFAULT])],
     "sched": [((128, 8192, 16, False), ("bfloat16", "fp8", "fp8_ds_mla"), AB),
               ((128, 8192, 16, True), ("bfloat16", "fp8", "fp8_ds_mla"), AB),
               ((64, 32768, 16, True), ("bfloat16",), AB),
@@ -95,10 +140,24 @@ PLANS = {
 }
 
 
+def quant_config(v: QuantVariant):
+    """decode_config with a ``QuantVariant``'s fields; the schedule's parts from its programs
+    per SM."""
+    def cfg(plat, ns, nh, mql, mkv, fmt, lora):
+        d = tlaunch.decode_config(plat, ns, nh, mql, mkv, fmt, lora)
+        parts = d.parts if v.per_sm is None else max(1, v.per_sm * plat.num_compute_units // d.row_tiles)
+        return dataclasses.replace(d, block_n=v.block_n or d.block_n, num_warps=v.warps or d.num_warps,
+                                   num_stages=v.stages or d.num_stages, quant_read=v.quant_read,
+                                   maxnreg=v.maxnreg, parts=parts)
+    return cfg
+
+
 def variant_config(v):
     """decode_config with the fields of ``v`` that are not None replaced; splits by the
     4-programs-per-compute-unit rule times the multiplier (when any tile field or the
     multiplier is given)."""
+    if isinstance(v, QuantVariant):
+        return quant_config(v)
     bm_, bn_, w_, st_, mult, exact, sched, fixed = (tuple(v) + (None, None))[:8]
     if v == DEFAULT:
         return tlaunch.decode_config
@@ -124,6 +183,8 @@ def variant_config(v):
 
 
 def variant_name(v) -> str:
+    if isinstance(v, QuantVariant):
+        return v.name
     if v == DEFAULT:
         return "default"
     if v == SPLIT:
@@ -133,17 +194,25 @@ def variant_name(v) -> str:
     return "x".join("-" if x is None else f"{x:g}" for x in v)
 
 
-def run(plans, reps, out_dir):
+REL_OK = 1e-2  # a variant's output further than this from the reference is flagged BAD
+REF_MAX_KV = 128 * 8192  # larger rows (b x S) skip the reference (memory): checked vs their first variant
+
+
+def run(plans, reps, out_dir, budget_s=None):
     res = []
     orig = tdec.decode_config
     plat = pm.current_platform()
+    t0 = time.time()
     for plan in plans:
         for shape, fmts, variants in PLANS[plan]:
             b, S, h, fixed = shape[:4]
             s_q = shape[4] if len(shape) > 4 else 1
             for fmt in fmts:
+                if budget_s is not None and time.time() - t0 > budget_s:
+                    print(f"{plan} {fmt} b={b} S={S} h={h}: skipped (past --budget-s {budget_s:g})", flush=True)
+                    continue
                 d = build(b, s_q, S, h, fmt, fixed=fixed, seed=b * 7 + S)
-                ref = None
+                ref, ref_is = None, "reference"
                 for v in variants:
                     tdec.decode_config = variant_config(v)
                     name = variant_name(v)
@@ -152,19 +221,25 @@ def run(plans, reps, out_dir):
                         o = call(d, "triton")
                         if ref is None:
                             tdec.decode_config = orig
-                            ref = call(d, "reference") if b * S <= 128 * 8192 else None
+                            if b * S <= REF_MAX_KV:
+                                ref = call(d, "reference")
+                            else:
+                                ref, ref_is = o.clone(), f"vs {name}"
                             tdec.decode_config = variant_config(v)
-                        err = rel(o, ref) if ref is not None else float("nan")
+                        err = rel(o, ref)
                         med, lo, hi = graph_time(d, reps=reps)
                         tf, tb = figures(d, b, s_q, h, med)
                         row = dict(plan=plan, b=b, s_q=s_q, S=S, h=h, fixed=fixed, fmt=fmt, variant=name, us=med,
                                    us_min=lo, us_max=hi, tflops=tf, tbs=tb, splits=c.num_splits, rel=err,
-                                   scheduled=c.scheduled, parts=c.parts, sched_fixed=c.sched_fixed)
+                                   rel_to=ref_is, scheduled=c.scheduled, parts=c.parts, sched_fixed=c.sched_fixed,
+                                   block_n=c.block_n, warps=c.num_warps, stages=c.num_stages,
+                                   quant_read=c.quant_read, maxnreg=c.maxnreg)
                         res.append(row)
                         print(f"{plan:5s} {fmt:10s} b={b:3d} q{s_q} S={S:5d} h={h:3d} {'fix' if fixed else 'var'} "
                               f"{name:16s} {med:8.1f} us [{lo:7.1f},{hi:7.1f}] {tf:6.1f} TF {tb:5.2f} TB/s "
                               f"{f'parts={c.parts:3d}' if c.scheduled else f'splits={c.num_splits:2d}'} "
-                              f"rel={err:.1e}", flush=True)
+                              f"rel={err:.1e}{'' if ref_is == 'reference' else f' ({ref_is})'}"
+                              f"{'' if err < REL_OK else ' BAD'}", flush=True)
                     except Exception:  # noqa: BLE001 - report and go on
                         print(f"{plan} {fmt} b={b} S={S} h={h} {name}: FAILED\n{traceback.format_exc()[-1500:]}")
                     finally:
@@ -181,11 +256,12 @@ def main():
     ap.add_argument("--plan", default="final")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--budget-s", type=float, default=None, help="start no data set past this many seconds")
     a = ap.parse_args()
     t0 = time.time()
     print(f"device: {pm.current_platform().device_name} torch {torch.__version__} "
           f"triton {__import__('triton').__version__} portmla from {os.path.dirname(pm.__file__)}", flush=True)
-    run(a.plan.split(","), a.reps, a.out)
+    run(a.plan.split(","), a.reps, a.out, a.budget_s)
     print(f"[done in {time.time() - t0:.0f}s]")
 
 

@@ -90,17 +90,18 @@ class DecodeCase:
 
 def make_decode_case(seq_lens, query_lens, *, heads=16, block_size=16, fmt="bfloat16",
                      layout="contiguous", device="cpu", model_dtype=torch.bfloat16, lora=512,
-                     rope=64, extra_blocks=3, spread=1.0):
+                     rope=64, extra_blocks=3, spread=1.0, entry_pad=16):
     """Random paged cache (block 0 = null block, random block permutation), random q.
 
-    Unused cache slots and unused block-table entries are poisoned.
+    Unused cache slots and unused block-table entries are poisoned. ``entry_pad``: the
+    ``padded`` layout's spare elements per token (see ``make_cache``).
     """
     device = torch.device(device)
     nseq = len(seq_lens)
     blocks = [max(1, math.ceil(s / block_size)) for s in seq_lens]
     max_blocks = max(blocks) + 1
     num_blocks = 1 + sum(blocks) + extra_blocks
-    cache = make_cache(num_blocks, block_size, fmt, model_dtype, device, layout, lora, rope)
+    cache = make_cache(num_blocks, block_size, fmt, model_dtype, device, layout, lora, rope, entry_pad)
     perm = (torch.randperm(num_blocks - 1) + 1).tolist()
     table = torch.zeros(nseq, max_blocks, dtype=torch.int32)  # unused entries: null block 0
     k = 0

@@ -119,10 +119,11 @@ DECODE_CASES = [
 ]
 
 
-def force_decode_config(monkeypatch, scheduled, parts=None, fixed=None, block_m=None):
+def force_decode_config(monkeypatch, scheduled, parts=None, fixed=None, block_m=None, **fields):
     """Make the Triton decode use the split kernel or the device schedule (with ``parts`` /
-    ``fixed`` / ``block_m`` where given; the rest from ``decode_config``). Returns the list
-    of schedule launches, so a test can check the path it asked for ran."""
+    ``fixed`` / ``block_m`` and any other ``DecodeConfig`` ``fields`` where given; the rest
+    from ``decode_config``). Returns the list of schedule launches, so a test can check the
+    path it asked for ran."""
     from portmla.backends.triton import decode as tdec
     from portmla.backends.triton import launch as tlaunch
 
@@ -134,10 +135,10 @@ def force_decode_config(monkeypatch, scheduled, parts=None, fixed=None, block_m=
         bm = block_m or d.block_m
         return dataclasses.replace(d, scheduled=scheduled, block_m=bm, exact_ds=bm < 32,
                                    row_tiles=tlaunch.cdiv(max(1, max_query_len) * num_heads, bm),
-                                   parts=parts or d.parts, sched_fixed=fixed or d.sched_fixed)
+                                   parts=parts or d.parts, sched_fixed=fixed or d.sched_fixed, **fields)
 
     def sched(*a, **k):
-        launches.append(a[3:5])  # (parts, fixed)
+        launches.append(a[4:6])  # (parts, fixed)
         return orig_sched(*a, **k)
 
     monkeypatch.setattr(tdec, "decode_config", cfg)
@@ -229,7 +230,8 @@ def test_mla_decode_tuple_q_matches_concatenated():
 
 def schedule_model(lens, parts, fixed, unit):
     """The schedule of ``portmla/backends/triton/schedule.py`` in Python: (cum + [T], first
-    slot per sequence, pieces per sequence, slots used)."""
+    slot per sequence, pieces per sequence, slots used). The cut list is the sequences with
+    more than one piece, in order."""
     units = [-(-max(s, 0) // unit) + fixed for s in lens]
     cum = [0, *itertools.accumulate(units)]
     per = max(1, -(-cum[-1] // parts))
@@ -243,27 +245,39 @@ def schedule_model(lens, parts, fixed, unit):
     return cum + [per], first_slot, pieces, used
 
 
-@pytest.mark.parametrize("lens,parts,fixed,unit", [
-    ([70, 0, 33, 1, 50], 3, 1, 16),
-    ([3, 17], 40, 2, 16),  # more parts than units: empty parts, every sequence cut
-    ([5] * 3000, 7, 4, 64),  # three chunks of the scan (carry across chunks)
-    ([2**31 - 1] * 5 + [0, 9], 132, 4, 1),  # unit prefix beyond 2^31 (int64)
+@pytest.mark.parametrize("lens,parts,fixed,unit,want_cuts", [
+    ([70, 0, 33, 1, 50], 3, 1, 16, None),
+    ([3, 17], 40, 2, 16, 1),  # more parts than units: empty parts, every multi-tile sequence cut
+    ([16] * 4, 4, 1, 16, 0),  # boundaries only between sequences: parts > 1, no cut
+    ([90], 1, 1, 16, 0),  # one part: nothing cut, a count-only list
+    ([40, 36, 44, 64], 5, 1, 4, 4),  # every sequence cut, the list full (B = parts - 1)
+    ([5] * 3000, 7, 4, 64, None),  # three chunks of the scan (carry across chunks)
+    ([9] * 3000, 2000, 1, 1, None),  # > 1024 sequences, cuts in every chunk (the count's carry)
+    ([2**31 - 1] * 5 + [0, 9], 132, 4, 1, None),  # unit prefix beyond 2^31 (int64)
 ])
-def test_schedule_kernel_matches_model(lens, parts, fixed, unit):
+def test_schedule_kernel_matches_model(lens, parts, fixed, unit, want_cuts):
     from portmla.backends.triton import schedule as tsched
 
     g = _gen(len(lens))
-    if len(set(lens)) == 1:  # a varlen mix for the long case
+    if len(lens) > 1000:  # a varlen mix for the long cases
         lens = [int(x) for x in torch.randint(0, 2 * lens[0] * unit, (len(lens),), generator=g)]
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    cum, piece = tsched.sched_scratch(len(lens), DEV)
+    cum, piece, cut = tsched.sched_scratch(len(lens), parts, DEV)
     piece.fill_(-7)
-    tsched.launch_schedule(sl, cum, piece, parts, fixed, unit, 4)
+    cut.fill_(-7)
+    tsched.launch_schedule(sl, cum, piece, cut, parts, fixed, unit, 4)
     want_cum, want_first, want_pieces, used = schedule_model(lens, parts, fixed, unit)
     assert cum.tolist() == want_cum
     assert piece[0::2].tolist() == want_first
     assert piece[1::2].tolist() == want_pieces
     assert used <= tsched.num_slots(parts)
+    want_list = [b for b, k in enumerate(want_pieces) if k > 1]
+    assert want_cuts is None or len(want_list) == want_cuts
+    assert len(cut) == 1 + tsched.max_cuts(len(lens), parts) >= 1 + len(want_list)
+    n = int(cut[0])
+    assert n == len(want_list)
+    assert cut[1:1 + n].tolist() == want_list
+    assert (cut[1 + n:] == -7).all()  # entries past the count are not written
 
 
 # fmt, page, heads, seq lens, query lens (None: one each), parts, fixed, block_m (None: default),
@@ -304,6 +318,53 @@ def test_mla_decode_scheduled(fmt, page, heads, lens, qlens, parts, fixed, block
     if lse:
         atol = 2e-3 if exact else 3e-2
         assert torch.allclose(got[1], ref[1], atol=atol, rtol=1e-3), (got[1] - ref[1]).abs().max()
+
+
+# fmt, layout, lora, block_m (None: default), scheduled. Contiguous, cross-layer and padded
+# caches are aligned (the "pairs" reads run); "padded3" pads tokens by 3 elements, unaligned
+# (it reads "twice"); lora 384 leaves columns of the 512-wide tile (and one fp8_ds_mla scale
+# tile) empty; block_m 64 is the dequantizing fp8_ds_mla path ("once" applies, "pairs" does not).
+QUANT_CASES = [
+    ("fp8", "contiguous", 512, None, True),
+    ("fp8", "cross_layer", 384, None, False),
+    ("fp8", "padded", 512, None, True),
+    ("fp8", "padded3", 512, None, True),
+    ("fp8_ds_mla", "contiguous", 512, None, True),
+    ("fp8_ds_mla", "cross_layer", 384, None, False),
+    ("fp8_ds_mla", "padded", 512, None, False),
+    ("fp8_ds_mla", "padded3", 512, None, True),
+    ("fp8_ds_mla", "contiguous", 512, 64, True),
+]
+
+
+@pytest.mark.parametrize("quant_read", ["twice", "once", "pairs", "pairs_once"])
+@pytest.mark.parametrize("fmt,layout,lora,block_m,scheduled", QUANT_CASES)
+def test_mla_decode_quant_read_variants(fmt, layout, lora, block_m, scheduled, quant_read, monkeypatch):
+    """Every ``DecodeConfig.quant_read`` (and a register cap) forced on the quantized tiles:
+    the same results as the reference at each path's tolerance."""
+    from portmla.backends.triton.launch import QUANT_READS
+
+    assert quant_read in QUANT_READS
+    launches = force_decode_config(monkeypatch, scheduled, 3 if scheduled else None, 1 if scheduled else None,
+                                   block_m, quant_read=quant_read, maxnreg=168)
+    case = mla_cases.make_decode_case([70, 33, 1, 50], [1, 2, 1, 1], heads=8, block_size=16, fmt=fmt,
+                                      layout=layout.removesuffix("3"), device=DEV, lora=lora,
+                                      entry_pad=3 if layout == "padded3" else 16)
+    out = torch.full((case.q.shape[0], 8, lora), float("nan"), dtype=case.q.dtype, device=DEV)
+    got_o, got_l = mla_cases.decode(case, "triton", out=out)
+    ref_o, ref_l = mla_cases.decode(case, "reference")
+    assert len(launches) == scheduled
+    exact = fmt != "fp8_ds_mla" or block_m is None
+    _close(got_o, ref_o, 1e-2 if exact else 2e-2, "out")
+    atol = 2e-3 if exact else 3e-2
+    assert torch.allclose(got_l, ref_l, atol=atol, rtol=1e-3), (got_l - ref_l).abs().max()
+
+
+def test_mla_decode_quant_read_rejects_unknown(monkeypatch):
+    force_decode_config(monkeypatch, True, quant_read="thrice")
+    case = mla_cases.make_decode_case([20], [1], heads=4, fmt="fp8", device=DEV)
+    with pytest.raises(ValueError, match="quant_read='thrice' \\(supported: twice, once, pairs, pairs_once\\)"):
+        mla_cases.decode(case, "triton")
 
 
 def test_mla_decode_scheduled_same_shapes_new_lengths(monkeypatch):

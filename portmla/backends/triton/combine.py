@@ -7,8 +7,9 @@ Two layouts, one merge (``merge_partials``):
 * ``_combine_pieces_kernel``: the device schedule's pieces (``schedule.py``), slots of
   ``slot_rows`` rows (``[slots, slot_rows, L]`` / ``[slots, slot_rows]``, row ``i`` of a
   sequence = its token ``i // H``, head ``i % H``); sequence ``b`` has ``piece[2 b + 1]``
-  consecutive slots from ``piece[2 b]``. One-piece sequences were written by the decode
-  kernel and are left alone.
+  consecutive slots from ``piece[2 b]``. Only the sequences of the schedule's cut list are
+  visited (its grid is ``max_cuts(B, parts)`` entries, not ``B`` sequences); one-piece
+  sequences were written by the decode kernel.
 
 A partial whose LSE is ``-inf`` (a split or piece that saw no position of that row) is not
 read, so its output rows may hold anything.
@@ -84,20 +85,21 @@ def _combine_kernel(
 
 @triton.jit
 def _combine_pieces_kernel(
-    po_ptr, pl_ptr, slot_rows, piece_ptr, qsl_ptr,
+    po_ptr, pl_ptr, slot_rows, piece_ptr, cut_ptr, qsl_ptr,
     o_ptr, stride_ot, stride_oh,
     lse_ptr, stride_lt,
     H,
     L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_QSL: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
-    """One program per (BLOCK_R rows, sequence, BLOCK_D columns); only sequences cut into
-    pieces have work. Their pieces sit in consecutive slots, merged in slot order. (The
-    row blocks, a host bound of ``max_query_len * H / BLOCK_R``, go on the grid axis
-    without the 65535 limit.)"""
-    b = tl.program_id(1)
-    pieces = tl.load(piece_ptr + 2 * b.to(tl.int64) + 1)
-    if pieces > 1:
+    """One program per (BLOCK_R rows, cut-list entry, BLOCK_D columns); entries past the
+    list's count (``cut[0]``) exit at once. Entry ``k`` merges sequence ``cut[1 + k]``, whose
+    pieces sit in consecutive slots, in slot order. (The row blocks, a host bound of
+    ``max_query_len * H / BLOCK_R``, go on the grid axis without the 65535 limit.)"""
+    k = tl.program_id(1)
+    if k < tl.load(cut_ptr):
+        b = tl.load(cut_ptr + 1 + k)
+        pieces = tl.load(piece_ptr + 2 * b.to(tl.int64) + 1)
         first = tl.load(piece_ptr + 2 * b.to(tl.int64))
         t0, n_q = seq_tokens(qsl_ptr, b, HAS_QSL)
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)

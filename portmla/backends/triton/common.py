@@ -84,6 +84,59 @@ def load_ds_chunk(kv_ptr, off, ok, T: tl.constexpr, L: tl.constexpr, EVICT: tl.c
 
 
 @triton.jit
+def load_fp8_pairs(kv16_ptr, off, ok, COL0: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
+                   FNUZ: tl.constexpr, EVICT: tl.constexpr, PTX: tl.constexpr):
+    """e4m3 columns ``COL0 .. COL0 + W - 1`` of the entries at byte offsets ``off`` (even;
+    ``kv16_ptr`` a 16-bit view of the same cache) read as ``W / 2`` 16-bit pairs: ``(even,
+    odd)``, ``[BLOCK_N, W / 2]`` float16 each, ``even[:, c]`` = column ``COL0 + 2 c``,
+    ``odd[:, c]`` = column ``COL0 + 2 c + 1`` (rows ``~ok`` and pairs from column ``L`` on
+    read as 0; for an odd ``L``, ``odd`` column ``L`` holds the next byte: only for outputs that
+    are never stored). A 16-bit tile in shared memory is what ``ldmatrix.trans`` reads, so a
+    GEMM whose K is the token axis (``P @ V``) takes it without byte-wise shared loads. Both
+    halves are plain elementwise functions of the one load, so the compiler converts after its
+    shared-memory stage and the load stays pipelined."""
+    c = tl.arange(0, W // 2)
+    # the mask on c itself (not on 2 c): the compiler then sees it constant over whole vectors
+    w = tl.load(kv16_ptr + (off // 2)[:, None] + COL0 // 2 + c[None, :],
+                mask=ok[:, None] & (c < (L - COL0 + 1) // 2)[None, :], other=0.0,
+                eviction_policy=EVICT).to(tl.uint16, bitcast=True)
+    if PTX:
+        return split_e4m3_pairs(w)
+    return (fp8_bits_to((w & 0xFF).to(tl.uint8), tl.float16, FNUZ),
+            fp8_bits_to((w >> 8).to(tl.uint8), tl.float16, FNUZ))
+
+
+@triton.jit
+def split_e4m3_pairs(w):
+    """``(low bytes, high bytes)`` of uint16 ``w`` as e4m3fn -> float16, in PTX: per two
+    elements one ``prmt`` (low bytes to one half-word, high to the other) and two packed
+    converts. Elementwise (element ``i`` of each result depends on ``w[i]`` only), so any
+    layout's pairing of elements gives the same values."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t;
+        .reg .b16 lo, hi;
+        prmt.b32 t, $2, 0, 0x3120;
+        mov.b32 {lo, hi}, t;
+        cvt.rn.f16x2.e4m3x2 $0, lo;
+        cvt.rn.f16x2.e4m3x2 $1, hi;
+        }""",
+        "=r,=r,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+
+
+@triton.jit
+def split_cols(x):
+    """``(even, odd)`` columns of ``[M, 2 W]`` ``x``, ``[M, W]`` each (``interleave_cols`` undoes it)."""
+    return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+
+
+@triton.jit
+def interleave_cols(even, odd):
+    """``[M, 2 W]`` with ``even`` in the even and ``odd`` in the odd columns (both ``[M, W]``)."""
+    return tl.reshape(tl.join(even, odd), (even.shape[0], 2 * even.shape[1]))
+
+
+@triton.jit
 def load_ds_scales(kv_ptr, kv32_ptr, off, ok, ALIGNED: tl.constexpr, L: tl.constexpr):
     """The first four fp8_ds_mla tile scales of each entry, ``[BLOCK_N, 4]`` float32 (0 for rows
     ``~ok`` and for tiles at or beyond ``L``)."""

@@ -17,6 +17,11 @@ range is shared code (``_attend`` / ``_ds_exact`` + ``_finish``); two kernels ca
   device-side balanced schedule of ``schedule.py`` (every part gets the same number of KV
   tiles whatever the lengths); a sequence that a part boundary cuts writes partials to its
   slots, merged by ``combine._combine_pieces_kernel``. ``DecodeConfig.scheduled`` picks it.
+
+Quantized tiles (per-tensor fp8, the exact fp8_ds_mla path) are read twice by default, once
+per GEMM; ``DecodeConfig.quant_read`` selects opt-in reads to time (``launch.QUANT_READS``):
+one converted read, or the P @ V operand (and with "pairs_once" the QK^T one too) through the
+cache's 16-bit view (``common.load_fp8_pairs``; ``_ds_pairs`` for fp8_ds_mla).
 """
 
 from __future__ import annotations
@@ -29,24 +34,28 @@ from .combine import _combine_kernel, _combine_pieces_kernel, combine_blocks, pi
 from .common import (
     DS_TILE,
     dot,
+    interleave_cols,
     load_ds_chunk,
     load_ds_scales,
+    load_fp8_pairs,
     load_nope,
     load_rope,
     pow2_row_scale,
     seq_tokens,
     softmax_step,
+    split_cols,
 )
 from .launch import (
     FMT_DS_MLA,
     FMT_FP8,
+    QUANT_READS,
     decode_config,
     elementwise_warps,
     format_code,
     fp8_is_fnuz,
     interpreting,
 )
-from .schedule import first_seq, launch_schedule, num_slots, sched_scratch
+from .schedule import first_seq, launch_schedule, max_cuts, num_slots, sched_scratch
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -80,6 +89,7 @@ def _decode_kernel(
     L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QSL: tl.constexpr, WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr, EXACT_DS: tl.constexpr,
+    QREAD: tl.constexpr, NV_PTX: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -99,7 +109,7 @@ def _decode_kernel(
     a0, a1, a2, a3, m_i, l_i = _attend_tile(
         q_ptr + t * stride_qt + head.to(tl.int64) * stride_qh, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page,
         stride_tok, bt_ptr + b.to(tl.int64) * stride_bt, kscale_ptr, kv_lo, kv_hi, limit, qk_scale, PAGE, FMT,
-        FNUZ, ALIGNED, L, R, BLOCK_L, BLOCK_R, BLOCK_M, BLOCK_N, UPCAST, EXACT_DS)
+        FNUZ, ALIGNED, L, R, BLOCK_L, BLOCK_R, BLOCK_M, BLOCK_N, UPCAST, EXACT_DS, QREAD, NV_PTX)
     _finish(o_rows, l_rows, row_ok, a0, a1, a2, a3, m_i, l_i, L, BLOCK_L, WRITE_LSE, EXACT_DS)
 
 
@@ -118,6 +128,7 @@ def _decode_sched_kernel(
     L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QSL: tl.constexpr, WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr, EXACT_DS: tl.constexpr,
+    QREAD: tl.constexpr, NV_PTX: tl.constexpr,
 ):
     """Program (row tile, part) computes units ``[part T, (part + 1) T)`` of the schedule
     (one unit = ``BLOCK_N`` KV positions): segment by segment, each a sequence and a range of
@@ -146,7 +157,8 @@ def _decode_sched_kernel(
                     q_ptr + t * stride_qt + head.to(tl.int64) * stride_qh, row_ok, kv_ptr, kv32_ptr, kv16_ptr,
                     stride_page, stride_tok, bt_ptr + b.to(tl.int64) * stride_bt, kscale_ptr,
                     (u_lo * BLOCK_N).to(tl.int32), tl.minimum(u_hi * BLOCK_N, kv_end).to(tl.int32), limit,
-                    qk_scale, PAGE, FMT, FNUZ, ALIGNED, L, R, BLOCK_L, BLOCK_R, BLOCK_M, BLOCK_N, UPCAST, EXACT_DS)
+                    qk_scale, PAGE, FMT, FNUZ, ALIGNED, L, R, BLOCK_L, BLOCK_R, BLOCK_M, BLOCK_N, UPCAST, EXACT_DS,
+                    QREAD, NV_PTX)
                 base = tl.load(piece_ptr + 2 * b.to(tl.int64))
                 if base >= 0:  # a piece of a cut sequence: float32 partials + LSE in its slot
                     srow = (base + part - (first // per_part).to(tl.int32)).to(tl.int64) * slot_rows + rows
@@ -164,20 +176,28 @@ def _attend_tile(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride
                  kv_lo, kv_hi, limit, qk_scale, PAGE: tl.constexpr, FMT: tl.constexpr, FNUZ: tl.constexpr,
                  ALIGNED: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                 EXACT_DS: tl.constexpr):
+                 EXACT_DS: tl.constexpr, QREAD: tl.constexpr, NV_PTX: tl.constexpr):
     """One row tile over KV positions ``[kv_lo, kv_hi)``: ``(a0, a1, a2, a3, m, l)`` for
     ``_finish`` (the exact fp8_ds_mla path's four 128-wide accumulators, or the one
     ``BLOCK_L``-wide accumulator of ``_attend`` in ``a0``, repeated). The callers store it
     after the loop (the scheduled kernel picks output or partial slot only then, so the
     store pointers are not live across the tile loop)."""
-    if EXACT_DS:
+    if EXACT_DS and ALIGNED and (QREAD == "pairs" or QREAD == "pairs_once"):
+        a0, a1, a2, a3, m_i, l_i = _ds_pairs(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok,
+                                             bt_row, kv_lo, kv_hi, limit, qk_scale, PAGE, L, R, BLOCK_R, BLOCK_M,
+                                             BLOCK_N, UPCAST, QREAD == "pairs_once", NV_PTX)
+    elif EXACT_DS and QREAD == "once":
+        a0, a1, a2, a3, m_i, l_i = _ds_once(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok,
+                                            bt_row, kv_lo, kv_hi, limit, qk_scale, ALIGNED, PAGE, L, R, BLOCK_R,
+                                            BLOCK_M, BLOCK_N, UPCAST)
+    elif EXACT_DS:
         a0, a1, a2, a3, m_i, l_i = _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok,
                                              bt_row, kv_lo, kv_hi, limit, qk_scale, ALIGNED, PAGE, L, R, BLOCK_R,
                                              BLOCK_M, BLOCK_N, UPCAST)
     else:
         a0, m_i, l_i = _attend(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok, bt_row,
                                kscale_ptr, kv_lo, kv_hi, limit, qk_scale, PAGE, FMT, FNUZ, ALIGNED, L, R,
-                               BLOCK_L, BLOCK_R, BLOCK_M, BLOCK_N, UPCAST)
+                               BLOCK_L, BLOCK_R, BLOCK_M, BLOCK_N, UPCAST, QREAD, NV_PTX)
         a1 = a0
         a2 = a0
         a3 = a0
@@ -188,7 +208,8 @@ def _attend_tile(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride
 def _attend(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok, bt_row, kscale_ptr,
             kv_lo, kv_hi, limit, qk_scale, PAGE: tl.constexpr, FMT: tl.constexpr, FNUZ: tl.constexpr,
             ALIGNED: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr,
-            BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+            BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+            QREAD: tl.constexpr, NV_PTX: tl.constexpr):
     """Online softmax of one row tile over ``[kv_lo, kv_hi)`` for 16-bit, per-tensor fp8 and
     (dequantized) fp8_ds_mla caches: ``(acc, m, l)``, ``acc`` the unnormalised ``[BLOCK_M,
     BLOCK_L]`` output (times ``k_scale`` for fp8), ``m`` / ``l`` the base-2 running max / sum."""
@@ -209,30 +230,53 @@ def _attend(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok,
         ks = tl.load(kscale_ptr)
         scale = scale * ks
 
+    # QREAD (fp8, aligned cache; ``DecodeConfig.quant_read``): "pairs" reads the P @ V operand
+    # through the tile's 16-bit view, "pairs_once" both operands from one such read; the even
+    # and odd columns go to two half-width accumulators (interleaved after the loop)
+    PAIRS: tl.constexpr = FMT == 1 and ALIGNED and (QREAD == "pairs" or QREAD == "pairs_once")
+    PAIRS_QK: tl.constexpr = PAIRS and QREAD == "pairs_once"
+    if PAIRS_QK:
+        q_e, q_o = split_cols(qn)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_L), tl.float32)
+    acc_e = tl.zeros((BLOCK_M, BLOCK_L // 2), tl.float32)
+    acc_o = tl.zeros((BLOCK_M, BLOCK_L // 2), tl.float32)
     for start in range(kv_lo, kv_hi, BLOCK_N):
         pos, ok, off = _tile_offsets(bt_row, start, kv_hi, stride_page, stride_tok, PAGE, BLOCK_N)
         kr = load_rope(kv_ptr, kv16_ptr, off, ok, FMT, FNUZ, ALIGNED, L, R, BLOCK_R, qn.dtype)
-        if FMT == 0:
-            kn = load_nope(kv_ptr, kv32_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_N, qn.dtype, "")
-            kv = kn
+        if PAIRS_QK:
+            v_e, v_o = load_fp8_pairs(kv16_ptr, off, ok, 0, BLOCK_L, L, FNUZ, "", NV_PTX)
+            s = dot(q_e, tl.trans(v_e), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST)
+            s = dot(q_o, tl.trans(v_o), s, UPCAST)
         else:
-            # Quantized tiles are read twice (once per GEMM, the second read hits L2): a
-            # single read converted for both operands keeps Triton from pipelining it.
-            kn = load_nope(kv_ptr, kv32_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_N, qn.dtype,
-                           "evict_last")
-            kv = load_nope(kv_ptr, kv32_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_N, qn.dtype,
-                           "evict_first")
-        s = dot(qn, tl.trans(kn), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST)
+            if FMT == 0 or QREAD == "once":
+                kn = load_nope(kv_ptr, kv32_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_N, qn.dtype, "")
+                kv = kn
+            else:
+                # Quantized tiles are read twice (once per GEMM, the second read hits L2): a
+                # single read converted for both operands keeps Triton from pipelining it.
+                kn = load_nope(kv_ptr, kv32_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_N, qn.dtype,
+                               "evict_last")
+                if not PAIRS:
+                    kv = load_nope(kv_ptr, kv32_ptr, off, ok, FMT, FNUZ, ALIGNED, L, BLOCK_L, BLOCK_N, qn.dtype,
+                                   "evict_first")
+            s = dot(qn, tl.trans(kn), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST)
         s = dot(qr, tl.trans(kr), s, UPCAST) * scale
         if FMT == 1:
             s = s * q_inv[:, None]  # undo Q's fp16 row scaling
         p, alpha, m_new, l_i = softmax_step(s, ok[None, :] & (pos[None, :] <= limit[:, None]),
                                             m_i, l_i)
-        acc = dot(p.to(kv.dtype), kv, acc * alpha[:, None], UPCAST)
+        if PAIRS:
+            if not PAIRS_QK:
+                v_e, v_o = load_fp8_pairs(kv16_ptr, off, ok, 0, BLOCK_L, L, FNUZ, "evict_first", NV_PTX)
+            acc_e = dot(p.to(tl.float16), v_e, acc_e * alpha[:, None], UPCAST)
+            acc_o = dot(p.to(tl.float16), v_o, acc_o * alpha[:, None], UPCAST)
+        else:
+            acc = dot(p.to(kv.dtype), kv, acc * alpha[:, None], UPCAST)
         m_i = m_new
+    if PAIRS:
+        acc = interleave_cols(acc_e, acc_o)
     if FMT == 1:
         acc = acc * ks
     return acc, m_i, l_i
@@ -291,23 +335,7 @@ def _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_to
     scores times the per-token tile scales (fp32), Q rows scaled by a power of two into fp16
     range (exact); RoPE dot in the query's dtype. PV: ``P * scale / max_scale`` (<= 1, fp16)
     per tile, the fp32 result times ``max_scale`` of the KV tile."""
-    dt = tl.arange(0, DS_TILE)
-    dr = tl.arange(0, BLOCK_R)
-    q0 = tl.load(q_rows[:, None] + dt[None, :], mask=row_ok[:, None] & (dt < L)[None, :], other=0.0)
-    q1 = tl.load(q_rows[:, None] + DS_TILE + dt[None, :],
-                 mask=row_ok[:, None] & (dt + DS_TILE < L)[None, :], other=0.0)
-    q2 = tl.load(q_rows[:, None] + 2 * DS_TILE + dt[None, :],
-                 mask=row_ok[:, None] & (dt + 2 * DS_TILE < L)[None, :], other=0.0)
-    q3 = tl.load(q_rows[:, None] + 3 * DS_TILE + dt[None, :],
-                 mask=row_ok[:, None] & (dt + 3 * DS_TILE < L)[None, :], other=0.0)
-    qr = tl.load(q_rows[:, None] + L + dr[None, :], mask=row_ok[:, None] & (dr < R)[None, :], other=0.0)
-    amax = tl.maximum(tl.maximum(tl.max(tl.abs(q0.to(tl.float32)), 1), tl.max(tl.abs(q1.to(tl.float32)), 1)),
-                      tl.maximum(tl.max(tl.abs(q2.to(tl.float32)), 1), tl.max(tl.abs(q3.to(tl.float32)), 1)))
-    qs, q_inv = pow2_row_scale(amax)
-    q0 = (q0.to(tl.float32) * qs[:, None]).to(tl.float16)
-    q1 = (q1.to(tl.float32) * qs[:, None]).to(tl.float16)
-    q2 = (q2.to(tl.float32) * qs[:, None]).to(tl.float16)
-    q3 = (q3.to(tl.float32) * qs[:, None]).to(tl.float16)
+    q0, q1, q2, q3, qr, q_inv = _ds_q(q_rows, row_ok, L, R, BLOCK_R)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -354,6 +382,162 @@ def _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_to
     return acc0, acc1, acc2, acc3, m_i, l_i
 
 
+@triton.jit
+def _ds_once(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok, bt_row, kv_lo, kv_hi, limit,
+             qk_scale, ALIGNED: tl.constexpr, PAGE: tl.constexpr, L: tl.constexpr, R: tl.constexpr,
+             BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """``_ds_exact`` with one read of each 128-wide tile, converted once and used by both GEMMs
+    (``DecodeConfig.quant_read = "once"``)."""
+    q0, q1, q2, q3, qr, q_inv = _ds_q(q_rows, row_ok, L, R, BLOCK_R)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc0 = tl.zeros((BLOCK_M, DS_TILE), tl.float32)
+    acc1 = tl.zeros((BLOCK_M, DS_TILE), tl.float32)
+    acc2 = tl.zeros((BLOCK_M, DS_TILE), tl.float32)
+    acc3 = tl.zeros((BLOCK_M, DS_TILE), tl.float32)
+    zs = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    zo = tl.zeros((BLOCK_M, DS_TILE), tl.float32)
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        pos, ok, off = _tile_offsets(bt_row, start, kv_hi, stride_page, stride_tok, PAGE, BLOCK_N)
+        kr = load_rope(kv_ptr, kv16_ptr, off, ok, 2, False, ALIGNED, L, R, BLOCK_R, qr.dtype)
+        sc0, sc1, sc2, sc3 = _ds_scales(kv_ptr, kv32_ptr, off, ok, ALIGNED, L, BLOCK_N)
+        k0 = load_ds_chunk(kv_ptr, off, ok, 0, L, "")
+        k1 = load_ds_chunk(kv_ptr, off, ok, 1, L, "")
+        k2 = load_ds_chunk(kv_ptr, off, ok, 2, L, "")
+        k3 = load_ds_chunk(kv_ptr, off, ok, 3, L, "")
+        s = dot(q0, tl.trans(k0), zs, UPCAST) * sc0[None, :]
+        s += dot(q1, tl.trans(k1), zs, UPCAST) * sc1[None, :]
+        s += dot(q2, tl.trans(k2), zs, UPCAST) * sc2[None, :]
+        s += dot(q3, tl.trans(k3), zs, UPCAST) * sc3[None, :]
+        s = (s * q_inv[:, None] + dot(qr, tl.trans(kr), zs, UPCAST)) * qk_scale
+        p, alpha, m_new, l_i = softmax_step(s, ok[None, :] & (pos[None, :] <= limit[:, None]), m_i, l_i)
+        p0, mx0 = _ds_pv_weight(p, sc0)
+        p1, mx1 = _ds_pv_weight(p, sc1)
+        p2, mx2 = _ds_pv_weight(p, sc2)
+        p3, mx3 = _ds_pv_weight(p, sc3)
+        acc0 = acc0 * alpha[:, None] + dot(p0, k0, zo, UPCAST) * mx0
+        acc1 = acc1 * alpha[:, None] + dot(p1, k1, zo, UPCAST) * mx1
+        acc2 = acc2 * alpha[:, None] + dot(p2, k2, zo, UPCAST) * mx2
+        acc3 = acc3 * alpha[:, None] + dot(p3, k3, zo, UPCAST) * mx3
+        m_i = m_new
+    return acc0, acc1, acc2, acc3, m_i, l_i
+
+
+@triton.jit
+def _ds_q(q_rows, row_ok, L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The exact fp8_ds_mla paths' query: ``(q0, q1, q2, q3, qr, q_inv)``, the four 128-wide
+    kv_c chunks as float16 scaled per row by a power of two into fp16 range (exact), the RoPE
+    part as loaded, and ``1 / scale`` per row."""
+    dt = tl.arange(0, DS_TILE)
+    dr = tl.arange(0, BLOCK_R)
+    q0 = tl.load(q_rows[:, None] + dt[None, :], mask=row_ok[:, None] & (dt < L)[None, :], other=0.0)
+    q1 = tl.load(q_rows[:, None] + DS_TILE + dt[None, :],
+                 mask=row_ok[:, None] & (dt + DS_TILE < L)[None, :], other=0.0)
+    q2 = tl.load(q_rows[:, None] + 2 * DS_TILE + dt[None, :],
+                 mask=row_ok[:, None] & (dt + 2 * DS_TILE < L)[None, :], other=0.0)
+    q3 = tl.load(q_rows[:, None] + 3 * DS_TILE + dt[None, :],
+                 mask=row_ok[:, None] & (dt + 3 * DS_TILE < L)[None, :], other=0.0)
+    qr = tl.load(q_rows[:, None] + L + dr[None, :], mask=row_ok[:, None] & (dr < R)[None, :], other=0.0)
+    amax = tl.maximum(tl.maximum(tl.max(tl.abs(q0.to(tl.float32)), 1), tl.max(tl.abs(q1.to(tl.float32)), 1)),
+                      tl.maximum(tl.max(tl.abs(q2.to(tl.float32)), 1), tl.max(tl.abs(q3.to(tl.float32)), 1)))
+    qs, q_inv = pow2_row_scale(amax)
+    q0 = (q0.to(tl.float32) * qs[:, None]).to(tl.float16)
+    q1 = (q1.to(tl.float32) * qs[:, None]).to(tl.float16)
+    q2 = (q2.to(tl.float32) * qs[:, None]).to(tl.float16)
+    q3 = (q3.to(tl.float32) * qs[:, None]).to(tl.float16)
+    return q0, q1, q2, q3, qr, q_inv
+
+
+@triton.jit
+def _ds_scales(kv_ptr, kv32_ptr, off, ok, ALIGNED: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The four tile scales of each entry, ``[BLOCK_N]`` each."""
+    sc = load_ds_scales(kv_ptr, kv32_ptr, off, ok, ALIGNED, L)  # [BLOCK_N, 4]
+    sc02, sc13 = tl.split(tl.reshape(sc, (BLOCK_N, 2, 2)))
+    sc0, sc2 = tl.split(sc02)
+    sc1, sc3 = tl.split(sc13)
+    return sc0, sc1, sc2, sc3
+
+
+@triton.jit
+def _ds_pv_weight(p, sc):
+    """``(P * sc / max(sc) as float16, max(sc))`` of one scale tile: the P @ V operand <= 1 and
+    its factor. A tile scale is >= FLT_MIN for every written token; 0 only for masked rows /
+    absent tiles."""
+    mx = tl.max(sc, 0)
+    return (p * (sc / tl.where(mx > 0, mx, 1.0))[None, :]).to(tl.float16), mx
+
+
+@triton.jit
+def _ds_pairs(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok, bt_row, kv_lo, kv_hi, limit,
+              qk_scale, PAGE: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, QK_PAIRS: tl.constexpr,
+              NV_PTX: tl.constexpr):
+    """``_ds_exact`` (aligned caches) with the P @ V operands read through the cache's 16-bit
+    view (``load_fp8_pairs``: no byte-wise shared loads for the token-major operand) and, with
+    ``QK_PAIRS``, the QK^T operands from the same one read (Q split into even / odd columns).
+    Eight 64-wide accumulators, the even and odd columns of each scale tile, interleaved at
+    the end: ``(acc0, acc1, acc2, acc3, m, l)`` as ``_ds_exact``."""
+    q0, q1, q2, q3, qr, q_inv = _ds_q(q_rows, row_ok, L, R, BLOCK_R)
+    if QK_PAIRS:
+        q0e, q0o = split_cols(q0)
+        q1e, q1o = split_cols(q1)
+        q2e, q2o = split_cols(q2)
+        q3e, q3o = split_cols(q3)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    HALF: tl.constexpr = DS_TILE // 2
+    acc0e = tl.zeros((BLOCK_M, HALF), tl.float32)
+    acc0o = tl.zeros((BLOCK_M, HALF), tl.float32)
+    acc1e = tl.zeros((BLOCK_M, HALF), tl.float32)
+    acc1o = tl.zeros((BLOCK_M, HALF), tl.float32)
+    acc2e = tl.zeros((BLOCK_M, HALF), tl.float32)
+    acc2o = tl.zeros((BLOCK_M, HALF), tl.float32)
+    acc3e = tl.zeros((BLOCK_M, HALF), tl.float32)
+    acc3o = tl.zeros((BLOCK_M, HALF), tl.float32)
+    zs = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    zo = tl.zeros((BLOCK_M, HALF), tl.float32)
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        pos, ok, off = _tile_offsets(bt_row, start, kv_hi, stride_page, stride_tok, PAGE, BLOCK_N)
+        kr = load_rope(kv_ptr, kv16_ptr, off, ok, 2, False, True, L, R, BLOCK_R, qr.dtype)
+        sc0, sc1, sc2, sc3 = _ds_scales(kv_ptr, kv32_ptr, off, ok, True, L, BLOCK_N)
+        if QK_PAIRS:
+            k0e, k0o = load_fp8_pairs(kv16_ptr, off, ok, 0, DS_TILE, L, False, "", NV_PTX)
+            k1e, k1o = load_fp8_pairs(kv16_ptr, off, ok, DS_TILE, DS_TILE, L, False, "", NV_PTX)
+            k2e, k2o = load_fp8_pairs(kv16_ptr, off, ok, 2 * DS_TILE, DS_TILE, L, False, "", NV_PTX)
+            k3e, k3o = load_fp8_pairs(kv16_ptr, off, ok, 3 * DS_TILE, DS_TILE, L, False, "", NV_PTX)
+            s = dot(q0o, tl.trans(k0o), dot(q0e, tl.trans(k0e), zs, UPCAST), UPCAST) * sc0[None, :]
+            s += dot(q1o, tl.trans(k1o), dot(q1e, tl.trans(k1e), zs, UPCAST), UPCAST) * sc1[None, :]
+            s += dot(q2o, tl.trans(k2o), dot(q2e, tl.trans(k2e), zs, UPCAST), UPCAST) * sc2[None, :]
+            s += dot(q3o, tl.trans(k3o), dot(q3e, tl.trans(k3e), zs, UPCAST), UPCAST) * sc3[None, :]
+        else:
+            s = dot(q0, tl.trans(load_ds_chunk(kv_ptr, off, ok, 0, L, "evict_last")), zs, UPCAST) * sc0[None, :]
+            s += dot(q1, tl.trans(load_ds_chunk(kv_ptr, off, ok, 1, L, "evict_last")), zs, UPCAST) * sc1[None, :]
+            s += dot(q2, tl.trans(load_ds_chunk(kv_ptr, off, ok, 2, L, "evict_last")), zs, UPCAST) * sc2[None, :]
+            s += dot(q3, tl.trans(load_ds_chunk(kv_ptr, off, ok, 3, L, "evict_last")), zs, UPCAST) * sc3[None, :]
+        s = (s * q_inv[:, None] + dot(qr, tl.trans(kr), zs, UPCAST)) * qk_scale
+        p, alpha, m_new, l_i = softmax_step(s, ok[None, :] & (pos[None, :] <= limit[:, None]), m_i, l_i)
+        if not QK_PAIRS:
+            k0e, k0o = load_fp8_pairs(kv16_ptr, off, ok, 0, DS_TILE, L, False, "evict_first", NV_PTX)
+            k1e, k1o = load_fp8_pairs(kv16_ptr, off, ok, DS_TILE, DS_TILE, L, False, "evict_first", NV_PTX)
+            k2e, k2o = load_fp8_pairs(kv16_ptr, off, ok, 2 * DS_TILE, DS_TILE, L, False, "evict_first", NV_PTX)
+            k3e, k3o = load_fp8_pairs(kv16_ptr, off, ok, 3 * DS_TILE, DS_TILE, L, False, "evict_first", NV_PTX)
+        p0, mx0 = _ds_pv_weight(p, sc0)
+        p1, mx1 = _ds_pv_weight(p, sc1)
+        p2, mx2 = _ds_pv_weight(p, sc2)
+        p3, mx3 = _ds_pv_weight(p, sc3)
+        acc0e = acc0e * alpha[:, None] + dot(p0, k0e, zo, UPCAST) * mx0
+        acc0o = acc0o * alpha[:, None] + dot(p0, k0o, zo, UPCAST) * mx0
+        acc1e = acc1e * alpha[:, None] + dot(p1, k1e, zo, UPCAST) * mx1
+        acc1o = acc1o * alpha[:, None] + dot(p1, k1o, zo, UPCAST) * mx1
+        acc2e = acc2e * alpha[:, None] + dot(p2, k2e, zo, UPCAST) * mx2
+        acc2o = acc2o * alpha[:, None] + dot(p2, k2o, zo, UPCAST) * mx2
+        acc3e = acc3e * alpha[:, None] + dot(p3, k3e, zo, UPCAST) * mx3
+        acc3o = acc3o * alpha[:, None] + dot(p3, k3o, zo, UPCAST) * mx3
+        m_i = m_new
+    return (interleave_cols(acc0e, acc0o), interleave_cols(acc1e, acc1o), interleave_cols(acc2e, acc2o),
+            interleave_cols(acc3e, acc3o), m_i, l_i)
+
+
 def kv_view(kv_cache: torch.Tensor) -> torch.Tensor:
     """The cache as the kernels read it: 16-bit as is, quantized formats as raw bytes."""
     if kv_cache.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.uint8):
@@ -372,6 +556,8 @@ def ds_views(kv_cache: torch.Tensor, fmt: int):
     kv = kv_view(kv_cache)
     if fmt == FMT_DS_MLA and ds_aligned(kv_cache):
         return kv.view(torch.float32), kv.view(torch.bfloat16)
+    if fmt == FMT_FP8 and ds_aligned(kv_cache):  # the 16-bit view of the fp8 "pairs" read
+        return kv, kv.view(torch.bfloat16)
     return kv, kv
 
 
@@ -385,6 +571,9 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
                                   p.max_blocks_per_seq * c.block_size, c.kv_format, c.kv_lora_rank)
     if p.num_tokens == 0 or p.num_seqs == 0:
         return
+    if cfg.quant_read not in QUANT_READS or cfg.maxnreg < 0:
+        raise ValueError(f"DecodeConfig quant_read={cfg.quant_read!r} (supported: {', '.join(QUANT_READS)}), "
+                         f"maxnreg={cfg.maxnreg} (>= 0; 0: the compiler's choice)")
     fmt = format_code(c.kv_format)
     kv = kv_view(kv_cache)
     kv32, kv16 = ds_views(kv_cache, fmt)
@@ -399,7 +588,8 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         L=lora, R=rope, BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_QSL=query_start_loc is not None, UPCAST=interpreting(),
         EXACT_DS=fmt == FMT_DS_MLA and lora <= 4 * 128 and cfg.exact_ds,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        QREAD=cfg.quant_read, NV_PTX=plat.kind == "cuda" and not interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     head = (q, q.stride(0), q.stride(1), kv, kv32, kv16, kv.stride(0), kv.stride(1),
             block_table, block_table.stride(0), seq_lens, qsl, ks)
     lse_stride = lse.stride(0) if lse is not None else 0
@@ -409,18 +599,20 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
                              f"(both must be >= 1)")
         b = p.num_seqs
         rows = p.max_query_len * h  # rows of one sequence: a slot's size (host bound)
-        cum, piece = sched_scratch(b, q.device)
+        cum, piece, cut = sched_scratch(b, cfg.parts, q.device)
         part_o = torch.empty(num_slots(cfg.parts), rows, lora, dtype=torch.float32, device=q.device)
         part_l = torch.empty(num_slots(cfg.parts), rows, dtype=torch.float32, device=q.device)
-        launch_schedule(seq_lens, cum, piece, cfg.parts, cfg.sched_fixed, cfg.block_n, elementwise_warps(plat))
+        launch_schedule(seq_lens, cum, piece, cut, cfg.parts, cfg.sched_fixed, cfg.block_n,
+                        elementwise_warps(plat))
         _decode_sched_kernel[(cfg.row_tiles, cfg.parts)](
             *head, cum, piece, b, cfg.sched_fixed,
             out, out.stride(0), out.stride(1), lse if lse is not None else part_l, lse_stride,
             part_o, part_l, rows, h, scale, WRITE_LSE=lse is not None, **common)
-        if cfg.parts > 1:
+        if max_cuts(b, cfg.parts) > 0:
             block_r, block_s, block_d = pieces_combine_blocks(cfg.parts, b, rows, block_l)
-            _combine_pieces_kernel[(triton.cdiv(rows, block_r), b, triton.cdiv(lora, block_d))](
-                part_o, part_l, rows, piece, qsl, out, out.stride(0), out.stride(1),
+            grid = (triton.cdiv(rows, block_r), max_cuts(b, cfg.parts), triton.cdiv(lora, block_d))
+            _combine_pieces_kernel[grid](
+                part_o, part_l, rows, piece, cut, qsl, out, out.stride(0), out.stride(1),
                 lse if lse is not None else part_l, lse_stride, h, L=lora, BLOCK_R=block_r,
                 BLOCK_S=block_s, BLOCK_D=block_d, HAS_QSL=query_start_loc is not None,
                 WRITE_LSE=lse is not None, num_warps=4)

@@ -49,6 +49,18 @@ def fp8_max(platform: Platform) -> float:
     return float(torch.finfo(platform.fp8_dtype).max)
 
 
+# How a decode program reads the quantized KV tile (``DecodeConfig.quant_read``; per-tensor fp8
+# and the exact fp8_ds_mla path, 16-bit caches ignore it). "twice": the e4m3 bytes once per GEMM
+# (QK^T: evict_last, P @ V: evict_first, an L2 hit), each load pipelined; P @ V reads its
+# token-major operand from shared memory byte by byte (128 LDS.U8 per thread per 32-token tile
+# at 16 x 32 / 4 warps). "once": one read converted once for both GEMMs (sm_90: not pipelined).
+# "pairs": P @ V through the cache's 16-bit view (ldmatrix.trans, even / odd columns split in
+# registers, two half-width accumulators). "pairs_once": both GEMMs from one 16-bit read (Q split
+# into even / odd columns too). The "pairs" reads need the aligned cache (``decode.ds_aligned``);
+# other caches read "twice".
+QUANT_READS = ("twice", "once", "pairs", "pairs_once")
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     block_m: int  # query rows (token x head pairs) per program; all share one KV tile read
@@ -68,6 +80,11 @@ class DecodeConfig:
     scheduled: bool = False
     parts: int = 1
     sched_fixed: int = 4
+    # Quantized-tile experiments (``scripts/triton_tune.py --plan quant``), off by default: the
+    # tile read (``QUANT_READS``) and a register cap per thread for the decode kernel (Triton's
+    # ``maxnreg``; 0: the compiler's choice), e.g. 168 to fit three 4-warp programs per SM.
+    quant_read: str = "twice"
+    maxnreg: int = 0
 
 
 # Hand-set per vendor. CUDA: from the H100 tuning runs (benchmarks/results/triton_h100_notes.md).
