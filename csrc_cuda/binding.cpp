@@ -152,9 +152,7 @@ PYBIND11_MODULE(_cuda, m) {
                                sm80::WideCfg::kThreads);
     // fp8 / fp8_ds_mla only (16-bit entry 0: not taken); the fp8 entry is fp8_ds_mla's, the larger
     v["quant"] = py::make_tuple(int(sm80::kQuant), sm80::kQuantRows, sm80::kQuantTokens, 0,
-                                sm80::quant_smem_bytes(kKvDsMla, false), sm80::kQuantThreads);
-    v["quant_deep"] = py::make_tuple(int(sm80::kQuantDeep), sm80::kQuantRows, sm80::kQuantTokens, 0,
-                                     sm80::quant_smem_bytes(kKvDsMla, true), sm80::kQuantThreads);
+                                sm80::quant_smem_bytes(kKvDsMla), sm80::kQuantThreads);
 #if defined(PORTMLA_HAVE_SM90A)
     // 16-bit caches only (fp8 entries 0: not taken)
     v["hopper"] = py::make_tuple(int(sm80::kHopperPair), 64, 64, sm90::decode_smem_bytes(true), 0, 256);
@@ -162,11 +160,10 @@ PYBIND11_MODULE(_cuda, m) {
 #endif
     m.attr("DECODE_VARIANTS") = v;
   }
-  {  // quantized-cache kernel: format -> (shared memory of "quant", of "quant_deep")
+  {  // quantized-cache kernel: format -> shared memory (bytes)
     py::dict q;
-    q["fp8"] = py::make_tuple(sm80::quant_smem_bytes(kKvFp8, false), sm80::quant_smem_bytes(kKvFp8, true));
-    q["fp8_ds_mla"] =
-        py::make_tuple(sm80::quant_smem_bytes(kKvDsMla, false), sm80::quant_smem_bytes(kKvDsMla, true));
+    q["fp8"] = sm80::quant_smem_bytes(kKvFp8);
+    q["fp8_ds_mla"] = sm80::quant_smem_bytes(kKvDsMla);
     m.attr("DECODE_QUANT_SMEM") = q;
   }
   m.attr("DECODE_KV_LORA_RANK") = sm80::kL;

@@ -155,15 +155,13 @@ def test_cuda_hopper_routing_and_kernels_report(monkeypatch, fmt, block_size, ho
 
 
 class _FakeQuantModule(_FakeCudaModule):
-    DECODE_VARIANTS = {**_FakeCudaModule.DECODE_VARIANTS, "quant": (5, 16, 64, 0, 113600, 256),
-                       "quant_deep": (6, 16, 64, 0, 196000, 256)}
-    DECODE_QUANT_SMEM = {"fp8": (96448, 170000), "fp8_ds_mla": (113600, 196000)}
+    DECODE_VARIANTS = {**_FakeCudaModule.DECODE_VARIANTS, "quant": (5, 16, 64, 0, 113600, 256)}
+    DECODE_QUANT_SMEM = {"fp8": 96448, "fp8_ds_mla": 113600}
 
 
 @pytest.mark.parametrize("fmt,heads,s_q,cap,smem,env,want", [
     ("fp8", 16, 1, (9, 0), 232448, None, "quant"),
     ("fp8_ds_mla", 16, 2, (9, 0), 232448, None, "quant"),
-    ("fp8", 16, 1, (9, 0), 232448, "deep", "quant_deep"),
     ("fp8", 16, 1, (9, 0), 232448, "0", "narrow"),
     ("fp8", 16, 3, (9, 0), 232448, None, "wide"),          # 48 rows a sequence
     ("fp8", 128, 1, (9, 0), 232448, None, "wide"),
@@ -185,10 +183,10 @@ def test_cuda_quant_routing(monkeypatch, fmt, heads, s_q, cap, smem, env, want):
                             cache=dataclasses.replace(p.cache, kv_format=fmt))
     name = cuda_backend.CudaBackend.decode_variant(p, _FakeQuantModule)[0]
     assert name == want
-    if name.startswith("quant"):  # two CTAs per SM where they fit, on the device schedule
+    if name == "quant":  # two CTAs per SM where they fit, on the device schedule
         plan = cuda_backend.CudaBackend().plan_decode(p, _FakeQuantModule)
         tiles = -(-heads * s_q // 16)
-        per_sm = 2 if name == "quant" and smem > 2 * 113600 else 1
+        per_sm = 2 if smem > 2 * 113600 else 1
         assert plan[2:] == (1, 0, 132 * per_sm // tiles)
     monkeypatch.setattr(cuda_backend, "load_module", lambda: (_FakeQuantModule, None))
     report = cuda_backend.CudaBackend().kernels(plat)

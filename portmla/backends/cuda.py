@@ -11,7 +11,7 @@ Kernels (see ``csrc_cuda/NOTES.md``):
 * ``mla_decode`` with an fp8 / fp8_ds_mla cache and at most ``QUANT_MAX_ROWS`` (token, head)
   rows per sequence on sm_89+: the quantized-cache kernel (raw e4m3 bytes in shared memory,
   converted to fp16 in registers at the mma fragment load; 16 rows per CTA, two CTAs per SM);
-  ``PORTMLA_CUDA_QUANT=0`` uses the generic kernels instead, ``deep`` its 4-stage shape.
+  ``PORTMLA_CUDA_QUANT=0`` uses the generic kernels instead.
 * ``mla_decode`` elsewhere: generic sm80+ kernels (mma.sync m16n8k16 + cp.async), 16 or 64
   (token, head) rows per CTA so a KV tile is read once for all of them; every KV format, any
   block size and cache strides (16-byte aligned), varlen causal query tokens.
@@ -58,7 +58,7 @@ MAX_GRID_Y = 65535
 # Hopper kernels: the device schedule (csrc_cuda/common/schedule.cuh) gives each of
 # num_parts CTAs per row tile the same share of all sequences' KV tiles, plus this fixed cost
 # per sequence (Q load, epilogue) in tiles; fitted to H100 sweeps (scripts/cuda_split_sweep.py).
-SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "quant": 2, "quant_deep": 2}
+SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "quant": 2}
 MAX_GRID_PARTS = 65535
 QUANT_FORMATS = ("fp8", "fp8_ds_mla")
 QUANT_MAX_ROWS = 32  # rows per sequence (query tokens x heads) served by the quantized kernel
@@ -104,25 +104,17 @@ def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
 
 
 def quant_kernel_name(mod, p: DecodeProblem) -> str | None:
-    """``DECODE_VARIANTS`` key of the quantized-cache kernel for ``p`` (``quant``: 2 stages,
-    two CTAs per SM; ``quant_deep``: 4 stages, one), or None where it does not serve ``p``
-    (16-bit cache, more than ``QUANT_MAX_ROWS`` rows, an older GPU, too little shared memory,
+    """``quant`` where the quantized-cache kernel serves ``p``, else None (16-bit cache, more
+    than ``QUANT_MAX_ROWS`` rows, an older GPU, too little shared memory,
     ``PORTMLA_CUDA_QUANT=0``)."""
-    force = os.environ.get("PORTMLA_CUDA_QUANT", "1")
-    if force == "0" or "quant" not in mod.DECODE_VARIANTS or p.cache.kv_format not in QUANT_FORMATS \
-            or p.max_query_len * p.num_heads > QUANT_MAX_ROWS or p.platform.capability is None \
-            or p.platform.capability < QUANT_MIN_CAPABILITY:
+    if os.environ.get("PORTMLA_CUDA_QUANT") == "0" or "quant" not in mod.DECODE_VARIANTS \
+            or p.cache.kv_format not in QUANT_FORMATS or p.max_query_len * p.num_heads > QUANT_MAX_ROWS \
+            or p.platform.capability is None or p.platform.capability < QUANT_MIN_CAPABILITY:
         return None
-    name = "quant_deep" if force == "deep" else "quant"
     have = p.platform.shared_memory_per_block
-    if have and have < quant_smem(mod, p.cache.kv_format, name):
+    if have and have < mod.DECODE_QUANT_SMEM[p.cache.kv_format]:
         return None
-    return name
-
-
-def quant_smem(mod, kv_format: str, name: str) -> int:
-    """Shared memory of the quantized kernel ``name`` for ``kv_format`` (bytes)."""
-    return mod.DECODE_QUANT_SMEM[kv_format][name == "quant_deep"]
+    return "quant"
 
 
 @functools.lru_cache(maxsize=1)
@@ -282,10 +274,9 @@ class CudaBackend(Backend):
         fp8 = p.cache.kv_format not in _FORMAT_TORCH
         have = p.platform.shared_memory_per_block
         rows = p.max_query_len * p.num_heads
-        quant = quant_kernel_name(mod, p)
-        if quant is not None:
-            return quant, mod.DECODE_VARIANTS[quant][0], mod.DECODE_VARIANTS[quant][1], \
-                quant_smem(mod, p.cache.kv_format, quant)
+        if quant_kernel_name(mod, p) is not None:
+            code, bm = mod.DECODE_VARIANTS["quant"][:2]
+            return "quant", code, bm, mod.DECODE_QUANT_SMEM[p.cache.kv_format]
         if p.cache.kv_format in HOPPER_FORMATS and hopper_block_size_ok(p.cache.block_size) \
                 and hopper_unusable(mod, p.platform) is None:
             name = hopper_kernel_name(mod, rows)
@@ -318,7 +309,7 @@ class CudaBackend(Backend):
         rows_tiles = -(-p.max_query_len * p.num_heads // bm)
         have = p.platform.shared_memory_per_block or smem
         per_sm = max(1, min(2, (have + 1024) // (smem + 1024)))
-        if name in SCHED_FIXED:
+        if name in SCHED_FIXED:  # the Hopper kernels: one CTA per SM
             per_sm = per_sm if name == "quant" else 1
             return name, code, 1, 0, sched_parts(rows_tiles, max(1, p.platform.num_compute_units), per_sm)
         slots = per_sm * max(1, p.platform.num_compute_units)

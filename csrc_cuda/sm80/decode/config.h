@@ -27,11 +27,11 @@ constexpr int decode_smem_bytes() {
 
 // kHopper (one KV tile at a time) / kHopperPair (tile pairs, one per warpgroup):
 // csrc_cuda/sm90/decode (sm_90a, 16-bit caches), dispatched by dispatch.cu.
-// kQuant (2 stages, 2 CTAs per SM) / kQuantDeep (4 stages, 1 CTA per SM): quant_kernel.cuh,
-// fp8 / fp8_ds_mla caches with 16 rows per CTA, raw e4m3 in shared memory (sm80+).
+// kQuant: quant_kernel.cuh, fp8 / fp8_ds_mla caches with 16 rows per CTA, raw e4m3 in shared
+// memory, two CTAs per SM (sm80+; used on sm_89+).
 constexpr int kQuantRows = 16, kQuantTokens = 64, kQuantThreads = 256;  // the kQuant shapes
 enum DecodeVariant : int {
-  kLegacy = 0, kNarrow = 1, kWide = 2, kHopper = 3, kHopperPair = 4, kQuant = 5, kQuantDeep = 6
+  kLegacy = 0, kNarrow = 1, kWide = 2, kHopper = 3, kHopperPair = 4, kQuant = 5
 };
 
 // Tile kernel shape. 8 warps. S = Q K^T: warp (wr = w % WR, wt = w / WR) computes rows 16 wr..

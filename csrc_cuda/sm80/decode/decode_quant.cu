@@ -1,7 +1,6 @@
 // Launcher of the quantized-cache decode kernel (quant_kernel.cuh): fp8 / fp8_ds_mla caches,
-// 16 rows per CTA, on the device schedule. Two shapes (DecodeParams::variant):
-//   kQuant      2 cp.async stages, 2 CTAs per SM (fp8 96 KB, fp8_ds_mla 114 KB of shared memory)
-//   kQuantDeep  4 stages, 1 CTA per SM (fp8 170 KB, fp8_ds_mla 196 KB)
+// 16 rows per CTA, two cp.async stages (two CTAs per SM where shared memory allows), on the
+// device schedule.
 #include "../../common/check.h"
 #include "quant_kernel.cuh"
 #include "quant_launch.h"
@@ -10,10 +9,10 @@ namespace portmla {
 namespace sm80 {
 namespace {
 
-template <typename T, int FMT, int STAGES, int MINB>
+template <typename T, int FMT>
 cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
-  auto kernel = mla_decode_quant_kernel<T, FMT, STAGES, MINB>;
-  constexpr int smem = quant::Layout<FMT, STAGES>::kBytes;
+  auto kernel = mla_decode_quant_kernel<T, FMT>;
+  constexpr int smem = quant::Layout<FMT, quant::kQStages>::kBytes;
   PORTMLA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int m_tiles = (p.max_query_len * p.num_heads + quant::kQM - 1) / quant::kQM;
@@ -23,18 +22,11 @@ cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-template <typename T, int FMT>
-cudaError_t run_fmt(const DecodeParams& p, cudaStream_t stream) {
-  return p.variant == kQuantDeep ? run<T, FMT, 4, 1>(p, stream) : run<T, FMT, 2, 2>(p, stream);
-}
-
 }  // namespace
 
-int quant_smem_bytes(int kv_format, bool deep) {
-  if (kv_format == kKvDsMla) {
-    return deep ? quant::Layout<kKvDsMla, 4>::kBytes : quant::Layout<kKvDsMla, 2>::kBytes;
-  }
-  return deep ? quant::Layout<kKvFp8, 4>::kBytes : quant::Layout<kKvFp8, 2>::kBytes;
+int quant_smem_bytes(int kv_format) {
+  return kv_format == kKvDsMla ? quant::Layout<kKvDsMla, quant::kQStages>::kBytes
+                               : quant::Layout<kKvFp8, quant::kQStages>::kBytes;
 }
 
 cudaError_t launch_decode_quant(const DecodeParams& p, cudaStream_t stream) {
@@ -47,9 +39,9 @@ cudaError_t launch_decode_quant(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
   const bool bf16 = p.q_dtype == kBF16;
   if (p.kv_format == kKvFp8) {
-    return bf16 ? run_fmt<__nv_bfloat16, kKvFp8>(p, stream) : run_fmt<__half, kKvFp8>(p, stream);
+    return bf16 ? run<__nv_bfloat16, kKvFp8>(p, stream) : run<__half, kKvFp8>(p, stream);
   }
-  return bf16 ? run_fmt<__nv_bfloat16, kKvDsMla>(p, stream) : run_fmt<__half, kKvDsMla>(p, stream);
+  return bf16 ? run<__nv_bfloat16, kKvDsMla>(p, stream) : run<__half, kKvDsMla>(p, stream);
 }
 
 }  // namespace sm80

@@ -43,7 +43,7 @@ cudaError_t launch_mla_decode(const DecodeParams& p, cudaStream_t stream) {
     return cudaErrorNotSupported;
 #endif
   }
-  if (p.variant == sm80::kQuant || p.variant == sm80::kQuantDeep) {
+  if (p.variant == sm80::kQuant) {
     return run_scheduled(p, stream, sm80::launch_decode_quant);
   }
   switch (p.kv_format) {

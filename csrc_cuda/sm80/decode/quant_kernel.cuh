@@ -49,6 +49,9 @@ namespace quant {
 constexpr int kQM = kQuantRows;          // rows per CTA (16)
 constexpr int kQN = kQuantTokens;        // KV positions per tile (64, the schedule's unit)
 constexpr int kQThreads = kQuantThreads;  // 8 warps
+// cp.async stages: 2 lets two CTAs share an SM (fp8 96 KB, fp8_ds_mla 114 KB of shared memory).
+// H100: 4 stages with one CTA per SM was 1.1x slower (csrc_cuda/NOTES.md).
+constexpr int kQStages = 2;
 static_assert(kQN == kSchedTile && kQM == 16 && kQThreads == 256, "the kernel is written for these");
 constexpr int kQRow = kD + 8;            // Q row pitch in fp16 elements (1168 bytes: conflict-free)
 constexpr int kQPRow = kQN + 8;           // P row pitch (144 bytes: conflict-free ldmatrix)
@@ -142,10 +145,11 @@ __device__ __forceinline__ float pow2_normaliser(float x) {
 
 }  // namespace quant
 
-template <typename T, int FMT, int STAGES, int MINB>
-__global__ void __launch_bounds__(quant::kQThreads, MINB)
+template <typename T, int FMT>
+__global__ void __launch_bounds__(quant::kQThreads, 2)
     mla_decode_quant_kernel(const DecodeParams p) {
   using namespace quant;
+  constexpr int STAGES = kQStages;
   using Lay = Layout<FMT, STAGES>;
   constexpr bool kDs = FMT == kKvDsMla;
   static_assert(STAGES >= 2 && STAGES <= 4 && (STAGES & (STAGES - 1)) == 0, "2 or 4 stages");

@@ -8,8 +8,8 @@
 namespace portmla {
 namespace sm80 {
 
-// Shared memory of the kQuant (deep = false) / kQuantDeep shape for a quantized format.
-int quant_smem_bytes(int kv_format, bool deep);
+// Shared memory of the kernel for a quantized format (bytes).
+int quant_smem_bytes(int kv_format);
 
 // The decode kernel only, on the schedule in p.sched_cum / p.sched_piece (the caller runs
 // launch_decode_schedule before and the pieces' merge after). cudaErrorInvalidValue for
