@@ -80,9 +80,9 @@ class DecodeConfig:
     scheduled: bool = False
     parts: int = 1
     sched_fixed: int = 4
-    # Quantized-tile experiments (``scripts/triton_tune.py --plan quant``), off by default: the
-    # tile read (``QUANT_READS``) and a register cap per thread for the decode kernel (Triton's
-    # ``maxnreg``; 0: the compiler's choice), e.g. 168 to fit three 4-warp programs per SM.
+    # The quantized tile's read (``QUANT_READS``; ``decode_config`` picks "pairs_once" for the
+    # 16-row tile on CUDA) and a register cap per thread for the decode kernel (Triton's
+    # ``maxnreg``; 0: the compiler's choice; an experiment of ``scripts/triton_tune.py``).
     quant_read: str = "twice"
     maxnreg: int = 0
 
@@ -191,8 +191,16 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     # on the 64-row wgmma tile (1762 vs 1232 us at b=128, S=4096, h=128: its four 128-wide dots
     # and four accumulators spill). Same rule everywhere, so the interpreter tests cover both.
     exact_ds = block_m < 32
+    # The 16-row quantized tile reads the cache once through its 16-bit view for both GEMMs
+    # ("pairs_once"). H100 same-data A/B (session 8 of the notes), fp8 / fp8_ds_mla vs "twice":
+    # b=128 S=8192 h=16 fixed 398.9 -> 260.6 / 454.2 -> 310.0 us, varlen 409.1 -> 262.1 /
+    # 449.8 -> 311.3, b=64 S=32768 776.7 -> 481.3 / 873.5 -> 580.8, b=8 50.7 -> 40.4 /
+    # 51.6 -> 40.8. CUDA (measured) and the interpreter (so the conformance suite runs the
+    # default); ROCm / XPU keep "twice" until measured there.
+    quant_read = "pairs_once" if kv_format in ("fp8", "fp8_ds_mla") and block_m < 32 and \
+        platform.kind in ("cuda", "cpu") else "twice"
     return DecodeConfig(block_m, block_n, warps, stages, splits, per, row_tiles, exact_ds, scheduled, parts,
-                        sched_fixed)
+                        sched_fixed, quant_read)
 
 
 @dataclass(frozen=True)
