@@ -35,4 +35,8 @@ timeout "$BENCH_S" python -m portmla bench --preset anchors --backends all --pee
 timeout 80 python -m portmla bench --specs 128q1s8k,64q1s32k,8q1s8k --heads 16 --fixed \
   --kv-cache-dtype bfloat16,fp8,fp8_ds_mla --backends cuda,triton --no-ceilings \
   --out "$OUT/h100_formats" 2>&1 | tee -a "$OUT/log.txt"
-tar czf "$OUT/formats.tgz" -C "$OUT" h100_formats && rm -rf "$OUT/h100_formats"
+timeout 50 python -m portmla bench --specs 128q1s8k,8q1s8k --heads 16 \
+  --kv-cache-dtype bfloat16,fp8,fp8_ds_mla --backends cuda,triton --no-ceilings \
+  --out "$OUT/h100_formats_varlen" 2>&1 | tee -a "$OUT/log.txt"
+tar czf "$OUT/formats.tgz" -C "$OUT" h100_formats h100_formats_varlen && \
+  rm -rf "$OUT/h100_formats" "$OUT/h100_formats_varlen"
