@@ -19,16 +19,21 @@
 // a byte permute makes (2j, 2j+1) pairs per channel, so one matrix feeds two n8 tiles, the even
 // and the odd channels of 16 (their columns are mapped back in the epilogue).
 //
-// CTA = (row tile of 16, part of the device schedule, common/schedule.cuh); 8 warps; per KV
-// tile of 64 positions:
-//   S     warp w: scores of tokens 8w .. 8w+7 for the 16 rows (36 k16 steps over 576 channels;
-//         fp8_ds_mla: one accumulator per 128-channel scale tile, the RoPE part in bf16)
+// CTA = (row tile of 16, part of the device schedule, common/schedule.cuh); 8 warps, two CTAs
+// per SM; per KV tile of 64 positions:
+//   S     split over k: warp (kq = w % 4, th = w / 4) multiplies its channels (latent 128 kq ..
+//         128 kq + 127 and RoPE 512 + 16 kq .. + 15: 9 k16 steps, Q fragments held in
+//         registers for the whole segment) by tokens 32 th .. 32 th + 31; fp8_ds_mla: the
+//         latent partial times the tokens' scale of tile kq, the bf16 RoPE step in T. The four
+//         partials go through shared memory (over the Q staging area) and warp w sums those of
+//         tokens 8w .. 8w+7. (Q re-read from shared memory by every warp every tile kept the
+//         shared-memory pipe 79 % busy: 326 -> 252 us at b=128 S=8192 h=16 fp8 on the H100.)
 //   max   row maxima (and, fp8_ds_mla, the tile's largest scale per scale tile) exchanged
 //         through shared memory
 //   P     exp2 of the scaled scores, fp16, to shared memory (fp8_ds_mla: four copies, P times
 //         the token's scale of each scale tile, normalised by a power of two so they are <= 1)
 //   O     warp w: output channels 64w .. 64w+63 += P V (4 k16 steps, 8 n8 tiles)
-// Three barriers per tile. Positions past the segment's end are zero-filled by cp.async, so
+// Four barriers per tile. Positions past the segment's end are zero-filled by cp.async, so
 // NaN bytes of unused cache slots never reach the tensor cores. Cache offsets are 64-bit.
 #pragma once
 
