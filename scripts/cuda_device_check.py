@@ -50,8 +50,8 @@ def sanitize() -> None:
         check_decode(*run_both(case, single_token=False))
         case = make_decode_case([900], [1], 128, 64, fmt, dtype, "cuda")
         check_decode(*run_both(case, single_token=True))
-        # 16 heads: the single-tile Hopper kernel for bf16 (above: the pair one), the quantized-
-        # cache kernel for fp8 / fp8_ds_mla (above: the generic wide one)
+        # 16 heads: the single-tile Hopper kernel for bf16 (above: the pair one); fp8 /
+        # fp8_ds_mla run the quantized-cache kernel in all three cases
         case = make_decode_case([500, 64, 3], [1, 2, 1], 16, 16, fmt, dtype, "cuda", strided=True)
         check_decode(*run_both(case, single_token=False))
         kv_c = torch.randn(9, L, device="cuda", dtype=dtype)

@@ -42,11 +42,13 @@ def ran(monkeypatch):
     return seen
 
 
-CASES = [  # heads, seq lens, query lens (rows <= 32 a sequence), strided cache
+CASES = [  # heads, seq lens, query lens (rows <= 128 a sequence), strided cache
     (16, [2000, 33, 64, 1, 0], [1, 2, 1, 1, 0], True),
     (1, [129, 640, 4100], [1, 2, 1], False),
     (3, [300, 77, 5], [4, 1, 5], True),
     (32, [700, 5], [1, 1], False),
+    (40, [900, 3], [3, 1], True),      # 120 rows: 8 row tiles, the last partly empty
+    (128, [600, 70], [1, 1], False),
 ]
 # (parts, fixed cost) of the device schedule: 0 = the planner's; 1 part never cuts; many parts
 # with a small fixed cost cut every sequence into pieces, some empty for early query tokens.
@@ -113,7 +115,7 @@ def test_quant_large_batch_default_route(ran):
 @pytest.mark.gpu
 def test_quant_not_taken_for_many_rows_or_when_off(monkeypatch, ran):
     _need_quant()
-    case = make_decode_case([100, 7], [1, 1], 64, 64, "fp8", torch.bfloat16, "cuda")
+    case = make_decode_case([100, 7], [2, 1], 128, 64, "fp8", torch.bfloat16, "cuda")
     check_decode(*run_both(case, single_token=True))
     monkeypatch.setenv("PORTMLA_CUDA_QUANT", "0")
     case = make_decode_case([100, 7], [1, 1], 16, 64, "fp8", torch.bfloat16, "cuda")

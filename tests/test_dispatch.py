@@ -163,8 +163,9 @@ class _FakeQuantModule(_FakeCudaModule):
     ("fp8", 16, 1, (9, 0), 232448, None, "quant"),
     ("fp8_ds_mla", 16, 2, (9, 0), 232448, None, "quant"),
     ("fp8", 16, 1, (9, 0), 232448, "0", "narrow"),
-    ("fp8", 16, 3, (9, 0), 232448, None, "wide"),          # 48 rows a sequence
-    ("fp8", 128, 1, (9, 0), 232448, None, "wide"),
+    ("fp8", 16, 3, (9, 0), 232448, None, "quant"),         # 48 rows a sequence: 3 row tiles
+    ("fp8", 128, 1, (9, 0), 232448, None, "quant"),
+    ("fp8", 128, 2, (9, 0), 232448, None, "wide"),         # 256 rows a sequence
     ("bfloat16", 16, 1, (9, 0), 232448, None, "hopper"),   # 16-bit: not the quantized kernel
     ("fp8", 16, 1, (8, 0), 166912, None, "narrow"),        # sm_80 would emulate e4m3 -> fp16
     ("fp8", 16, 1, (8, 9), 101376, None, "quant"),         # 96 KB fits an sm_89 block
