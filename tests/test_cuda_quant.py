@@ -115,8 +115,8 @@ def test_quant_large_batch_default_route(ran):
 @pytest.mark.gpu
 def test_quant_not_taken_for_many_rows_or_when_off(monkeypatch, ran):
     _need_quant()
-    case = make_decode_case([100, 7], [2, 1], 128, 64, "fp8", torch.bfloat16, "cuda")
-    check_decode(*run_both(case, single_token=True))
+    case = make_decode_case([100, 7], [2, 1], 128, 64, "fp8", torch.bfloat16, "cuda")  # 256 rows
+    check_decode(*run_both(case, single_token=False))
     monkeypatch.setenv("PORTMLA_CUDA_QUANT", "0")
     case = make_decode_case([100, 7], [1, 1], 16, 64, "fp8", torch.bfloat16, "cuda")
     check_decode(*run_both(case, single_token=True))
