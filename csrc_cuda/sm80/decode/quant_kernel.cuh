@@ -210,23 +210,50 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
     }
     int next_page = tid < kQN ? page_of(c.kv_lo + STAGES * kQN + tid) : 0;
 
-    // This thread's Q chunks (8 elements each, 72 a row: row tid / 16, chunks tid % 16 + 16 i),
-    // loaded before the barrier so their latency overlaps the first tiles' issue.
-    uint4 v[5];
+    // Q rows -> fp16, scaled per row by a power of two (fp8_ds_mla: the RoPE part stays T).
     {
       const int r = tid >> 4, l16 = tid & 15, gr = c.m0 + r;
       const T* q = static_cast<const T*>(p.q) +
                    (gr < c.rows ? static_cast<int64_t>(c.t0 + gr / H) * p.q_stride_t +
                                       static_cast<int64_t>(gr % H) * p.q_stride_h
                                 : 0);
+      uint4 v[5];
+      float amax = 0.f;
+#pragma unroll
+      for (int i = 0; i < 5; ++i) {
+        const int ch = l16 + 16 * i;  // 8-element chunk, 72 a row
+        v[i] = make_uint4(0, 0, 0, 0);
+        if (ch < kD / 8 && gr < c.rows) v[i] = *reinterpret_cast<const uint4*>(q + ch * 8);
+        if (ch < kD / 8 && (!kDs || ch < kL / 8)) {
+          const T* e = reinterpret_cast<const T*>(&v[i]);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(to_float(e[k])));
+        }
+      }
+#pragma unroll
+      for (int o = 1; o < 16; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      float qs, qinv;
+      pow2_row_scale(amax, qs, qinv);
 #pragma unroll
       for (int i = 0; i < 5; ++i) {
         const int ch = l16 + 16 * i;
-        v[i] = make_uint4(0, 0, 0, 0);
-        if (ch < kD / 8 && gr < c.rows) v[i] = *reinterpret_cast<const uint4*>(q + ch * 8);
+        if (ch >= kD / 8) continue;
+        uint4 o = v[i];
+        if (!kDs || ch < kL / 8) {
+          const T* e = reinterpret_cast<const T*>(&v[i]);
+          uint32_t h[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            h[k] = pack2<__half>(to_float(e[2 * k]) * qs, to_float(e[2 * k + 1]) * qs);
+          }
+          o = make_uint4(h[0], h[1], h[2], h[3]);
+        }
+        *reinterpret_cast<uint4*>(sQ + (r * kQRow + ch * 8) * 2) = o;
       }
+      if (l16 == 0) sQInv[r] = qinv;
     }
-    __syncthreads();  // sOff visible: the first tiles load while Q is staged
+    __syncthreads();
+
     // cp.async of tile `it` into its stage: latent rows, RoPE rows, (ds) scales.
     auto issue = [&](int it) {
       if (it < n_tiles) {
@@ -260,43 +287,6 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue(s);
-
-    // Q rows -> fp16, scaled per row by a power of two (fp8_ds_mla: the RoPE part stays T).
-    {
-      const int r = tid >> 4, l16 = tid & 15, gr = c.m0 + r;
-      float amax = 0.f;
-#pragma unroll
-      for (int i = 0; i < 5; ++i) {
-        const int ch = l16 + 16 * i;
-        if (ch < kD / 8 && (!kDs || ch < kL / 8)) {
-          const T* e = reinterpret_cast<const T*>(&v[i]);
-#pragma unroll
-          for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(to_float(e[k])));
-        }
-      }
-#pragma unroll
-      for (int o = 1; o < 16; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-      float qs, qinv;
-      pow2_row_scale(amax, qs, qinv);
-#pragma unroll
-      for (int i = 0; i < 5; ++i) {
-        const int ch = l16 + 16 * i;
-        if (ch >= kD / 8) continue;
-        uint4 o = v[i];
-        if (!kDs || ch < kL / 8) {
-          const T* e = reinterpret_cast<const T*>(&v[i]);
-          uint32_t h[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            h[k] = pack2<__half>(to_float(e[2 * k]) * qs, to_float(e[2 * k + 1]) * qs);
-          }
-          o = make_uint4(h[0], h[1], h[2], h[3]);
-        }
-        *reinterpret_cast<uint4*>(sQ + (r * kQRow + ch * 8) * 2) = o;
-      }
-      if (l16 == 0) sQInv[r] = qinv;
-    }
-    __syncthreads();
 
     const int last0 = c.last_pos(c.m0 + g, H), last1 = c.last_pos(c.m0 + g + 8, H);
     const float qinv0 = sQInv[g], qinv1 = sQInv[g + 8];
