@@ -340,26 +340,16 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
         for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-        // Two n8 tiles' mma chains interleaved (k inner to a pair of tiles): consecutive mmas
-        // are independent (the mma asm is volatile, so this order is the issue order); four
-        // would need 16 more live registers and spill at the 128 of two CTAs per SM.
 #pragma unroll
-        for (int pr = 0; pr < 2; ++pr) {
+        for (int nt = 0; nt < 4; ++nt) {
+          const int tok = 32 * th + 8 * nt + (lane & 7);
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            uint32_t r[2][4];
-#pragma unroll
-            for (int u = 0; u < 2; ++u) {
-              const int tok = 32 * th + 8 * (2 * pr + u) + (lane & 7);
-              ldmatrix_x4(r[u], base + Lay::kNope + nope_off(tok, 8 * kq + 4 * h + (lane >> 3)));
-            }
+            uint32_t r[4];
+            ldmatrix_x4(r, base + Lay::kNope + nope_off(tok, 8 * kq + 4 * h + (lane >> 3)));
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-#pragma unroll
-              for (int u = 0; u < 2; ++u) {
-                mma_16816<__half>(acc[2 * pr + u], qf[4 * h + i], e4m3x2_to_h2(r[u][i]),
-                                  e4m3x2_to_h2(r[u][i] >> 16));
-              }
+              mma_16816<__half>(acc[nt], qf[4 * h + i], e4m3x2_to_h2(r[i]), e4m3x2_to_h2(r[i] >> 16));
             }
           }
         }
