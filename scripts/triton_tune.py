@@ -1,6 +1,6 @@
 """Same-data A/B of Triton decode launch variants on a GPU (one call, one table).
 
-    PYTHONPATH=. python scripts/triton_tune.py [--plan final|sched|quant|ds,fp8,bf16,h128] [--reps 15]
+    PYTHONPATH=. python scripts/triton_tune.py [--plan final|sched|quant|dsq|ds,fp8,bf16,h128] [--reps 15]
         [--budget-s S]
 
 Each data set (the ANCHORS.md row shapes, fixed or varlen lengths) is built once and every
@@ -20,6 +20,9 @@ tile, register cap, programs per SM for the schedule's parts) against the defaul
 fp8_ds_mla, with bf16's default on the same shape as the reference speed. Rows whose reference
 is skipped for memory are checked against the default variant's output (``rel`` then says
 ``vs default``). ``--budget-s`` stops starting new data sets past that many seconds.
+
+``--plan dsq``: fp8_ds_mla only, the default ("pairs_once") against "pairs_once_fold" (the P @ V
+normaliser folded into the accumulator rescale) on the four 16-head rows.
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ QUANT = {
     "twice 64x8w3st": QuantVariant("twice 64x8w3st", "twice", 64, 8, 3, per_sm=1),
     "once": QuantVariant("once", "once"),
     "twice": QuantVariant("twice", "twice"),  # the read before session 8 (the default is pairs1 since)
+    # fp8_ds_mla: the P @ V normaliser folded into the accumulator rescale (fp8 reads as pairs1);
+    # sm_90: 245 registers, no spills, 748 loop SASS vs pairs1's 246 / 811
+    "pairs1 fold": QuantVariant("pairs1 fold", "pairs_once_fold"),
 }
 _Q = [DEFAULT] + [QUANT[k] for k in ("twice", "pairs", "pairs1 st7", "pairs1 r168", "pairs1 64x8w")]
 
@@ -132,6 +138,11 @@ PLANS = {
               ((64, 32768, 16, True), ("bfloat16",), [DEFAULT]),
               ((8, 8192, 16, True), ("fp8", "fp8_ds_mla"), [DEFAULT, QUANT["twice"], QUANT["pairs1 r168"]]),
               ((8, 8192, 16, True), ("bfloat16",), [DEFAULT])],
+    # fp8_ds_mla's folded normaliser ("pairs_once_fold") vs the default, the four 16-head rows
+    "dsq": [((128, 8192, 16, True), ("fp8_ds_mla",), [DEFAULT, QUANT["pairs1 fold"]]),
+            ((128, 8192, 16, False), ("fp8_ds_mla",), [DEFAULT, QUANT["pairs1 fold"]]),
+            ((64, 32768, 16, True), ("fp8_ds_mla",), [DEFAULT, QUANT["pairs1 fold"]]),
+            ((8, 8192, 16, True), ("fp8_ds_mla",), [DEFAULT, QUANT["pairs1 fold"]])],
     "sched": [((128, 8192, 16, False), ("bfloat16", "fp8", "fp8_ds_mla"), AB),
               ((128, 8192, 16, True), ("bfloat16", "fp8", "fp8_ds_mla"), AB),
               ((64, 32768, 16, True), ("bfloat16",), AB),

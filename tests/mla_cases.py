@@ -90,11 +90,14 @@ class DecodeCase:
 
 def make_decode_case(seq_lens, query_lens, *, heads=16, block_size=16, fmt="bfloat16",
                      layout="contiguous", device="cpu", model_dtype=torch.bfloat16, lora=512,
-                     rope=64, extra_blocks=3, spread=1.0, entry_pad=16):
+                     rope=64, extra_blocks=3, spread=1.0, entry_pad=16, tile_gain=None):
     """Random paged cache (block 0 = null block, random block permutation), random q.
 
     Unused cache slots and unused block-table entries are poisoned. ``entry_pad``: the
-    ``padded`` layout's spare elements per token (see ``make_cache``).
+    ``padded`` layout's spare elements per token (see ``make_cache``). ``tile_gain=(lo, hi)``
+    multiplies each token's each 128-wide kv_c tile by a log-uniform gain in ``[lo, hi]`` (the
+    fp8_ds_mla tile scales then spread over those decades, inside and across KV tiles); a
+    callable ``tile_gain(positions [S], tiles) -> [S, tiles]`` gives the gains itself.
     """
     device = torch.device(device)
     nseq = len(seq_lens)
@@ -113,7 +116,15 @@ def make_decode_case(seq_lens, query_lens, *, heads=16, block_size=16, fmt="bflo
     canon = canonical_format(fmt)
     kv_c, k_pe, slots = [], [], []
     for b, s in enumerate(seq_lens):
-        kv_c.append(torch.randn(s, lora, device=device) * spread)
+        c = torch.randn(s, lora, device=device) * spread
+        if callable(tile_gain):
+            gain = tile_gain(torch.arange(s, device=device), math.ceil(lora / 128))
+        elif tile_gain is not None:
+            lo, hi = math.log(tile_gain[0]), math.log(tile_gain[1])
+            gain = torch.exp(lo + (hi - lo) * torch.rand(s, math.ceil(lora / 128), device=device))
+        if tile_gain is not None:
+            c = c * gain.repeat_interleave(128, dim=1)[:, :lora]
+        kv_c.append(c)
         k_pe.append(torch.randn(s, rope, device=device) * spread)
         pos = torch.arange(s, device=device)
         slots.append(table[b, pos // block_size].long() * block_size + pos % block_size)

@@ -195,6 +195,43 @@ def test_mla_decode_ds_exact_path(spread):
     assert torch.allclose(l_tri, l_ref, atol=2e-3, rtol=1e-3), (l_tri - l_ref).abs().max()
 
 
+@pytest.mark.parametrize("gain", [(1e-3, 30.0), (1e-6, 1e2), (1e-20, 1e20)])
+@pytest.mark.parametrize("quant_read", ["pairs_once", "pairs_once_fold"])
+def test_mla_decode_ds_tile_scales_spread(gain, quant_read, monkeypatch):
+    """fp8_ds_mla tile scales spread over many decades, per token and 128-wide tile (inside
+    each KV tile and from one KV tile to the next, 40 decades in the last case): the 16-row
+    tile's P @ V normalisers ("pairs_once": the KV tile's largest scale on the fp32 dot;
+    "pairs_once_fold": a power of two folded into the accumulators' rescale) keep the output
+    at the 16-bit formats' tolerance."""
+    force_decode_config(monkeypatch, True, 3, 1, quant_read=quant_read)
+    torch.manual_seed(11)
+    case = mla_cases.make_decode_case([70, 33, 1, 50], [1, 2, 1, 1], heads=4, block_size=16, fmt="fp8_ds_mla",
+                                      layout="contiguous", device=DEV, tile_gain=gain)
+    o_tri, l_tri = mla_cases.decode(case, "triton")
+    o_ref, l_ref = mla_cases.decode(case, "reference")
+    _close(o_tri, o_ref, 1e-2, "out")
+    assert torch.allclose(l_tri, l_ref, atol=2e-3, rtol=1e-3), (l_tri - l_ref).abs().max()
+
+
+@pytest.mark.parametrize("quant_read", ["pairs_once", "pairs_once_fold"])
+def test_mla_decode_ds_tile_scales_fall(quant_read, monkeypatch):
+    """A sequence's tile scales falling by 40 decades after its first KV tiles (10^15 -> 10^-25):
+    "pairs_once_fold" keeps each KV tile's normaliser within 2^-64 of the largest scale seen, so
+    the accumulator (in units of that normaliser) does not overflow float32."""
+    force_decode_config(monkeypatch, True, 3, 1, quant_read=quant_read)
+
+    def gain(pos, tiles):
+        return torch.where(pos < 20, 1e15, 1e-25)[:, None].expand(-1, tiles)
+
+    torch.manual_seed(12)
+    case = mla_cases.make_decode_case([70, 90], [1, 1], heads=4, block_size=16, fmt="fp8_ds_mla",
+                                      layout="contiguous", device=DEV, tile_gain=gain)
+    o_tri, l_tri = mla_cases.decode(case, "triton")
+    o_ref, l_ref = mla_cases.decode(case, "reference")
+    _close(o_tri, o_ref, 1e-2, "out")
+    assert torch.allclose(l_tri, l_ref, atol=2e-3, rtol=1e-3), (l_tri - l_ref).abs().max()
+
+
 def test_mla_decode_capture_bound_max_query_len_and_no_lse():
     """A loose max_query_len (as inside graph capture) only adds empty row tiles."""
     g = _gen(7)
@@ -337,7 +374,7 @@ QUANT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("quant_read", ["twice", "once", "pairs", "pairs_once"])
+@pytest.mark.parametrize("quant_read", ["twice", "once", "pairs", "pairs_once", "pairs_once_fold"])
 @pytest.mark.parametrize("fmt,layout,lora,block_m,scheduled", QUANT_CASES)
 def test_mla_decode_quant_read_variants(fmt, layout, lora, block_m, scheduled, quant_read, monkeypatch):
     """Every ``DecodeConfig.quant_read`` (and a register cap) forced on the quantized tiles:
@@ -363,7 +400,7 @@ def test_mla_decode_quant_read_variants(fmt, layout, lora, block_m, scheduled, q
 def test_mla_decode_quant_read_rejects_unknown(monkeypatch):
     force_decode_config(monkeypatch, True, quant_read="thrice")
     case = mla_cases.make_decode_case([20], [1], heads=4, fmt="fp8", device=DEV)
-    with pytest.raises(ValueError, match="quant_read='thrice' \\(supported: twice, once, pairs, pairs_once\\)"):
+    with pytest.raises(ValueError, match="quant_read='thrice' \\(supported: twice, once, pairs, pairs_once, pairs_once_fold\\)"):
         mla_cases.decode(case, "triton")
 
 

@@ -21,7 +21,8 @@ range is shared code (``_attend`` / ``_ds_exact`` + ``_finish``); two kernels ca
 Quantized tiles (per-tensor fp8, the exact fp8_ds_mla path) are read twice by default, once
 per GEMM; ``DecodeConfig.quant_read`` selects opt-in reads to time (``launch.QUANT_READS``):
 one converted read, or the P @ V operand (and with "pairs_once" the QK^T one too) through the
-cache's 16-bit view (``common.load_fp8_pairs``; ``_ds_pairs`` for fp8_ds_mla).
+cache's 16-bit view (``common.load_fp8_pairs``; ``_ds_pairs`` for fp8_ds_mla, where
+"pairs_once_fold" also folds the per-KV-tile P @ V normaliser into the accumulator rescale).
 """
 
 from __future__ import annotations
@@ -182,10 +183,10 @@ def _attend_tile(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride
     ``BLOCK_L``-wide accumulator of ``_attend`` in ``a0``, repeated). The callers store it
     after the loop (the scheduled kernel picks output or partial slot only then, so the
     store pointers are not live across the tile loop)."""
-    if EXACT_DS and ALIGNED and (QREAD == "pairs" or QREAD == "pairs_once"):
+    if EXACT_DS and ALIGNED and (QREAD == "pairs" or QREAD == "pairs_once" or QREAD == "pairs_once_fold"):
         a0, a1, a2, a3, m_i, l_i = _ds_pairs(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok,
                                              bt_row, kv_lo, kv_hi, limit, qk_scale, PAGE, L, R, BLOCK_R, BLOCK_M,
-                                             BLOCK_N, UPCAST, QREAD == "pairs_once", NV_PTX)
+                                             BLOCK_N, UPCAST, QREAD != "pairs", QREAD == "pairs_once_fold", NV_PTX)
     elif EXACT_DS and QREAD == "once":
         a0, a1, a2, a3, m_i, l_i = _ds_once(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok,
                                             bt_row, kv_lo, kv_hi, limit, qk_scale, ALIGNED, PAGE, L, R, BLOCK_R,
@@ -231,10 +232,12 @@ def _attend(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok,
         scale = scale * ks
 
     # QREAD (fp8, aligned cache; ``DecodeConfig.quant_read``): "pairs" reads the P @ V operand
-    # through the tile's 16-bit view, "pairs_once" both operands from one such read; the even
-    # and odd columns go to two half-width accumulators (interleaved after the loop)
-    PAIRS: tl.constexpr = FMT == 1 and ALIGNED and (QREAD == "pairs" or QREAD == "pairs_once")
-    PAIRS_QK: tl.constexpr = PAIRS and QREAD == "pairs_once"
+    # through the tile's 16-bit view, "pairs_once" (and "pairs_once_fold", which only changes
+    # fp8_ds_mla) both operands from one such read; the even and odd columns go to two
+    # half-width accumulators (interleaved after the loop)
+    PAIRS: tl.constexpr = FMT == 1 and ALIGNED and (QREAD == "pairs" or QREAD == "pairs_once"
+                                                    or QREAD == "pairs_once_fold")
+    PAIRS_QK: tl.constexpr = PAIRS and QREAD != "pairs"
     if PAIRS_QK:
         q_e, q_o = split_cols(qn)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -451,11 +454,7 @@ def _ds_q(q_rows, row_ok, L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexp
 @triton.jit
 def _ds_scales(kv_ptr, kv32_ptr, off, ok, ALIGNED: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr):
     """The four tile scales of each entry, ``[BLOCK_N]`` each."""
-    sc = load_ds_scales(kv_ptr, kv32_ptr, off, ok, ALIGNED, L)  # [BLOCK_N, 4]
-    sc02, sc13 = tl.split(tl.reshape(sc, (BLOCK_N, 2, 2)))
-    sc0, sc2 = tl.split(sc02)
-    sc1, sc3 = tl.split(sc13)
-    return sc0, sc1, sc2, sc3
+    return _ds_split4(load_ds_scales(kv_ptr, kv32_ptr, off, ok, ALIGNED, L))  # [BLOCK_N, 4] -> 4 x [BLOCK_N]
 
 
 @triton.jit
@@ -468,15 +467,59 @@ def _ds_pv_weight(p, sc):
 
 
 @triton.jit
+def _ds_split4(x):
+    """The four columns of ``[N, 4]`` ``x``, ``[N]`` each."""
+    x02, x13 = tl.split(tl.reshape(x, (x.shape[0], 2, 2)))
+    x0, x2 = tl.split(x02)
+    x1, x3 = tl.split(x13)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _ds_fold(sc, g, top):
+    """One scale tile's "pairs_once_fold" step over a KV tile with scales ``sc`` ``[BLOCK_N]``:
+    ``(sc / g_new, g / g_new, g_new, top_new)``, ``g_new`` the tile's normaliser (see
+    ``_ds_pairs``), ``top_new`` the largest scale seen."""
+    mx = tl.max(sc, 0)
+    top = tl.maximum(top, mx)
+    g_new = _pow2_at_least(tl.maximum(mx, top * DS_FOLD_RANGE))
+    inv = ((254 << 23) - g_new.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # 1 / g_new
+    return sc * inv, g * inv, g_new, top  # powers of two: exact
+
+
+@triton.jit
+def _pow2_at_least(x):
+    """The smallest power of two ``>= x`` for ``x`` in ``[FLT_MIN, 2^127]``; 1 for ``x <= 0``."""
+    g = ((x.to(tl.uint32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.where(x > 0, g, 1.0)
+
+
+# "pairs_once_fold": a KV tile's P @ V normaliser ``g`` (per scale tile) may fall below the
+# largest tile scale seen so far by at most this factor, so an accumulator held in units of
+# ``g`` stays below 2^64 * 448 * tokens (no float32 overflow). Only a KV tile whose largest
+# scale is more than 2^64 below an earlier one's gets a smaller P @ V operand than "pairs_once".
+DS_FOLD_RANGE = tl.constexpr(2.0 ** -64)
+
+
+@triton.jit
 def _ds_pairs(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_tok, bt_row, kv_lo, kv_hi, limit,
               qk_scale, PAGE: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, QK_PAIRS: tl.constexpr,
-              NV_PTX: tl.constexpr):
+              FOLD: tl.constexpr, NV_PTX: tl.constexpr):
     """``_ds_exact`` (aligned caches) with the P @ V operands read through the cache's 16-bit
     view (``load_fp8_pairs``: no byte-wise shared loads for the token-major operand) and, with
     ``QK_PAIRS``, the QK^T operands from the same one read (Q split into even / odd columns).
     Eight 64-wide accumulators, the even and odd columns of each scale tile, interleaved at
-    the end: ``(acc0, acc1, acc2, acc3, m, l)`` as ``_ds_exact``."""
+    the end: ``(acc0, acc1, acc2, acc3, m, l)`` as ``_ds_exact``.
+
+    ``FOLD`` ("pairs_once_fold"): each scale tile's accumulator is held in units of ``g``, a
+    power of two per scale tile set anew every KV tile (``_pow2_at_least`` of the tile's
+    largest scale, kept within ``DS_FOLD_RANGE`` of the largest seen). The P @ V operand is
+    ``P * scale / g`` (as "pairs_once" up to the power of two) and the change of ``g``
+    (``g_old / g``, exact) joins the softmax rescale ``alpha``: one multiply per accumulator
+    element and the dot accumulating in place, not ``acc * alpha + dot * max_scale``; ``acc * g``
+    at the end. (One reduction of the ``[BLOCK_N, 4]`` scales for the four maxima compiled worse
+    on sm_90: the ``[4]`` result's splits went through shared memory, 23 barriers a tile, not 9.)"""
     q0, q1, q2, q3, qr, q_inv = _ds_q(q_rows, row_ok, L, R, BLOCK_R)
     if QK_PAIRS:
         q0e, q0o = split_cols(q0)
@@ -494,12 +537,15 @@ def _ds_pairs(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_to
     acc2o = tl.zeros((BLOCK_M, HALF), tl.float32)
     acc3e = tl.zeros((BLOCK_M, HALF), tl.float32)
     acc3o = tl.zeros((BLOCK_M, HALF), tl.float32)
+    g0, g1, g2, g3 = 1.0, 1.0, 1.0, 1.0  # FOLD: the accumulators' units, per scale tile
+    top0, top1, top2, top3 = 0.0, 0.0, 0.0, 0.0  # FOLD: the largest scale seen, per scale tile
     zs = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     zo = tl.zeros((BLOCK_M, HALF), tl.float32)
     for start in range(kv_lo, kv_hi, BLOCK_N):
         pos, ok, off = _tile_offsets(bt_row, start, kv_hi, stride_page, stride_tok, PAGE, BLOCK_N)
         kr = load_rope(kv_ptr, kv16_ptr, off, ok, 2, False, True, L, R, BLOCK_R, qr.dtype)
-        sc0, sc1, sc2, sc3 = _ds_scales(kv_ptr, kv32_ptr, off, ok, True, L, BLOCK_N)
+        sc = load_ds_scales(kv_ptr, kv32_ptr, off, ok, True, L)  # [BLOCK_N, 4]
+        sc0, sc1, sc2, sc3 = _ds_split4(sc)
         if QK_PAIRS:
             k0e, k0o = load_fp8_pairs(kv16_ptr, off, ok, 0, DS_TILE, L, False, "", NV_PTX)
             k1e, k1o = load_fp8_pairs(kv16_ptr, off, ok, DS_TILE, DS_TILE, L, False, "", NV_PTX)
@@ -521,21 +567,39 @@ def _ds_pairs(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_to
             k1e, k1o = load_fp8_pairs(kv16_ptr, off, ok, DS_TILE, DS_TILE, L, False, "evict_first", NV_PTX)
             k2e, k2o = load_fp8_pairs(kv16_ptr, off, ok, 2 * DS_TILE, DS_TILE, L, False, "evict_first", NV_PTX)
             k3e, k3o = load_fp8_pairs(kv16_ptr, off, ok, 3 * DS_TILE, DS_TILE, L, False, "evict_first", NV_PTX)
-        p0, mx0 = _ds_pv_weight(p, sc0)
-        p1, mx1 = _ds_pv_weight(p, sc1)
-        p2, mx2 = _ds_pv_weight(p, sc2)
-        p3, mx3 = _ds_pv_weight(p, sc3)
-        acc0e = acc0e * alpha[:, None] + dot(p0, k0e, zo, UPCAST) * mx0
-        acc0o = acc0o * alpha[:, None] + dot(p0, k0o, zo, UPCAST) * mx0
-        acc1e = acc1e * alpha[:, None] + dot(p1, k1e, zo, UPCAST) * mx1
-        acc1o = acc1o * alpha[:, None] + dot(p1, k1o, zo, UPCAST) * mx1
-        acc2e = acc2e * alpha[:, None] + dot(p2, k2e, zo, UPCAST) * mx2
-        acc2o = acc2o * alpha[:, None] + dot(p2, k2o, zo, UPCAST) * mx2
-        acc3e = acc3e * alpha[:, None] + dot(p3, k3e, zo, UPCAST) * mx3
-        acc3o = acc3o * alpha[:, None] + dot(p3, k3o, zo, UPCAST) * mx3
+        if FOLD:
+            w0, f0, g0, top0 = _ds_fold(sc0, g0, top0)
+            w1, f1, g1, top1 = _ds_fold(sc1, g1, top1)
+            w2, f2, g2, top2 = _ds_fold(sc2, g2, top2)
+            w3, f3, g3, top3 = _ds_fold(sc3, g3, top3)
+            p0 = (p * w0[None, :]).to(tl.float16)
+            p1 = (p * w1[None, :]).to(tl.float16)
+            p2 = (p * w2[None, :]).to(tl.float16)
+            p3 = (p * w3[None, :]).to(tl.float16)
+            acc0e = dot(p0, k0e, acc0e * (alpha * f0)[:, None], UPCAST)
+            acc0o = dot(p0, k0o, acc0o * (alpha * f0)[:, None], UPCAST)
+            acc1e = dot(p1, k1e, acc1e * (alpha * f1)[:, None], UPCAST)
+            acc1o = dot(p1, k1o, acc1o * (alpha * f1)[:, None], UPCAST)
+            acc2e = dot(p2, k2e, acc2e * (alpha * f2)[:, None], UPCAST)
+            acc2o = dot(p2, k2o, acc2o * (alpha * f2)[:, None], UPCAST)
+            acc3e = dot(p3, k3e, acc3e * (alpha * f3)[:, None], UPCAST)
+            acc3o = dot(p3, k3o, acc3o * (alpha * f3)[:, None], UPCAST)
+        else:
+            p0, mx0 = _ds_pv_weight(p, sc0)
+            p1, mx1 = _ds_pv_weight(p, sc1)
+            p2, mx2 = _ds_pv_weight(p, sc2)
+            p3, mx3 = _ds_pv_weight(p, sc3)
+            acc0e = acc0e * alpha[:, None] + dot(p0, k0e, zo, UPCAST) * mx0
+            acc0o = acc0o * alpha[:, None] + dot(p0, k0o, zo, UPCAST) * mx0
+            acc1e = acc1e * alpha[:, None] + dot(p1, k1e, zo, UPCAST) * mx1
+            acc1o = acc1o * alpha[:, None] + dot(p1, k1o, zo, UPCAST) * mx1
+            acc2e = acc2e * alpha[:, None] + dot(p2, k2e, zo, UPCAST) * mx2
+            acc2o = acc2o * alpha[:, None] + dot(p2, k2o, zo, UPCAST) * mx2
+            acc3e = acc3e * alpha[:, None] + dot(p3, k3e, zo, UPCAST) * mx3
+            acc3o = acc3o * alpha[:, None] + dot(p3, k3o, zo, UPCAST) * mx3
         m_i = m_new
-    return (interleave_cols(acc0e, acc0o), interleave_cols(acc1e, acc1o), interleave_cols(acc2e, acc2o),
-            interleave_cols(acc3e, acc3o), m_i, l_i)
+    return (interleave_cols(acc0e, acc0o) * g0, interleave_cols(acc1e, acc1o) * g1,
+            interleave_cols(acc2e, acc2o) * g2, interleave_cols(acc3e, acc3o) * g3, m_i, l_i)
 
 
 def kv_view(kv_cache: torch.Tensor) -> torch.Tensor:

@@ -56,9 +56,12 @@ def fp8_max(platform: Platform) -> float:
 # at 16 x 32 / 4 warps). "once": one read converted once for both GEMMs (sm_90: not pipelined).
 # "pairs": P @ V through the cache's 16-bit view (ldmatrix.trans, even / odd columns split in
 # registers, two half-width accumulators). "pairs_once": both GEMMs from one 16-bit read (Q split
-# into even / odd columns too). The "pairs" reads need the aligned cache (``decode.ds_aligned``);
+# into even / odd columns too). "pairs_once_fold": "pairs_once" with fp8_ds_mla's per-KV-tile
+# P @ V normaliser folded into the accumulators' softmax rescale (``decode._ds_pairs`` FOLD:
+# one multiply per accumulator element, not two; fp8 per-tensor reads as "pairs_once"). The
+# "pairs" reads need the aligned cache (``decode.ds_aligned``);
 # other caches read "twice".
-QUANT_READS = ("twice", "once", "pairs", "pairs_once")
+QUANT_READS = ("twice", "once", "pairs", "pairs_once", "pairs_once_fold")
 
 
 @dataclass(frozen=True)
