@@ -40,8 +40,9 @@ def sweep(spec: str, heads: int, fixed_len: bool, fmt: str = "bfloat16") -> str:
         return seen[-1]
 
     def variant_spy(p, mod):
-        kernels.append(orig_variant(p, mod)[0])
-        return orig_variant(p, mod)
+        out = orig_variant(p, mod)
+        kernels.append(out[0])
+        return out
 
     def time_it() -> float:
         calls = [lambda i=i: pm.mla_decode(backend="cuda", out=out, **inp.decode_kwargs(i))

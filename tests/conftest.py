@@ -78,6 +78,23 @@ def device() -> torch.device:
     return device_under_test()
 
 
+@pytest.fixture
+def ran(monkeypatch):
+    """Names of the cuda backend's decode variants chosen during the test."""
+    from portmla.backends import cuda as cuda_backend
+
+    seen = []
+    orig = cuda_backend.CudaBackend.decode_variant
+
+    def spy(p, mod):
+        out = orig(p, mod)
+        seen.append(out[0])
+        return out
+
+    monkeypatch.setattr(cuda_backend.CudaBackend, "decode_variant", staticmethod(spy))
+    return seen
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed((SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % (2**31))

@@ -95,6 +95,21 @@ def make_decode_case(seq_lens, q_lens, num_heads, block_size, fmt, dtype, device
                 query_start_loc=qsl, kv_cache_dtype=fmt, k_scale=scale)
 
 
+# (parts, fixed cost) of the device schedule of the scheduled kernels (Hopper, quantized):
+# 0 = the planner's; 1 part never cuts a sequence; many parts with a small fixed cost cut every
+# sequence into pieces, some of them empty for the row tiles of the earlier query tokens.
+SCHEDULES = [(0, 0), (1, 0), (3, 1), (40, 7)]
+
+
+def force_schedule(monkeypatch, parts, fixed):
+    from portmla.backends import cuda as cuda_backend
+
+    if parts:
+        monkeypatch.setattr(cuda_backend, "sched_parts", lambda *a: parts)
+    if fixed:
+        monkeypatch.setattr(cuda_backend, "SCHED_FIXED", dict.fromkeys(cuda_backend.SCHED_FIXED, fixed))
+
+
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

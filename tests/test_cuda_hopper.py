@@ -11,7 +11,14 @@ import os
 
 import pytest
 import torch
-from test_cuda_backend import _need_cuda, check_decode, make_decode_case, run_both
+from test_cuda_backend import (
+    SCHEDULES,
+    _need_cuda,
+    check_decode,
+    force_schedule,
+    make_decode_case,
+    run_both,
+)
 
 from portmla.backends import cuda as cuda_backend
 
@@ -33,41 +40,12 @@ def _need_hopper():
         pytest.skip(missing)
 
 
-@pytest.fixture
-def ran(monkeypatch):
-    """Names of the decode variants chosen during the test."""
-    seen = []
-    orig = cuda_backend.CudaBackend.decode_variant
-
-    def spy(p, mod):
-        out = orig(p, mod)
-        seen.append(out[0])
-        return out
-
-    monkeypatch.setattr(cuda_backend.CudaBackend, "decode_variant", staticmethod(spy))
-    return seen
-
-
 CASES = [  # heads, seq lens, query lens, strided cache
     (128, [700, 5, 0, 1300, 64], [2, 1, 0, 1, 3], False),
     (16, [2000, 33, 64, 1], [1, 3, 1, 1], True),
     (1, [129, 640, 4100], [1, 2, 1], False),
     (40, [300, 77], [4, 1], True),
 ]
-
-
-# (parts, fixed cost) of the device schedule: 0 = the planner's; 1 part never cuts a sequence;
-# many parts with a small fixed cost cut every sequence into pieces, some of them empty for the
-# row tiles of the earlier query tokens.
-SCHEDULES = [(0, 0), (1, 0), (3, 1), (40, 7)]
-
-
-def force_schedule(monkeypatch, parts, fixed):
-    if parts:
-        monkeypatch.setattr(cuda_backend, "sched_parts", lambda *a: parts)
-    if fixed:
-        monkeypatch.setattr(cuda_backend, "SCHED_FIXED",
-                            dict.fromkeys(cuda_backend.SCHED_FIXED, fixed))
 
 
 @pytest.mark.gpu

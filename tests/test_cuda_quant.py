@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cuda_backend import REQUIRED, _need_cuda, check_decode, make_decode_case, run_both
+from test_cuda_backend import (
+    REQUIRED,
+    SCHEDULES,
+    _need_cuda,
+    check_decode,
+    force_schedule,
+    make_decode_case,
+    run_both,
+)
 
 from portmla.backends import cuda as cuda_backend
 
@@ -27,21 +35,6 @@ def _need_quant():
         pytest.skip(msg)
 
 
-@pytest.fixture
-def ran(monkeypatch):
-    """Names of the decode variants chosen during the test."""
-    seen = []
-    orig = cuda_backend.CudaBackend.decode_variant
-
-    def spy(p, mod):
-        out = orig(p, mod)
-        seen.append(out[0])
-        return out
-
-    monkeypatch.setattr(cuda_backend.CudaBackend, "decode_variant", staticmethod(spy))
-    return seen
-
-
 CASES = [  # heads, seq lens, query lens (rows <= 128 a sequence), strided cache
     (16, [2000, 33, 64, 1, 0], [1, 2, 1, 1, 0], True),
     (1, [129, 640, 4100], [1, 2, 1], False),
@@ -50,17 +43,9 @@ CASES = [  # heads, seq lens, query lens (rows <= 128 a sequence), strided cache
     (40, [900, 3], [3, 1], True),      # 120 rows: 8 row tiles, the last partly empty
     (128, [600, 70], [1, 1], False),
 ]
-# (parts, fixed cost) of the device schedule: 0 = the planner's; 1 part never cuts; many parts
-# with a small fixed cost cut every sequence into pieces, some empty for early query tokens.
-SCHEDULES = [(0, 0), (1, 0), (3, 1), (40, 7)]
-
-
 def force(monkeypatch, parts, fixed):
     monkeypatch.delenv("PORTMLA_CUDA_QUANT", raising=False)
-    if parts:
-        monkeypatch.setattr(cuda_backend, "sched_parts", lambda *a: parts)
-    if fixed:
-        monkeypatch.setattr(cuda_backend, "SCHED_FIXED", dict.fromkeys(cuda_backend.SCHED_FIXED, fixed))
+    force_schedule(monkeypatch, parts, fixed)
 
 
 @pytest.mark.gpu

@@ -98,12 +98,6 @@ __device__ __forceinline__ int rope_off(int t, int c) {
   else return t * 64 + ((c ^ ((t >> 1) & 3)) << 4);
 }
 
-// 16-byte cp.async that zero-fills the destination when !valid (src then unused).
-__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
-               "l"(gmem), "r"(valid ? 16 : 0));
-}
-
 // Two e4m3 bytes (low 16 bits of v, low byte first) -> fp16x2 (exact; one cvt on sm_89+).
 __device__ __forceinline__ uint32_t e4m3x2_to_h2(uint32_t v) {
   const __half2_raw h =

@@ -351,10 +351,7 @@ def _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_to
     for start in range(kv_lo, kv_hi, BLOCK_N):
         pos, ok, off = _tile_offsets(bt_row, start, kv_hi, stride_page, stride_tok, PAGE, BLOCK_N)
         kr = load_rope(kv_ptr, kv16_ptr, off, ok, 2, False, ALIGNED, L, R, BLOCK_R, qr.dtype)
-        sc = load_ds_scales(kv_ptr, kv32_ptr, off, ok, ALIGNED, L)  # [BLOCK_N, 4]
-        sc02, sc13 = tl.split(tl.reshape(sc, (BLOCK_N, 2, 2)))
-        sc0, sc2 = tl.split(sc02)
-        sc1, sc3 = tl.split(sc13)
+        sc0, sc1, sc2, sc3 = _ds_scales(kv_ptr, kv32_ptr, off, ok, ALIGNED, L, BLOCK_N)
         # each tile is read twice, once per GEMM (the second read hits L2), so both are pipelined
         s = dot(q0, tl.trans(load_ds_chunk(kv_ptr, off, ok, 0, L, "evict_last")), zs, UPCAST) * sc0[None, :]
         s += dot(q1, tl.trans(load_ds_chunk(kv_ptr, off, ok, 1, L, "evict_last")), zs, UPCAST) * sc1[None, :]
@@ -364,6 +361,8 @@ def _ds_exact(q_rows, row_ok, kv_ptr, kv32_ptr, kv16_ptr, stride_page, stride_to
         p, alpha, m_new, l_i = softmax_step(s, ok[None, :] & (pos[None, :] <= limit[:, None]),
                                             m_i, l_i)
         # a tile scale is >= FLT_MIN for every written token; 0 only for masked rows / absent tiles
+        # (``_ds_pv_weight``'s math, written out: through the helper Triton 3.6 gives this loop
+        # 3 KB more shared memory on sm_90)
         mx0 = tl.max(sc0, 0)
         mx1 = tl.max(sc1, 0)
         mx2 = tl.max(sc2, 0)
