@@ -154,7 +154,8 @@ PYBIND11_MODULE(_cuda, m) {
     v["quant"] = py::make_tuple(int(sm80::kQuant), sm80::kQuantRows, sm80::kQuantTokens, 0,
                                 sm80::quant_smem_bytes(kKvDsMla), sm80::kQuantThreads);
 #if defined(PORTMLA_HAVE_SM90A)
-    // 16-bit caches only (fp8 entries 0: not taken)
+    // shared memory for 16-bit caches (the pair kernel's is the same for fp8 / fp8_ds_mla,
+    // HOPPER_QUANT_FORMATS; the fp8 entry 0 keeps the generic planner off it)
     v["hopper"] = py::make_tuple(int(sm80::kHopperPair), 64, 64, sm90::decode_smem_bytes(true), 0, 256);
     v["hopper_tile"] = py::make_tuple(int(sm80::kHopper), 64, 64, sm90::decode_smem_bytes(false), 0, 256);
 #endif
@@ -174,6 +175,8 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("BUILT_ARCHS") = PORTMLA_ARCHS;
 #if defined(PORTMLA_HAVE_SM90A)
   m.attr("HOPPER_NOT_BUILT") = py::none();
+  // Quantized caches the pair kernel takes (bf16 queries; its producer warpgroup converts).
+  m.attr("HOPPER_QUANT_FORMATS") = py::make_tuple("fp8", "fp8_ds_mla");
 #else
   m.attr("HOPPER_NOT_BUILT") = PORTMLA_SM90A_WHY;
 #endif

@@ -194,6 +194,43 @@ def test_cuda_quant_routing(monkeypatch, fmt, heads, s_q, cap, smem, env, want):
     assert any("quantized-cache kernel" in k for k in report) == (cap >= (8, 9) and env != "0")
 
 
+class _FakeHopperQuantModule(_FakeQuantModule):
+    HOPPER_QUANT_FORMATS = ("fp8", "fp8_ds_mla")
+
+
+@pytest.mark.parametrize("fmt,heads,s_q,dtype,env,want", [
+    ("fp8", 128, 1, torch.bfloat16, None, "hopper"),
+    ("fp8_ds_mla", 16, 4, torch.bfloat16, None, "hopper"),   # 64 rows a sequence
+    ("fp8", 32, 1, torch.bfloat16, None, "quant"),           # 32 rows: the quantized kernel
+    ("fp8", 16, 1, torch.bfloat16, "pair", "hopper"),        # forced
+    ("fp8", 128, 1, torch.float16, None, "quant"),           # fp16 queries: not the pair kernel
+    ("fp8", 128, 1, torch.bfloat16, "0", "quant"),           # Hopper kernels off
+    ("fp8", 128, 1, torch.bfloat16, "tile", "quant"),        # no single-tile fp8 kernel
+    ("fp8", 128, 4, torch.bfloat16, None, "hopper")])        # 512 rows: 8 row tiles
+def test_cuda_hopper_quant_routing(monkeypatch, fmt, heads, s_q, dtype, env, want):
+    """sm_90 with a module whose pair kernel converts quantized caches: bf16 queries with more
+    than HOPPER_QUANT_MIN_ROWS rows go there, any block size; the probe lists it."""
+    from portmla.backends import cuda as cuda_backend
+
+    monkeypatch.delenv("PORTMLA_CUDA_QUANT", raising=False)
+    if env is None:
+        monkeypatch.delenv("PORTMLA_CUDA_HOPPER", raising=False)
+    else:
+        monkeypatch.setenv("PORTMLA_CUDA_HOPPER", env)
+    for bs in (1, 48, 64):
+        p = _problem(platform=_h100(), block_size=bs)
+        p = dataclasses.replace(p, num_heads=heads, max_query_len=s_q, q_dtype=dtype,
+                                cache=dataclasses.replace(p.cache, kv_format=fmt))
+        name = cuda_backend.CudaBackend.decode_variant(p, _FakeHopperQuantModule)[0]
+        assert name == want, (bs, name)
+        if name == "hopper":  # one CTA per SM per row tile, on the device schedule
+            plan = cuda_backend.CudaBackend().plan_decode(p, _FakeHopperQuantModule)
+            assert plan[2:] == (1, 0, 132 // -(-heads * s_q // 64))
+    monkeypatch.setattr(cuda_backend, "load_module", lambda: (_FakeHopperQuantModule, None))
+    report = cuda_backend.CudaBackend().kernels(_h100())
+    assert any("pair kernel for fp8/fp8_ds_mla" in k for k in report) == (env != "0")
+
+
 def test_cuda_kernels_report_without_hopper_build(monkeypatch):
     from portmla.backends import cuda as cuda_backend
 

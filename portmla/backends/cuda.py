@@ -8,6 +8,10 @@ Kernels (see ``csrc_cuda/NOTES.md``):
   one of two KV tiles) above ``HOPPER_TILE_MAX_ROWS`` rows per sequence, the single-tile
   kernel at or below; ``PORTMLA_CUDA_HOPPER=pair`` / ``tile`` forces one, ``0`` uses the
   generic kernels instead.
+* ``mla_decode`` on sm_90 with an fp8 / fp8_ds_mla cache, bf16 queries and more than
+  ``HOPPER_QUANT_MIN_ROWS`` (token, head) rows per sequence, any block size: the pair kernel,
+  its producer warpgroup converting the raw entries into its bf16 stages (cp.async, e4m3 ->
+  bf16 in registers; fp8_ds_mla values times their tile scale, rounded once).
 * ``mla_decode`` with an fp8 / fp8_ds_mla cache and at most ``QUANT_MAX_ROWS`` (token, head)
   rows per sequence on sm_89+: the quantized-cache kernel (raw e4m3 bytes in shared memory,
   converted to fp16 in registers at the mma fragment load; 16 rows per CTA, two CTAs per SM);
@@ -108,6 +112,28 @@ def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
     return max(1, min(MAX_GRID_PARTS, sms * per_sm // max(1, m_tiles)))
 
 
+# Rows per sequence above which an fp8 / fp8_ds_mla cache with bf16 queries goes to the pair
+# kernel (its producer warpgroup converts the raw entries into its bf16 stages) rather than the
+# quantized-cache kernel, whose 16-row mma.sync tiles are compute-bound there.
+HOPPER_QUANT_MIN_ROWS = 32
+
+
+def hopper_quant_kernel_name(mod, p: DecodeProblem) -> str | None:
+    """``hopper`` where the pair kernel serves a quantized cache: sm_90, the pair kernel built
+    with its converting producer (``HOPPER_QUANT_FORMATS``), bf16 queries, more than
+    ``HOPPER_QUANT_MIN_ROWS`` rows per sequence (any count with ``PORTMLA_CUDA_HOPPER=pair``)."""
+    if p.cache.kv_format not in getattr(mod, "HOPPER_QUANT_FORMATS", ()) or p.q_dtype != torch.bfloat16 \
+            or hopper_unusable(mod, p.platform) is not None:
+        return None
+    force = os.environ.get("PORTMLA_CUDA_HOPPER")
+    if force == "tile":
+        return None
+    if force != "pair" and p.max_query_len * p.num_heads <= HOPPER_QUANT_MIN_ROWS:
+        return None
+    have = p.platform.shared_memory_per_block
+    return "hopper" if not have or have >= mod.DECODE_VARIANTS["hopper"][3] else None
+
+
 def quant_kernel_name(mod, p: DecodeProblem) -> str | None:
     """``quant`` where the quantized-cache kernel serves ``p``, else None (16-bit cache, more
     than ``QUANT_MAX_ROWS`` rows, an older GPU, too little shared memory,
@@ -205,10 +231,15 @@ class CudaBackend(Backend):
         if why is not None:
             return quant + (generic + f" for every other call (sm_90a Hopper kernel {why})", cache_ops)
         fmts = "/".join(HOPPER_FORMATS)
+        qfmts = "/".join(getattr(mod, "HOPPER_QUANT_FORMATS", ()))
+        hq = (f"mla_decode: sm_90a pair kernel for {qfmts} caches with bf16 queries and more than "
+              f"{HOPPER_QUANT_MIN_ROWS} (token, head) rows per sequence, any block size (its producer "
+              f"warpgroup converts the raw entries to bf16 for wgmma; the quantized-cache kernel "
+              f"takes the fewer rows)",) if qfmts else ()
         return (f"mla_decode: sm_90a Hopper kernels (TMA + wgmma) for {fmts} caches with block "
                 f"size 16, 32 or a multiple of 64: tile pairs with a producer warpgroup above "
                 f"{HOPPER_TILE_MAX_ROWS} (token, head) rows per sequence, single tiles at or below",
-                *quant, generic + " for the other formats and block sizes", cache_ops)
+                *hq, *quant, generic + " for the other formats and block sizes", cache_ops)
 
     def reasons(self, p: Problem) -> list[Reason]:
         out = super().reasons(p)
@@ -270,7 +301,10 @@ class CudaBackend(Backend):
     def decode_variant(p: DecodeProblem, mod) -> tuple[str, int, int, int]:
         """``(name, code, rows per CTA, shared memory)`` of the kernel that runs ``p``.
 
-        sm_89+ with an fp8 / fp8_ds_mla cache and few rows: the quantized-cache kernel.
+        sm_90 with an fp8 / fp8_ds_mla cache, bf16 queries and more than
+        ``HOPPER_QUANT_MIN_ROWS`` rows: the pair kernel (converting producer, any block size).
+        sm_89+ with an fp8 / fp8_ds_mla cache and at most ``QUANT_MAX_ROWS`` rows: the
+        quantized-cache kernel.
         sm_90 with a 16-bit cache and a block size its TMA boxes take: the Hopper kernel.
         Otherwise few rows per sequence (<= ``NARROW_MAX_ROWS``): 16-row tiles (memory-bound);
         more: 64-row tiles (compute-bound); the 32-row legacy kernel where the device's
@@ -279,6 +313,9 @@ class CudaBackend(Backend):
         fp8 = p.cache.kv_format not in _FORMAT_TORCH
         have = p.platform.shared_memory_per_block
         rows = p.max_query_len * p.num_heads
+        if hopper_quant_kernel_name(mod, p) is not None:
+            hopper = mod.DECODE_VARIANTS["hopper"]
+            return "hopper", hopper[0], hopper[2], hopper[3]
         if quant_kernel_name(mod, p) is not None:
             code, bm = mod.DECODE_VARIANTS["quant"][:2]
             return "quant", code, bm, mod.DECODE_QUANT_SMEM[p.cache.kv_format]

@@ -57,12 +57,10 @@ cudaError_t encode_kv_map(const DecodeParams& p, CUtensorMap* map) {
 
 bool block_size_ok(int bs) { return bs >= 16 && (kBN % bs == 0 || bs % kBN == 0); }
 
-template <typename T>
-cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
-  CUtensorMap map;
-  PORTMLA_RETURN_IF_ERROR(encode_kv_map(p, &map));
-  const bool pair = p.variant == sm80::kHopperPair;
-  auto kernel = pair ? mla_decode_hopper_pair_kernel<T> : mla_decode_hopper_kernel<T>;
+using Kernel = void (*)(const CUtensorMap, const DecodeParams);
+
+cudaError_t launch(Kernel kernel, const CUtensorMap& map, bool pair, const DecodeParams& p,
+                   cudaStream_t stream) {
   const int smem = decode_smem_bytes(pair);
   PORTMLA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -73,11 +71,39 @@ cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+template <typename T>
+cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
+  CUtensorMap map;
+  PORTMLA_RETURN_IF_ERROR(encode_kv_map(p, &map));
+  const bool pair = p.variant == sm80::kHopperPair;
+  return launch(pair ? mla_decode_hopper_pair_kernel<T, kKv16> : mla_decode_hopper_kernel<T>, map,
+                pair, p, stream);
+}
+
+// fp8 / fp8_ds_mla: the pair kernel converts in its producer warpgroup (no TMA map).
+cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream) {
+  CUtensorMap unused{};
+  return launch(p.kv_format == kKvFp8 ? mla_decode_hopper_pair_kernel<__nv_bfloat16, kKvFp8>
+                                      : mla_decode_hopper_pair_kernel<__nv_bfloat16, kKvDsMla>,
+                unused, true, p, stream);
+}
+
 }  // namespace
 
 int decode_smem_bytes(bool pair) { return pair ? kPairSmemBytes : kSmemBytes; }
 
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
+  if (p.kv_format == kKvFp8 || p.kv_format == kKvDsMla) {
+    // Raw entries through 16-byte cp.async: any block size, strides in bytes.
+    if (p.variant != sm80::kHopperPair || p.q_dtype != kBF16 || p.block_size < 1 ||
+        p.token_stride % 16 || p.page_stride % 16 || reinterpret_cast<uintptr_t>(p.kv_cache) % 16 ||
+        (p.kv_format == kKvFp8 && p.k_scale == nullptr) || p.num_parts < 1 ||
+        p.num_parts > 65535 || p.sched_cum == nullptr || p.sched_piece == nullptr) {
+      return cudaErrorInvalidValue;
+    }
+    if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
+    return run_quantized(p, stream);
+  }
   if (p.kv_format != kKv16 || !block_size_ok(p.block_size) || p.num_blocks < 1 ||
       (p.token_stride * 2) % 16 || (p.page_stride * 2) % 16 ||
       reinterpret_cast<uintptr_t>(p.kv_cache) % 16 || p.num_parts < 1 || p.num_parts > 65535 ||

@@ -245,7 +245,7 @@ template <typename T>
 __device__ __forceinline__ void store_rows(const DecodeParams& p, const sm80::CtaRows& c,
                                            const float (&o)[128], const float (&red)[2][kBM],
                                            const float (&m_run)[2], int slot, int wg, int r0,
-                                           int lane) {
+                                           int lane, float out_scale = 1.f) {
   const int H = p.num_heads;
   const auto& acc = *reinterpret_cast<const float(*)[32][4]>(o);
 #pragma unroll
@@ -254,7 +254,7 @@ __device__ __forceinline__ void store_rows(const DecodeParams& p, const sm80::Ct
     if (g >= c.rows) continue;
     const float l = red[0][r] + red[1][r];
     const float m = m_run[h2] == -INFINITY ? 0.f : m_run[h2];
-    sm80::store_out_row_at<T>(p, acc, h2, l, m, 1.f, slot < 0 ? -1 : slot * p.part_rows + g,
+    sm80::store_out_row_at<T>(p, acc, h2, l, m, out_scale, slot < 0 ? -1 : slot * p.part_rows + g,
                               c.t0 + g / H, g % H, 256 * wg + 2 * (lane & 3),
                               wg == 0 && (lane & 3) == 0);
   }

@@ -25,7 +25,10 @@
 // S consumes its stage's parts in the order they are released.
 #pragma once
 
+#include <type_traits>
+
 #include "hopper_kernel.cuh"
+#include "pair_fp8_fill.cuh"
 
 namespace portmla {
 namespace sm90 {
@@ -110,11 +113,15 @@ __device__ __forceinline__ void store_p(unsigned char* chunk, const uint32_t (&p
   }
 }
 
-template <typename T>
+// FMT: kKv16 (TMA loads of a bf16 / fp16 cache; kv_map describes it) or kKvFp8 / kKvDsMla
+// (bf16 queries; the producer warpgroup converts raw entries, pair_fp8_fill.cuh; kv_map unused).
+template <typename T, int FMT>
 __global__ void __launch_bounds__(kPairThreads, 1)
     mla_decode_hopper_pair_kernel(const __grid_constant__ CUtensorMap kv_map,
                                   const DecodeParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(FMT == kKv16 || std::is_same<T, __nv_bfloat16>::value,
+                "quantized caches run with bf16 queries");
   using G = Gmma<T>;
   extern __shared__ unsigned char smem_raw[];
   PairSmem& sm = smem_aligned_1024<PairSmem>(smem_raw);
@@ -126,10 +133,10 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   const int H = p.num_heads;
 
   if (tid == 0) {
-    tma_prefetch_desc(&kv_map);
+    if constexpr (FMT == kKv16) tma_prefetch_desc(&kv_map);
     for (int s = 0; s < kStages; ++s) {
       for (int half = 0; half < 2; ++half) {
-        mbar_init(&sm.full[s][half], 1);
+        mbar_init(&sm.full[s][half], FMT == kKv16 ? 1 : 128);  // TMA: one arrival + bytes
         mbar_init(&sm.empty[s][half], 4);  // the 4 warps of the releasing warpgroup
       }
     }
@@ -147,6 +154,10 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     // pages of the two tiles in flight) and prefetches the next pair's tiles into L2. It runs
     // ahead into the next segment while the consumers finish this one.
     setmaxnreg_dec<kProducerRegs>();
+    if constexpr (FMT != kKv16) {
+      produce_fp8<FMT>(p, sm, walk, m_tile, wq, lane);
+      return;
+    }
     if (wq != 0) return;
     int fills[kStages] = {0, 0};  // loads of each stage so far
     while (walk.next(p, seg)) {
@@ -180,7 +191,9 @@ __global__ void __launch_bounds__(kPairThreads, 1)
 
   // This thread's two rows (accumulator layout of wgmma m64: warp wq owns rows 16 wq ..).
   const int r0 = 16 * wq + (lane >> 2);
-  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  // fp8: the stages hold the e4m3 values; k_scale goes on the scores and on the output.
+  const float kv_scale = FMT == kKvFp8 ? *p.k_scale : 1.f;
+  const float scale_log2 = p.softmax_scale * kv_scale * 1.4426950408889634f;
   const uint64_t q_desc = gmma_desc_sw128(sm.q, 16, 1024);
   unsigned char* const own = sm.kv[wg];  // the stage whose scores this warpgroup computes
   const uint64_t k_desc = gmma_desc_sw128(own, 16, 1024);
@@ -378,7 +391,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     // Row sums: quad reduction, then the two warpgroups' through shared memory.
     share_row_sums(l_run, sm.red, wg, r0, lane);
     named_barrier(kBarConsumers, kThreads);
-    store_rows<T>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane);
+    store_rows<T>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
   }
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel

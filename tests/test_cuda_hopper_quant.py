@@ -1,0 +1,125 @@
+"""fp8 / fp8_ds_mla caches through the Hopper pair kernel (its producer warpgroup converts the raw
+entries into bf16 stages; csrc_cuda/sm90/decode/pair_fp8_fill.cuh) against the torch reference.
+
+Runs on an sm_90 GPU with a module that has the kernel; skips elsewhere, except when
+PORTMLA_REQUIRE_HOPPER=1: then a missing kernel FAILS. Every case asserts which kernel ran.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cuda_backend import (
+    SCHEDULES,
+    check_decode,
+    force_schedule,
+    make_decode_case,
+    rel_err,
+    run_both,
+)
+from test_cuda_hopper import REQUIRED, _need_hopper
+
+import portmla as pm
+from portmla.backends import cuda as cuda_backend
+
+FORMATS = ["fp8", "fp8_ds_mla"]
+
+
+def _need_hopper_quant():
+    _need_hopper()
+    mod, _ = cuda_backend.load_module()
+    if "fp8" not in getattr(mod, "HOPPER_QUANT_FORMATS", ()):
+        msg = "portmla._cuda built without the pair kernel's fp8 producer"
+        if REQUIRED:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+CASES = [  # heads, seq lens, query lens, strided cache
+    (128, [700, 5, 0, 1300, 64], [2, 1, 0, 1, 3], False),
+    (16, [2000, 33, 64, 1], [1, 3, 1, 1], True),
+    (1, [129, 640, 4100], [1, 2, 1], False),
+    (40, [300, 77], [4, 1], True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [1, 16, 48, 64, 256])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"parts{s[0] or 'auto'}-fixed{s[1] or 'auto'}")
+def test_hopper_quant_decode(monkeypatch, ran, block_size, fmt, schedule):
+    """Forced onto the pair kernel whatever the rows: block sizes its TMA path does not take
+    too (the converting producer looks every token up), varlen causal queries, strided pages,
+    empty sequences, partial last tiles."""
+    _need_hopper_quant()
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", "pair")
+    force_schedule(monkeypatch, *schedule)
+    for heads, lens, qlens, strided in CASES:
+        case = make_decode_case(lens, qlens, heads, block_size, fmt, torch.bfloat16, "cuda",
+                                strided=strided)
+        check_decode(*run_both(case, single_token=False), tol=1e-2)
+    assert ran and set(ran) == {"hopper"}, f"variants that ran: {sorted(set(ran))}"
+
+
+@pytest.mark.gpu
+def test_hopper_quant_ds_scales_spread(ran):
+    """fp8_ds_mla tile scales spread over 4 decades between tokens (each value times its own
+    scale, rounded once to bf16)."""
+    _need_hopper_quant()
+    for gain in ((1e-3, 30.0), (1e-2, 1e2)):
+        case = make_decode_case([3000, 200], [1, 2], 128, 64, "fp8_ds_mla", torch.bfloat16, "cuda",
+                                token_gain=gain)
+        check_decode(*run_both(case, single_token=False), tol=1e-2)
+    assert set(ran) == {"hopper"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_hopper_quant_one_long_sequence(ran, fmt):
+    """b = 1, S = 20000 at 128 heads: every part takes a piece (the pieces' merge)."""
+    _need_hopper_quant()
+    case = make_decode_case([20000], [1], 128, 64, fmt, torch.bfloat16, "cuda")
+    check_decode(*run_both(case, single_token=True), tol=1e-2)
+    assert set(ran) == {"hopper"}
+
+
+@pytest.mark.gpu
+def test_hopper_quant_default_route(ran):
+    """The planner's own choices: bf16 queries with many rows -> the pair kernel; few rows or
+    fp16 queries -> the quantized-cache kernel."""
+    _need_hopper_quant()
+    lens = [int(x) for x in torch.randint(1, 3000, (40,))]
+    want = []
+    for fmt in FORMATS:
+        for heads, dtype, kernel in ((128, torch.bfloat16, "hopper"), (64, torch.bfloat16, "hopper"),
+                                     (16, torch.bfloat16, "quant"), (128, torch.float16, "quant")):
+            case = make_decode_case(lens, [1] * 40, heads, 64, fmt, dtype, "cuda")
+            check_decode(*run_both(case, single_token=True), tol=1e-2)
+            want.append(kernel)
+    assert ran == want, ran
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_hopper_quant_deterministic_and_graph_capture(fmt):
+    """Bitwise equal runs; a captured graph replayed over changed seq_lens."""
+    _need_hopper_quant()
+    case = make_decode_case([700, 1500, 40], [1, 1, 1], 128, 64, fmt, torch.bfloat16, "cuda")
+    kw = dict(case, query_start_loc=None, softmax_scale=0.04, backend="cuda")
+    a = pm.mla_decode(**kw)
+    b = pm.mla_decode(**kw)
+    assert torch.equal(a, b), "two runs differ"
+    out = torch.empty_like(a)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        pm.mla_decode(out=out, **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        pm.mla_decode(out=out, **kw)
+    case["seq_lens"].copy_(torch.tensor([600, 1400, 39], dtype=torch.int32))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = pm.mla_decode(**dict(kw, backend="reference"))
+    assert rel_err(out, ref) < 1e-2
