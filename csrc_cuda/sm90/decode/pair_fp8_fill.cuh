@@ -74,32 +74,38 @@ __device__ __forceinline__ void expand_piece(unsigned char* row, int s0, int s1,
   *reinterpret_cast<uint4*>(row + (s1 << 4)) = b;
 }
 
-// Part `half` of the tile in stage buffer `kv`: this warp's 16 tokens tok0 .. tok0 + 15, whose
-// entry addresses lanes src0 .. src0 + 15 hold (bit src0 + j of `have` clear: past the
-// segment's end, left alone: the consumers mask those scores and zero those V rows). Copies,
-// waits, converts; the caller fences and arrives.
+// A fill job: part `half` of stage `st` (its tile: the pair's first for stage 0, second for
+// stage 1). Lanes 16 st .. 16 st + 15 hold the entry addresses of its tokens (lane 16 st + j:
+// token j of every warp's 16, tok0 = 16 w); bit 16 st + j of `have` clear: past the segment's
+// end, left alone (the consumers mask those scores and zero those V rows).
+struct Fp8Job {
+  int st, half;
+  const unsigned char* entry;  // this lane's token entry of the job's pair
+  uint32_t have;
+  float2 sc;  // fp8_ds_mla: the two tile scales of `half` of this lane's token
+};
+
+// Issues a job's raw copies (one cp.async group) and, for fp8_ds_mla, loads its scales.
 template <int FMT>
-__device__ __forceinline__ void fill_part_fp8(unsigned char* kv, int half, int tok0, int src0,
-                                              const unsigned char* entry, uint32_t have, int lane) {
-  // The offsets below derive from the lane: recomputed per part, not hoisted out of the
+__device__ __forceinline__ void issue_job(unsigned char* kv, Fp8Job& job, int tok0, int lane) {
+  // The offsets below derive from the lane: recomputed per job, not hoisted out of the
   // producer's loops into registers it does not have (40).
   asm volatile("" : "+r"(lane));
   using E = Fp8Entry<FMT>;
   constexpr bool kDs = FMT == kKvDsMla;
+  const int half = job.half, src0 = 16 * job.st;
   const int u = lane & 15;  // latent piece: channels 256 half + 16 u ..
   const int chunk = 4 * half + (u >> 2), s0 = 2 * (u & 3);
-  // fp8_ds_mla: the two tile scales of this half, of the token this lane holds the entry of.
-  float2 my_sc = make_float2(1.f, 1.f);
   if constexpr (kDs) {
-    if (entry != nullptr) {
-      my_sc = __ldg(reinterpret_cast<const float2*>(entry + E::kScaleOff) + half);
-    }
+    job.sc = job.entry != nullptr && (lane >> 4) == job.st
+                 ? __ldg(reinterpret_cast<const float2*>(job.entry + E::kScaleOff) + half)
+                 : make_float2(1.f, 1.f);
   }
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int j = (lane >> 4) + 2 * i, r = tok0 + j;
-    const unsigned char* src = shfl_ptr(entry, src0 + j);
-    if ((have >> (src0 + j)) & 1) {
+    const unsigned char* src = shfl_ptr(job.entry, src0 + j);
+    if ((job.have >> (src0 + j)) & 1) {
       cp_async16(kv + chunk * kChunk + r * 128 + ((s0 ^ (r & 7)) << 4), src + 256 * half + 16 * u);
     }
   }
@@ -109,35 +115,47 @@ __device__ __forceinline__ void fill_part_fp8(unsigned char* kv, int half, int t
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int j = lane / kP + (32 / kP) * i, r = tok0 + j;
-      const unsigned char* src = shfl_ptr(entry, src0 + j);
-      if ((have >> (src0 + j)) & 1) {
-        const int s = kDs ? v : 2 * v;  // ds: bf16 already, its final slot
-        cp_async16(kv + (kChunks - 1) * kChunk + r * 128 + ((s ^ (r & 7)) << 4), src + E::kRopeOff + 16 * v);
+      const unsigned char* src = shfl_ptr(job.entry, src0 + j);
+      if ((job.have >> (src0 + j)) & 1) {
+        const int sl = kDs ? v : 2 * v;  // ds: bf16 already, its final slot
+        cp_async16(kv + (kChunks - 1) * kChunk + r * 128 + ((sl ^ (r & 7)) << 4),
+                   src + E::kRopeOff + 16 * v);
       }
     }
   }
   cp_async_commit();
-  cp_async_wait<0>();
+}
+
+// Converts a job's pieces once its copies have landed (the caller waits for its group).
+template <int FMT>
+__device__ __forceinline__ void convert_job(unsigned char* kv, const Fp8Job& job, int tok0,
+                                            int lane) {
+  asm volatile("" : "+r"(lane));
+  constexpr bool kDs = FMT == kKvDsMla;
+  const int half = job.half, src0 = 16 * job.st;
+  const int u = lane & 15;
+  const int chunk = 4 * half + (u >> 2), s0 = 2 * (u & 3);
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int j = (lane >> 4) + 2 * i, r = tok0 + j;
-    const bool ok = (have >> (src0 + j)) & 1;
     float sc = 1.f;
     if constexpr (kDs) {
-      const float sa = __shfl_sync(0xffffffffu, my_sc.x, src0 + j);
-      const float sb = __shfl_sync(0xffffffffu, my_sc.y, src0 + j);
+      const float sa = __shfl_sync(0xffffffffu, job.sc.x, src0 + j);
+      const float sb = __shfl_sync(0xffffffffu, job.sc.y, src0 + j);
       sc = u < 8 ? sa : sb;
     }
-    if (ok) expand_piece<kDs>(kv + chunk * kChunk + r * 128, s0 ^ (r & 7), (s0 + 1) ^ (r & 7), sc);
+    if ((job.have >> (src0 + j)) & 1) {
+      expand_piece<kDs>(kv + chunk * kChunk + r * 128, s0 ^ (r & 7), (s0 + 1) ^ (r & 7), sc);
+    }
   }
   if constexpr (!kDs) {
     if (half == 1) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int v = lane & 3, j = (lane >> 2) + 8 * i, r = tok0 + j;
-        if ((have >> (src0 + j)) & 1) {
-          expand_piece<false>(kv + (kChunks - 1) * kChunk + r * 128, (2 * v) ^ (r & 7), (2 * v + 1) ^ (r & 7),
-                              1.f);
+        if ((job.have >> (src0 + j)) & 1) {
+          expand_piece<false>(kv + (kChunks - 1) * kChunk + r * 128, (2 * v) ^ (r & 7),
+                              (2 * v + 1) ^ (r & 7), 1.f);
         }
       }
     }
@@ -154,41 +172,103 @@ __device__ __forceinline__ const unsigned char* fp8_entry(const DecodeParams& p,
          static_cast<int64_t>(pos % p.block_size) * p.token_stride;
 }
 
-// The producer warpgroup's loop for an fp8 / fp8_ds_mla cache: parts in the order the consumers
-// release them (stage 0 part 0, stage 1 part 1, stage 0 part 1, stage 1 part 0), each filled
-// by all four warps once it is free.
+// Non-blocking: has the mbarrier completed the phase with this parity?
+__device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(smem_u32(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// The producer warpgroup's loop for an fp8 / fp8_ds_mla cache. Jobs in the order the consumers
+// release the parts (pair k: stage 0 part 0, stage 1 part 1, stage 0 part 1, stage 1 part 0),
+// each done by all four warps: wait until the part is free, copy, convert, arrive. One job of
+// look-ahead: before converting a job, the next one's copies are issued if its part is
+// already free (never waited for: the consumers may need the current job first), so its
+// latency overlaps this conversion.
 template <int FMT, class Smem>
 __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, PartWalker& walk,
                                             int m_tile, int wq, int lane) {
   using E = Fp8Entry<FMT>;
   const int tok0 = 16 * wq, mine = tok0 + (lane & 15), tile_of_lane = lane >> 4;
-  int fills[kStages] = {0, 0};
+  int base[kStages] = {0, 0};  // fills of each stage in earlier segments
   Segment seg;
   while (walk.next(p, seg)) {
     sm80::CtaRows c;
     if (!segment_rows(p, seg, m_tile, c)) continue;
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
+    const int n_jobs = 4 * ((n_tiles + 1) / 2);
     const int32_t* bt = p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride;
-    const unsigned char* entry =
-        fp8_entry<FMT>(p, bt, c.kv_lo + tile_of_lane * kBN + mine, c.kv_hi);
-    for (int ta = 0; ta < n_tiles; ta += 2) {
-      const unsigned char* next =
-          fp8_entry<FMT>(p, bt, c.kv_lo + (ta + 2 + tile_of_lane) * kBN + mine, c.kv_hi);
-      const uint32_t have = __ballot_sync(0xffffffffu, entry != nullptr);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int st = j == 1 || j == 3 ? 1 : 0, half = j == 1 || j == 2 ? 1 : 0;
-        if (ta + st >= n_tiles) continue;
-        if (fills[st] > 0) mbar_wait(&sm.empty[st][half], (fills[st] - 1) & 1);
-        fill_part_fp8<FMT>(sm.kv[st], half, tok0, 16 * st, entry, have, lane);
-        fence_proxy_async_smem();
-        mbar_arrive(&sm.full[st][half]);
+    // Entries of pair k (lanes 0..15: tile 2k, 16..31: tile 2k + 1) for k = the current pair
+    // and the next one.
+    const unsigned char* cur = fp8_entry<FMT>(p, bt, c.kv_lo + tile_of_lane * kBN + mine, c.kv_hi);
+    const unsigned char* nxt =
+        fp8_entry<FMT>(p, bt, c.kv_lo + (2 + tile_of_lane) * kBN + mine, c.kv_hi);
+    if (nxt != nullptr) prefetch_l2_bytes(nxt, E::kBytes);
+    // Job g: pair g / 4, release slot g % 4 -> (stage, part); it exists unless its tile does not.
+    auto job_at = [&](int g, const unsigned char* entry) {
+      const int j = g & 3;
+      Fp8Job jb;
+      jb.st = j == 1 || j == 3 ? 1 : 0;
+      jb.half = j == 1 || j == 2 ? 1 : 0;
+      jb.entry = entry;
+      jb.have = __ballot_sync(0xffffffffu, entry != nullptr);
+      jb.sc = make_float2(1.f, 1.f);
+      return jb;
+    };
+    auto exists = [&](int g) { return 2 * (g >> 2) + ((g & 3) == 1 || (g & 3) == 3) < n_tiles; };
+    // Fill number of job g's stage (its `empty` phase: fill f > 0 waits phase (f - 1) & 1).
+    auto fill_no = [&](const Fp8Job& jb, int g) { return base[jb.st] + (g >> 2); };
+    Fp8Job job = job_at(0, cur), ahead{};
+    bool have_ahead = false;
+    for (int g = 0; g < n_jobs; ++g) {
+      if (!exists(g)) continue;
+      if (have_ahead) {
+        job = ahead;
+        have_ahead = false;
+      } else {
+        job = job_at(g, cur);
+        const int f = fill_no(job, g);
+        if (f > 0) mbar_wait(&sm.empty[job.st][job.half], (f - 1) & 1);
+        issue_job<FMT>(sm.kv[job.st], job, tok0, lane);
       }
-      ++fills[0];
-      if (ta + 1 < n_tiles) ++fills[1];
-      if (next != nullptr) prefetch_l2_bytes(next, E::kBytes);
-      entry = next;
+      int g2 = g + 1;
+      while (g2 < n_jobs && !exists(g2)) ++g2;
+      if (g2 < n_jobs) {
+        Fp8Job nj = job_at(g2, (g2 >> 2) == (g >> 2) ? cur : nxt);
+        const int f = fill_no(nj, g2);
+        // Warp-uniform: a warp issues the job whole or not at all (warps may differ).
+        if (__all_sync(0xffffffffu, f == 0 || mbar_test(&sm.empty[nj.st][nj.half], (f - 1) & 1))) {
+          issue_job<FMT>(sm.kv[nj.st], nj, tok0, lane);
+          ahead = nj;
+          have_ahead = true;
+        }
+      }
+      if (have_ahead) {
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      convert_job<FMT>(sm.kv[job.st], job, tok0, lane);
+      fence_proxy_async_smem();
+      mbar_arrive(&sm.full[job.st][job.half]);
+      if (g2 < n_jobs && (g2 >> 2) != (g >> 2)) {  // the pair's last job
+        // Next pair: its entries are `nxt`; load the one after and bring it into L2.
+        cur = nxt;
+        nxt = fp8_entry<FMT>(p, bt, c.kv_lo + (2 * ((g >> 2) + 2) + tile_of_lane) * kBN + mine,
+                             c.kv_hi);
+        if (nxt != nullptr) prefetch_l2_bytes(nxt, E::kBytes);
+      }
     }
+    base[0] += n_tiles > 0 ? (n_tiles + 1) / 2 : 0;
+    base[1] += n_tiles / 2;
   }
 }
 
