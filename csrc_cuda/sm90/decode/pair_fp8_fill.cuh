@@ -76,18 +76,19 @@ __device__ __forceinline__ void expand_piece(unsigned char* row, int s0, int s1,
 
 // A fill job: part `half` of stage `st` (its tile: the pair's first for stage 0, second for
 // stage 1). Lanes 16 st .. 16 st + 15 hold the entry addresses of its tokens (lane 16 st + j:
-// token j of every warp's 16, tok0 = 16 w); bit 16 st + j of `have` clear: past the segment's
-// end, left alone (the consumers mask those scores and zero those V rows).
+// token j of every warp's 16, tok0 = 16 w; null past the segment's end: zero-filled, and the
+// consumers mask those scores and zero those V rows).
 struct Fp8Job {
   int st, half;
   const unsigned char* entry;  // this lane's token entry of the job's pair
-  uint32_t have;
   float2 sc;  // fp8_ds_mla: the two tile scales of `half` of this lane's token
 };
 
-// Issues a job's raw copies (one cp.async group) and, for fp8_ds_mla, loads its scales.
+// Issues a job's raw copies (one cp.async group; tokens past the end are zero-filled, so no
+// branch per piece) and, for fp8_ds_mla, loads its scales.
 template <int FMT>
-__device__ __forceinline__ void issue_job(unsigned char* kv, Fp8Job& job, int tok0, int lane) {
+__device__ __forceinline__ void issue_job(unsigned char* kv, Fp8Job& job, int tok0, int lane,
+                                          const void* any_valid) {
   // The offsets below derive from the lane: recomputed per job, not hoisted out of the
   // producer's loops into registers it does not have (40).
   asm volatile("" : "+r"(lane));
@@ -95,38 +96,37 @@ __device__ __forceinline__ void issue_job(unsigned char* kv, Fp8Job& job, int to
   constexpr bool kDs = FMT == kKvDsMla;
   const int half = job.half, src0 = 16 * job.st;
   const int u = lane & 15;  // latent piece: channels 256 half + 16 u ..
-  const int chunk = 4 * half + (u >> 2), s0 = 2 * (u & 3);
+  const int s0 = 2 * (u & 3);
   if constexpr (kDs) {
     job.sc = job.entry != nullptr && (lane >> 4) == job.st
                  ? __ldg(reinterpret_cast<const float2*>(job.entry + E::kScaleOff) + half)
                  : make_float2(1.f, 1.f);
   }
+  unsigned char* const row0 = kv + (4 * half + (u >> 2)) * kChunk + (tok0 + (lane >> 4)) * 128;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int j = (lane >> 4) + 2 * i, r = tok0 + j;
+    const int j = (lane >> 4) + 2 * i;  // token tok0 + j; (tok0 + j) & 7 == j & 7
     const unsigned char* src = shfl_ptr(job.entry, src0 + j);
-    if ((job.have >> (src0 + j)) & 1) {
-      cp_async16(kv + chunk * kChunk + r * 128 + ((s0 ^ (r & 7)) << 4), src + 256 * half + 16 * u);
-    }
+    cp_async16_zfill(row0 + 256 * i + ((s0 ^ (j & 7)) << 4),
+                     src != nullptr ? src + 256 * half + 16 * u : any_valid, src != nullptr);
   }
   if (half == 1) {  // the RoPE part: chunk 8
     constexpr int kP = E::kRopePieces, kPer = 16 * kP / 32;  // pieces a lane copies
-    const int v = lane % kP;
+    const int v = lane % kP, sl = kDs ? v : 2 * v;           // ds: bf16 already, its final slot
+    unsigned char* const rrow0 = kv + (kChunks - 1) * kChunk + (tok0 + lane / kP) * 128;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
-      const int j = lane / kP + (32 / kP) * i, r = tok0 + j;
+      const int j = lane / kP + (32 / kP) * i;
       const unsigned char* src = shfl_ptr(job.entry, src0 + j);
-      if ((job.have >> (src0 + j)) & 1) {
-        const int sl = kDs ? v : 2 * v;  // ds: bf16 already, its final slot
-        cp_async16(kv + (kChunks - 1) * kChunk + r * 128 + ((sl ^ (r & 7)) << 4),
-                   src + E::kRopeOff + 16 * v);
-      }
+      cp_async16_zfill(rrow0 + (32 / kP) * 128 * i + ((sl ^ (j & 7)) << 4),
+                       src != nullptr ? src + E::kRopeOff + 16 * v : any_valid, src != nullptr);
     }
   }
   cp_async_commit();
 }
 
-// Converts a job's pieces once its copies have landed (the caller waits for its group).
+// Converts a job's pieces once its copies have landed (the caller waits for its group). Every
+// piece, past the end too (zeros there): no branches.
 template <int FMT>
 __device__ __forceinline__ void convert_job(unsigned char* kv, const Fp8Job& job, int tok0,
                                             int lane) {
@@ -134,29 +134,27 @@ __device__ __forceinline__ void convert_job(unsigned char* kv, const Fp8Job& job
   constexpr bool kDs = FMT == kKvDsMla;
   const int half = job.half, src0 = 16 * job.st;
   const int u = lane & 15;
-  const int chunk = 4 * half + (u >> 2), s0 = 2 * (u & 3);
+  const int s0 = 2 * (u & 3);
+  unsigned char* const row0 = kv + (4 * half + (u >> 2)) * kChunk + (tok0 + (lane >> 4)) * 128;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int j = (lane >> 4) + 2 * i, r = tok0 + j;
+    const int j = (lane >> 4) + 2 * i;
     float sc = 1.f;
     if constexpr (kDs) {
       const float sa = __shfl_sync(0xffffffffu, job.sc.x, src0 + j);
       const float sb = __shfl_sync(0xffffffffu, job.sc.y, src0 + j);
       sc = u < 8 ? sa : sb;
     }
-    if ((job.have >> (src0 + j)) & 1) {
-      expand_piece<kDs>(kv + chunk * kChunk + r * 128, s0 ^ (r & 7), (s0 + 1) ^ (r & 7), sc);
-    }
+    expand_piece<kDs>(row0 + 256 * i, s0 ^ (j & 7), (s0 + 1) ^ (j & 7), sc);
   }
   if constexpr (!kDs) {
     if (half == 1) {
+      const int v = lane & 3;
+      unsigned char* const rrow0 = kv + (kChunks - 1) * kChunk + (tok0 + (lane >> 2)) * 128;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int v = lane & 3, j = (lane >> 2) + 8 * i, r = tok0 + j;
-        if ((job.have >> (src0 + j)) & 1) {
-          expand_piece<false>(kv + (kChunks - 1) * kChunk + r * 128, (2 * v) ^ (r & 7),
-                              (2 * v + 1) ^ (r & 7), 1.f);
-        }
+        const int j = (lane >> 2) + 8 * i;
+        expand_piece<false>(rrow0 + 8 * 128 * i, (2 * v) ^ (j & 7), (2 * v + 1) ^ (j & 7), 1.f);
       }
     }
   }
@@ -219,7 +217,6 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
       jb.st = j == 1 || j == 3 ? 1 : 0;
       jb.half = j == 1 || j == 2 ? 1 : 0;
       jb.entry = entry;
-      jb.have = __ballot_sync(0xffffffffu, entry != nullptr);
       jb.sc = make_float2(1.f, 1.f);
       return jb;
     };
@@ -237,7 +234,7 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
         job = job_at(g, cur);
         const int f = fill_no(job, g);
         if (f > 0) mbar_wait(&sm.empty[job.st][job.half], (f - 1) & 1);
-        issue_job<FMT>(sm.kv[job.st], job, tok0, lane);
+        issue_job<FMT>(sm.kv[job.st], job, tok0, lane, p.kv_cache);
       }
       int g2 = g + 1;
       while (g2 < n_jobs && !exists(g2)) ++g2;
@@ -246,7 +243,7 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
         const int f = fill_no(nj, g2);
         // Warp-uniform: a warp issues the job whole or not at all (warps may differ).
         if (__all_sync(0xffffffffu, f == 0 || mbar_test(&sm.empty[nj.st][nj.half], (f - 1) & 1))) {
-          issue_job<FMT>(sm.kv[nj.st], nj, tok0, lane);
+          issue_job<FMT>(sm.kv[nj.st], nj, tok0, lane, p.kv_cache);
           ahead = nj;
           have_ahead = true;
         }
