@@ -44,14 +44,16 @@ ANCHORS = [_anchor(*row) for row in anchors.ROWS]
 def sanitize() -> None:
     from test_cuda_backend import check_decode, make_decode_case, run_both
 
+    # bf16 / fp8 / fp8_ds_mla with bf16 queries: the first two cases (72 and 128 rows a sequence)
+    # run the pair kernel (fp8 formats: its converting producer), fp16 fp8_ds_mla the quantized
+    # kernel throughout.
     for fmt, dtype in (("bfloat16", torch.bfloat16), ("fp8", torch.bfloat16),
-                       ("fp8_ds_mla", torch.float16)):
+                       ("fp8_ds_mla", torch.bfloat16), ("fp8_ds_mla", torch.float16)):
         case = make_decode_case([3, 700, 0, 50], [1, 2, 0, 3], 24, 16, fmt, dtype, "cuda", strided=True)
         check_decode(*run_both(case, single_token=False))
         case = make_decode_case([900], [1], 128, 64, fmt, dtype, "cuda")
         check_decode(*run_both(case, single_token=True))
-        # 16 heads: the single-tile Hopper kernel for bf16 (above: the pair one); fp8 /
-        # fp8_ds_mla run the quantized-cache kernel in all three cases
+        # 16 heads: the single-tile Hopper kernel for bf16, the quantized-cache kernel for fp8
         case = make_decode_case([500, 64, 3], [1, 2, 1], 16, 16, fmt, dtype, "cuda", strided=True)
         check_decode(*run_both(case, single_token=False))
         kv_c = torch.randn(9, L, device="cuda", dtype=dtype)

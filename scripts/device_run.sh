@@ -25,7 +25,7 @@ export PORTMLA_TEST_SEED=${PORTMLA_TEST_SEED:-$RANDOM$RANDOM}
   echo "pytest exit: $?"
   for tool in memcheck racecheck synccheck; do
     echo "== compute-sanitizer --tool $tool (Hopper kernel for bf16, generic kernels for fp8)"
-    timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 \
+    timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 \
       python scripts/cuda_device_check.py sanitize 2>&1 | tail -4
   done
 } 2>&1 | tee "$OUT/log.txt"
@@ -38,5 +38,8 @@ timeout 80 python -m portmla bench --specs 128q1s8k,64q1s32k,8q1s8k --heads 16 -
 timeout 50 python -m portmla bench --specs 128q1s8k,8q1s8k --heads 16 \
   --kv-cache-dtype bfloat16,fp8,fp8_ds_mla --backends cuda,triton --no-ceilings \
   --out "$OUT/h100_formats_varlen" 2>&1 | tee -a "$OUT/log.txt"
-tar czf "$OUT/formats.tgz" -C "$OUT" h100_formats h100_formats_varlen && \
-  rm -rf "$OUT/h100_formats" "$OUT/h100_formats_varlen"
+timeout 90 python -m portmla bench --specs 128q1s4k,128q1s8k,64q1s16k --heads 128 \
+  --kv-cache-dtype bfloat16,fp8,fp8_ds_mla --backends cuda --no-ceilings \
+  --out "$OUT/h100_formats_h128" 2>&1 | tee -a "$OUT/log.txt"
+tar czf "$OUT/formats.tgz" -C "$OUT" h100_formats h100_formats_varlen h100_formats_h128 && \
+  rm -rf "$OUT/h100_formats" "$OUT/h100_formats_varlen" "$OUT/h100_formats_h128"
