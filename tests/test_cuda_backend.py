@@ -224,6 +224,12 @@ def test_decode_no_split_large_batch():
 def test_decode_deterministic_and_graph_capture():
     _need_cuda()
     case = make_decode_case([700, 1500, 40], [1, 1, 1], 16, 64, "bfloat16", torch.bfloat16, "cuda")
+    check_deterministic_and_graph(case, tol=2e-2)
+
+
+def check_deterministic_and_graph(case, tol):
+    """Two runs of ``case`` (three sequences, single-token) bitwise equal; a captured graph
+    replayed after seq_lens changed to [600, 1400, 39] matches the reference within ``tol``."""
     kw = dict(case, query_start_loc=None, softmax_scale=0.04, backend="cuda")
     a = pm.mla_decode(**kw)
     b = pm.mla_decode(**kw)
@@ -241,7 +247,7 @@ def test_decode_deterministic_and_graph_capture():
     g.replay()
     torch.cuda.synchronize()
     ref = pm.mla_decode(**dict(kw, backend="reference"))
-    assert rel_err(out, ref) < 2e-2
+    assert rel_err(out, ref) < tol
 
 
 @pytest.mark.gpu

@@ -12,14 +12,14 @@ import torch
 from test_cuda_backend import (
     SCHEDULES,
     check_decode,
+    check_deterministic_and_graph,
     force_schedule,
     make_decode_case,
     rel_err,
     run_both,
 )
-from test_cuda_hopper import REQUIRED, _need_hopper
+from test_cuda_hopper import CASES, REQUIRED, _need_hopper  # the 16-bit Hopper tests' cases
 
-import portmla as pm
 from portmla.backends import cuda as cuda_backend
 from portmla.kv_formats import dequantize_entries
 
@@ -36,14 +36,6 @@ def _need_hopper_quant():
         if REQUIRED:
             pytest.fail(msg)
         pytest.skip(msg)
-
-
-CASES = [  # heads, seq lens, query lens, strided cache
-    (128, [700, 5, 0, 1300, 64], [2, 1, 0, 1, 3], False),
-    (16, [2000, 33, 64, 1], [1, 3, 1, 1], True),
-    (1, [129, 640, 4100], [1, 2, 1], False),
-    (40, [300, 77], [4, 1], True),
-]
 
 
 @pytest.mark.gpu
@@ -122,21 +114,4 @@ def test_hopper_quant_deterministic_and_graph_capture(fmt):
     """Bitwise equal runs; a captured graph replayed over changed seq_lens."""
     _need_hopper_quant()
     case = make_decode_case([700, 1500, 40], [1, 1, 1], 128, 64, fmt, torch.bfloat16, "cuda")
-    kw = dict(case, query_start_loc=None, softmax_scale=0.04, backend="cuda")
-    a = pm.mla_decode(**kw)
-    b = pm.mla_decode(**kw)
-    assert torch.equal(a, b), "two runs differ"
-    out = torch.empty_like(a)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        pm.mla_decode(out=out, **kw)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        pm.mla_decode(out=out, **kw)
-    case["seq_lens"].copy_(torch.tensor([600, 1400, 39], dtype=torch.int32))
-    g.replay()
-    torch.cuda.synchronize()
-    ref = pm.mla_decode(**dict(kw, backend="reference"))
-    assert rel_err(out, ref) < 1e-2
+    check_deterministic_and_graph(case, tol=1e-2)

@@ -85,6 +85,16 @@ __device__ __forceinline__ void scale_rows(float (&o)[128], const float (&sc)[2]
   for (int i = 0; i < 128; ++i) o[i] *= sc[(i >> 1) & 1];
 }
 
+// Waits for this warpgroup's P V product (P from registers `pk`), then frees the stage part
+// it read: one arrival per warp on `empty`.
+__device__ __forceinline__ void release_after_pv(float (&o)[128], uint32_t (&pk)[16],
+                                                 uint64_t* empty, int lane) {
+  wgmma_wait<0>();
+  fence_regs(o);
+  fence_regs(pk);
+  if (lane == 0) mbar_arrive(empty);
+}
+
 // The raw scores of a 64 x 64 tile (accumulator layout) -> P = exp2(s * scale - m) in place, row sums added
 // to `sum`, and P packed as wgmma A fragments: k-step kk uses pk[4 kk .. 4 kk + 3].
 template <typename T>
@@ -306,10 +316,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         pv_rs<typename G::ORs>(pk, v_desc0, o);
         // Stage 0's part 0 (K_a chunks 0..3 = V_a columns 0..255) has no reader after this
         // product: free it before waiting for WG1, so the next fill starts a barrier earlier.
-        wgmma_wait<0>();
-        fence_regs(o);
-        fence_regs(pk);
-        if (lane == 0) mbar_arrive(&sm.empty[0][0]);
+        release_after_pv(o, pk, &sm.empty[0][0], lane);
         named_barrier(kBarB, kThreads);
         PAIR_TRACE(5);
         float sc1[2];
@@ -376,10 +383,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
           // Stage 1's part 1 (K_b chunks 4..7 + rope = V_b columns 256..511) is free once this
           // product is done: released before waiting for WG0's P_a.
           pv_rs<typename G::ORs>(pk, v_desc1, o);
-          wgmma_wait<0>();
-          fence_regs(o);
-          fence_regs(pk);
-          if (lane == 0) mbar_arrive(&sm.empty[1][1]);
+          release_after_pv(o, pk, &sm.empty[1][1], lane);
         }
         named_barrier(kBarC, kThreads);
         pv_ss<typename G::O>(pa_desc, v_desc0, o);
