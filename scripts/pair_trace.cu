@@ -1,10 +1,12 @@
 // Timeline of one CTA of the Hopper pair kernel (clock64 at the schedule's events), on the
 // 128q1s4k h128 shape with fixed lengths (part PORTMLA_PAIR_TRACE of the device schedule;
-// pairs counted over its segments). GPU machine:
+// pairs counted over its segments). `pt [S] [fp8]`: an fp8 cache (the converting producer;
+// its fill jobs traced too). GPU machine:
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -DPORTMLA_HAVE_SM90A=1 \
 //     -DPORTMLA_PAIR_TRACE=10 -Icsrc_cuda -I$PORTMLA_CUTLASS_INCLUDE scripts/pair_trace.cu -o /tmp/pt
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include <cuda_bf16.h>
@@ -14,22 +16,28 @@
 
 int main(int argc, char** argv) {
   const int B = 128, H = 128, S = argc > 1 ? atoi(argv[1]) : 4096, BS = 64, D = 576;
+  const bool fp8 = argc > 2 && strcmp(argv[2], "fp8") == 0;
+  const int eb = fp8 ? 1 : 2;  // bytes per cache element
   const int pages_per_seq = S / BS;
   const size_t n_cache = static_cast<size_t>(B) * pages_per_seq * BS * D;
   std::vector<__nv_bfloat16> h_cache(n_cache), h_q(static_cast<size_t>(B) * H * D);
   srand(1);
   for (auto& x : h_cache) x = __float2bfloat16((rand() % 2001 - 1000) / 1000.f);
+  if (fp8) {  // e4m3 bytes of magnitude < 1 (exponent field <= 6: never NaN)
+    unsigned char* b = reinterpret_cast<unsigned char*>(h_cache.data());
+    for (size_t i = 0; i < n_cache; ++i) b[i] = static_cast<unsigned char>(rand() & 0xb7);
+  }
   for (auto& x : h_q) x = __float2bfloat16((rand() % 2001 - 1000) / 1000.f);
   std::vector<int> bt(static_cast<size_t>(B) * pages_per_seq), lens(B, S);
   for (size_t i = 0; i < bt.size(); ++i) bt[i] = static_cast<int>((i * 7919) % bt.size());
   void *d_cache, *d_q, *d_out;
   int *d_bt, *d_lens;
-  cudaMalloc(&d_cache, n_cache * 2);
+  cudaMalloc(&d_cache, n_cache * eb);
   cudaMalloc(&d_q, h_q.size() * 2);
   cudaMalloc(&d_out, static_cast<size_t>(B) * H * 512 * 2);
   cudaMalloc(&d_bt, bt.size() * 4);
   cudaMalloc(&d_lens, B * 4);
-  cudaMemcpy(d_cache, h_cache.data(), n_cache * 2, cudaMemcpyHostToDevice);
+  cudaMemcpy(d_cache, h_cache.data(), n_cache * eb, cudaMemcpyHostToDevice);
   cudaMemcpy(d_q, h_q.data(), h_q.size() * 2, cudaMemcpyHostToDevice);
   cudaMemcpy(d_bt, bt.data(), bt.size() * 4, cudaMemcpyHostToDevice);
   cudaMemcpy(d_lens, lens.data(), B * 4, cudaMemcpyHostToDevice);
@@ -38,8 +46,15 @@ int main(int argc, char** argv) {
   p.q_stride_t = H * D;
   p.q_stride_h = D;
   p.kv_cache = d_cache;
-  p.page_stride = BS * D;
+  p.page_stride = BS * D;  // elements (bytes for fp8)
   p.token_stride = D;
+  if (fp8) {
+    float ks = 0.02f, *d_ks;
+    cudaMalloc(&d_ks, 4);
+    cudaMemcpy(d_ks, &ks, 4, cudaMemcpyHostToDevice);
+    p.kv_format = portmla::kKvFp8;
+    p.k_scale = d_ks;
+  }
   p.num_blocks = B * pages_per_seq;
   p.block_size = BS;
   p.block_table = d_bt;
@@ -61,7 +76,12 @@ int main(int argc, char** argv) {
   p.sched_piece = reinterpret_cast<int32_t*>(p.sched_cum + B + 2);
   cudaMalloc(&p.part_out, static_cast<size_t>(slots) * H * 512 * 4);
   cudaMalloc(&p.part_lse, static_cast<size_t>(slots) * H * 4);
-  portmla::launch_decode_schedule(p, 0);
+  cudaMalloc(&p.sched_cut, (1 + B) * 4);
+  const cudaError_t serr = portmla::launch_decode_schedule(p, 0);
+  if (serr != cudaSuccess) {
+    printf("schedule: %s\n", cudaGetErrorString(serr));
+    return 1;
+  }
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
@@ -101,6 +121,32 @@ int main(int argc, char** argv) {
       printf(" %s=%.0f", names[w][e], d / (np - 6));
     }
     printf("\n");
+  }
+  if (fp8) {  // producer fill jobs (4 a pair, in release order): waits and durations
+    static long long ft[256][7];
+    static int ahead[256];
+    cudaMemcpyFromSymbol(ft, portmla::sm90::g_fill_trace, sizeof(ft));
+    cudaMemcpyFromSymbol(ahead, portmla::sm90::g_fill_ahead, sizeof(ahead));
+    for (int j = 0; j < 4 * np && j < 256; ++j) {
+      if (j > 20 && j < 4 * np - 8 && j % 16) continue;
+      printf("job %3d%s: top=%lld free=%lld ahead_done=%lld data=%lld arrived=%lld", j,
+             ahead[j] ? " (ahead)" : "", ft[j][0] - t0, ft[j][1] - t0, ft[j][2] - t0, ft[j][3] - t0,
+             ft[j][4] - t0);
+      if (j % 4 == 3) printf(" entries=%lld prefetched=%lld", ft[j][5] - t0, ft[j][6] - t0);
+      printf("\n");
+    }
+    for (int k = 0; k < 4; ++k) {  // by release slot
+      double w = 0, d = 0, c = 0, n = 0, a = 0;
+      for (int j = 16 + k; j < 4 * np - 8; j += 4) {
+        w += ft[j][1] - ft[j][0];
+        d += ft[j][3] - ft[j][2];
+        c += ft[j][4] - ft[j][3];
+        a += ahead[j];
+        n += 1;
+      }
+      printf("slot %d: mean wait-free %.0f, data wait %.0f, convert+arrive %.0f, ahead %.0f of %.0f\n",
+             k, w / n, d / n, c / n, a, n);
+    }
   }
   return 0;
 }

@@ -1,5 +1,6 @@
 """fp8 / fp8_ds_mla caches through the Hopper pair kernel (its producer warpgroup converts the raw
-entries into bf16 stages; csrc_cuda/sm90/decode/pair_fp8_fill.cuh) against the torch reference.
+entries into 16-bit stages: fp16 for fp8, with the queries scaled per row into fp16; bf16 for
+fp8_ds_mla; csrc_cuda/sm90/decode/pair_fp8_fill.cuh) against the torch reference.
 
 Runs on an sm_90 GPU with a module that has the kernel; skips elsewhere, except when
 PORTMLA_REQUIRE_HOPPER=1: then a missing kernel FAILS. Every case asserts which kernel ran.
@@ -26,6 +27,8 @@ from portmla.kv_formats import dequantize_entries
 L = 512
 
 FORMATS = ["fp8", "fp8_ds_mla"]
+# (format, query dtype) pairs the pair kernel takes.
+FORMAT_QUERIES = [("fp8", torch.bfloat16), ("fp8", torch.float16), ("fp8_ds_mla", torch.bfloat16)]
 
 
 def _need_hopper_quant():
@@ -40,9 +43,9 @@ def _need_hopper_quant():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size", [1, 16, 48, 64, 256])
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt,dtype", FORMAT_QUERIES, ids=lambda v: str(v).removeprefix("torch."))
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"parts{s[0] or 'auto'}-fixed{s[1] or 'auto'}")
-def test_hopper_quant_decode(monkeypatch, ran, block_size, fmt, schedule):
+def test_hopper_quant_decode(monkeypatch, ran, block_size, fmt, dtype, schedule):
     """Forced onto the pair kernel whatever the rows: block sizes its TMA path does not take
     too (the converting producer looks every token up), varlen causal queries, strided pages,
     empty sequences, partial last tiles."""
@@ -50,10 +53,29 @@ def test_hopper_quant_decode(monkeypatch, ran, block_size, fmt, schedule):
     monkeypatch.setenv("PORTMLA_CUDA_HOPPER", "pair")
     force_schedule(monkeypatch, *schedule)
     for heads, lens, qlens, strided in CASES:
-        case = make_decode_case(lens, qlens, heads, block_size, fmt, torch.bfloat16, "cuda",
+        case = make_decode_case(lens, qlens, heads, block_size, fmt, dtype, "cuda",
                                 strided=strided)
         check_decode(*run_both(case, single_token=False), tol=1e-2)
     assert ran and set(ran) == {"hopper"}, f"variants that ran: {sorted(set(ran))}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,gains", [(torch.bfloat16, (1e-5, 1e5)), (torch.float16, (1e-3, 1e3))],
+                         ids=["bfloat16", "float16"])
+def test_hopper_quant_fp8_query_range(ran, dtype, gains):
+    """fp8 runs on fp16 operands, each query row scaled by a power of two: rows whose values
+    span 10 decades (bf16 values far past fp16's 65504, tiny ones in its subnormals unscaled)
+    must match the reference, logits up to ~1e5 included."""
+    _need_hopper_quant()
+    case = make_decode_case([3000, 700, 65], [1, 3, 2], 64, 64, "fp8", dtype, "cuda")
+    q = case["q"]
+    lo, hi = torch.log(torch.tensor(gains, dtype=torch.float64))
+    gain = torch.exp(lo + (hi - lo) * torch.rand(q.shape[0], q.shape[1], 1, dtype=torch.float64))
+    case["q"] = (q.double() * gain.to(q.device)).to(dtype)
+    if dtype == torch.bfloat16:
+        assert case["q"].abs().max().item() > 65504  # past fp16's range without the row scale
+    check_decode(*run_both(case, single_token=False), tol=1e-2)
+    assert set(ran) == {"hopper"}, ran
 
 
 def _bf16_rounded(case):
@@ -94,14 +116,15 @@ def test_hopper_quant_one_long_sequence(ran, fmt):
 
 @pytest.mark.gpu
 def test_hopper_quant_default_route(ran):
-    """The planner's own choices: bf16 queries with many rows -> the pair kernel; few rows or
-    fp16 queries -> the quantized-cache kernel."""
+    """The planner's own choices: many rows -> the pair kernel (fp8: bf16 or fp16 queries;
+    fp8_ds_mla: bf16); few rows, or fp16 queries with fp8_ds_mla -> the quantized-cache kernel."""
     _need_hopper_quant()
     lens = [int(x) for x in torch.randint(1, 3000, (40,))]
     want = []
     for fmt in FORMATS:
         for heads, dtype, kernel in ((128, torch.bfloat16, "hopper"), (64, torch.bfloat16, "hopper"),
-                                     (16, torch.bfloat16, "quant"), (128, torch.float16, "quant")):
+                                     (16, torch.bfloat16, "quant"),
+                                     (128, torch.float16, "hopper" if fmt == "fp8" else "quant")):
             case = make_decode_case(lens, [1] * 40, heads, 64, fmt, dtype, "cuda")
             check_decode(*run_both(case, single_token=True), tol=1e-2)
             want.append(kernel)
@@ -109,9 +132,9 @@ def test_hopper_quant_default_route(ran):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_hopper_quant_deterministic_and_graph_capture(fmt):
+@pytest.mark.parametrize("fmt,dtype", FORMAT_QUERIES, ids=lambda v: str(v).removeprefix("torch."))
+def test_hopper_quant_deterministic_and_graph_capture(fmt, dtype):
     """Bitwise equal runs; a captured graph replayed over changed seq_lens."""
     _need_hopper_quant()
-    case = make_decode_case([700, 1500, 40], [1, 1, 1], 128, 64, fmt, torch.bfloat16, "cuda")
+    case = make_decode_case([700, 1500, 40], [1, 1, 1], 128, 64, fmt, dtype, "cuda")
     check_deterministic_and_graph(case, tol=1e-2)

@@ -196,6 +196,11 @@ def test_cuda_quant_routing(monkeypatch, fmt, heads, s_q, cap, smem, env, want):
 
 class _FakeHopperQuantModule(_FakeQuantModule):
     HOPPER_QUANT_FORMATS = ("fp8", "fp8_ds_mla")
+    HOPPER_QUANT_QUERY_DTYPES = {"fp8": ("bfloat16", "float16"), "fp8_ds_mla": ("bfloat16",)}
+
+
+class _FakeOlderHopperQuantModule(_FakeQuantModule):  # built before fp8 ran on fp16 operands
+    HOPPER_QUANT_FORMATS = ("fp8", "fp8_ds_mla")
 
 
 @pytest.mark.parametrize("fmt,heads,s_q,dtype,env,want", [
@@ -203,13 +208,15 @@ class _FakeHopperQuantModule(_FakeQuantModule):
     ("fp8_ds_mla", 16, 4, torch.bfloat16, None, "hopper"),   # 64 rows a sequence
     ("fp8", 32, 1, torch.bfloat16, None, "quant"),           # 32 rows: the quantized kernel
     ("fp8", 16, 1, torch.bfloat16, "pair", "hopper"),        # forced
-    ("fp8", 128, 1, torch.float16, None, "quant"),           # fp16 queries: not the pair kernel
+    ("fp8", 128, 1, torch.float16, None, "hopper"),          # fp16 queries: fp8 on fp16 operands
+    ("fp8_ds_mla", 128, 1, torch.float16, None, "quant"),    # ds runs on bf16 operands only
     ("fp8", 128, 1, torch.bfloat16, "0", "quant"),           # Hopper kernels off
     ("fp8", 128, 1, torch.bfloat16, "tile", "quant"),        # no single-tile fp8 kernel
     ("fp8", 128, 4, torch.bfloat16, None, "hopper")])        # 512 rows: 8 row tiles
 def test_cuda_hopper_quant_routing(monkeypatch, fmt, heads, s_q, dtype, env, want):
-    """sm_90 with a module whose pair kernel converts quantized caches: bf16 queries with more
-    than HOPPER_QUANT_MIN_ROWS rows go there, any block size; the probe lists it."""
+    """sm_90 with a module whose pair kernel converts quantized caches: queries it takes (bf16;
+    fp16 with fp8) with more than HOPPER_QUANT_MIN_ROWS rows go there, any block size; the probe
+    lists it. A module without HOPPER_QUANT_QUERY_DTYPES gets bf16 queries only."""
     from portmla.backends import cuda as cuda_backend
 
     monkeypatch.delenv("PORTMLA_CUDA_QUANT", raising=False)
@@ -223,12 +230,15 @@ def test_cuda_hopper_quant_routing(monkeypatch, fmt, heads, s_q, dtype, env, wan
                                 cache=dataclasses.replace(p.cache, kv_format=fmt))
         name = cuda_backend.CudaBackend.decode_variant(p, _FakeHopperQuantModule)[0]
         assert name == want, (bs, name)
+        older = cuda_backend.CudaBackend.decode_variant(p, _FakeOlderHopperQuantModule)[0]
+        assert older == (want if dtype == torch.bfloat16 else "quant"), (bs, older)
         if name == "hopper":  # one CTA per SM per row tile, on the device schedule
             plan = cuda_backend.CudaBackend().plan_decode(p, _FakeHopperQuantModule)
             assert plan[2:] == (1, 0, 132 // -(-heads * s_q // 64))
     monkeypatch.setattr(cuda_backend, "load_module", lambda: (_FakeHopperQuantModule, None))
     report = cuda_backend.CudaBackend().kernels(_h100())
-    assert any("pair kernel for fp8/fp8_ds_mla" in k for k in report) == (env != "0")
+    assert any("pair kernel for fp8/fp8_ds_mla caches (fp8 with bfloat16/float16 queries, "
+               "fp8_ds_mla with bfloat16 queries)" in k for k in report) == (env != "0")
 
 
 def test_cuda_kernels_report_without_hopper_build(monkeypatch):

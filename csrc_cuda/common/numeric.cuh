@@ -45,6 +45,15 @@ __device__ __forceinline__ float2 fp8x2_e4m3_to_float2(uint16_t v) {
   return __half22float2(__half2(h));
 }
 
+// Powers of two (s, 1/s) with amax * s in [2^14, 2^15): a bf16 / fp16 row times s is
+// exact in fp16 (down to 2^-28 amax, fp16's subnormals).
+__device__ __forceinline__ void pow2_row_scale(float amax, float& s, float& inv) {
+  const int e = (__float_as_int(amax) >> 23) & 0xff;
+  const int k = min(max(141 - e, -126), 126);
+  s = __int_as_float((k + 127) << 23);
+  inv = __int_as_float((127 - k) << 23);
+}
+
 // float -> e4m3fn byte, round to nearest even, saturating to +-448 (NaN stays NaN).
 __device__ __forceinline__ uint8_t float_to_fp8e4m3(float x) {
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));

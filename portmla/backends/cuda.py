@@ -8,10 +8,11 @@ Kernels (see ``csrc_cuda/NOTES.md``):
   one of two KV tiles) above ``HOPPER_TILE_MAX_ROWS`` rows per sequence, the single-tile
   kernel at or below; ``PORTMLA_CUDA_HOPPER=pair`` / ``tile`` forces one, ``0`` uses the
   generic kernels instead.
-* ``mla_decode`` on sm_90 with an fp8 / fp8_ds_mla cache, bf16 queries and more than
+* ``mla_decode`` on sm_90 with an fp8 / fp8_ds_mla cache and more than
   ``HOPPER_QUANT_MIN_ROWS`` (token, head) rows per sequence, any block size: the pair kernel,
-  its producer warpgroup converting the raw entries into its bf16 stages (cp.async, e4m3 ->
-  bf16 in registers; fp8_ds_mla values times their tile scale, rounded once).
+  its producer warpgroup converting the raw entries into its 16-bit stages (cp.async, then in
+  registers: fp8 e4m3 -> fp16, exact, with bf16 or fp16 queries scaled per row into fp16 by a
+  power of two; fp8_ds_mla values times their tile scale, rounded once to bf16, bf16 queries).
 * ``mla_decode`` with an fp8 / fp8_ds_mla cache and at most ``QUANT_MAX_ROWS`` (token, head)
   rows per sequence on sm_89+: the quantized-cache kernel (raw e4m3 bytes in shared memory,
   converted to fp16 in registers at the mma fragment load; 16 rows per CTA, two CTAs per SM);
@@ -118,11 +119,21 @@ def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
 HOPPER_QUANT_MIN_ROWS = 32
 
 
+def hopper_quant_query_dtypes(mod, kv_format: str) -> tuple[str, ...]:
+    """Query dtypes the pair kernel takes with a quantized cache (``HOPPER_QUANT_QUERY_DTYPES``;
+    bf16 only for a module built before it had fp16 operands for fp8)."""
+    if kv_format not in getattr(mod, "HOPPER_QUANT_FORMATS", ()):
+        return ()
+    return tuple(getattr(mod, "HOPPER_QUANT_QUERY_DTYPES", {}).get(kv_format, ("bfloat16",)))
+
+
 def hopper_quant_kernel_name(mod, p: DecodeProblem) -> str | None:
     """``hopper`` where the pair kernel serves a quantized cache: sm_90, the pair kernel built
-    with its converting producer (``HOPPER_QUANT_FORMATS``), bf16 queries, more than
-    ``HOPPER_QUANT_MIN_ROWS`` rows per sequence (any count with ``PORTMLA_CUDA_HOPPER=pair``)."""
-    if p.cache.kv_format not in getattr(mod, "HOPPER_QUANT_FORMATS", ()) or p.q_dtype != torch.bfloat16 \
+    with its converting producer (``HOPPER_QUANT_FORMATS``) for these queries (bf16; fp16 too
+    for fp8), more than ``HOPPER_QUANT_MIN_ROWS`` rows per sequence (any count with
+    ``PORTMLA_CUDA_HOPPER=pair``)."""
+    q_name = str(p.q_dtype).removeprefix("torch.")
+    if q_name not in hopper_quant_query_dtypes(mod, p.cache.kv_format) \
             or hopper_unusable(mod, p.platform) is not None:
         return None
     force = os.environ.get("PORTMLA_CUDA_HOPPER")
@@ -231,10 +242,11 @@ class CudaBackend(Backend):
         if why is not None:
             return quant + (generic + f" for every other call (sm_90a Hopper kernel {why})", cache_ops)
         fmts = "/".join(HOPPER_FORMATS)
-        qfmts = "/".join(getattr(mod, "HOPPER_QUANT_FORMATS", ()))
-        hq = (f"mla_decode: sm_90a pair kernel for {qfmts} caches with bf16 queries and more than "
+        qfmts = getattr(mod, "HOPPER_QUANT_FORMATS", ())
+        with_q = ", ".join(f"{f} with {'/'.join(hopper_quant_query_dtypes(mod, f))} queries" for f in qfmts)
+        hq = (f"mla_decode: sm_90a pair kernel for {'/'.join(qfmts)} caches ({with_q}) and more than "
               f"{HOPPER_QUANT_MIN_ROWS} (token, head) rows per sequence, any block size (its producer "
-              f"warpgroup converts the raw entries to bf16 for wgmma; the quantized-cache kernel "
+              f"warpgroup converts the raw entries to 16-bit for wgmma; the quantized-cache kernel "
               f"takes the fewer rows)",) if qfmts else ()
         return (f"mla_decode: sm_90a Hopper kernels (TMA + wgmma) for {fmts} caches with block "
                 f"size 16, 32 or a multiple of 64: tile pairs with a producer warpgroup above "

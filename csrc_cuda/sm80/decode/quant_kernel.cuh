@@ -126,14 +126,6 @@ __device__ __forceinline__ uint32_t bf16x2_to(uint32_t v) {
   }
 }
 
-// Powers of two (s, 1/s) with amax * s in [2^14, 2^15): a 16-bit row times s is exact in fp16.
-__device__ __forceinline__ void pow2_row_scale(float amax, float& s, float& inv) {
-  const int e = (__float_as_int(amax) >> 23) & 0xff;
-  const int k = min(max(141 - e, -126), 126);
-  s = __int_as_float((k + 127) << 23);
-  inv = __int_as_float((127 - k) << 23);
-}
-
 // 2^-(E+1) for x = 1.m * 2^E (x * result in [0.5, 1)); 1 for x == 0. x >= 0, finite.
 __device__ __forceinline__ float pow2_normaliser(float x) {
   const int e = (__float_as_int(x) >> 23) & 0xff;

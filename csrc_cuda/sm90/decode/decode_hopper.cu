@@ -80,12 +80,16 @@ cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
                 pair, p, stream);
 }
 
-// fp8 / fp8_ds_mla: the pair kernel converts in its producer warpgroup (no TMA map).
+// fp8 / fp8_ds_mla: the pair kernel converts in its producer warpgroup (no TMA map); fp8 on
+// fp16 operands (bf16 or fp16 queries), fp8_ds_mla on bf16.
 cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream) {
   CUtensorMap unused{};
-  return launch(p.kv_format == kKvFp8 ? mla_decode_hopper_pair_kernel<__nv_bfloat16, kKvFp8>
-                                      : mla_decode_hopper_pair_kernel<__nv_bfloat16, kKvDsMla>,
-                unused, true, p, stream);
+  Kernel k = mla_decode_hopper_pair_kernel<__nv_bfloat16, kKvDsMla>;
+  if (p.kv_format == kKvFp8) {
+    k = p.q_dtype == kBF16 ? mla_decode_hopper_pair_kernel<__half, kKvFp8, __nv_bfloat16>
+                           : mla_decode_hopper_pair_kernel<__half, kKvFp8, __half>;
+  }
+  return launch(k, unused, true, p, stream);
 }
 
 }  // namespace
@@ -95,7 +99,9 @@ int decode_smem_bytes(bool pair) { return pair ? kPairSmemBytes : kSmemBytes; }
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.kv_format == kKvFp8 || p.kv_format == kKvDsMla) {
     // Raw entries through 16-byte cp.async: any block size, strides in bytes.
-    if (p.variant != sm80::kHopperPair || p.q_dtype != kBF16 || p.block_size < 1 ||
+    // fp8: bf16 or fp16 queries; fp8_ds_mla: bf16.
+    const bool q_ok = p.q_dtype == kBF16 || (p.q_dtype == kFP16 && p.kv_format == kKvFp8);
+    if (p.variant != sm80::kHopperPair || !q_ok || p.block_size < 1 ||
         p.token_stride % 16 || p.page_stride % 16 || reinterpret_cast<uintptr_t>(p.kv_cache) % 16 ||
         (p.kv_format == kKvFp8 && p.k_scale == nullptr) || p.num_parts < 1 ||
         p.num_parts > 65535 || p.sched_cum == nullptr || p.sched_piece == nullptr) {

@@ -84,6 +84,52 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, const sm80::CtaRow
   fence_proxy_async_smem();
 }
 
+// Q rows m0 .. m0 + 64 -> fp16 swizzled chunks, each row times a power of two that puts its
+// largest magnitude in [2^14, 2^15) (exact: a bf16 value has fewer mantissa bits than fp16),
+// its inverse -> q_inv[r]: bf16 queries then meet fp16 keys (e4m3 cache values, exact in fp16)
+// on the f16 wgmma. Threads 0 .. 255, 8 a row (9 of its 72 16-byte chunks each).
+template <typename TQ>
+__device__ __forceinline__ void load_q_pow2(const DecodeParams& p, const sm80::CtaRows& c,
+                                            unsigned char* dst, float* q_inv, int tid) {
+  constexpr int kPer = sm80::kD / 8 / 8;  // chunks a thread
+  const TQ* q = static_cast<const TQ*>(p.q);
+  const int H = p.num_heads, l8 = tid & 7;
+#pragma unroll 1
+  for (int r = tid >> 3; r < kBM; r += kThreads / 8) {
+    const int g = c.m0 + r;
+    const bool live = g < c.rows;
+    const uint4* row = reinterpret_cast<const uint4*>(
+        q + (live ? static_cast<int64_t>(c.t0 + g / H) * p.q_stride_t +
+                        static_cast<int64_t>(g % H) * p.q_stride_h
+                  : 0));
+    uint4 v[kPer];
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      v[i] = live ? __ldg(row + l8 + 8 * i) : make_uint4(0, 0, 0, 0);
+      const TQ* e = reinterpret_cast<const TQ*>(&v[i]);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(to_float(e[k])));
+    }
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    float sc, inv;
+    pow2_row_scale(amax, sc, inv);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const TQ* e = reinterpret_cast<const TQ*>(&v[i]);
+      uint4 h;
+      h.x = pack2<__half>(to_float(e[0]) * sc, to_float(e[1]) * sc);
+      h.y = pack2<__half>(to_float(e[2]) * sc, to_float(e[3]) * sc);
+      h.z = pack2<__half>(to_float(e[4]) * sc, to_float(e[5]) * sc);
+      h.w = pack2<__half>(to_float(e[6]) * sc, to_float(e[7]) * sc);
+      *reinterpret_cast<uint4*>(dst + swz(r, 8 * (l8 + 8 * i))) = h;
+    }
+    if (l8 == 0) q_inv[r] = inv;
+  }
+  fence_proxy_async_smem();
+}
+
 // Row tile m_tile of segment s: its sequence's rows and the positions of the segment's tiles
 // they may see (kv_lo == kv_hi: none, the epilogue writes the empty result). false: the
 // sequence has no rows in this tile (nothing to compute or write).

@@ -1,29 +1,49 @@
 // fp8 / fp8_ds_mla caches in the pair kernel: the producer warpgroup's four warps turn raw cache
-// entries into the bf16 stage layout a 16-bit cache gets from TMA (64-row x 128-byte chunks,
+// entries into the 16-bit stage layout a 16-bit cache gets from TMA (64-row x 128-byte chunks,
 // 128-byte swizzle), so the consumer warpgroups run unchanged on wgmma.
 //
 // A part of a stage (chunks 0..3, or chunks 4..7 + rope) is filled by all 128 producer threads,
 // 16 tokens a warp: every thread cp.async-copies its raw 16-byte pieces (16 e4m3 values) into
-// the first of the two 16-byte slots their bf16 values will occupy, waits for its own copies,
-// reads each piece back, converts it (e4m3 -> f16 -> f32, times the tile scale for
-// fp8_ds_mla, -> bf16) and writes both slots. No thread touches another's slots, so the raw
-// bytes need no staging space (the pair kernel uses all of the sm_90 shared memory) and no
-// barrier among the producer threads; 128 arrivals complete the part's `full` barrier.
-// fp8 (per-tensor scale): the e4m3 values are exact in bf16; k_scale is applied to the scores
-// and the output. fp8_ds_mla: value * tile scale rounded once to bf16; its bf16 RoPE part is
-// copied as is.
+// the first of the two 16-byte slots their 16-bit values will occupy, waits for its own copies,
+// reads each piece back, converts it and writes both slots. No thread touches another's slots,
+// so the raw bytes need no staging space (the pair kernel uses all of the sm_90 shared memory)
+// and no barrier among the producer threads; 128 arrivals complete the part's `full` barrier.
+// fp8 (per-tensor scale) fills fp16 stages: e4m3 -> f16 is exact and one instruction per two
+// values (the queries are scaled into fp16 per row by the consumers); k_scale is applied to the
+// scores and the output. fp8_ds_mla fills bf16 stages: e4m3 -> f16 -> f32, times the tile
+// scale, rounded once to bf16; its bf16 RoPE part is copied as is.
 //
-// Each thread also holds the entry address of one token of the pair in flight (lanes 0..15:
-// tile a, 16..31: tile b; token 16 w + lane % 16), loaded a pair ahead, and prefetches that
-// entry of the next pair into L2 (bulk prefetch, one instruction per entry).
+// Lane l of producer warp w works on token 16 w + l % 16 of the job's tile, the even pieces of
+// its row (l < 16) or the odd ones. Lanes 0..15 hold the entry addresses of tile a's tokens of
+// the pair in flight and the next one, lanes 16..31 tile b's (one shuffle a job hands a lane
+// its token's), read from the block table a pair before use; the next pair's entries are
+// prefetched into L2 with one bulk prefetch per 16 tokens where they are consecutive on a page.
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <type_traits>
 
 #include "hopper_kernel.cuh"
 
 namespace portmla {
 namespace sm90 {
+
+#if defined(PORTMLA_PAIR_TRACE)  // producer timeline of one CTA (scripts/pair_trace.cu)
+__device__ long long g_fill_trace[256][7];  // top, part free, ahead test done, data, arrived,
+                                            // (pair end) entries, prefetched
+__device__ int g_fill_ahead[256];           // the job's copies went out a job early
+#define FILL_TRACE(n, ev)                                                                  \
+  do {                                                                                     \
+    if (blockIdx.x == 0 && blockIdx.y == PORTMLA_PAIR_TRACE && threadIdx.x == 256 &&       \
+        (n) < 256)                                                                         \
+      g_fill_trace[n][ev] = clock64();                                                     \
+  } while (0)
+#else
+#define FILL_TRACE(n, ev)
+#endif
 
 template <int FMT>
 struct Fp8Entry {
@@ -45,9 +65,20 @@ __device__ __forceinline__ const unsigned char* shfl_ptr(const unsigned char* p,
       __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(p), src));
 }
 
-// Four e4m3 values (one word, lowest byte first) times `sc` -> two bf16x2 words.
-template <bool kScaled>
-__device__ __forceinline__ void e4m3x4_to_bf16(uint32_t w, float sc, uint32_t& lo, uint32_t& hi) {
+// Four e4m3 values (one word, lowest byte first) times `sc` -> two T x2 words. fp16 unscaled:
+// one conversion instruction per two values (exact); bf16 goes e4m3 -> f16 -> f32 -> bf16.
+template <typename T, bool kScaled>
+__device__ __forceinline__ void e4m3x4_to(uint32_t w, float sc, uint32_t& lo, uint32_t& hi) {
+  if constexpr (std::is_same<T, __half>::value) {
+    static_assert(!kScaled, "fp16 stages hold unscaled e4m3 values");
+    const __half2_raw a =
+        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xffffu), __NV_E4M3);
+    const __half2_raw b =
+        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> 16), __NV_E4M3);
+    lo = static_cast<uint32_t>(a.x) | (static_cast<uint32_t>(a.y) << 16);
+    hi = static_cast<uint32_t>(b.x) | (static_cast<uint32_t>(b.y) << 16);
+    return;
+  }
   float2 a = fp8x2_e4m3_to_float2(static_cast<uint16_t>(w & 0xffffu));
   float2 b = fp8x2_e4m3_to_float2(static_cast<uint16_t>(w >> 16));
   if constexpr (kScaled) {
@@ -60,112 +91,122 @@ __device__ __forceinline__ void e4m3x4_to_bf16(uint32_t w, float sc, uint32_t& l
   hi = pack2<__nv_bfloat16>(b.x, b.y);
 }
 
-// The 16-byte piece copied raw to `row + 16 s0` (16 e4m3 values) -> 16 bf16 values in slots
+// The 16-byte piece copied raw to `row + 16 s0` (16 e4m3 values) -> 16 T values in slots
 // s0 (values 0..7) and s1 (8..15) of the same 128-byte row.
-template <bool kScaled>
+template <typename T, bool kScaled>
 __device__ __forceinline__ void expand_piece(unsigned char* row, int s0, int s1, float sc) {
   const uint4 raw = *reinterpret_cast<const uint4*>(row + (s0 << 4));
   uint4 a, b;
-  e4m3x4_to_bf16<kScaled>(raw.x, sc, a.x, a.y);
-  e4m3x4_to_bf16<kScaled>(raw.y, sc, a.z, a.w);
-  e4m3x4_to_bf16<kScaled>(raw.z, sc, b.x, b.y);
-  e4m3x4_to_bf16<kScaled>(raw.w, sc, b.z, b.w);
+  e4m3x4_to<T, kScaled>(raw.x, sc, a.x, a.y);
+  e4m3x4_to<T, kScaled>(raw.y, sc, a.z, a.w);
+  e4m3x4_to<T, kScaled>(raw.z, sc, b.x, b.y);
+  e4m3x4_to<T, kScaled>(raw.w, sc, b.z, b.w);
   *reinterpret_cast<uint4*>(row + (s0 << 4)) = a;
   *reinterpret_cast<uint4*>(row + (s1 << 4)) = b;
 }
 
 // A fill job: part `half` of stage `st` (its tile: the pair's first for stage 0, second for
-// stage 1). Lanes 16 st .. 16 st + 15 hold the entry addresses of its tokens (lane 16 st + j:
-// token j of every warp's 16, tok0 = 16 w; null past the segment's end: zero-filled, and the
-// consumers mask those scores and zero those V rows).
+// stage 1). Lane l of warp w works on token 16 w + l % 16 of the tile, the even 16-byte pieces
+// of its row (l < 16) or the odd ones, so each pair of lanes reads one 32-byte sector. Tokens
+// past the segment's end (entry null) are zero-filled; the consumers mask those scores and
+// zero those V rows.
 struct Fp8Job {
   int st, half;
-  const unsigned char* entry;  // this lane's token entry of the job's pair
   float2 sc;  // fp8_ds_mla: the two tile scales of `half` of this lane's token
 };
 
-// Issues a job's raw copies (one cp.async group; tokens past the end are zero-filled, so no
-// branch per piece) and, for fp8_ds_mla, loads its scales.
+// Byte offsets of the two 16-byte slots (first of each pair) this lane's pieces 2 i + odd go to
+// in a 128-byte stage row: 16 ((4 (i % 2) + 2 odd) ^ (t % 8)) for i even / odd.
+struct Fp8Slots {
+  int a, b;
+  __device__ __forceinline__ Fp8Slots(int t, int odd)
+      : a(((2 * odd) ^ (t & 7)) << 4), b(((4 + 2 * odd) ^ (t & 7)) << 4) {}
+};
+
+// Issues a job's raw copies (one cp.async group, zero-filled past the end: no branch per
+// piece) and, for fp8_ds_mla, loads its scales. `held`: the entry this lane holds in the
+// job's pair (lanes 0..15: tile a's token l, 16..31: tile b's token l - 16).
 template <int FMT>
-__device__ __forceinline__ void issue_job(unsigned char* kv, Fp8Job& job, int tok0, int lane,
+__device__ __forceinline__ void issue_job(unsigned char* kv, Fp8Job& job,
+                                          const unsigned char* held, int tok0, int lane,
                                           const void* any_valid) {
   // The offsets below derive from the lane: recomputed per job, not hoisted out of the
   // producer's loops into registers it does not have (40).
   asm volatile("" : "+r"(lane));
   using E = Fp8Entry<FMT>;
   constexpr bool kDs = FMT == kKvDsMla;
-  const int half = job.half, src0 = 16 * job.st;
-  const int u = lane & 15;  // latent piece: channels 256 half + 16 u ..
-  const int s0 = 2 * (u & 3);
+  const int half = job.half, t = tok0 + (lane & 15), odd = lane >> 4;
+  const unsigned char* other = shfl_ptr(held, lane ^ 16);
+  const unsigned char* const entry = odd == job.st ? held : other;  // token t of the job's tile
+  const bool valid = entry != nullptr;
+  const unsigned char* const src =
+      (valid ? entry : static_cast<const unsigned char*>(any_valid)) + 16 * odd;
   if constexpr (kDs) {
-    job.sc = job.entry != nullptr && (lane >> 4) == job.st
-                 ? __ldg(reinterpret_cast<const float2*>(job.entry + E::kScaleOff) + half)
-                 : make_float2(1.f, 1.f);
+    job.sc = valid ? __ldg(reinterpret_cast<const float2*>(entry + E::kScaleOff) + half)
+                   : make_float2(1.f, 1.f);
   }
-  unsigned char* const row0 = kv + (4 * half + (u >> 2)) * kChunk + (tok0 + (lane >> 4)) * 128;
+  const Fp8Slots sl(t, odd);
+  unsigned char* const row = kv + 4 * half * kChunk + t * 128;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int j = (lane >> 4) + 2 * i;  // token tok0 + j; (tok0 + j) & 7 == j & 7
-    const unsigned char* src = shfl_ptr(job.entry, src0 + j);
-    cp_async16_zfill(row0 + 256 * i + ((s0 ^ (j & 7)) << 4),
-                     src != nullptr ? src + 256 * half + 16 * u : any_valid, src != nullptr);
+  for (int i = 0; i < 8; ++i) {  // piece 2 i + odd: latent channels 256 half + 16 (2 i + odd) ..
+    cp_async16_zfill(row + (i >> 1) * kChunk + ((i & 1) ? sl.b : sl.a), src + 256 * half + 32 * i,
+                     valid);
   }
-  if (half == 1) {  // the RoPE part: chunk 8
-    constexpr int kP = E::kRopePieces, kPer = 16 * kP / 32;  // pieces a lane copies
-    const int v = lane % kP, sl = kDs ? v : 2 * v;           // ds: bf16 already, its final slot
-    unsigned char* const rrow0 = kv + (kChunks - 1) * kChunk + (tok0 + lane / kP) * 128;
+  if (half == 1) {  // the RoPE part: chunk 8, pieces 2 j + odd
+    unsigned char* const rrow = kv + (kChunks - 1) * kChunk + t * 128;
+    if constexpr (kDs) {  // 8 pieces of bf16, straight to their final slots
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int j = lane / kP + (32 / kP) * i;
-      const unsigned char* src = shfl_ptr(job.entry, src0 + j);
-      cp_async16_zfill(rrow0 + (32 / kP) * 128 * i + ((sl ^ (j & 7)) << 4),
-                       src != nullptr ? src + E::kRopeOff + 16 * v : any_valid, src != nullptr);
+      for (int j = 0; j < 4; ++j) {
+        cp_async16_zfill(rrow + (((2 * j + odd) ^ (t & 7)) << 4), src + E::kRopeOff + 32 * j, valid);
+      }
+    } else {  // 4 pieces of e4m3, to the first of their slot pairs
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        cp_async16_zfill(rrow + (j ? sl.b : sl.a), src + E::kRopeOff + 32 * j, valid);
+      }
     }
   }
   cp_async_commit();
 }
 
-// Converts a job's pieces once its copies have landed (the caller waits for its group). Every
-// piece, past the end too (zeros there): no branches.
-template <int FMT>
+// Converts a job's pieces once this thread's copies have landed (the caller waits for its
+// group). Every piece, past the end too (zeros there): no branches.
+template <typename T, int FMT>
 __device__ __forceinline__ void convert_job(unsigned char* kv, const Fp8Job& job, int tok0,
                                             int lane) {
   asm volatile("" : "+r"(lane));
   constexpr bool kDs = FMT == kKvDsMla;
-  const int half = job.half, src0 = 16 * job.st;
-  const int u = lane & 15;
-  const int s0 = 2 * (u & 3);
-  unsigned char* const row0 = kv + (4 * half + (u >> 2)) * kChunk + (tok0 + (lane >> 4)) * 128;
+  const int half = job.half, t = tok0 + (lane & 15), odd = lane >> 4;
+  const Fp8Slots sl(t, odd);
+  unsigned char* const row = kv + 4 * half * kChunk + t * 128;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int j = (lane >> 4) + 2 * i;
-    float sc = 1.f;
-    if constexpr (kDs) {
-      const float sa = __shfl_sync(0xffffffffu, job.sc.x, src0 + j);
-      const float sb = __shfl_sync(0xffffffffu, job.sc.y, src0 + j);
-      sc = u < 8 ? sa : sb;
-    }
-    expand_piece<kDs>(row0 + 256 * i, s0 ^ (j & 7), (s0 + 1) ^ (j & 7), sc);
+    const int s0 = ((i & 1) ? sl.b : sl.a) >> 4;
+    // fp8_ds_mla: pieces 0..7 of the half are its first 128-channel tile, 8..15 the second.
+    expand_piece<T, kDs>(row + (i >> 1) * kChunk, s0, s0 ^ 1, i < 4 ? job.sc.x : job.sc.y);
   }
   if constexpr (!kDs) {
     if (half == 1) {
-      const int v = lane & 3;
-      unsigned char* const rrow0 = kv + (kChunks - 1) * kChunk + (tok0 + (lane >> 2)) * 128;
+      unsigned char* const rrow = kv + (kChunks - 1) * kChunk + t * 128;
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int j = (lane >> 2) + 8 * i;
-        expand_piece<false>(rrow0 + 8 * 128 * i, (2 * v) ^ (j & 7), (2 * v + 1) ^ (j & 7), 1.f);
+      for (int j = 0; j < 2; ++j) {
+        const int s0 = (j ? sl.b : sl.a) >> 4;
+        expand_piece<T, false>(rrow, s0, s0 ^ 1, 1.f);
       }
     }
   }
 }
 
-// Entry address of position pos (null at or past kv_hi).
-template <int FMT>
-__device__ __forceinline__ const unsigned char* fp8_entry(const DecodeParams& p, const int32_t* bt,
-                                                          int pos, int kv_hi) {
+// Block-table page of position pos (0 at or past kv_hi: not used).
+__device__ __forceinline__ int fp8_page(const DecodeParams& p, const int32_t* bt, int pos,
+                                        int kv_hi) {
+  return pos < kv_hi ? __ldg(bt + pos / p.block_size) : 0;
+}
+
+// Entry address of position pos on its page (null at or past kv_hi).
+__device__ __forceinline__ const unsigned char* fp8_entry(const DecodeParams& p, int page, int pos,
+                                                          int kv_hi) {
   if (pos >= kv_hi) return nullptr;
-  const int page = bt[pos / p.block_size];
   return static_cast<const unsigned char*>(p.kv_cache) + static_cast<int64_t>(page) * p.page_stride +
          static_cast<int64_t>(pos % p.block_size) * p.token_stride;
 }
@@ -191,77 +232,113 @@ __device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
 // look-ahead: before converting a job, the next one's copies are issued if its part is
 // already free (never waited for: the consumers may need the current job first), so its
 // latency overlaps this conversion.
-template <int FMT, class Smem>
+template <typename T, int FMT, class Smem>
 __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, PartWalker& walk,
                                             int m_tile, int wq, int lane) {
   using E = Fp8Entry<FMT>;
-  const int tok0 = 16 * wq, mine = tok0 + (lane & 15), tile_of_lane = lane >> 4;
+  const int tok0 = 16 * wq, odd = lane >> 4;
+  // L2 prefetch of a pair's entries: one bulk prefetch per 16 consecutive tokens of a page
+  // (lanes 0 / 16: tiles a / b) when the entries are dense enough, else one per token. (The
+  // bulk prefetch takes a uniform address: per-lane addresses go out lane by lane, which cost
+  // ~2k cycles a pair.)
+  const bool grouped = p.block_size % 16 == 0 && p.token_stride <= 2 * E::kBytes;
   int base[kStages] = {0, 0};  // fills of each stage in earlier segments
   Segment seg;
+#if defined(PORTMLA_PAIR_TRACE)
+  int traced = 0;  // jobs so far (the trace's index)
+#endif
   while (walk.next(p, seg)) {
     sm80::CtaRows c;
     if (!segment_rows(p, seg, m_tile, c)) continue;
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const int n_jobs = 4 * ((n_tiles + 1) / 2);
     const int32_t* bt = p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride;
-    // Entries of pair k (lanes 0..15: tile 2k, 16..31: tile 2k + 1) for k = the current pair
-    // and the next one.
-    const unsigned char* cur = fp8_entry<FMT>(p, bt, c.kv_lo + tile_of_lane * kBN + mine, c.kv_hi);
-    const unsigned char* nxt =
-        fp8_entry<FMT>(p, bt, c.kv_lo + (2 + tile_of_lane) * kBN + mine, c.kv_hi);
-    if (nxt != nullptr) prefetch_l2_bytes(nxt, E::kBytes);
+    // This lane holds token l % 16 of tile a (l < 16) or b of pair k: its entry in the current
+    // pair and the next one, and its page in the pair after that (read a pair before it is
+    // used, so the block-table latency stays off the producer's path).
+    auto pos_of = [&](int k) { return c.kv_lo + (2 * k + odd) * kBN + tok0 + (lane & 15); };
+    auto prefetch = [&](int k, const unsigned char* e) {
+      if (e == nullptr) return;
+      if (!grouped) {
+        prefetch_l2_bytes(e, E::kBytes);
+      } else if ((lane & 15) == 0) {
+        const int n = min(16, c.kv_hi - pos_of(k));
+        prefetch_l2_bytes(e, static_cast<uint32_t>((n - 1) * p.token_stride + E::kBytes));
+      }
+    };
+    const unsigned char* cur = fp8_entry(p, fp8_page(p, bt, pos_of(0), c.kv_hi), pos_of(0), c.kv_hi);
+    const unsigned char* nxt = fp8_entry(p, fp8_page(p, bt, pos_of(1), c.kv_hi), pos_of(1), c.kv_hi);
+    int page2 = fp8_page(p, bt, pos_of(2), c.kv_hi);
+    prefetch(1, nxt);
     // Job g: pair g / 4, release slot g % 4 -> (stage, part); it exists unless its tile does not.
-    auto job_at = [&](int g, const unsigned char* entry) {
+    auto job_at = [&](int g) {
       const int j = g & 3;
       Fp8Job jb;
       jb.st = j == 1 || j == 3 ? 1 : 0;
       jb.half = j == 1 || j == 2 ? 1 : 0;
-      jb.entry = entry;
       jb.sc = make_float2(1.f, 1.f);
       return jb;
     };
     auto exists = [&](int g) { return 2 * (g >> 2) + ((g & 3) == 1 || (g & 3) == 3) < n_tiles; };
     // Fill number of job g's stage (its `empty` phase: fill f > 0 waits phase (f - 1) & 1).
     auto fill_no = [&](const Fp8Job& jb, int g) { return base[jb.st] + (g >> 2); };
-    Fp8Job job = job_at(0, cur), ahead{};
+    Fp8Job job = job_at(0), ahead{};
     bool have_ahead = false;
     for (int g = 0; g < n_jobs; ++g) {
       if (!exists(g)) continue;
+      FILL_TRACE(traced, 0);
       if (have_ahead) {
         job = ahead;
         have_ahead = false;
+        FILL_TRACE(traced, 1);
+#if defined(PORTMLA_PAIR_TRACE)
+        if (blockIdx.x == 0 && blockIdx.y == PORTMLA_PAIR_TRACE && threadIdx.x == 256 && traced < 256)
+          g_fill_ahead[traced] = 1;
+#endif
       } else {
-        job = job_at(g, cur);
+        job = job_at(g);
         const int f = fill_no(job, g);
         if (f > 0) mbar_wait(&sm.empty[job.st][job.half], (f - 1) & 1);
-        issue_job<FMT>(sm.kv[job.st], job, tok0, lane, p.kv_cache);
+        FILL_TRACE(traced, 1);
+        issue_job<FMT>(sm.kv[job.st], job, cur, tok0, lane, p.kv_cache);
       }
       int g2 = g + 1;
       while (g2 < n_jobs && !exists(g2)) ++g2;
       if (g2 < n_jobs) {
-        Fp8Job nj = job_at(g2, (g2 >> 2) == (g >> 2) ? cur : nxt);
+        Fp8Job nj = job_at(g2);
         const int f = fill_no(nj, g2);
         // Warp-uniform: a warp issues the job whole or not at all (warps may differ).
         if (__all_sync(0xffffffffu, f == 0 || mbar_test(&sm.empty[nj.st][nj.half], (f - 1) & 1))) {
-          issue_job<FMT>(sm.kv[nj.st], nj, tok0, lane, p.kv_cache);
+          issue_job<FMT>(sm.kv[nj.st], nj, (g2 >> 2) == (g >> 2) ? cur : nxt, tok0, lane,
+                         p.kv_cache);
           ahead = nj;
           have_ahead = true;
         }
       }
+      FILL_TRACE(traced, 2);
       if (have_ahead) {
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
       }
-      convert_job<FMT>(sm.kv[job.st], job, tok0, lane);
+      FILL_TRACE(traced, 3);
+      convert_job<T, FMT>(sm.kv[job.st], job, tok0, lane);
       fence_proxy_async_smem();
       mbar_arrive(&sm.full[job.st][job.half]);
+      FILL_TRACE(traced, 4);
+#if defined(PORTMLA_PAIR_TRACE)
+      ++traced;
+#endif
       if (g2 < n_jobs && (g2 >> 2) != (g >> 2)) {  // the pair's last job
-        // Next pair: its entries are `nxt`; load the one after and bring it into L2.
+        // Next pair: its entries are `nxt`; the one after from its pages, brought into L2;
+        // the pages of the pair after that.
+        const int k2 = (g >> 2) + 2;
         cur = nxt;
-        nxt = fp8_entry<FMT>(p, bt, c.kv_lo + (2 * ((g >> 2) + 2) + tile_of_lane) * kBN + mine,
-                             c.kv_hi);
-        if (nxt != nullptr) prefetch_l2_bytes(nxt, E::kBytes);
+        nxt = fp8_entry(p, page2, pos_of(k2), c.kv_hi);
+        FILL_TRACE(traced - 1, 5);
+        prefetch(k2, nxt);
+        FILL_TRACE(traced - 1, 6);
+        page2 = fp8_page(p, bt, pos_of(k2 + 1), c.kv_hi);
       }
     }
     base[0] += n_tiles > 0 ? (n_tiles + 1) / 2 : 0;

@@ -44,6 +44,7 @@ struct alignas(1024) PairSmem {
   float red[2][kBM];  // row sums of the two warpgroups (epilogue)
   uint64_t full[kStages][2];   // part loaded (TMA transaction bytes)
   uint64_t empty[kStages][2];  // part released by the warpgroup that reads it last
+  float q_inv[kBM];            // fp8 on fp16: the inverse power-of-two scale of each Q row
 };
 constexpr int kPairSmemBytes = static_cast<int>(sizeof(PairSmem)) + 1024;
 static_assert(kPairSmemBytes <= 227 * 1024, "more than an sm_90 CTA may have");
@@ -98,15 +99,16 @@ __device__ __forceinline__ void release_after_pv(float (&o)[128], uint32_t (&pk)
 // The raw scores of a 64 x 64 tile (accumulator layout) -> P = exp2(s * scale - m) in place, row sums added
 // to `sum`, and P packed as wgmma A fragments: k-step kk uses pk[4 kk .. 4 kk + 3].
 template <typename T>
-__device__ __forceinline__ void softmax_pack(float (&s)[32], float scale_log2, const float (&m)[2],
-                                             float (&sum)[2], uint32_t (&pk)[16]) {
+__device__ __forceinline__ void softmax_pack(float (&s)[32], const float (&scale_log2)[2],
+                                             const float (&m)[2], float (&sum)[2],
+                                             uint32_t (&pk)[16]) {
   float use[2];
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) use[h2] = m[h2] == -INFINITY ? 0.f : m[h2];
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
     const int h2 = (i >> 1) & 1;
-    s[i] = fast_exp2(fmaf(s[i], scale_log2, -use[h2]));
+    s[i] = fast_exp2(fmaf(s[i], scale_log2[h2], -use[h2]));
     sum[h2] += s[i];
   }
 #pragma unroll
@@ -125,15 +127,21 @@ __device__ __forceinline__ void store_p(unsigned char* chunk, const uint32_t (&p
   }
 }
 
-// FMT: kKv16 (TMA loads of a bf16 / fp16 cache; kv_map describes it) or kKvFp8 / kKvDsMla
-// (bf16 queries; the producer warpgroup converts raw entries, pair_fp8_fill.cuh; kv_map unused).
-template <typename T, int FMT>
+// FMT: kKv16 (TMA loads of a T cache; kv_map describes it) or kKvFp8 / kKvDsMla (the producer
+// warpgroup converts raw entries to T, pair_fp8_fill.cuh; kv_map unused). T is the wgmma
+// operand type, TQ the queries' and the output's. fp8 runs on fp16 (e4m3 -> f16 is one
+// instruction per two values; bf16 / fp16 queries are scaled per row into fp16, load_q_pow2),
+// fp8_ds_mla on bf16 with bf16 queries (value x tile scale may leave fp16's range).
+template <typename T, int FMT, typename TQ = T>
 __global__ void __launch_bounds__(kPairThreads, 1)
     mla_decode_hopper_pair_kernel(const __grid_constant__ CUtensorMap kv_map,
                                   const DecodeParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  static_assert(FMT == kKv16 || std::is_same<T, __nv_bfloat16>::value,
-                "quantized caches run with bf16 queries");
+  // Quantized caches: bf16 queries; per-row Q scaling when they run on fp16 operands.
+  constexpr bool kScaleQ = FMT != kKv16 && std::is_same<T, __half>::value;
+  static_assert(FMT != kKvDsMla || std::is_same<T, __nv_bfloat16>::value,
+                "fp8_ds_mla values times their tile scale need bf16's range");
+  static_assert(kScaleQ || std::is_same<T, TQ>::value, "queries of the operand type");
   using G = Gmma<T>;
   extern __shared__ unsigned char smem_raw[];
   PairSmem& sm = smem_aligned_1024<PairSmem>(smem_raw);
@@ -148,7 +156,8 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     if constexpr (FMT == kKv16) tma_prefetch_desc(&kv_map);
     for (int s = 0; s < kStages; ++s) {
       for (int half = 0; half < 2; ++half) {
-        mbar_init(&sm.full[s][half], FMT == kKv16 ? 1 : 128);  // TMA: one arrival + bytes
+        // TMA: one arrival + bytes; the converting producer: one arrival a producer thread.
+        mbar_init(&sm.full[s][half], FMT == kKv16 ? 1 : 128);
         mbar_init(&sm.empty[s][half], 4);  // the 4 warps of the releasing warpgroup
       }
     }
@@ -167,7 +176,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     // ahead into the next segment while the consumers finish this one.
     setmaxnreg_dec<kProducerRegs>();
     if constexpr (FMT != kKv16) {
-      produce_fp8<FMT>(p, sm, walk, m_tile, wq, lane);
+      produce_fp8<T, FMT>(p, sm, walk, m_tile, wq, lane);
       return;
     }
     if (wq != 0) return;
@@ -222,8 +231,18 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const int n_pairs = (n_tiles + 1) / 2;
     // Q is free: every consumer passed the last segment's epilogue barrier after its last S.
-    load_q<T>(p, c, sm.q, tid);
+    if constexpr (kScaleQ) {  // TQ != T
+      load_q_pow2<TQ>(p, c, sm.q, sm.q_inv, tid);
+    } else {
+      load_q<T>(p, c, sm.q, tid);
+    }
     named_barrier(kBarConsumers, kThreads);
+    // Base-2 score scale of this thread's two rows (times the Q row's inverse scale).
+    float sl2[2] = {scale_log2, scale_log2};
+    if constexpr (kScaleQ) {
+      sl2[0] *= sm.q_inv[r0];
+      sl2[1] *= sm.q_inv[r0 + 8];
+    }
     const int last0 = c.last_pos(c.m0 + r0, H), last1 = c.last_pos(c.m0 + r0 + 8, H);
     const int min_last = c.last_pos(c.m0, H);  // rows are (token, head) in order: the least
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -281,7 +300,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         for (int h2 = 0; h2 < 2; ++h2) {
           mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
           mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
-          mx[h2] *= scale_log2;  // scale > 0: the max of the scaled scores; -inf stays -inf
+          mx[h2] *= sl2[h2];  // scale > 0: the max of the scaled scores; -inf stays -inf
         }
       }
 
@@ -304,7 +323,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         named_barrier_arrive(kBarA, kThreads);
         fence_regs(o);  // keeps the O rescale below the arrive
         PAIR_TRACE(4);
-        softmax_pack<T>(s, scale_log2, m_a, sum, pk);
+        softmax_pack<T>(s, sl2, m_a, sum, pk);
         if (valid < kBN) {  // the segment's last tile: zero V rows past its end for both halves
           zero_v_rows(own, valid, tid, 128);
           fence_proxy_async_smem();
@@ -365,7 +384,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         }
         PAIR_TRACE(10);
         if (has_b) {
-          softmax_pack<T>(s, scale_log2, m_b, sum, pk);
+          softmax_pack<T>(s, sl2, m_b, sum, pk);
           store_p(sm.p_b, pk, r0, lane);
           if (valid < kBN) zero_v_rows(own, valid, tid - 128, 128);
         }
@@ -402,7 +421,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     // Row sums: quad reduction, then the two warpgroups' through shared memory.
     share_row_sums(l_run, sm.red, wg, r0, lane);
     named_barrier(kBarConsumers, kThreads);
-    store_rows<T>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
+    store_rows<TQ>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
   }
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
