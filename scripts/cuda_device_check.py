@@ -44,10 +44,10 @@ ANCHORS = [_anchor(*row) for row in anchors.ROWS]
 def sanitize() -> None:
     from test_cuda_backend import check_decode, make_decode_case, run_both
 
-    # bf16 / fp8 / fp8_ds_mla with bf16 queries: the first two cases (72 and 128 rows a sequence)
-    # run the pair kernel (fp8 formats: its converting producer), fp16 fp8_ds_mla the quantized
-    # kernel throughout.
-    for fmt, dtype in (("bfloat16", torch.bfloat16), ("fp8", torch.bfloat16),
+    # bf16 / fp8 / fp8_ds_mla with bf16 queries and fp8 with fp16 queries: the first two cases
+    # (72 and 128 rows a sequence) run the pair kernel (fp8 formats: its converting producer),
+    # fp16 fp8_ds_mla the quantized kernel throughout.
+    for fmt, dtype in (("bfloat16", torch.bfloat16), ("fp8", torch.bfloat16), ("fp8", torch.float16),
                        ("fp8_ds_mla", torch.bfloat16), ("fp8_ds_mla", torch.float16)):
         case = make_decode_case([3, 700, 0, 50], [1, 2, 0, 3], 24, 16, fmt, dtype, "cuda", strided=True)
         check_decode(*run_both(case, single_token=False))

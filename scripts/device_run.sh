@@ -24,8 +24,8 @@ export PORTMLA_TEST_SEED=${PORTMLA_TEST_SEED:-$RANDOM$RANDOM}
     -p no:cacheprovider -n 8 --durations=15 tests
   echo "pytest exit: $?"
   for tool in memcheck racecheck synccheck; do
-    echo "== compute-sanitizer --tool $tool (Hopper kernel for bf16, generic kernels for fp8)"
-    timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 \
+    echo "== compute-sanitizer --tool $tool (Hopper kernels, the quantized-cache kernel, cache ops)"
+    timeout 130 compute-sanitizer --tool $tool --error-exitcode 9 \
       python scripts/cuda_device_check.py sanitize 2>&1 | tail -4
   done
 } 2>&1 | tee "$OUT/log.txt"
