@@ -54,6 +54,28 @@ __device__ __forceinline__ void pow2_row_scale(float amax, float& s, float& inv)
   inv = __int_as_float((127 - k) << 23);
 }
 
+// Largest magnitude of the 8 T values (bf16 / fp16) in a 16-byte word.
+template <typename T>
+__device__ __forceinline__ float amax8(const uint4& v) {
+  const T* e = reinterpret_cast<const T*>(&v);
+  float m = 0.f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(to_float(e[k])));
+  return m;
+}
+
+// The 8 T values of a 16-byte word times s, as 8 fp16 (exact for a pow2_row_scale factor).
+template <typename T>
+__device__ __forceinline__ uint4 scale8_to_half(const uint4& v, float s) {
+  const T* e = reinterpret_cast<const T*>(&v);
+  uint4 h;
+  h.x = pack2<__half>(to_float(e[0]) * s, to_float(e[1]) * s);
+  h.y = pack2<__half>(to_float(e[2]) * s, to_float(e[3]) * s);
+  h.z = pack2<__half>(to_float(e[4]) * s, to_float(e[5]) * s);
+  h.w = pack2<__half>(to_float(e[6]) * s, to_float(e[7]) * s);
+  return h;
+}
+
 // float -> e4m3fn byte, round to nearest even, saturating to +-448 (NaN stays NaN).
 __device__ __forceinline__ uint8_t float_to_fp8e4m3(float x) {
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));

@@ -210,11 +210,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
         const int ch = l16 + 16 * i;  // 8-element chunk, 72 a row
         v[i] = make_uint4(0, 0, 0, 0);
         if (ch < kD / 8 && gr < c.rows) v[i] = *reinterpret_cast<const uint4*>(q + ch * 8);
-        if (ch < kD / 8 && (!kDs || ch < kL / 8)) {
-          const T* e = reinterpret_cast<const T*>(&v[i]);
-#pragma unroll
-          for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(to_float(e[k])));
-        }
+        if (ch < kD / 8 && (!kDs || ch < kL / 8)) amax = fmaxf(amax, amax8<T>(v[i]));
       }
 #pragma unroll
       for (int o = 1; o < 16; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -224,16 +220,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
       for (int i = 0; i < 5; ++i) {
         const int ch = l16 + 16 * i;
         if (ch >= kD / 8) continue;
-        uint4 o = v[i];
-        if (!kDs || ch < kL / 8) {
-          const T* e = reinterpret_cast<const T*>(&v[i]);
-          uint32_t h[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            h[k] = pack2<__half>(to_float(e[2 * k]) * qs, to_float(e[2 * k + 1]) * qs);
-          }
-          o = make_uint4(h[0], h[1], h[2], h[3]);
-        }
+        const uint4 o = !kDs || ch < kL / 8 ? scale8_to_half<T>(v[i], qs) : v[i];
         *reinterpret_cast<uint4*>(sQ + (r * kQRow + ch * 8) * 2) = o;
       }
       if (l16 == 0) sQInv[r] = qinv;

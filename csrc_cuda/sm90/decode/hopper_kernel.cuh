@@ -107,9 +107,7 @@ __device__ __forceinline__ void load_q_pow2(const DecodeParams& p, const sm80::C
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       v[i] = live ? __ldg(row + l8 + 8 * i) : make_uint4(0, 0, 0, 0);
-      const TQ* e = reinterpret_cast<const TQ*>(&v[i]);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(to_float(e[k])));
+      amax = fmaxf(amax, amax8<TQ>(v[i]));
     }
 #pragma unroll
     for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -117,13 +115,7 @@ __device__ __forceinline__ void load_q_pow2(const DecodeParams& p, const sm80::C
     pow2_row_scale(amax, sc, inv);
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
-      const TQ* e = reinterpret_cast<const TQ*>(&v[i]);
-      uint4 h;
-      h.x = pack2<__half>(to_float(e[0]) * sc, to_float(e[1]) * sc);
-      h.y = pack2<__half>(to_float(e[2]) * sc, to_float(e[3]) * sc);
-      h.z = pack2<__half>(to_float(e[4]) * sc, to_float(e[5]) * sc);
-      h.w = pack2<__half>(to_float(e[6]) * sc, to_float(e[7]) * sc);
-      *reinterpret_cast<uint4*>(dst + swz(r, 8 * (l8 + 8 * i))) = h;
+      *reinterpret_cast<uint4*>(dst + swz(r, 8 * (l8 + 8 * i))) = scale8_to_half<TQ>(v[i], sc);
     }
     if (l8 == 0) q_inv[r] = inv;
   }
