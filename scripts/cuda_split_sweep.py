@@ -55,10 +55,11 @@ def sweep(spec: str, heads: int, fixed_len: bool, fmt: str = "bfloat16") -> str:
         pm.mla_decode(backend="cuda", out=out, **inp.decode_kwargs(0))
         cuda_backend.CudaBackend.decode_variant = staticmethod(orig_variant)
         parts, kernel = seen[0], kernels[0]
-        row = [f"{spec} h{heads} {fmt} {'fixed' if inp.fixed else 'varlen'} {kernel} "
-               f"parts={parts} fixed={orig_fixed[kernel]}: fixed cost"]
+        key = cuda_backend.sched_fixed_key(kernel, fmt)
+        row = [f"{spec} h{heads} {fmt} {'fixed' if inp.fixed else 'varlen'} {key} "
+               f"parts={parts} fixed={orig_fixed[key]}: fixed cost"]
         for f in FIXED:
-            cuda_backend.SCHED_FIXED = {**orig_fixed, kernel: f}
+            cuda_backend.SCHED_FIXED = {**orig_fixed, key: f}
             row.append(f"{f}={time_it():.1f}")
         cuda_backend.SCHED_FIXED = orig_fixed
         row.append("| parts")

@@ -63,7 +63,11 @@ MAX_GRID_Y = 65535
 # Hopper kernels: the device schedule (csrc_cuda/common/schedule.cuh) gives each of
 # num_parts CTAs per row tile the same share of all sequences' KV tiles, plus this fixed cost
 # per sequence (Q load, epilogue) in tiles; fitted to H100 sweeps (scripts/cuda_split_sweep.py).
-SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "quant": 2}
+# A sequence's fixed cost in KV tiles for the device schedule, per kernel; "hopper_quant": the pair
+# kernel converting an fp8 / fp8_ds_mla cache, whose tiles cost more (H100 sweep,
+# scripts/cuda_split_sweep.py: fixed 3 vs 6 at 128 heads, fp8 128q1s4k 461.6 vs 467.8 us,
+# 64q1s16k 864.5 vs 873.8, 32q1s4k 135.5 vs 141.6, fp8_ds_mla 128q1s4k 566.9 vs 577.6).
+SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "quant": 2, "hopper_quant": 3}
 MAX_GRID_PARTS = 65535
 QUANT_FORMATS = ("fp8", "fp8_ds_mla")
 # Rows per sequence (query tokens x heads) served by the quantized kernel (16 a CTA): up to 32 it
@@ -106,6 +110,11 @@ def hopper_kernel_name(mod, rows: int) -> str:
 def hopper_block_size_ok(block_size: int) -> bool:
     """Block sizes the Hopper kernel's TMA boxes take (csrc_cuda/sm90/decode/decode_hopper.cu)."""
     return block_size >= 16 and (64 % block_size == 0 or block_size % 64 == 0)
+
+
+def sched_fixed_key(kernel: str, kv_format: str) -> str:
+    """The ``SCHED_FIXED`` entry of ``kernel`` with a ``kv_format`` cache."""
+    return "hopper_quant" if kernel == "hopper" and kv_format in QUANT_FORMATS else kernel
 
 
 def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
@@ -419,7 +428,7 @@ class CudaBackend(Backend):
             par.sched_cum, par.sched_piece = sched.data_ptr(), sched[b + 2:].data_ptr()
             par.sched_cut = sched[2 * b + 2:].data_ptr()
             par.num_parts, par.part_rows = parts, rows
-            par.sched_fixed = SCHED_FIXED[name]
+            par.sched_fixed = SCHED_FIXED[sched_fixed_key(name, p.cache.kv_format)]
         elif splits > 1:
             partial_rows = splits * t * h
         if partial_rows:
