@@ -234,68 +234,99 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
 // unwritten values out. H100, b=1 S=32768 h=128: merge 20.4 -> 7.6 us.
 constexpr int kCombineWarpsPerRow = 4;
 
+// A row's largest split LSE (lane-parallel reads, warp-wide result).
+__device__ __forceinline__ float combine_max_lse(const float* lse_in, int64_t stride, int n,
+                                                 int lane) {
+  float mx = -INFINITY;
+  for (int s = lane; s < n; s += 32) mx = fmaxf(mx, lse_in[s * stride]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  return mx;
+}
+
+// This lane's float4 of a row's weighted sum over splits first, first + step, .. < n (weights
+// exp(lse - mx)), and the sum of those weights.
+struct CombineAcc {
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float total = 0.f;
+};
+
+template <bool kBatched>
+__device__ __forceinline__ CombineAcc combine_accumulate(const float* lse_in, const float4* col,
+                                                        int64_t stride, int n, float mx,
+                                                        int first, int step, int lane) {
+  CombineAcc r;
+  const int64_t slot4 = stride * (kL / 4);  // float4s from one split's row to the next
+  if (mx == -INFINITY) return r;
+  if (!kBatched) {
+#pragma unroll 4
+    for (int s = first; s < n; s += step) {
+      const float ls = lse_in[s * stride];
+      if (ls == -INFINITY) continue;  // an empty split: its partial output is not read
+      const float w = expf(ls - mx);
+      const float4 v = col[s * slot4];
+      r.total += w;
+      r.acc.x += w * v.x;
+      r.acc.y += w * v.y;
+      r.acc.z += w * v.z;
+      r.acc.w += w * v.w;
+    }
+    return r;
+  }
+  const int count = n > first ? (n - first + step - 1) / step : 0;  // splits first + step i
+  for (int i0 = 0; i0 < count; i0 += 32) {
+    const int mine = i0 + lane;
+    const float w_lane = mine < count ? expf(lse_in[(first + mine * step) * stride] - mx) : 0.f;
+    const int m = count - i0 < 32 ? count - i0 : 32;
+    for (int j0 = 0; j0 < m; j0 += 8) {
+      float4 v[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        v[k] = j0 + k < m ? col[(first + (i0 + j0 + k) * step) * slot4]
+                          : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float w = __shfl_sync(0xffffffffu, w_lane, j0 + k);  // 0 past m (exp(-inf) = 0)
+        const bool used = w > 0.f;
+        r.total += w;
+        r.acc.x = used ? fmaf(w, v[k].x, r.acc.x) : r.acc.x;
+        r.acc.y = used ? fmaf(w, v[k].y, r.acc.y) : r.acc.y;
+        r.acc.z = used ? fmaf(w, v[k].z, r.acc.z) : r.acc.z;
+        r.acc.w = used ? fmaf(w, v[k].w, r.acc.w) : r.acc.w;
+      }
+    }
+  }
+  return r;
+}
+
+// The merged float4 (column 4 col4 ..) of output row (t, h); the LSE by one lane.
+template <typename T>
+__device__ __forceinline__ void combine_store(const DecodeParams& p, const CombineAcc& r, float mx,
+                                              int t, int h, int col4, bool write_lse) {
+  const float inv = r.total > 0.f ? 1.f / r.total : 0.f;
+  T* o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
+         static_cast<int64_t>(h) * p.out_stride_h;
+  uint2 v;
+  v.x = pack2<T>(r.acc.x * inv, r.acc.y * inv);
+  v.y = pack2<T>(r.acc.z * inv, r.acc.w * inv);
+  *reinterpret_cast<uint2*>(o + 4 * col4) = v;
+  if (p.lse != nullptr && write_lse) {
+    p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(h) * p.lse_stride_h] =
+        r.total > 0.f ? mx + logf(r.total) : -INFINITY;
+  }
+}
+
 // One row's merge: n partials at lse[s * stride], part[s * stride * kL] -> out row (t, h).
 template <typename T, bool kBatched>
 __device__ __forceinline__ void combine_row(const DecodeParams& p, const float* lse_in,
                                             const float* part, int64_t stride, int n, int t,
                                             int h, int quarter, int lane) {
-  float mx = -INFINITY;
-  for (int s = lane; s < n; s += 32) mx = fmaxf(mx, lse_in[s * stride]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  float total = 0.f;
+  const float mx = combine_max_lse(lse_in, stride, n, lane);
   const int col4 = quarter * (kL / 4 / kCombineWarpsPerRow) + lane;  // float4 index in the row
-  const float4* col = reinterpret_cast<const float4*>(part) + col4;
-  const int64_t slot4 = stride * (kL / 4);  // float4s from one split's row to the next
-  if (mx != -INFINITY && !kBatched) {
-#pragma unroll 4
-    for (int s = 0; s < n; ++s) {
-      const float ls = lse_in[s * stride];
-      if (ls == -INFINITY) continue;  // an empty split: its partial output is not read
-      const float w = expf(ls - mx);
-      const float4 v = col[s * slot4];
-      total += w;
-      acc.x += w * v.x;
-      acc.y += w * v.y;
-      acc.z += w * v.z;
-      acc.w += w * v.w;
-    }
-  } else if (mx != -INFINITY) {
-    for (int s0 = 0; s0 < n; s0 += 32) {
-      const int mine = s0 + lane;
-      const float w_lane = mine < n ? expf(lse_in[mine * stride] - mx) : 0.f;  // exp(-inf) = 0
-      const int m = n - s0 < 32 ? n - s0 : 32;
-      for (int j0 = 0; j0 < m; j0 += 8) {
-        float4 v[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          v[k] = j0 + k < m ? col[(s0 + j0 + k) * slot4] : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          const float w = __shfl_sync(0xffffffffu, w_lane, j0 + k);  // 0 past m
-          const bool used = w > 0.f;
-          total += w;
-          acc.x = used ? fmaf(w, v[k].x, acc.x) : acc.x;
-          acc.y = used ? fmaf(w, v[k].y, acc.y) : acc.y;
-          acc.z = used ? fmaf(w, v[k].z, acc.z) : acc.z;
-          acc.w = used ? fmaf(w, v[k].w, acc.w) : acc.w;
-        }
-      }
-    }
-  }
-  const float inv = total > 0.f ? 1.f / total : 0.f;
-  T* o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
-         static_cast<int64_t>(h) * p.out_stride_h;
-  uint2 v;
-  v.x = pack2<T>(acc.x * inv, acc.y * inv);
-  v.y = pack2<T>(acc.z * inv, acc.w * inv);
-  *reinterpret_cast<uint2*>(o + 4 * col4) = v;
-  if (p.lse != nullptr && lane == 0 && quarter == 0) {
-    p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(h) * p.lse_stride_h] =
-        total > 0.f ? mx + logf(total) : -INFINITY;
-  }
+  const CombineAcc r = combine_accumulate<kBatched>(
+      lse_in, reinterpret_cast<const float4*>(part) + col4, stride, n, mx, 0, 1, lane);
+  combine_store<T>(p, r, mx, t, h, col4, lane == 0 && quarter == 0);
 }
 
 template <typename T, bool kBatched>
@@ -347,6 +378,56 @@ __global__ void __launch_bounds__(2 * kPiecesRowThreads)
                  static_cast<int>(threadIdx.x >> 5) % kCombineWarpsPerRow, threadIdx.x & 31);
 }
 
+// The few-rows form (small batches, whose rows each merge many pieces): one row per block of
+// kPieceGroups x 4 warps; warp (group g, quarter q) sums the pieces g, g + kPieceGroups, .. of
+// its quarter of the columns (the batched loop), and the groups' sums are added in group
+// order through shared memory (deterministic). Four times the loads in flight of one group:
+// the merge is latency-bound there (b=1 S=32768 h=128: 66 pieces x 128 rows, 17 MB).
+constexpr int kPieceGroups = 4;
+constexpr int kPiecesSplitThreads = kPieceGroups * kPiecesRowThreads;
+
+template <typename T>
+__global__ void __launch_bounds__(kPiecesSplitThreads)
+    mla_decode_combine_pieces_split_kernel(const DecodeParams p, int blocks_per_seq) {
+  __shared__ float4 s_acc[kPieceGroups - 1][kPiecesRowThreads];
+  __shared__ float s_total[kPieceGroups - 1][kPiecesRowThreads];
+  const int k = static_cast<int>(blockIdx.x / blocks_per_seq);
+  if (k >= p.sched_cut[0]) return;  // the same for the whole block
+  const int b = p.sched_cut[1 + k];
+  int t0, nq;
+  seq_tokens(p, b, t0, nq);
+  const int64_t row = blockIdx.x % blocks_per_seq;
+  if (row >= static_cast<int64_t>(nq) * p.num_heads) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int quarter = warp % kCombineWarpsPerRow, group = warp / kCombineWarpsPerRow;
+  const int64_t first = static_cast<int64_t>(p.sched_piece[2 * b]) * p.part_rows + row;
+  const float* lse_in = p.part_lse + first;
+  const int n = p.sched_piece[2 * b + 1];
+  const float mx = combine_max_lse(lse_in, p.part_rows, n, lane);
+  const int col4 = quarter * (kL / 4 / kCombineWarpsPerRow) + lane;
+  CombineAcc r = combine_accumulate<true>(
+      lse_in, reinterpret_cast<const float4*>(p.part_out + first * kL) + col4, p.part_rows, n, mx,
+      group, kPieceGroups, lane);
+  const int slot = threadIdx.x % kPiecesRowThreads;  // (quarter, lane)
+  if (group > 0) {
+    s_acc[group - 1][slot] = r.acc;
+    s_total[group - 1][slot] = r.total;
+  }
+  __syncthreads();
+  if (group > 0) return;
+#pragma unroll
+  for (int g = 0; g < kPieceGroups - 1; ++g) {
+    const float4 a = s_acc[g][slot];
+    r.acc.x += a.x;
+    r.acc.y += a.y;
+    r.acc.z += a.z;
+    r.acc.w += a.w;
+    r.total += s_total[g][slot];
+  }
+  combine_store<T>(p, r, mx, t0 + static_cast<int>(row / p.num_heads),
+                   static_cast<int>(row % p.num_heads), col4, lane == 0 && quarter == 0);
+}
+
 // Sequences a schedule of num_parts parts can cut: each part boundary cuts at most one.
 inline int max_cut_seqs(const DecodeParams& p) {
   return p.num_seqs < p.num_parts - 1 ? p.num_seqs : p.num_parts - 1;
@@ -361,13 +442,13 @@ cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t str
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   if (blocks == 0) return cudaSuccess;
   // Few rows (small batches, whose sequences the parts cut into many pieces): one row per block
-  // and the batched merge. Many rows (large batches: a cut sequence has 2-3 pieces): two rows
+  // and the batched merge, split over the pieces. Many rows (large batches: a cut sequence has 2-3 pieces): two rows
   // per block and the plain loop (H100: the batched one at 64 registers cost 128q1s8k h128's
   // merge 18 -> 24 us).
   const unsigned grid = static_cast<unsigned>(blocks);
   if (rows_per_block == 1) {
-    mla_decode_combine_pieces_kernel<T, true>
-        <<<grid, kPiecesRowThreads, 0, stream>>>(p, static_cast<int>(per_seq_blocks));
+    mla_decode_combine_pieces_split_kernel<T>
+        <<<grid, kPiecesSplitThreads, 0, stream>>>(p, static_cast<int>(per_seq_blocks));
   } else {
     mla_decode_combine_pieces_kernel<T, false>
         <<<grid, 2 * kPiecesRowThreads, 0, stream>>>(p, static_cast<int>(per_seq_blocks));
