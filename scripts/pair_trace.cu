@@ -13,6 +13,13 @@
 
 #include "../csrc_cuda/sm80/decode/schedule.cu"
 #include "../csrc_cuda/sm90/decode/decode_hopper.cu"
+#include "../csrc_cuda/sm90/decode/pair_bf16.cu"
+#include "../csrc_cuda/sm90/decode/pair_dsmla.cu"
+#include "../csrc_cuda/sm90/decode/pair_fp16.cu"
+#include "../csrc_cuda/sm90/decode/pair_fp8_bf16q.cu"
+#include "../csrc_cuda/sm90/decode/pair_fp8_fp16q.cu"
+#include "../csrc_cuda/sm90/decode/tile_bf16.cu"
+#include "../csrc_cuda/sm90/decode/tile_fp16.cu"
 
 int main(int argc, char** argv) {
   const int B = 128, H = 128, S = argc > 1 ? atoi(argv[1]) : 4096, BS = 64, D = 576;

@@ -1,14 +1,16 @@
-// Launcher of the Hopper decode kernel: encodes the TMA map of the paged cache (through the
-// driver entry point the runtime hands out, so nothing links libcuda) and launches the
-// bf16 / fp16 instantiation. Built for every arch; device code exists for sm_90a only.
+// Launcher of the Hopper decode kernels: encodes the TMA map of the paged cache (through the
+// driver entry point the runtime hands out, so nothing links libcuda) and picks the
+// instantiation (instances.h; each in its own source). Built for every arch; device code
+// exists for sm_90a only.
 #include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <mutex>
 
 #include "../../common/check.h"
-#include "pair_kernel.cuh"
+#include "instances.h"
 #include "launch.h"
+#include "pair_kernel.cuh"
 
 namespace portmla {
 namespace sm90 {
@@ -57,39 +59,18 @@ cudaError_t encode_kv_map(const DecodeParams& p, CUtensorMap* map) {
 
 bool block_size_ok(int bs) { return bs >= 16 && (kBN % bs == 0 || bs % kBN == 0); }
 
-using Kernel = void (*)(const CUtensorMap, const DecodeParams);
-
-cudaError_t launch(Kernel kernel, const CUtensorMap& map, bool pair, const DecodeParams& p,
-                   cudaStream_t stream) {
-  const int smem = decode_smem_bytes(pair);
-  PORTMLA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
-  dim3 grid(m_tiles, p.num_parts);  // persistent: each CTA walks its part's segments
-  kernel<<<grid, pair ? kPairThreads : kThreads, smem, stream>>>(map, p);
-  PORTMLA_CHECK_LAUNCH();
-  return cudaSuccess;
-}
-
-template <typename T>
-cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
+cudaError_t run(const DecodeParams& p, cudaStream_t stream, RunKernel tile, RunKernel pair) {
   CUtensorMap map;
   PORTMLA_RETURN_IF_ERROR(encode_kv_map(p, &map));
-  const bool pair = p.variant == sm80::kHopperPair;
-  return launch(pair ? mla_decode_hopper_pair_kernel<T, kKv16> : mla_decode_hopper_kernel<T>, map,
-                pair, p, stream);
+  return (p.variant == sm80::kHopperPair ? pair : tile)(map, p, stream);
 }
 
 // fp8 / fp8_ds_mla: the pair kernel converts in its producer warpgroup (no TMA map); fp8 on
 // fp16 operands (bf16 or fp16 queries), fp8_ds_mla on bf16.
 cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream) {
-  CUtensorMap unused{};
-  Kernel k = mla_decode_hopper_pair_kernel<__nv_bfloat16, kKvDsMla>;
-  if (p.kv_format == kKvFp8) {
-    k = p.q_dtype == kBF16 ? mla_decode_hopper_pair_kernel<__half, kKvFp8, __nv_bfloat16>
-                           : mla_decode_hopper_pair_kernel<__half, kKvFp8, __half>;
-  }
-  return launch(k, unused, true, p, stream);
+  const CUtensorMap unused{};
+  if (p.kv_format == kKvDsMla) return run_pair_dsmla(unused, p, stream);
+  return (p.q_dtype == kBF16 ? run_pair_fp8_bf16q : run_pair_fp8_fp16q)(unused, p, stream);
 }
 
 }  // namespace
@@ -119,9 +100,9 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
   switch (p.q_dtype) {
     case kBF16:
-      return run<__nv_bfloat16>(p, stream);
+      return run(p, stream, run_tile_bf16, run_pair_bf16);
     case kFP16:
-      return run<__half>(p, stream);
+      return run(p, stream, run_tile_fp16, run_pair_fp16);
     default:
       return cudaErrorInvalidValue;
   }
