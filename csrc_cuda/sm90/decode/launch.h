@@ -1,4 +1,4 @@
-// Host entry of the Hopper decode kernel (defined in decode_hopper.cu).
+// Host entry of the Hopper decode kernels (defined in decode_hopper.cu).
 #pragma once
 
 #include <cuda_runtime.h>
