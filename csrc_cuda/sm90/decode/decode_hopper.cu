@@ -69,8 +69,11 @@ cudaError_t run(const DecodeParams& p, cudaStream_t stream, RunKernel tile, RunK
 // fp16 operands (bf16 or fp16 queries), fp8_ds_mla on bf16.
 cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream) {
   const CUtensorMap unused{};
-  if (p.kv_format == kKvDsMla) return run_pair_dsmla(unused, p, stream);
-  return (p.q_dtype == kBF16 ? run_pair_fp8_bf16q : run_pair_fp8_fp16q)(unused, p, stream);
+  if (p.kv_format == kKvDsMla) {
+    return run_instance<__nv_bfloat16, kKvDsMla, __nv_bfloat16, true>(unused, p, stream);
+  }
+  return p.q_dtype == kBF16 ? run_instance<__half, kKvFp8, __nv_bfloat16, true>(unused, p, stream)
+                            : run_instance<__half, kKvFp8, __half, true>(unused, p, stream);
 }
 
 }  // namespace
@@ -100,9 +103,11 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
   switch (p.q_dtype) {
     case kBF16:
-      return run(p, stream, run_tile_bf16, run_pair_bf16);
+      return run(p, stream, run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, false>,
+                 run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, true>);
     case kFP16:
-      return run(p, stream, run_tile_fp16, run_pair_fp16);
+      return run(p, stream, run_instance<__half, kKv16, __half, false>,
+                 run_instance<__half, kKv16, __half, true>);
     default:
       return cudaErrorInvalidValue;
   }

@@ -1,4 +1,4 @@
-// The launch of one Hopper decode kernel instantiation (included by its own source only).
+// The definition behind instances.h (included by the instantiating sources only).
 #pragma once
 
 #include "../../common/check.h"
@@ -8,15 +8,25 @@
 namespace portmla {
 namespace sm90 {
 
-template <typename Kernel>
-inline cudaError_t launch_kernel(Kernel kernel, const CUtensorMap& map, bool pair,
-                                 const DecodeParams& p, cudaStream_t stream) {
-  const int smem = pair ? kPairSmemBytes : kSmemBytes;
+// The chosen kernel only (if constexpr: the other one is not instantiated here).
+template <typename T, int FMT, typename TQ, bool kPair>
+constexpr auto kernel_of() {
+  if constexpr (kPair) {
+    return mla_decode_hopper_pair_kernel<T, FMT, TQ>;
+  } else {
+    return mla_decode_hopper_kernel<T>;
+  }
+}
+
+template <typename T, int FMT, typename TQ, bool kPair>
+cudaError_t run_instance(const CUtensorMap& map, const DecodeParams& p, cudaStream_t stream) {
+  const int smem = kPair ? kPairSmemBytes : kSmemBytes;
+  const auto kernel = kernel_of<T, FMT, TQ, kPair>();
   PORTMLA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
   dim3 grid(m_tiles, p.num_parts);  // persistent: each CTA walks its part's segments
-  kernel<<<grid, pair ? kPairThreads : kThreads, smem, stream>>>(map, p);
+  kernel<<<grid, kPair ? kPairThreads : kThreads, smem, stream>>>(map, p);
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }

@@ -1,12 +1,8 @@
-// Hopper decode instantiation: the pair kernel, bf16 cache.
+// One template instantiation per file so the build runs in parallel.
 #include "launch_kernel.cuh"
 
 namespace portmla {
 namespace sm90 {
-
-cudaError_t run_pair_bf16(const CUtensorMap& map, const DecodeParams& p, cudaStream_t stream) {
-  return launch_kernel(mla_decode_hopper_pair_kernel<__nv_bfloat16, kKv16>, map, true, p, stream);
-}
-
+template cudaError_t run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, true>(const CUtensorMap&, const DecodeParams&, cudaStream_t);
 }  // namespace sm90
 }  // namespace portmla

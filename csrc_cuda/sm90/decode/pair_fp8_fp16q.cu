@@ -1,12 +1,8 @@
-// Hopper decode instantiation: the pair kernel, fp8 cache on fp16 operands, fp16 queries.
+// One template instantiation per file so the build runs in parallel.
 #include "launch_kernel.cuh"
 
 namespace portmla {
 namespace sm90 {
-
-cudaError_t run_pair_fp8_fp16q(const CUtensorMap& map, const DecodeParams& p, cudaStream_t stream) {
-  return launch_kernel(mla_decode_hopper_pair_kernel<__half, kKvFp8, __half>, map, true, p, stream);
-}
-
+template cudaError_t run_instance<__half, kKvFp8, __half, true>(const CUtensorMap&, const DecodeParams&, cudaStream_t);
 }  // namespace sm90
 }  // namespace portmla

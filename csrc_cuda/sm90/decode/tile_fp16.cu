@@ -1,12 +1,8 @@
-// Hopper decode instantiation: the single-tile kernel, fp16.
+// One template instantiation per file so the build runs in parallel.
 #include "launch_kernel.cuh"
 
 namespace portmla {
 namespace sm90 {
-
-cudaError_t run_tile_fp16(const CUtensorMap& map, const DecodeParams& p, cudaStream_t stream) {
-  return launch_kernel(mla_decode_hopper_kernel<__half>, map, false, p, stream);
-}
-
+template cudaError_t run_instance<__half, kKv16, __half, false>(const CUtensorMap&, const DecodeParams&, cudaStream_t);
 }  // namespace sm90
 }  // namespace portmla
