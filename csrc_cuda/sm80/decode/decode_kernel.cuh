@@ -353,13 +353,13 @@ cudaError_t launch_decode_combine(const DecodeParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// The device schedule's merge (common/schedule.cuh) for many rows (large batches: a cut sequence
-// has 2-3 pieces): 4 warps per (cut sequence, row), two rows a block, the plain loop. The grid
-// covers the bound on cut sequences (min(num_seqs, num_parts - 1), from the schedule's list),
-// not every sequence: the others wrote their output.
+// The device schedule's merge (common/schedule.cuh): 4 warps per (cut sequence, row), one row
+// per block when the rows are few (a small batch's rows still spread over the SMs), two when
+// they are many. The grid covers the bound on cut sequences (min(num_seqs, num_parts - 1),
+// from the schedule's list), not every sequence: the others wrote their output.
 constexpr int kPiecesRowThreads = 32 * kCombineWarpsPerRow;
 
-template <typename T>
+template <typename T, bool kBatched>
 __global__ void __launch_bounds__(2 * kPiecesRowThreads)
     mla_decode_combine_pieces_kernel(const DecodeParams p, int blocks_per_seq) {
   const int k = static_cast<int>(blockIdx.x / blocks_per_seq);
@@ -372,18 +372,19 @@ __global__ void __launch_bounds__(2 * kPiecesRowThreads)
                       threadIdx.x / kPiecesRowThreads;
   if (row >= static_cast<int64_t>(nq) * p.num_heads) return;
   const int64_t first = static_cast<int64_t>(p.sched_piece[2 * b]) * p.part_rows + row;
-  combine_row<T, false>(p, p.part_lse + first, p.part_out + first * kL, p.part_rows,
+  combine_row<T, kBatched>(p, p.part_lse + first, p.part_out + first * kL, p.part_rows,
                  p.sched_piece[2 * b + 1], t0 + static_cast<int>(row / p.num_heads),
                  static_cast<int>(row % p.num_heads),
                  static_cast<int>(threadIdx.x >> 5) % kCombineWarpsPerRow, threadIdx.x & 31);
 }
 
-// The few-rows form (small batches, whose rows each merge many pieces): one row per block of
+// The many-pieces form (a few sequences cut by many parts: b=1, b=8): one row per block of
 // kPieceGroups x 4 warps; warp (group g, quarter q) sums the pieces g, g + kPieceGroups, .. of
 // its quarter of the columns (the batched loop), and the groups' sums are added in group
 // order through shared memory (deterministic). Four times the loads in flight of one group:
 // the merge is latency-bound there (b=1 S=32768 h=128: 66 pieces x 128 rows, 17 MB).
 constexpr int kPieceGroups = 4;
+constexpr int kSplitPieces = 8;  // parts per cut sequence from which the merge splits over pieces
 constexpr int kPiecesSplitThreads = kPieceGroups * kPiecesRowThreads;
 
 template <typename T>
@@ -437,20 +438,26 @@ template <typename T>
 cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t stream) {
   const int64_t per_seq = static_cast<int64_t>(p.max_query_len) * p.num_heads;
   const int rows_per_block = per_seq * max_cut_seqs(p) > 2048 ? 2 : 1;
+  // Many pieces a cut sequence (num_parts / cut sequences >= kSplitPieces): split over them.
+  const bool split = rows_per_block == 1 && p.num_parts >= kSplitPieces * max_cut_seqs(p);
   const int64_t per_seq_blocks = (per_seq + rows_per_block - 1) / rows_per_block;
   const int64_t blocks = per_seq_blocks * max_cut_seqs(p);
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   if (blocks == 0) return cudaSuccess;
   // Few rows (small batches, whose sequences the parts cut into many pieces): one row per block
-  // and the batched merge, split over the pieces. Many rows (large batches: a cut sequence has
-  // 2-3 pieces): two rows per block and the plain loop (H100: the batched one at 64 registers
-  // cost 128q1s8k h128's merge 18 -> 24 us).
+  // and the batched merge, split over the pieces when they are many (b=1 S=32768 h=128: 48.8 ->
+  // 47.5 us; with 2-3 pieces, 128q1s8k h16, the split form cost 10-14 us: H100 run at a106c19).
+  // Many rows (large batches: a cut sequence has 2-3 pieces): two rows per block and the plain
+  // loop (H100: the batched one at 64 registers cost 128q1s8k h128's merge 18 -> 24 us).
   const unsigned grid = static_cast<unsigned>(blocks);
-  if (rows_per_block == 1) {
+  if (split) {
     mla_decode_combine_pieces_split_kernel<T>
         <<<grid, kPiecesSplitThreads, 0, stream>>>(p, static_cast<int>(per_seq_blocks));
+  } else if (rows_per_block == 1) {
+    mla_decode_combine_pieces_kernel<T, true>
+        <<<grid, kPiecesRowThreads, 0, stream>>>(p, static_cast<int>(per_seq_blocks));
   } else {
-    mla_decode_combine_pieces_kernel<T>
+    mla_decode_combine_pieces_kernel<T, false>
         <<<grid, 2 * kPiecesRowThreads, 0, stream>>>(p, static_cast<int>(per_seq_blocks));
   }
   PORTMLA_CHECK_LAUNCH();
