@@ -43,7 +43,7 @@ import torch
 from ..platform import Platform
 from ..problems import CacheWriteProblem, DecodeProblem, GatherProblem, Problem
 from ..reasons import Reason
-from .base import ALL_KV_FORMATS, Backend
+from .base import ALL_KV_FORMATS, Backend, _dtype_name
 
 _STATUS_FILE = Path(__file__).resolve().parent.parent / "_cuda_build_status.txt"
 
@@ -62,10 +62,9 @@ NARROW_MAX_ROWS = 32   # rows per sequence (query tokens x heads) served by 16-r
 MAX_GRID_Y = 65535
 # Hopper kernels: the device schedule (csrc_cuda/common/schedule.cuh) gives each of
 # num_parts CTAs per row tile the same share of all sequences' KV tiles, plus this fixed cost
-# per sequence (Q load, epilogue) in tiles; fitted to H100 sweeps (scripts/cuda_split_sweep.py).
-# A sequence's fixed cost in KV tiles for the device schedule, per kernel; "hopper_quant": the pair
-# kernel converting an fp8 / fp8_ds_mla cache, whose tiles cost more (H100 sweep,
-# scripts/cuda_split_sweep.py: fixed 3 vs 6 at 128 heads, fp8 128q1s4k 461.6 vs 467.8 us,
+# per sequence (Q load, epilogue) in tiles, per kernel (``sched_fixed_key``); fitted to H100
+# sweeps (scripts/cuda_split_sweep.py). "hopper_quant": the pair kernel converting an fp8 /
+# fp8_ds_mla cache, whose tiles cost more (3 vs 6 at 128 heads: fp8 128q1s4k 461.6 vs 467.8 us,
 # 64q1s16k 864.5 vs 873.8, 32q1s4k 135.5 vs 141.6, fp8_ds_mla 128q1s4k 566.9 vs 577.6).
 SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "quant": 2, "hopper_quant": 3}
 MAX_GRID_PARTS = 65535
@@ -141,8 +140,7 @@ def hopper_quant_kernel_name(mod, p: DecodeProblem) -> str | None:
     with its converting producer (``HOPPER_QUANT_FORMATS``) for these queries (bf16; fp16 too
     for fp8), more than ``HOPPER_QUANT_MIN_ROWS`` rows per sequence (any count with
     ``PORTMLA_CUDA_HOPPER=pair``)."""
-    q_name = str(p.q_dtype).removeprefix("torch.")
-    if q_name not in hopper_quant_query_dtypes(mod, p.cache.kv_format) \
+    if _dtype_name(p.q_dtype) not in hopper_quant_query_dtypes(mod, p.cache.kv_format) \
             or hopper_unusable(mod, p.platform) is not None:
         return None
     force = os.environ.get("PORTMLA_CUDA_HOPPER")
