@@ -359,23 +359,41 @@ cudaError_t launch_decode_combine(const DecodeParams& p, cudaStream_t stream) {
 // from the schedule's list), not every sequence: the others wrote their output.
 constexpr int kPiecesRowThreads = 32 * kCombineWarpsPerRow;
 
+// The row a merge thread serves: row `row` of cut sequence list entry blockIdx.x /
+// blocks_per_seq (token t0 + row / H, head row % H), its n pieces' first partial row `first`.
+// false past the cut list or the sequence's rows.
+struct PiecesRow {
+  int t0, n;
+  int64_t row, first;
+};
+
+__device__ __forceinline__ bool pieces_row(const DecodeParams& p, int blocks_per_seq,
+                                           int rows_per_block, int row_in_block, PiecesRow& r) {
+  const int k = static_cast<int>(blockIdx.x / blocks_per_seq);
+  if (k >= p.sched_cut[0]) return false;
+  const int b = p.sched_cut[1 + k];
+  int nq;
+  seq_tokens(p, b, r.t0, nq);
+  r.row = static_cast<int64_t>(blockIdx.x % blocks_per_seq) * rows_per_block + row_in_block;
+  if (r.row >= static_cast<int64_t>(nq) * p.num_heads) return false;
+  r.first = static_cast<int64_t>(p.sched_piece[2 * b]) * p.part_rows + r.row;
+  r.n = p.sched_piece[2 * b + 1];
+  return true;
+}
+
 template <typename T, bool kBatched>
 __global__ void __launch_bounds__(2 * kPiecesRowThreads)
     mla_decode_combine_pieces_kernel(const DecodeParams p, int blocks_per_seq) {
-  const int k = static_cast<int>(blockIdx.x / blocks_per_seq);
-  if (k >= p.sched_cut[0]) return;
-  const int b = p.sched_cut[1 + k];
-  int t0, nq;
-  seq_tokens(p, b, t0, nq);
-  const int rows_per_block = blockDim.x / kPiecesRowThreads;
-  const int64_t row = static_cast<int64_t>(blockIdx.x % blocks_per_seq) * rows_per_block +
-                      threadIdx.x / kPiecesRowThreads;
-  if (row >= static_cast<int64_t>(nq) * p.num_heads) return;
-  const int64_t first = static_cast<int64_t>(p.sched_piece[2 * b]) * p.part_rows + row;
-  combine_row<T, kBatched>(p, p.part_lse + first, p.part_out + first * kL, p.part_rows,
-                 p.sched_piece[2 * b + 1], t0 + static_cast<int>(row / p.num_heads),
-                 static_cast<int>(row % p.num_heads),
-                 static_cast<int>(threadIdx.x >> 5) % kCombineWarpsPerRow, threadIdx.x & 31);
+  PiecesRow r;
+  if (!pieces_row(p, blocks_per_seq, blockDim.x / kPiecesRowThreads,
+                  threadIdx.x / kPiecesRowThreads, r)) {
+    return;
+  }
+  combine_row<T, kBatched>(p, p.part_lse + r.first, p.part_out + r.first * kL, p.part_rows, r.n,
+                           r.t0 + static_cast<int>(r.row / p.num_heads),
+                           static_cast<int>(r.row % p.num_heads),
+                           static_cast<int>(threadIdx.x >> 5) % kCombineWarpsPerRow,
+                           threadIdx.x & 31);
 }
 
 // The many-pieces form (a few sequences cut by many parts: b=1, b=8): one row per block of
@@ -392,23 +410,16 @@ __global__ void __launch_bounds__(kPiecesSplitThreads)
     mla_decode_combine_pieces_split_kernel(const DecodeParams p, int blocks_per_seq) {
   __shared__ float4 s_acc[kPieceGroups - 1][kPiecesRowThreads];
   __shared__ float s_total[kPieceGroups - 1][kPiecesRowThreads];
-  const int k = static_cast<int>(blockIdx.x / blocks_per_seq);
-  if (k >= p.sched_cut[0]) return;  // the same for the whole block
-  const int b = p.sched_cut[1 + k];
-  int t0, nq;
-  seq_tokens(p, b, t0, nq);
-  const int64_t row = blockIdx.x % blocks_per_seq;
-  if (row >= static_cast<int64_t>(nq) * p.num_heads) return;
+  PiecesRow pr;
+  if (!pieces_row(p, blocks_per_seq, 1, 0, pr)) return;  // the same for the whole block
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int quarter = warp % kCombineWarpsPerRow, group = warp / kCombineWarpsPerRow;
-  const int64_t first = static_cast<int64_t>(p.sched_piece[2 * b]) * p.part_rows + row;
-  const float* lse_in = p.part_lse + first;
-  const int n = p.sched_piece[2 * b + 1];
-  const float mx = combine_max_lse(lse_in, p.part_rows, n, lane);
+  const float* lse_in = p.part_lse + pr.first;
+  const float mx = combine_max_lse(lse_in, p.part_rows, pr.n, lane);
   const int col4 = quarter * (kL / 4 / kCombineWarpsPerRow) + lane;
   CombineAcc r = combine_accumulate<true>(
-      lse_in, reinterpret_cast<const float4*>(p.part_out + first * kL) + col4, p.part_rows, n, mx,
-      group, kPieceGroups, lane);
+      lse_in, reinterpret_cast<const float4*>(p.part_out + pr.first * kL) + col4, p.part_rows,
+      pr.n, mx, group, kPieceGroups, lane);
   const int slot = threadIdx.x % kPiecesRowThreads;  // (quarter, lane)
   if (group > 0) {
     s_acc[group - 1][slot] = r.acc;
@@ -425,8 +436,8 @@ __global__ void __launch_bounds__(kPiecesSplitThreads)
     r.acc.w += a.w;
     r.total += s_total[g][slot];
   }
-  combine_store<T>(p, r, mx, t0 + static_cast<int>(row / p.num_heads),
-                   static_cast<int>(row % p.num_heads), col4, lane == 0 && quarter == 0);
+  combine_store<T>(p, r, mx, pr.t0 + static_cast<int>(pr.row / p.num_heads),
+                   static_cast<int>(pr.row % p.num_heads), col4, lane == 0 && quarter == 0);
 }
 
 // Sequences a schedule of num_parts parts can cut: each part boundary cuts at most one.
