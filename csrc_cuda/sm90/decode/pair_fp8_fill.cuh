@@ -35,14 +35,19 @@ namespace sm90 {
 __device__ long long g_fill_trace[256][7];  // top, part free, ahead test done, data, arrived,
                                             // (pair end) entries, prefetched
 __device__ int g_fill_ahead[256];           // the job's copies went out a job early
-#define FILL_TRACE(n, ev)                                                                  \
-  do {                                                                                     \
-    if (blockIdx.x == 0 && blockIdx.y == PORTMLA_PAIR_TRACE && threadIdx.x == 256 &&       \
-        (n) < 256)                                                                         \
-      g_fill_trace[n][ev] = clock64();                                                     \
+#define FILL_TRACED(n) \
+  (blockIdx.x == 0 && blockIdx.y == PORTMLA_PAIR_TRACE && threadIdx.x == 256 && (n) < 256)
+#define FILL_TRACE(n, ev)                              \
+  do {                                                 \
+    if (FILL_TRACED(n)) g_fill_trace[n][ev] = clock64(); \
+  } while (0)
+#define FILL_TRACE_AHEAD(n)                 \
+  do {                                      \
+    if (FILL_TRACED(n)) g_fill_ahead[n] = 1; \
   } while (0)
 #else
 #define FILL_TRACE(n, ev)
+#define FILL_TRACE_AHEAD(n)
 #endif
 
 template <int FMT>
@@ -50,7 +55,6 @@ struct Fp8Entry {
   static constexpr int kBytes = FMT == kKvDsMla ? 656 : 576;  // one cache entry
   static constexpr int kScaleOff = 512;                       // ds: 4 fp32 tile scales
   static constexpr int kRopeOff = FMT == kKvDsMla ? 528 : 512;
-  static constexpr int kRopePieces = FMT == kKvDsMla ? 8 : 4;  // 16-byte pieces of the RoPE part
 };
 
 // One bulk prefetch of `bytes` (a multiple of 16) at a 16-byte aligned global address into L2.
@@ -291,10 +295,7 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
         job = ahead;
         have_ahead = false;
         FILL_TRACE(traced, 1);
-#if defined(PORTMLA_PAIR_TRACE)
-        if (blockIdx.x == 0 && blockIdx.y == PORTMLA_PAIR_TRACE && threadIdx.x == 256 && traced < 256)
-          g_fill_ahead[traced] = 1;
-#endif
+        FILL_TRACE_AHEAD(traced);
       } else {
         job = job_at(g);
         const int f = fill_no(job, g);
