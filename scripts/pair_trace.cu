@@ -1,11 +1,14 @@
 // Timeline of one CTA of the Hopper pair kernel (clock64 at the schedule's events), on the
 // 128q1s4k h128 shape with fixed lengths (part PORTMLA_PAIR_TRACE of the device schedule;
 // pairs counted over its segments). `pt [S] [fp8]`: an fp8 cache (the converting producer;
-// its fill jobs traced too). GPU machine:
+// its fill jobs traced too); `pt S fp8|bf16 B`: B sequences (default 128), and the CTA's
+// prologue / epilogue spans (globaltimer). GPU machine:
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -DPORTMLA_HAVE_SM90A=1 \
 //     -DPORTMLA_PAIR_TRACE=10 -Icsrc_cuda -I$PORTMLA_CUTLASS_INCLUDE scripts/pair_trace.cu -o /tmp/pt
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -22,7 +25,8 @@
 #include "../csrc_cuda/sm90/decode/tile_fp16.cu"
 
 int main(int argc, char** argv) {
-  const int B = 128, H = 128, S = argc > 1 ? atoi(argv[1]) : 4096, BS = 64, D = 576;
+  const int B = argc > 3 ? atoi(argv[3]) : 128, H = 128, S = argc > 1 ? atoi(argv[1]) : 4096;
+  const int BS = 64, D = 576;
   const bool fp8 = argc > 2 && strcmp(argv[2], "fp8") == 0;
   const int eb = fp8 ? 1 : 2;  // bytes per cache element
   const int pages_per_seq = S / BS;
@@ -106,7 +110,20 @@ int main(int argc, char** argv) {
   const long long t0 = tr[0][0][0];
   const char* names[2][11] = {{"start", "own", "other", "S", "arrA", "syncB", "PV0L", "PV1Li", "PV1L"},
                              {"start", "own", "other", "S", "syncA", "arrB", "PV0R", "PV1R", "stored", "fenced", "m_b"}};
-  const int np = S / 128;
+  // pairs of the traced part: one segment's worth, at most what its units hold
+  const int units = static_cast<int>((static_cast<int64_t>(B) * (S / 64 + p.sched_fixed) +
+                                      p.num_parts - 1) / p.num_parts);
+  const int np = std::min(std::min(S / 128, units / 2), 64);
+  static unsigned long long span[3][8];
+  cudaMemcpyFromSymbol(span, portmla::sm90::g_pair_span, sizeof(span));
+  const char* span_names[8] = {"entry", "walked", "q_ready", "pairs_done", "stored",
+                               "first_data", "last_data", "-"};
+  for (int w = 0; w < 3; ++w) {
+    printf("span wg%d (ns from wg0 entry):", w);
+    for (int e = 0; e < 7; ++e)
+      if (span[w][e]) printf(" %s=%lld", span_names[e], (long long)(span[w][e] - span[0][0]));
+    printf("\n");
+  }
   for (int pi = 0; pi < np; ++pi) {
     if (pi > 4 && pi < np - 3 && pi % 8) continue;
     for (int w = 0; w < 2; ++w) {
@@ -116,6 +133,7 @@ int main(int argc, char** argv) {
     }
   }
   // steady-state mean durations (pairs 4 .. np - 2)
+  if (np < 8) return 0;  // too few pairs for a steady state (small batches: the spans above)
   double per_pair = 0;
   for (int pi = 4; pi < np - 2; ++pi) per_pair += tr[0][pi + 1][0] - tr[0][pi][0];
   printf("mean pair cycles (wg0 start to start) %.0f\n", per_pair / (np - 6));

@@ -57,8 +57,19 @@ __device__ long long g_pair_trace[2][64][12];
         used[0] < 64)                                                                    \
       g_pair_trace[wg][used[0]][ev] = clock64();                                         \
   } while (0)
+// The CTA's prologue / epilogue: globaltimer (ns, comparable across SMs) per warpgroup leader.
+__device__ unsigned long long g_pair_span[3][8];
+#define PAIR_SPAN(ev)                                                                         \
+  do {                                                                                        \
+    if (blockIdx.x == 0 && blockIdx.y == PORTMLA_PAIR_TRACE && (threadIdx.x & 127) == 0) {    \
+      unsigned long long t;                                                                   \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));                                   \
+      g_pair_span[threadIdx.x >> 7][ev] = t;                                                  \
+    }                                                                                         \
+  } while (0)
 #else
 #define PAIR_TRACE(ev)
+#define PAIR_SPAN(ev)
 #endif
 
 constexpr int kPairThreads = 384;  // consumer warpgroups 0, 1 and the producer warpgroup 2
@@ -151,6 +162,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
   const int part = blockIdx.y, m_tile = blockIdx.x;
   const int H = p.num_heads;
+  PAIR_SPAN(0);
 
   if (tid == 0) {
     if constexpr (FMT == kKv16) tma_prefetch_desc(&kv_map);
@@ -188,6 +200,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
       const TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
                           p.block_size, min(p.block_size, kBN), c.kv_hi};
       int pages = prefetch_pages(ld, c.kv_lo, c.kv_lo + kBN, lane);
+      PAIR_SPAN(1);
       for (int ta = 0; ta < n_tiles; ta += 2) {
         const int pages_next = prefetch_pages(ld, c.kv_lo + (ta + 2) * kBN,
                                               c.kv_lo + (ta + 3) * kBN, lane);
@@ -236,7 +249,9 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     } else {
       load_q<T>(p, c, sm.q, tid);
     }
+    PAIR_SPAN(1);
     named_barrier(kBarConsumers, kThreads);
+    PAIR_SPAN(2);
     // Base-2 score scale of this thread's two rows (times the Q row's inverse scale).
     float sl2[2] = {scale_log2, scale_log2};
     if constexpr (kScaleQ) {
@@ -264,6 +279,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
       if (wg == 0 || has_b) {
         mbar_wait(&sm.full[wg][wg], par);  // WG0: part 0 first; WG1: part 1 (released earlier)
         PAIR_TRACE(1);
+        PAIR_SPAN(pi == 0 ? 5 : 6);
         fence_regs(s);
         wgmma_fence();
         qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * wg, true);
@@ -417,11 +433,13 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     }
     wgmma_wait<0>();  // WG0's last O_L += P_b V_b
     fence_regs(o);
+    PAIR_SPAN(3);
 
     // Row sums: quad reduction, then the two warpgroups' through shared memory.
     share_row_sums(l_run, sm.red, wg, r0, lane);
     named_barrier(kBarConsumers, kThreads);
     store_rows<TQ>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
+    PAIR_SPAN(4);
   }
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
