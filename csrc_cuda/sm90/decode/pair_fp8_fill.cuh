@@ -10,8 +10,11 @@
 // and no barrier among the producer threads; 128 arrivals complete the part's `full` barrier.
 // fp8 (per-tensor scale) fills fp16 stages: e4m3 -> f16 is exact and one instruction per two
 // values (the queries are scaled into fp16 per row by the consumers); k_scale is applied to the
-// scores and the output. fp8_ds_mla fills bf16 stages: e4m3 -> f16 -> f32, times the tile
-// scale, rounded once to bf16; its bf16 RoPE part is copied as is.
+// scores and the output. There the producer only copies: the raw pieces' landing completes the
+// part's `full` barrier (cp.async.mbarrier.arrive) and the consumer warpgroup that computes
+// the part's scores expands them in place (convert_part), the same per-thread pieces. fp8_ds_mla
+// fills bf16 stages in the producer: e4m3 -> f16 -> f32, times the tile scale, rounded once to
+// bf16; its bf16 RoPE part is copied as is.
 //
 // Lane l of producer warp w works on token 16 w + l % 16 of the job's tile, the even pieces of
 // its row (l < 16) or the odd ones. Lanes 0..15 hold the entry addresses of tile a's tokens of
@@ -201,6 +204,13 @@ __device__ __forceinline__ void convert_job(unsigned char* kv, const Fp8Job& job
   }
 }
 
+// Per-tensor fp8: the producer only copies the raw pieces and the consumer warpgroups expand
+// them (convert_part) right before their scores read the part: the producer alone, copying and
+// converting, took ~12k cycles a pair against the consumers' ~8k. fp8_ds_mla (scales) keeps
+// the converting producer.
+template <int FMT>
+constexpr bool kCopyOnly = FMT == kKvFp8;
+
 // Block-table page of position pos (0 at or past kv_hi: not used).
 __device__ __forceinline__ int fp8_page(const DecodeParams& p, const int32_t* bt, int pos,
                                         int kv_hi) {
@@ -232,7 +242,8 @@ __device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
 
 // The producer warpgroup's loop for an fp8 / fp8_ds_mla cache. Jobs in the order the consumers
 // release the parts (pair k: stage 0 part 0, stage 1 part 1, stage 0 part 1, stage 1 part 0),
-// each done by all four warps: wait until the part is free, copy, convert, arrive. One job of
+// each done by all four warps. Per-tensor fp8: wait until the part is free, copy, and arm the
+// `full` barrier on the copies. fp8_ds_mla: wait, copy, convert, arrive, with one job of
 // look-ahead: before converting a job, the next one's copies are issued if its part is
 // already free (never waited for: the consumers may need the current job first), so its
 // latency overlaps this conversion.
@@ -291,41 +302,51 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
     for (int g = 0; g < n_jobs; ++g) {
       if (!exists(g)) continue;
       FILL_TRACE(traced, 0);
-      if (have_ahead) {
-        job = ahead;
-        have_ahead = false;
-        FILL_TRACE(traced, 1);
-        FILL_TRACE_AHEAD(traced);
-      } else {
+      int g2 = g + 1;
+      while (g2 < n_jobs && !exists(g2)) ++g2;
+      if constexpr (kCopyOnly<FMT>) {
+        // The consumers convert: copy, and let the copies' landing complete the `full` barrier.
         job = job_at(g);
         const int f = fill_no(job, g);
         if (f > 0) mbar_wait(&sm.empty[job.st][job.half], (f - 1) & 1);
         FILL_TRACE(traced, 1);
         issue_job<FMT>(sm.kv[job.st], job, cur, tok0, lane, p.kv_cache);
-      }
-      int g2 = g + 1;
-      while (g2 < n_jobs && !exists(g2)) ++g2;
-      if (g2 < n_jobs) {
-        Fp8Job nj = job_at(g2);
-        const int f = fill_no(nj, g2);
-        // Warp-uniform: a warp issues the job whole or not at all (warps may differ).
-        if (__all_sync(0xffffffffu, f == 0 || mbar_test(&sm.empty[nj.st][nj.half], (f - 1) & 1))) {
-          issue_job<FMT>(sm.kv[nj.st], nj, (g2 >> 2) == (g >> 2) ? cur : nxt, tok0, lane,
-                         p.kv_cache);
-          ahead = nj;
-          have_ahead = true;
-        }
-      }
-      FILL_TRACE(traced, 2);
-      if (have_ahead) {
-        cp_async_wait<1>();
+        mbar_arrive_cp_async(&sm.full[job.st][job.half]);
       } else {
-        cp_async_wait<0>();
+        if (have_ahead) {
+          job = ahead;
+          have_ahead = false;
+          FILL_TRACE(traced, 1);
+          FILL_TRACE_AHEAD(traced);
+        } else {
+          job = job_at(g);
+          const int f = fill_no(job, g);
+          if (f > 0) mbar_wait(&sm.empty[job.st][job.half], (f - 1) & 1);
+          FILL_TRACE(traced, 1);
+          issue_job<FMT>(sm.kv[job.st], job, cur, tok0, lane, p.kv_cache);
+        }
+        if (g2 < n_jobs) {
+          Fp8Job nj = job_at(g2);
+          const int f = fill_no(nj, g2);
+          // Warp-uniform: a warp issues the job whole or not at all (warps may differ).
+          if (__all_sync(0xffffffffu, f == 0 || mbar_test(&sm.empty[nj.st][nj.half], (f - 1) & 1))) {
+            issue_job<FMT>(sm.kv[nj.st], nj, (g2 >> 2) == (g >> 2) ? cur : nxt, tok0, lane,
+                           p.kv_cache);
+            ahead = nj;
+            have_ahead = true;
+          }
+        }
+        FILL_TRACE(traced, 2);
+        if (have_ahead) {
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
+        }
+        FILL_TRACE(traced, 3);
+        convert_job<T, FMT>(sm.kv[job.st], job, tok0, lane);
+        fence_proxy_async_smem();
+        mbar_arrive(&sm.full[job.st][job.half]);
       }
-      FILL_TRACE(traced, 3);
-      convert_job<T, FMT>(sm.kv[job.st], job, tok0, lane);
-      fence_proxy_async_smem();
-      mbar_arrive(&sm.full[job.st][job.half]);
       FILL_TRACE(traced, 4);
 #if defined(PORTMLA_PAIR_TRACE)
       ++traced;
@@ -345,6 +366,24 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
     base[0] += n_tiles > 0 ? (n_tiles + 1) / 2 : 0;
     base[1] += n_tiles / 2;
   }
+  if constexpr (kCopyOnly<FMT>) cp_async_wait<0>();  // nothing in flight when the warp exits
+}
+
+// The consumer side of a copy-only fill: warpgroup threads (warp wq, lane) expand part `half`
+// of the stage at `kv` (its raw pieces landed: the part's `full` barrier completed) in place,
+// the same pieces a producer thread of warp wq would, and make it visible to the warpgroup's
+// wgmma (barrier `bar` of its 128 threads). The other warpgroup reads the stage only after a
+// later barrier of the pair (B / C), so those need nothing more.
+template <typename T, int FMT>
+__device__ __forceinline__ void convert_part(unsigned char* kv, int half, int wq, int lane,
+                                             int bar) {
+  Fp8Job job;
+  job.st = 0;  // unused by the conversion (kv is the stage)
+  job.half = half;
+  job.sc = make_float2(1.f, 1.f);
+  convert_job<T, FMT>(kv, job, 16 * wq, lane);
+  fence_proxy_async_smem();
+  named_barrier(bar, 128);
 }
 
 }  // namespace sm90
