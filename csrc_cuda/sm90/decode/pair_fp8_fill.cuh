@@ -369,19 +369,50 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
   if constexpr (kCopyOnly<FMT>) cp_async_wait<0>();  // nothing in flight when the warp exits
 }
 
+// Chunks k0 .. k0 + kN - 1 (relative to the part) of a thread's copy-only pieces: every raw
+// piece read first, then expanded (a piece's store may alias a later piece's load for the
+// compiler, which would otherwise run each load -> convert -> store chain one after another).
+// `ra` / `rb`: the first slots of the thread's even / odd pieces in the part's first chunk,
+// `ra2` / `rb2` their partner slots.
+template <typename T, int kN>
+__device__ __forceinline__ void expand_chunks(unsigned char* ra, unsigned char* ra2,
+                                              unsigned char* rb, unsigned char* rb2, int k0) {
+  uint4 raw[2 * kN];
+#pragma unroll
+  for (int j = 0; j < 2 * kN; ++j) {
+    raw[j] = *reinterpret_cast<const uint4*>(((j & 1) ? rb : ra) + (k0 + (j >> 1)) * kChunk);
+  }
+#pragma unroll
+  for (int j = 0; j < 2 * kN; ++j) {
+    uint4 lo, hi;
+    e4m3x4_to<T, false>(raw[j].x, 1.f, lo.x, lo.y);
+    e4m3x4_to<T, false>(raw[j].y, 1.f, lo.z, lo.w);
+    e4m3x4_to<T, false>(raw[j].z, 1.f, hi.x, hi.y);
+    e4m3x4_to<T, false>(raw[j].w, 1.f, hi.z, hi.w);
+    const int off = (k0 + (j >> 1)) * kChunk;
+    *reinterpret_cast<uint4*>(((j & 1) ? rb : ra) + off) = lo;
+    *reinterpret_cast<uint4*>(((j & 1) ? rb2 : ra2) + off) = hi;
+  }
+}
+
 // The consumer side of a copy-only fill: warpgroup threads (warp wq, lane) expand part `half`
 // of the stage at `kv` (its raw pieces landed: the part's `full` barrier completed) in place,
 // the same pieces a producer thread of warp wq would, and make it visible to the warpgroup's
 // wgmma (barrier `bar` of its 128 threads). The other warpgroup reads the stage only after a
 // later barrier of the pair (B / C), so those need nothing more.
-template <typename T, int FMT>
+template <typename T>
 __device__ __forceinline__ void convert_part(unsigned char* kv, int half, int wq, int lane,
                                              int bar) {
-  Fp8Job job;
-  job.st = 0;  // unused by the conversion (kv is the stage)
-  job.half = half;
-  job.sc = make_float2(1.f, 1.f);
-  convert_job<T, FMT>(kv, job, 16 * wq, lane);
+  asm volatile("" : "+r"(lane));
+  const int t = 16 * wq + (lane & 15);
+  const Fp8Slots sl(t, lane >> 4);
+  // chunks 0..3 of the part, then (part 1) the rope chunk, 4 chunks past the part's first
+  unsigned char* const row = kv + 4 * half * kChunk + t * 128;
+  unsigned char *const ra = row + sl.a, *const ra2 = row + (sl.a ^ 16);
+  unsigned char *const rb = row + sl.b, *const rb2 = row + (sl.b ^ 16);
+  expand_chunks<T, 2>(ra, ra2, rb, rb2, 0);
+  expand_chunks<T, 2>(ra, ra2, rb, rb2, 2);
+  if (half == 1) expand_chunks<T, 1>(ra, ra2, rb, rb2, 4);
   fence_proxy_async_smem();
   named_barrier(bar, 128);
 }

@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         PAIR_SPAN(pi == 0 ? 5 : 6);
         // Per-tensor fp8: the part holds raw e4m3 pieces; this warpgroup expands them (the
         // second part while the first part's k-steps run).
-        if constexpr (kCopyOnly<FMT>) convert_part<T, FMT>(own, wg, wq, lane, kBarOwn0 + wg);
+        if constexpr (kCopyOnly<FMT>) convert_part<T>(own, wg, wq, lane, kBarOwn0 + wg);
         fence_regs(s);
         wgmma_fence();
         qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * wg, true);
@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         }
         mbar_wait(&sm.full[wg][wg ^ 1], par);
         PAIR_TRACE(2);
-        if constexpr (kCopyOnly<FMT>) convert_part<T, FMT>(own, wg ^ 1, wq, lane, kBarOwn0 + wg);
+        if constexpr (kCopyOnly<FMT>) convert_part<T>(own, wg ^ 1, wq, lane, kBarOwn0 + wg);
         wgmma_fence();
         qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * (wg ^ 1), false);
         if (wg == 0) {
