@@ -98,18 +98,31 @@ __device__ __forceinline__ void e4m3x4_to(uint32_t w, float sc, uint32_t& lo, ui
   hi = pack2<__nv_bfloat16>(b.x, b.y);
 }
 
-// The 16-byte piece copied raw to `row + 16 s0` (16 e4m3 values) -> 16 T values in slots
-// s0 (values 0..7) and s1 (8..15) of the same 128-byte row.
-template <typename T, bool kScaled>
-__device__ __forceinline__ void expand_piece(unsigned char* row, int s0, int s1, float sc) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(row + (s0 << 4));
-  uint4 a, b;
-  e4m3x4_to<T, kScaled>(raw.x, sc, a.x, a.y);
-  e4m3x4_to<T, kScaled>(raw.y, sc, a.z, a.w);
-  e4m3x4_to<T, kScaled>(raw.z, sc, b.x, b.y);
-  e4m3x4_to<T, kScaled>(raw.w, sc, b.z, b.w);
-  *reinterpret_cast<uint4*>(row + (s0 << 4)) = a;
-  *reinterpret_cast<uint4*>(row + (s1 << 4)) = b;
+// Chunks k0 .. k0 + kN - 1 (relative to the part) of a thread's copy-only pieces: every raw
+// piece read first, then expanded (a piece's store may alias a later piece's load for the
+// compiler, which would otherwise run each load -> convert -> store chain one after another).
+// `ra` / `rb`: the first slots of the thread's even / odd pieces in the part's first chunk,
+// `ra2` / `rb2` their partner slots; kScaled: values times `sc` (fp8_ds_mla's tile scale).
+template <typename T, int kN, bool kScaled = false>
+__device__ __forceinline__ void expand_chunks(unsigned char* ra, unsigned char* ra2,
+                                              unsigned char* rb, unsigned char* rb2, int k0,
+                                              float sc = 1.f) {
+  uint4 raw[2 * kN];
+#pragma unroll
+  for (int j = 0; j < 2 * kN; ++j) {
+    raw[j] = *reinterpret_cast<const uint4*>(((j & 1) ? rb : ra) + (k0 + (j >> 1)) * kChunk);
+  }
+#pragma unroll
+  for (int j = 0; j < 2 * kN; ++j) {
+    uint4 lo, hi;
+    e4m3x4_to<T, kScaled>(raw[j].x, sc, lo.x, lo.y);
+    e4m3x4_to<T, kScaled>(raw[j].y, sc, lo.z, lo.w);
+    e4m3x4_to<T, kScaled>(raw[j].z, sc, hi.x, hi.y);
+    e4m3x4_to<T, kScaled>(raw[j].w, sc, hi.z, hi.w);
+    const int off = (k0 + (j >> 1)) * kChunk;
+    *reinterpret_cast<uint4*>(((j & 1) ? rb : ra) + off) = lo;
+    *reinterpret_cast<uint4*>(((j & 1) ? rb2 : ra2) + off) = hi;
+  }
 }
 
 // A fill job: part `half` of stage `st` (its tile: the pair's first for stage 0, second for
@@ -176,31 +189,23 @@ __device__ __forceinline__ void issue_job(unsigned char* kv, Fp8Job& job,
   cp_async_commit();
 }
 
-// Converts a job's pieces once this thread's copies have landed (the caller waits for its
-// group). Every piece, past the end too (zeros there): no branches.
+// fp8_ds_mla: converts a job's pieces once this thread's copies have landed (the caller waits
+// for its group), two at a time (the producer's 40 registers). Every piece, past the end too
+// (zeros there): no branches. Pieces 0..7 of the half are its first 128-channel tile (chunks
+// 0, 1 of the part), 8..15 the second.
 template <typename T, int FMT>
 __device__ __forceinline__ void convert_job(unsigned char* kv, const Fp8Job& job, int tok0,
                                             int lane) {
+  static_assert(FMT == kKvDsMla, "per-tensor fp8 is converted by the consumers");
   asm volatile("" : "+r"(lane));
-  constexpr bool kDs = FMT == kKvDsMla;
-  const int half = job.half, t = tok0 + (lane & 15), odd = lane >> 4;
-  const Fp8Slots sl(t, odd);
-  unsigned char* const row = kv + 4 * half * kChunk + t * 128;
+  const int t = tok0 + (lane & 15);
+  const Fp8Slots sl(t, lane >> 4);
+  unsigned char* const row = kv + 4 * job.half * kChunk + t * 128;
+  unsigned char *const ra = row + sl.a, *const ra2 = row + (sl.a ^ 16);
+  unsigned char *const rb = row + sl.b, *const rb2 = row + (sl.b ^ 16);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int s0 = ((i & 1) ? sl.b : sl.a) >> 4;
-    // fp8_ds_mla: pieces 0..7 of the half are its first 128-channel tile, 8..15 the second.
-    expand_piece<T, kDs>(row + (i >> 1) * kChunk, s0, s0 ^ 1, i < 4 ? job.sc.x : job.sc.y);
-  }
-  if constexpr (!kDs) {
-    if (half == 1) {
-      unsigned char* const rrow = kv + (kChunks - 1) * kChunk + t * 128;
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int s0 = (j ? sl.b : sl.a) >> 4;
-        expand_piece<T, false>(rrow, s0, s0 ^ 1, 1.f);
-      }
-    }
+  for (int k = 0; k < 4; ++k) {
+    expand_chunks<T, 1, true>(ra, ra2, rb, rb2, k, k < 2 ? job.sc.x : job.sc.y);
   }
 }
 
@@ -367,32 +372,6 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
     base[1] += n_tiles / 2;
   }
   if constexpr (kCopyOnly<FMT>) cp_async_wait<0>();  // nothing in flight when the warp exits
-}
-
-// Chunks k0 .. k0 + kN - 1 (relative to the part) of a thread's copy-only pieces: every raw
-// piece read first, then expanded (a piece's store may alias a later piece's load for the
-// compiler, which would otherwise run each load -> convert -> store chain one after another).
-// `ra` / `rb`: the first slots of the thread's even / odd pieces in the part's first chunk,
-// `ra2` / `rb2` their partner slots.
-template <typename T, int kN>
-__device__ __forceinline__ void expand_chunks(unsigned char* ra, unsigned char* ra2,
-                                              unsigned char* rb, unsigned char* rb2, int k0) {
-  uint4 raw[2 * kN];
-#pragma unroll
-  for (int j = 0; j < 2 * kN; ++j) {
-    raw[j] = *reinterpret_cast<const uint4*>(((j & 1) ? rb : ra) + (k0 + (j >> 1)) * kChunk);
-  }
-#pragma unroll
-  for (int j = 0; j < 2 * kN; ++j) {
-    uint4 lo, hi;
-    e4m3x4_to<T, false>(raw[j].x, 1.f, lo.x, lo.y);
-    e4m3x4_to<T, false>(raw[j].y, 1.f, lo.z, lo.w);
-    e4m3x4_to<T, false>(raw[j].z, 1.f, hi.x, hi.y);
-    e4m3x4_to<T, false>(raw[j].w, 1.f, hi.z, hi.w);
-    const int off = (k0 + (j >> 1)) * kChunk;
-    *reinterpret_cast<uint4*>(((j & 1) ? rb : ra) + off) = lo;
-    *reinterpret_cast<uint4*>(((j & 1) ? rb2 : ra2) + off) = hi;
-  }
 }
 
 // The consumer side of a copy-only fill: warpgroup threads (warp wq, lane) expand part `half`
