@@ -45,7 +45,7 @@ def sanitize() -> None:
     from test_cuda_backend import check_decode, make_decode_case, run_both
 
     # bf16 / fp8 / fp8_ds_mla with bf16 queries and fp8 with fp16 queries: the first two cases
-    # (72 and 128 rows a sequence) run the pair kernel (fp8 formats: its converting producer),
+    # (72 and 128 rows a sequence) run the pair kernel (fp8 formats: raw copies expanded by the consumers),
     # fp16 fp8_ds_mla the quantized kernel throughout.
     for fmt, dtype in (("bfloat16", torch.bfloat16), ("fp8", torch.bfloat16), ("fp8", torch.float16),
                        ("fp8_ds_mla", torch.bfloat16), ("fp8_ds_mla", torch.float16)):

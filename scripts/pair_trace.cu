@@ -1,6 +1,6 @@
 // Timeline of one CTA of the Hopper pair kernel (clock64 at the schedule's events), on the
 // 128q1s4k h128 shape with fixed lengths (part PORTMLA_PAIR_TRACE of the device schedule;
-// pairs counted over its segments). `pt [S] [fp8]`: an fp8 cache (the converting producer;
+// pairs counted over its segments). `pt [S] [fp8]`: an fp8 cache (the copying producer;
 // its fill jobs traced too); `pt S fp8|bf16 B`: B sequences (default 128), and the CTA's
 // prologue / epilogue spans (globaltimer). GPU machine:
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -DPORTMLA_HAVE_SM90A=1 \
@@ -147,30 +147,24 @@ int main(int argc, char** argv) {
     }
     printf("\n");
   }
-  if (fp8) {  // producer fill jobs (4 a pair, in release order): waits and durations
+  if (fp8) {  // producer fill jobs (4 a pair, in release order): waits and issue times
     static long long ft[256][7];
-    static int ahead[256];
     cudaMemcpyFromSymbol(ft, portmla::sm90::g_fill_trace, sizeof(ft));
-    cudaMemcpyFromSymbol(ahead, portmla::sm90::g_fill_ahead, sizeof(ahead));
     for (int j = 0; j < 4 * np && j < 256; ++j) {
       if (j > 20 && j < 4 * np - 8 && j % 16) continue;
-      printf("job %3d%s: top=%lld free=%lld ahead_done=%lld data=%lld arrived=%lld", j,
-             ahead[j] ? " (ahead)" : "", ft[j][0] - t0, ft[j][1] - t0, ft[j][2] - t0, ft[j][3] - t0,
+      printf("job %3d: top=%lld free=%lld issued=%lld", j, ft[j][0] - t0, ft[j][1] - t0,
              ft[j][4] - t0);
       if (j % 4 == 3) printf(" entries=%lld prefetched=%lld", ft[j][5] - t0, ft[j][6] - t0);
       printf("\n");
     }
     for (int k = 0; k < 4; ++k) {  // by release slot
-      double w = 0, d = 0, c = 0, n = 0, a = 0;
+      double w = 0, c = 0, n = 0;
       for (int j = 16 + k; j < 4 * np - 8; j += 4) {
         w += ft[j][1] - ft[j][0];
-        d += ft[j][3] - ft[j][2];
-        c += ft[j][4] - ft[j][3];
-        a += ahead[j];
+        c += ft[j][4] - ft[j][1];
         n += 1;
       }
-      printf("slot %d: mean wait-free %.0f, data wait %.0f, convert+arrive %.0f, ahead %.0f of %.0f\n",
-             k, w / n, d / n, c / n, a, n);
+      printf("slot %d: mean wait-free %.0f, copies issued in %.0f\n", k, w / n, c / n);
     }
   }
   return 0;

@@ -1,6 +1,7 @@
-"""fp8 / fp8_ds_mla caches through the Hopper pair kernel (its producer warpgroup converts the raw
-entries into 16-bit stages: fp16 for fp8, with the queries scaled per row into fp16; bf16 for
-fp8_ds_mla; csrc_cuda/sm90/decode/pair_fp8_fill.cuh) against the torch reference.
+"""fp8 / fp8_ds_mla caches through the Hopper pair kernel (its producer warpgroup copies the raw
+entries into the stages, its consumer warpgroups expand them to 16-bit: fp16 for fp8, with the
+queries scaled per row into fp16; bf16 for fp8_ds_mla; csrc_cuda/sm90/decode/pair_fp8_fill.cuh)
+against the torch reference.
 
 Runs on an sm_90 GPU with a module that has the kernel; skips elsewhere, except when
 PORTMLA_REQUIRE_HOPPER=1: then a missing kernel FAILS. Every case asserts which kernel ran.
@@ -47,7 +48,7 @@ def _need_hopper_quant():
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"parts{s[0] or 'auto'}-fixed{s[1] or 'auto'}")
 def test_hopper_quant_decode(monkeypatch, ran, block_size, fmt, dtype, schedule):
     """Forced onto the pair kernel whatever the rows: block sizes its TMA path does not take
-    too (the converting producer looks every token up), varlen causal queries, strided pages,
+    too (the copying producer looks every token up), varlen causal queries, strided pages,
     empty sequences, partial last tiles."""
     _need_hopper_quant()
     monkeypatch.setenv("PORTMLA_CUDA_HOPPER", "pair")

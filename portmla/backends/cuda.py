@@ -10,9 +10,10 @@ Kernels (see ``csrc_cuda/NOTES.md``):
   generic kernels instead.
 * ``mla_decode`` on sm_90 with an fp8 / fp8_ds_mla cache and more than
   ``HOPPER_QUANT_MIN_ROWS`` (token, head) rows per sequence, any block size: the pair kernel,
-  its producer warpgroup converting the raw entries into its 16-bit stages (cp.async, then in
-  registers: fp8 e4m3 -> fp16, exact, with bf16 or fp16 queries scaled per row into fp16 by a
-  power of two; fp8_ds_mla values times their tile scale, rounded once to bf16, bf16 queries).
+  its producer warpgroup copying the raw entries into the stages (cp.async) and the consumer
+  warpgroups expanding them in place to 16-bit before their wgmma: fp8 e4m3 -> fp16, exact,
+  with bf16 or fp16 queries scaled per row into fp16 by a power of two; fp8_ds_mla values times
+  their tile scale, rounded once to bf16, bf16 queries.
 * ``mla_decode`` with an fp8 / fp8_ds_mla cache and at most ``QUANT_MAX_ROWS`` (token, head)
   rows per sequence on sm_89+: the quantized-cache kernel (raw e4m3 bytes in shared memory,
   converted to fp16 in registers at the mma fragment load; 16 rows per CTA, two CTAs per SM);
@@ -63,9 +64,10 @@ MAX_GRID_Y = 65535
 # Hopper kernels: the device schedule (csrc_cuda/common/schedule.cuh) gives each of
 # num_parts CTAs per row tile the same share of all sequences' KV tiles, plus this fixed cost
 # per sequence (Q load, epilogue) in tiles, per kernel (``sched_fixed_key``); fitted to H100
-# sweeps (scripts/cuda_split_sweep.py). "hopper_quant": the pair kernel converting an fp8 /
+# sweeps (scripts/cuda_split_sweep.py). "hopper_quant": the pair kernel expanding an fp8 /
 # fp8_ds_mla cache, whose tiles cost more (3 vs 6 at 128 heads: fp8 128q1s4k 461.6 vs 467.8 us,
-# 64q1s16k 864.5 vs 873.8, 32q1s4k 135.5 vs 141.6, fp8_ds_mla 128q1s4k 566.9 vs 577.6).
+# 64q1s16k 864.5 vs 873.8, 32q1s4k 135.5 vs 141.6, fp8_ds_mla 128q1s4k 566.9 vs 577.6; re-swept
+# with the consumers expanding: fp8 3 still best or within 1 %).
 SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "quant": 2, "hopper_quant": 3}
 MAX_GRID_PARTS = 65535
 QUANT_FORMATS = ("fp8", "fp8_ds_mla")
@@ -122,7 +124,7 @@ def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
 
 
 # Rows per sequence above which an fp8 / fp8_ds_mla cache with bf16 queries goes to the pair
-# kernel (its producer warpgroup converts the raw entries into its bf16 stages) rather than the
+# kernel (raw entries expanded to 16-bit in its stages) rather than the
 # quantized-cache kernel, whose 16-row mma.sync tiles are compute-bound there.
 HOPPER_QUANT_MIN_ROWS = 32
 
@@ -137,7 +139,7 @@ def hopper_quant_query_dtypes(mod, kv_format: str) -> tuple[str, ...]:
 
 def hopper_quant_kernel_name(mod, p: DecodeProblem) -> str | None:
     """``hopper`` where the pair kernel serves a quantized cache: sm_90, the pair kernel built
-    with its converting producer (``HOPPER_QUANT_FORMATS``) for these queries (bf16; fp16 too
+    with quantized-cache support (``HOPPER_QUANT_FORMATS``) for these queries (bf16; fp16 too
     for fp8), more than ``HOPPER_QUANT_MIN_ROWS`` rows per sequence (any count with
     ``PORTMLA_CUDA_HOPPER=pair``)."""
     if _dtype_name(p.q_dtype) not in hopper_quant_query_dtypes(mod, p.cache.kv_format) \
@@ -252,8 +254,8 @@ class CudaBackend(Backend):
         qfmts = getattr(mod, "HOPPER_QUANT_FORMATS", ())
         with_q = ", ".join(f"{f} with {'/'.join(hopper_quant_query_dtypes(mod, f))} queries" for f in qfmts)
         hq = (f"mla_decode: sm_90a pair kernel for {'/'.join(qfmts)} caches ({with_q}) and more than "
-              f"{HOPPER_QUANT_MIN_ROWS} (token, head) rows per sequence, any block size (its producer "
-              f"warpgroup converts the raw entries to 16-bit for wgmma; the quantized-cache kernel "
+              f"{HOPPER_QUANT_MIN_ROWS} (token, head) rows per sequence, any block size (raw entries "
+              f"copied in, expanded to 16-bit for wgmma; the quantized-cache kernel "
               f"takes the fewer rows)",) if qfmts else ()
         return (f"mla_decode: sm_90a Hopper kernels (TMA + wgmma) for {fmts} caches with block "
                 f"size 16, 32 or a multiple of 64: tile pairs with a producer warpgroup above "
@@ -321,7 +323,7 @@ class CudaBackend(Backend):
         """``(name, code, rows per CTA, shared memory)`` of the kernel that runs ``p``.
 
         sm_90 with an fp8 / fp8_ds_mla cache, bf16 queries and more than
-        ``HOPPER_QUANT_MIN_ROWS`` rows: the pair kernel (converting producer, any block size).
+        ``HOPPER_QUANT_MIN_ROWS`` rows: the pair kernel (raw entries expanded in place, any block size).
         sm_89+ with an fp8 / fp8_ds_mla cache and at most ``QUANT_MAX_ROWS`` rows: the
         quantized-cache kernel.
         sm_90 with a 16-bit cache and a block size its TMA boxes take: the Hopper kernel.

@@ -1,20 +1,22 @@
-// fp8 / fp8_ds_mla caches in the pair kernel: the producer warpgroup's four warps turn raw cache
-// entries into the 16-bit stage layout a 16-bit cache gets from TMA (64-row x 128-byte chunks,
-// 128-byte swizzle), so the consumer warpgroups run unchanged on wgmma.
+// fp8 / fp8_ds_mla caches in the pair kernel: the producer warpgroup's four warps copy raw cache
+// entries into the stages and the consumer warpgroups expand them in place into the 16-bit
+// layout a 16-bit cache gets from TMA (64-row x 128-byte chunks, 128-byte swizzle), right before
+// their wgmma read them.
 //
-// A part of a stage (chunks 0..3, or chunks 4..7 + rope) is filled by all 128 producer threads,
+// A part of a stage (chunks 0..3, or chunks 4..7 + rope) is copied by all 128 producer threads,
 // 16 tokens a warp: every thread cp.async-copies its raw 16-byte pieces (16 e4m3 values) into
-// the first of the two 16-byte slots their 16-bit values will occupy, waits for its own copies,
-// reads each piece back, converts it and writes both slots. No thread touches another's slots,
-// so the raw bytes need no staging space (the pair kernel uses all of the sm_90 shared memory)
-// and no barrier among the producer threads; 128 arrivals complete the part's `full` barrier.
-// fp8 (per-tensor scale) fills fp16 stages: e4m3 -> f16 is exact and one instruction per two
+// the first of the two 16-byte slots their 16-bit values will occupy (so the raw bytes need no
+// staging space: the pair kernel uses all of the sm_90 shared memory), and the copies' landing
+// completes the part's `full` barrier (cp.async.mbarrier.arrive, one a thread). The consumer
+// warpgroup that computes the part's scores then expands it (convert_part: each thread the
+// pieces a producer thread of the same warp index copied, every raw piece of two chunks read
+// before any is written), the second part while the first part's k-steps run. The producer
+// alone, copying and converting, took ~12k cycles a pair against the consumers' ~8k.
+// fp8 (per-tensor scale) expands to fp16: e4m3 -> f16 is exact and one instruction per two
 // values (the queries are scaled into fp16 per row by the consumers); k_scale is applied to the
-// scores and the output. There the producer only copies: the raw pieces' landing completes the
-// part's `full` barrier (cp.async.mbarrier.arrive) and the consumer warpgroup that computes
-// the part's scores expands them in place (convert_part), the same per-thread pieces. fp8_ds_mla
-// fills bf16 stages in the producer: e4m3 -> f16 -> f32, times the tile scale, rounded once to
-// bf16; its bf16 RoPE part is copied as is.
+// scores and the output. fp8_ds_mla expands to bf16: e4m3 -> f16 -> f32, times the tile scale
+// (copied with the part into a slot its pieces free only when expanded), rounded once to bf16;
+// its bf16 RoPE is copied to its final slots.
 //
 // Lane l of producer warp w works on token 16 w + l % 16 of the job's tile, the even pieces of
 // its row (l < 16) or the odd ones. Lanes 0..15 hold the entry addresses of tile a's tokens of
@@ -35,22 +37,16 @@ namespace portmla {
 namespace sm90 {
 
 #if defined(PORTMLA_PAIR_TRACE)  // producer timeline of one CTA (scripts/pair_trace.cu)
-__device__ long long g_fill_trace[256][7];  // top, part free, ahead test done, data, arrived,
+__device__ long long g_fill_trace[256][7];  // top, part free, -, -, copies issued,
                                             // (pair end) entries, prefetched
-__device__ int g_fill_ahead[256];           // the job's copies went out a job early
-#define FILL_TRACED(n) \
-  (blockIdx.x == 0 && blockIdx.y == PORTMLA_PAIR_TRACE && threadIdx.x == 256 && (n) < 256)
-#define FILL_TRACE(n, ev)                              \
-  do {                                                 \
-    if (FILL_TRACED(n)) g_fill_trace[n][ev] = clock64(); \
-  } while (0)
-#define FILL_TRACE_AHEAD(n)                 \
-  do {                                      \
-    if (FILL_TRACED(n)) g_fill_ahead[n] = 1; \
+#define FILL_TRACE(n, ev)                                                                 \
+  do {                                                                                    \
+    if (blockIdx.x == 0 && blockIdx.y == PORTMLA_PAIR_TRACE && threadIdx.x == 256 &&      \
+        (n) < 256)                                                                        \
+      g_fill_trace[n][ev] = clock64();                                                    \
   } while (0)
 #else
 #define FILL_TRACE(n, ev)
-#define FILL_TRACE_AHEAD(n)
 #endif
 
 template <int FMT>
@@ -132,7 +128,6 @@ __device__ __forceinline__ void expand_chunks(unsigned char* ra, unsigned char* 
 // zero those V rows.
 struct Fp8Job {
   int st, half;
-  float2 sc;  // fp8_ds_mla: the two tile scales of `half` of this lane's token
 };
 
 // Byte offsets of the two 16-byte slots (first of each pair) this lane's pieces 2 i + odd go to
@@ -143,11 +138,11 @@ struct Fp8Slots {
       : a(((2 * odd) ^ (t & 7)) << 4), b(((4 + 2 * odd) ^ (t & 7)) << 4) {}
 };
 
-// Issues a job's raw copies (one cp.async group, zero-filled past the end: no branch per
-// piece) and, for fp8_ds_mla, loads its scales. `held`: the entry this lane holds in the
-// job's pair (lanes 0..15: tile a's token l, 16..31: tile b's token l - 16).
+// Issues a job's raw copies (zero-filled past the end: no branch per piece), fp8_ds_mla's tile
+// scales included. `held`: the entry this lane holds in the job's pair (lanes 0..15: tile a's
+// token l, 16..31: tile b's token l - 16).
 template <int FMT>
-__device__ __forceinline__ void issue_job(unsigned char* kv, Fp8Job& job,
+__device__ __forceinline__ void issue_job(unsigned char* kv, const Fp8Job& job,
                                           const unsigned char* held, int tok0, int lane,
                                           const void* any_valid) {
   // The offsets below derive from the lane: recomputed per job, not hoisted out of the
@@ -161,12 +156,11 @@ __device__ __forceinline__ void issue_job(unsigned char* kv, Fp8Job& job,
   const bool valid = entry != nullptr;
   const unsigned char* const src =
       (valid ? entry : static_cast<const unsigned char*>(any_valid)) + 16 * odd;
-  if constexpr (kDs) {
-    job.sc = valid ? __ldg(reinterpret_cast<const float2*>(entry + E::kScaleOff) + half)
-                   : make_float2(1.f, 1.f);
-  }
   const Fp8Slots sl(t, odd);
   unsigned char* const row = kv + 4 * half * kChunk + t * 128;
+  if constexpr (kDs) {  // the 4 tile scales -> the partner slot of piece 0 (free until expanded)
+    if (odd == 0) cp_async16_zfill(row + (sl.a ^ 16), src + E::kScaleOff, valid);
+  }
 #pragma unroll
   for (int i = 0; i < 8; ++i) {  // piece 2 i + odd: latent channels 256 half + 16 (2 i + odd) ..
     cp_async16_zfill(row + (i >> 1) * kChunk + ((i & 1) ? sl.b : sl.a), src + 256 * half + 32 * i,
@@ -186,35 +180,7 @@ __device__ __forceinline__ void issue_job(unsigned char* kv, Fp8Job& job,
       }
     }
   }
-  cp_async_commit();
 }
-
-// fp8_ds_mla: converts a job's pieces once this thread's copies have landed (the caller waits
-// for its group), two at a time (the producer's 40 registers). Every piece, past the end too
-// (zeros there): no branches. Pieces 0..7 of the half are its first 128-channel tile (chunks
-// 0, 1 of the part), 8..15 the second.
-template <typename T, int FMT>
-__device__ __forceinline__ void convert_job(unsigned char* kv, const Fp8Job& job, int tok0,
-                                            int lane) {
-  static_assert(FMT == kKvDsMla, "per-tensor fp8 is converted by the consumers");
-  asm volatile("" : "+r"(lane));
-  const int t = tok0 + (lane & 15);
-  const Fp8Slots sl(t, lane >> 4);
-  unsigned char* const row = kv + 4 * job.half * kChunk + t * 128;
-  unsigned char *const ra = row + sl.a, *const ra2 = row + (sl.a ^ 16);
-  unsigned char *const rb = row + sl.b, *const rb2 = row + (sl.b ^ 16);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    expand_chunks<T, 1, true>(ra, ra2, rb, rb2, k, k < 2 ? job.sc.x : job.sc.y);
-  }
-}
-
-// Per-tensor fp8: the producer only copies the raw pieces and the consumer warpgroups expand
-// them (convert_part) right before their scores read the part: the producer alone, copying and
-// converting, took ~12k cycles a pair against the consumers' ~8k. fp8_ds_mla (scales) keeps
-// the converting producer.
-template <int FMT>
-constexpr bool kCopyOnly = FMT == kKvFp8;
 
 // Block-table page of position pos (0 at or past kv_hi: not used).
 __device__ __forceinline__ int fp8_page(const DecodeParams& p, const int32_t* bt, int pos,
@@ -230,29 +196,11 @@ __device__ __forceinline__ const unsigned char* fp8_entry(const DecodeParams& p,
          static_cast<int64_t>(pos % p.block_size) * p.token_stride;
 }
 
-// Non-blocking: has the mbarrier completed the phase with this parity?
-__device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n"
-      "}\n"
-      : "=r"(done)
-      : "r"(smem_u32(bar)), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-
 // The producer warpgroup's loop for an fp8 / fp8_ds_mla cache. Jobs in the order the consumers
 // release the parts (pair k: stage 0 part 0, stage 1 part 1, stage 0 part 1, stage 1 part 0),
-// each done by all four warps. Per-tensor fp8: wait until the part is free, copy, and arm the
-// `full` barrier on the copies. fp8_ds_mla: wait, copy, convert, arrive, with one job of
-// look-ahead: before converting a job, the next one's copies are issued if its part is
-// already free (never waited for: the consumers may need the current job first), so its
-// latency overlaps this conversion.
-template <typename T, int FMT, class Smem>
+// each done by all four warps: wait until the part is free, copy, and arm its `full` barrier
+// on the copies.
+template <int FMT, class Smem>
 __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, PartWalker& walk,
                                             int m_tile, int wq, int lane) {
   using E = Fp8Entry<FMT>;
@@ -296,66 +244,26 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
       Fp8Job jb;
       jb.st = j == 1 || j == 3 ? 1 : 0;
       jb.half = j == 1 || j == 2 ? 1 : 0;
-      jb.sc = make_float2(1.f, 1.f);
       return jb;
     };
     auto exists = [&](int g) { return 2 * (g >> 2) + ((g & 3) == 1 || (g & 3) == 3) < n_tiles; };
     // Fill number of job g's stage (its `empty` phase: fill f > 0 waits phase (f - 1) & 1).
     auto fill_no = [&](const Fp8Job& jb, int g) { return base[jb.st] + (g >> 2); };
-    Fp8Job job = job_at(0), ahead{};
-    bool have_ahead = false;
     for (int g = 0; g < n_jobs; ++g) {
       if (!exists(g)) continue;
       FILL_TRACE(traced, 0);
-      int g2 = g + 1;
-      while (g2 < n_jobs && !exists(g2)) ++g2;
-      if constexpr (kCopyOnly<FMT>) {
-        // The consumers convert: copy, and let the copies' landing complete the `full` barrier.
-        job = job_at(g);
-        const int f = fill_no(job, g);
-        if (f > 0) mbar_wait(&sm.empty[job.st][job.half], (f - 1) & 1);
-        FILL_TRACE(traced, 1);
-        issue_job<FMT>(sm.kv[job.st], job, cur, tok0, lane, p.kv_cache);
-        mbar_arrive_cp_async(&sm.full[job.st][job.half]);
-      } else {
-        if (have_ahead) {
-          job = ahead;
-          have_ahead = false;
-          FILL_TRACE(traced, 1);
-          FILL_TRACE_AHEAD(traced);
-        } else {
-          job = job_at(g);
-          const int f = fill_no(job, g);
-          if (f > 0) mbar_wait(&sm.empty[job.st][job.half], (f - 1) & 1);
-          FILL_TRACE(traced, 1);
-          issue_job<FMT>(sm.kv[job.st], job, cur, tok0, lane, p.kv_cache);
-        }
-        if (g2 < n_jobs) {
-          Fp8Job nj = job_at(g2);
-          const int f = fill_no(nj, g2);
-          // Warp-uniform: a warp issues the job whole or not at all (warps may differ).
-          if (__all_sync(0xffffffffu, f == 0 || mbar_test(&sm.empty[nj.st][nj.half], (f - 1) & 1))) {
-            issue_job<FMT>(sm.kv[nj.st], nj, (g2 >> 2) == (g >> 2) ? cur : nxt, tok0, lane,
-                           p.kv_cache);
-            ahead = nj;
-            have_ahead = true;
-          }
-        }
-        FILL_TRACE(traced, 2);
-        if (have_ahead) {
-          cp_async_wait<1>();
-        } else {
-          cp_async_wait<0>();
-        }
-        FILL_TRACE(traced, 3);
-        convert_job<T, FMT>(sm.kv[job.st], job, tok0, lane);
-        fence_proxy_async_smem();
-        mbar_arrive(&sm.full[job.st][job.half]);
-      }
+      const Fp8Job job = job_at(g);
+      const int f = fill_no(job, g);
+      if (f > 0) mbar_wait(&sm.empty[job.st][job.half], (f - 1) & 1);
+      FILL_TRACE(traced, 1);
+      issue_job<FMT>(sm.kv[job.st], job, cur, tok0, lane, p.kv_cache);
+      mbar_arrive_cp_async(&sm.full[job.st][job.half]);
       FILL_TRACE(traced, 4);
 #if defined(PORTMLA_PAIR_TRACE)
       ++traced;
 #endif
+      int g2 = g + 1;
+      while (g2 < n_jobs && !exists(g2)) ++g2;
       if (g2 < n_jobs && (g2 >> 2) != (g >> 2)) {  // the pair's last job
         // Next pair: its entries are `nxt`; the one after from its pages, brought into L2;
         // the pages of the pair after that.
@@ -371,7 +279,7 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
     base[0] += n_tiles > 0 ? (n_tiles + 1) / 2 : 0;
     base[1] += n_tiles / 2;
   }
-  if constexpr (kCopyOnly<FMT>) cp_async_wait<0>();  // nothing in flight when the warp exits
+  cp_async_wait<0>();  // nothing in flight when the warp exits
 }
 
 // The consumer side of a copy-only fill: warpgroup threads (warp wq, lane) expand part `half`
@@ -379,7 +287,7 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
 // the same pieces a producer thread of warp wq would, and make it visible to the warpgroup's
 // wgmma (barrier `bar` of its 128 threads). The other warpgroup reads the stage only after a
 // later barrier of the pair (B / C), so those need nothing more.
-template <typename T>
+template <typename T, int FMT>
 __device__ __forceinline__ void convert_part(unsigned char* kv, int half, int wq, int lane,
                                              int bar) {
   asm volatile("" : "+r"(lane));
@@ -389,9 +297,20 @@ __device__ __forceinline__ void convert_part(unsigned char* kv, int half, int wq
   unsigned char* const row = kv + 4 * half * kChunk + t * 128;
   unsigned char *const ra = row + sl.a, *const ra2 = row + (sl.a ^ 16);
   unsigned char *const rb = row + sl.b, *const rb2 = row + (sl.b ^ 16);
-  expand_chunks<T, 2>(ra, ra2, rb, rb2, 0);
-  expand_chunks<T, 2>(ra, ra2, rb, rb2, 2);
-  if (half == 1) expand_chunks<T, 1>(ra, ra2, rb, rb2, 4);
+  if constexpr (FMT == kKvDsMla) {
+    // The token's tile scales 2 half, 2 half + 1 (in the partner slot of its piece 0, which
+    // the even lane overwrites below: both lanes of the token read them first). Its RoPE
+    // came as bf16, in place.
+    const float2 sc =
+        *reinterpret_cast<const float2*>(row + ((((t & 7) ^ 1)) << 4) + 8 * half);
+    __syncwarp();
+    expand_chunks<T, 2, true>(ra, ra2, rb, rb2, 0, sc.x);
+    expand_chunks<T, 2, true>(ra, ra2, rb, rb2, 2, sc.y);
+  } else {
+    expand_chunks<T, 2>(ra, ra2, rb, rb2, 0);
+    expand_chunks<T, 2>(ra, ra2, rb, rb2, 2);
+    if (half == 1) expand_chunks<T, 1>(ra, ra2, rb, rb2, 4);
+  }
   fence_proxy_async_smem();
   named_barrier(bar, 128);
 }

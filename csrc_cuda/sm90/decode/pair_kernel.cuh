@@ -139,8 +139,8 @@ __device__ __forceinline__ void store_p(unsigned char* chunk, const uint32_t (&p
 }
 
 // FMT: kKv16 (TMA loads of a T cache; kv_map describes it) or kKvFp8 / kKvDsMla (raw entries
-// copied by the producer warpgroup and converted to T by the consumers (fp8) or the producer
-// (fp8_ds_mla), pair_fp8_fill.cuh; kv_map unused). T is the wgmma
+// copied by the producer warpgroup and expanded to T by the consumers, pair_fp8_fill.cuh;
+// kv_map unused). T is the wgmma
 // operand type, TQ the queries' and the output's. fp8 runs on fp16 (e4m3 -> f16 is one
 // instruction per two values; bf16 / fp16 queries are scaled per row into fp16, load_q_pow2),
 // fp8_ds_mla on bf16 with bf16 queries (value x tile scale may leave fp16's range).
@@ -169,7 +169,8 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     if constexpr (FMT == kKv16) tma_prefetch_desc(&kv_map);
     for (int s = 0; s < kStages; ++s) {
       for (int half = 0; half < 2; ++half) {
-        // TMA: one arrival + bytes; the converting producer: one arrival a producer thread.
+        // TMA: one arrival + bytes; quantized caches: one arrival a producer thread (on its
+        // copies' landing).
         mbar_init(&sm.full[s][half], FMT == kKv16 ? 1 : 128);
         mbar_init(&sm.empty[s][half], 4);  // the 4 warps of the releasing warpgroup
       }
@@ -189,7 +190,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     // ahead into the next segment while the consumers finish this one.
     setmaxnreg_dec<kProducerRegs>();
     if constexpr (FMT != kKv16) {
-      produce_fp8<T, FMT>(p, sm, walk, m_tile, wq, lane);
+      produce_fp8<FMT>(p, sm, walk, m_tile, wq, lane);
       return;
     }
     if (wq != 0) return;
@@ -281,9 +282,9 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         mbar_wait(&sm.full[wg][wg], par);  // WG0: part 0 first; WG1: part 1 (released earlier)
         PAIR_TRACE(1);
         PAIR_SPAN(pi == 0 ? 5 : 6);
-        // Per-tensor fp8: the part holds raw e4m3 pieces; this warpgroup expands them (the
+        // Quantized caches: the part holds raw e4m3 pieces; this warpgroup expands them (the
         // second part while the first part's k-steps run).
-        if constexpr (kCopyOnly<FMT>) convert_part<T>(own, wg, wq, lane, kBarOwn0 + wg);
+        if constexpr (FMT != kKv16) convert_part<T, FMT>(own, wg, wq, lane, kBarOwn0 + wg);
         fence_regs(s);
         wgmma_fence();
         qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * wg, true);
@@ -293,7 +294,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         }
         mbar_wait(&sm.full[wg][wg ^ 1], par);
         PAIR_TRACE(2);
-        if constexpr (kCopyOnly<FMT>) convert_part<T>(own, wg ^ 1, wq, lane, kBarOwn0 + wg);
+        if constexpr (FMT != kKv16) convert_part<T, FMT>(own, wg ^ 1, wq, lane, kBarOwn0 + wg);
         wgmma_fence();
         qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * (wg ^ 1), false);
         if (wg == 0) {
