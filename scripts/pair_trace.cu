@@ -116,11 +116,11 @@ int main(int argc, char** argv) {
   const int np = std::min(std::min(S / 128, units / 2), 64);
   static unsigned long long span[3][8];
   cudaMemcpyFromSymbol(span, portmla::sm90::g_pair_span, sizeof(span));
-  const char* span_names[8] = {"entry", "walked", "q_ready", "pairs_done", "stored",
-                               "first_data", "last_data", "-"};
+  const char* span_names[8] = {"entry", "q_loaded|pages", "q_ready", "pairs_done", "stored",
+                               "first_data", "last_data", "walked"};
   for (int w = 0; w < 3; ++w) {
     printf("span wg%d (ns from wg0 entry):", w);
-    for (int e = 0; e < 7; ++e)
+    for (int e = 0; e < 8; ++e)
       if (span[w][e]) printf(" %s=%lld", span_names[e], (long long)(span[w][e] - span[0][0]));
     printf("\n");
   }

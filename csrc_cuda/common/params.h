@@ -52,6 +52,7 @@ struct DecodeParams {
   int kv_lora_rank = 512, rope_dim = 64;
   float softmax_scale = 1.f;
   int q_dtype = kBF16, kv_format = kKv16;
+  int q_tma = 0;  // sm_90a launcher: the Hopper kernels load Q tiles through their q_map
 };
 
 // concat_and_cache_mla: cache[slot] = quantize([kv_c[t] | k_pe[t]]).

@@ -57,23 +57,53 @@ cudaError_t encode_kv_map(const DecodeParams& p, CUtensorMap* map) {
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// The queries as a 3-D tensor [num_tokens][num_heads][576] (strides in bytes), boxes of 64
+// columns x min(H, 64) heads x max(1, 64 / H) tokens, 128-byte swizzle: a row tile of 64
+// (token, head) rows in one box per chunk. false (cp.async loads instead) when H neither divides
+// nor is a multiple of 64, or the strides / base do not meet TMA's 16-byte rules.
+bool encode_q_map(const DecodeParams& p, CUtensorMap* map) {
+  const int H = p.num_heads;
+  EncodeTiled fn = encode_fn();
+  if (fn == nullptr || H < 1 || (H % kBM != 0 && kBM % H != 0) || (p.q_stride_h * 2) % 16 ||
+      (p.q_stride_t * 2) % 16 || reinterpret_cast<uintptr_t>(p.q) % 16) {
+    return false;
+  }
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(sm80::kD), static_cast<cuuint64_t>(H),
+                              static_cast<cuuint64_t>(p.num_tokens)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(p.q_stride_h) * 2,
+                                 static_cast<cuuint64_t>(p.q_stride_t) * 2};
+  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(H < kBM ? H : kBM),
+                             static_cast<cuuint32_t>(H < kBM ? kBM / H : 1)};
+  const cuuint32_t elem[3] = {1, 1, 1};
+  return fn(map, p.q_dtype == kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                    : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+            3, const_cast<void*>(p.q), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 bool block_size_ok(int bs) { return bs >= 16 && (kBN % bs == 0 || bs % kBN == 0); }
 
 cudaError_t run(const DecodeParams& p, cudaStream_t stream, RunKernel tile, RunKernel pair) {
-  CUtensorMap map;
+  CUtensorMap map, q_map{};
   PORTMLA_RETURN_IF_ERROR(encode_kv_map(p, &map));
-  return (p.variant == sm80::kHopperPair ? pair : tile)(map, p, stream);
+  DecodeParams pq = p;
+  pq.q_tma = encode_q_map(p, &q_map) ? 1 : 0;
+  return (p.variant == sm80::kHopperPair ? pair : tile)(map, q_map, pq, stream);
 }
 
-// fp8 / fp8_ds_mla: the pair kernel converts in its producer warpgroup (no TMA map); fp8 on
-// fp16 operands (bf16 or fp16 queries), fp8_ds_mla on bf16.
+// fp8 / fp8_ds_mla: the pair kernel copies raw entries in its producer warpgroup (no TMA map);
+// fp8 on fp16 operands (bf16 or fp16 queries), fp8_ds_mla on bf16.
 cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream) {
   const CUtensorMap unused{};
+  DecodeParams pq = p;
+  pq.q_tma = 0;  // the queries are scaled per row as they load (fp8) or taken as is
   if (p.kv_format == kKvDsMla) {
-    return run_instance<__nv_bfloat16, kKvDsMla, __nv_bfloat16, true>(unused, p, stream);
+    return run_instance<__nv_bfloat16, kKvDsMla, __nv_bfloat16, true>(unused, unused, pq, stream);
   }
-  return p.q_dtype == kBF16 ? run_instance<__half, kKvFp8, __nv_bfloat16, true>(unused, p, stream)
-                            : run_instance<__half, kKvFp8, __half, true>(unused, p, stream);
+  return p.q_dtype == kBF16
+             ? run_instance<__half, kKvFp8, __nv_bfloat16, true>(unused, unused, pq, stream)
+             : run_instance<__half, kKvFp8, __half, true>(unused, unused, pq, stream);
 }
 
 }  // namespace

@@ -51,6 +51,7 @@ struct alignas(1024) Smem {
   unsigned char p[kChunk];
   float red[2][kBM];  // per-warpgroup row maxima, then row sums
   uint64_t full[kStages];
+  uint64_t q_full;  // Q tile loaded (p.q_tma)
 };
 constexpr int kSmemBytes = static_cast<int>(sizeof(Smem)) + 1024;  // + base alignment slack
 
@@ -59,6 +60,28 @@ __device__ __forceinline__ uint32_t swz(int r, int c) {
   const int cc = c & 63;
   return static_cast<uint32_t>((c >> 6) * kChunk + r * 128 +
                                ((((cc >> 3) ^ (r & 7)) << 4) | ((cc & 7) << 1)));
+}
+
+// Q rows m0 .. m0 + 64 of the CTA through TMA (p.q_tma: `map` holds the queries as [T][H][576],
+// boxes of 64 columns x min(H, 64) heads x max(1, 64 / H) tokens, 128-byte swizzle): thread
+// `tid` 0 issues the 9 chunk boxes on `bar`, every calling thread waits for its phase `phase`.
+// Rows past the sequence's rows hold the next tokens' queries (zeros past the tensor): rows are
+// independent in both products and those are never stored. The cp.async path below took 6-7 us
+// a tile on the H100 while the producer's TMA stream ran (pair_trace spans).
+__device__ __forceinline__ void issue_q_tma(const CUtensorMap* map, const DecodeParams& p,
+                                            const sm80::CtaRows& c, unsigned char* dst,
+                                            uint64_t* bar) {
+  const int H = p.num_heads;
+  mbar_arrive_expect_tx(bar, kTileBytes);
+  for (int ch = 0; ch < kChunks; ++ch) {
+    tma_load_3d(dst + ch * kChunk, map, bar, ch * 64, H >= kBM ? c.m0 % H : 0, c.t0 + c.m0 / H);
+  }
+}
+__device__ __forceinline__ void load_q_tma(const CUtensorMap* map, const DecodeParams& p,
+                                           const sm80::CtaRows& c, unsigned char* dst,
+                                           uint64_t* bar, uint32_t phase, int tid) {
+  if (tid == 0) issue_q_tma(map, p, c, dst, bar);
+  mbar_wait(bar, phase);
 }
 
 // Q rows m0 .. m0 + 64 of the CTA -> swizzled chunks at `dst` (rows past the sequence's rows
@@ -300,7 +323,8 @@ __device__ __forceinline__ void store_rows(const DecodeParams& p, const sm80::Ct
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-    mla_decode_hopper_kernel(const __grid_constant__ CUtensorMap kv_map, const DecodeParams p) {
+    mla_decode_hopper_kernel(const __grid_constant__ CUtensorMap kv_map,
+                             const __grid_constant__ CUtensorMap q_map, const DecodeParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using G = Gmma<T>;
   extern __shared__ unsigned char smem_raw[];
@@ -312,6 +336,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     tma_prefetch_desc(&kv_map);
     for (int s = 0; s < kStages; ++s) mbar_init(&sm.full[s], 1);
+    mbar_init(&sm.q_full, 1);
     mbar_init_fence();
   }
   __syncthreads();
@@ -326,19 +351,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   walk.init(p, part);
   Segment seg;
   int g0 = 0;  // tiles of the earlier segments: tile g uses stage g % 2, phase (g / 2) % 2
+  uint32_t q_loads = 0;  // Q tiles loaded through TMA (q_full's phase)
   while (walk.next(p, seg)) {
     sm80::CtaRows c;
     if (!segment_rows(p, seg, m_tile, c)) continue;  // the same for every thread
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
                         p.block_size, min(p.block_size, kBN), c.kv_hi};
-    if (tid == 0) {  // both stages are free: the last tile ended with a CTA barrier
+    if (tid == 0) {  // Q and both stages are free: the last tile ended with a CTA barrier
+      if (p.q_tma) issue_q_tma(&q_map, p, c, sm.q, &sm.q_full);
       for (int s = 0; s < kStages && s < n_tiles; ++s) {
         const int st = (g0 + s) & (kStages - 1);
         ld.issue(sm.kv[st], &sm.full[st], c.kv_lo + s * kBN);
       }
     }
-    load_q<T>(p, c, sm.q, tid);
+    if (p.q_tma) {
+      mbar_wait(&sm.q_full, q_loads++ & 1);
+    } else {
+      load_q<T>(p, c, sm.q, tid);
+    }
     __syncthreads();
 
     const int last0 = c.last_pos(c.m0 + r0, H), last1 = c.last_pos(c.m0 + r0 + 8, H);

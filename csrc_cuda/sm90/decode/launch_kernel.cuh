@@ -19,14 +19,15 @@ constexpr auto kernel_of() {
 }
 
 template <typename T, int FMT, typename TQ, bool kPair>
-cudaError_t run_instance(const CUtensorMap& map, const DecodeParams& p, cudaStream_t stream) {
+cudaError_t run_instance(const CUtensorMap& map, const CUtensorMap& q_map, const DecodeParams& p,
+                         cudaStream_t stream) {
   const int smem = kPair ? kPairSmemBytes : kSmemBytes;
   const auto kernel = kernel_of<T, FMT, TQ, kPair>();
   PORTMLA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
   dim3 grid(m_tiles, p.num_parts);  // persistent: each CTA walks its part's segments
-  kernel<<<grid, kPair ? kPairThreads : kThreads, smem, stream>>>(map, p);
+  kernel<<<grid, kPair ? kPairThreads : kThreads, smem, stream>>>(map, q_map, p);
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }

@@ -45,6 +45,7 @@ struct alignas(1024) PairSmem {
   uint64_t full[kStages][2];   // part loaded (TMA transaction bytes)
   uint64_t empty[kStages][2];  // part released by the warpgroup that reads it last
   float q_inv[kBM];            // fp8 on fp16: the inverse power-of-two scale of each Q row
+  uint64_t q_full;             // Q tile loaded (p.q_tma)
 };
 constexpr int kPairSmemBytes = static_cast<int>(sizeof(PairSmem)) + 1024;
 static_assert(kPairSmemBytes <= 227 * 1024, "more than an sm_90 CTA may have");
@@ -147,6 +148,7 @@ __device__ __forceinline__ void store_p(unsigned char* chunk, const uint32_t (&p
 template <typename T, int FMT, typename TQ = T>
 __global__ void __launch_bounds__(kPairThreads, 1)
     mla_decode_hopper_pair_kernel(const __grid_constant__ CUtensorMap kv_map,
+                                  const __grid_constant__ CUtensorMap q_map,
                                   const DecodeParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // Quantized caches: bf16 queries; per-row Q scaling when they run on fp16 operands.
@@ -175,6 +177,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         mbar_init(&sm.empty[s][half], 4);  // the 4 warps of the releasing warpgroup
       }
     }
+    mbar_init(&sm.q_full, 1);
     mbar_init_fence();
   }
   __syncthreads();
@@ -240,18 +243,22 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   const uint64_t pb_desc = gmma_desc_sw128(sm.p_b, 16, 1024);
 
   int used[kStages] = {0, 0};  // pairs that read each stage so far (the full barriers' phases)
+  uint32_t q_loads = 0;        // Q tiles loaded through TMA (q_full's phase)
   while (walk.next(p, seg)) {
     sm80::CtaRows c;
     if (!segment_rows(p, seg, m_tile, c)) continue;  // the same for every thread
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const int n_pairs = (n_tiles + 1) / 2;
+    PAIR_SPAN(7);
     // Q is free: every consumer passed the last segment's epilogue barrier after its last S.
     if constexpr (kScaleQ) {  // TQ != T
       load_q_pow2<TQ>(p, c, sm.q, sm.q_inv, tid);
+    } else if (p.q_tma) {
+      load_q_tma(&q_map, p, c, sm.q, &sm.q_full, q_loads++ & 1, tid);
     } else {
       load_q<T>(p, c, sm.q, tid);
     }
-    PAIR_SPAN(1);
+    PAIR_SPAN(1);  // Q loaded (this thread's part)
     named_barrier(kBarConsumers, kThreads);
     PAIR_SPAN(2);
     // Base-2 score scale of this thread's two rows (times the Q row's inverse scale).
