@@ -42,7 +42,7 @@ struct alignas(1024) PairSmem {
   float m_a[kBM];     // running max after tile a (WG0 -> WG1)
   float m_b[kBM];     // after tile b (WG1 -> WG0)
   float red[2][kBM];  // row sums of the two warpgroups (epilogue)
-  uint64_t full[kStages][2];   // part loaded (TMA transaction bytes)
+  uint64_t full[kStages][2];   // part loaded (TMA bytes; quantized: the producer's copies)
   uint64_t empty[kStages][2];  // part released by the warpgroup that reads it last
   float q_inv[kBM];            // fp8 on fp16: the inverse power-of-two scale of each Q row
   uint64_t q_full;             // Q tile loaded (p.q_tma)
@@ -141,10 +141,10 @@ __device__ __forceinline__ void store_p(unsigned char* chunk, const uint32_t (&p
 
 // FMT: kKv16 (TMA loads of a T cache; kv_map describes it) or kKvFp8 / kKvDsMla (raw entries
 // copied by the producer warpgroup and expanded to T by the consumers, pair_fp8_fill.cuh;
-// kv_map unused). T is the wgmma
-// operand type, TQ the queries' and the output's. fp8 runs on fp16 (e4m3 -> f16 is one
-// instruction per two values; bf16 / fp16 queries are scaled per row into fp16, load_q_pow2),
-// fp8_ds_mla on bf16 with bf16 queries (value x tile scale may leave fp16's range).
+// kv_map unused). T is the wgmma operand type, TQ the queries' and the output's. fp8 runs on
+// fp16 (e4m3 -> f16 is one instruction per two values; bf16 / fp16 queries are scaled per row
+// into fp16, load_q_pow2), fp8_ds_mla on bf16 with bf16 queries (value x tile scale may leave
+// fp16's range). q_map: the queries' TMA map, used when p.q_tma (16-bit caches).
 template <typename T, int FMT, typename TQ = T>
 __global__ void __launch_bounds__(kPairThreads, 1)
     mla_decode_hopper_pair_kernel(const __grid_constant__ CUtensorMap kv_map,
