@@ -77,6 +77,25 @@ def test_hopper_one_long_sequence(monkeypatch, ran, kernel):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["pair", "tile"])
+@pytest.mark.parametrize("heads", [32, 64, 96])
+def test_hopper_query_layouts(monkeypatch, ran, kernel, heads):
+    """Q tiles through TMA (32 heads: boxes of 2 tokens x 32 heads; 64: one token's heads) or
+    cp.async (96 heads), read from a padded query tensor (head stride 584, the padding NaN),
+    multi-token queries, the last box running past the tensor's tokens."""
+    _need_hopper()
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
+    case = make_decode_case([700, 65, 5], [2, 1, 3], heads, 64, "bfloat16", torch.bfloat16, "cuda")
+    q = case["q"]
+    padded = torch.full((q.shape[0], heads, 584), float("nan"), dtype=q.dtype, device=q.device)
+    padded[..., :576] = q
+    case["q"] = padded[..., :576]
+    assert case["q"].stride(1) == 584
+    check_decode(*run_both(case, single_token=False), tol=1e-2)
+    assert set(ran) == {"hopper" if kernel == "pair" else "hopper_tile"}
+
+
+@pytest.mark.gpu
 def test_hopper_single_token_large_batch(ran):
     _need_hopper()
     lens = [int(x) for x in torch.randint(1, 3000, (150,))]
