@@ -279,7 +279,10 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
     base[0] += n_tiles > 0 ? (n_tiles + 1) / 2 : 0;
     base[1] += n_tiles / 2;
   }
-  cp_async_wait<0>();  // nothing in flight when the warp exits
+  // Nothing in flight when the warp exits (the copies go out uncommitted: the `full` barriers
+  // track them; wait_group only covers committed groups).
+  cp_async_commit();
+  cp_async_wait<0>();
 }
 
 // The consumer side of a copy-only fill: warpgroup threads (warp wq, lane) expand part `half`
