@@ -136,6 +136,9 @@ struct Fp8Slots {
   int a, b;
   __device__ __forceinline__ Fp8Slots(int t, int odd)
       : a(((2 * odd) ^ (t & 7)) << 4), b(((4 + 2 * odd) ^ (t & 7)) << 4) {}
+  // fp8_ds_mla: where token t's 16 bytes of tile scales wait in the part's first chunk, the
+  // partner slot of its piece 0 (free until that piece expands).
+  __device__ __forceinline__ static int scales(int t) { return Fp8Slots(t, 0).a ^ 16; }
 };
 
 // Issues a job's raw copies (zero-filled past the end: no branch per piece), fp8_ds_mla's tile
@@ -159,7 +162,7 @@ __device__ __forceinline__ void issue_job(unsigned char* kv, const Fp8Job& job,
   const Fp8Slots sl(t, odd);
   unsigned char* const row = kv + 4 * half * kChunk + t * 128;
   if constexpr (kDs) {  // the 4 tile scales -> the partner slot of piece 0 (free until expanded)
-    if (odd == 0) cp_async16_zfill(row + (sl.a ^ 16), src + E::kScaleOff, valid);
+    if (odd == 0) cp_async16_zfill(row + Fp8Slots::scales(t), src + E::kScaleOff, valid);
   }
 #pragma unroll
   for (int i = 0; i < 8; ++i) {  // piece 2 i + odd: latent channels 256 half + 16 (2 i + odd) ..
@@ -305,7 +308,7 @@ __device__ __forceinline__ void convert_part(unsigned char* kv, int half, int wq
     // the even lane overwrites below: both lanes of the token read them first). Its RoPE
     // came as bf16, in place.
     const float2 sc =
-        *reinterpret_cast<const float2*>(row + ((((t & 7) ^ 1)) << 4) + 8 * half);
+        *reinterpret_cast<const float2*>(row + Fp8Slots::scales(t) + 8 * half);
     __syncwarp();
     expand_chunks<T, 2, true>(ra, ra2, rb, rb2, 0, sc.x);
     expand_chunks<T, 2, true>(ra, ra2, rb, rb2, 2, sc.y);
