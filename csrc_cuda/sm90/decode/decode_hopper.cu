@@ -36,11 +36,24 @@ EncodeTiled encode_fn() {
   return fn;
 }
 
-// The cache as a 3-D tensor [num_blocks][block_size][576] (strides in bytes), boxes of
-// 64 columns x min(block_size, 64) positions x 1 page, 128-byte swizzle.
-cudaError_t encode_kv_map(const DecodeParams& p, CUtensorMap* map) {
+// A 3-D tensor of the queries' 16-bit type at `base` (dims innermost first, the two outer
+// strides in bytes), boxes of `box`, 128-byte swizzle: the layout of the kernels' chunks.
+bool encode_3d(const DecodeParams& p, const void* base, const cuuint64_t (&dims)[3],
+               const cuuint64_t (&strides)[2], const cuuint32_t (&box)[3], CUtensorMap* map) {
   EncodeTiled fn = encode_fn();
-  if (fn == nullptr) return cudaErrorNotSupported;
+  const cuuint32_t elem[3] = {1, 1, 1};
+  return fn != nullptr &&
+         fn(map, p.q_dtype == kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                    : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+            3, const_cast<void*>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The cache as [num_blocks][block_size][576], boxes of 64 columns x min(block_size, 64)
+// positions x 1 page.
+cudaError_t encode_kv_map(const DecodeParams& p, CUtensorMap* map) {
+  if (encode_fn() == nullptr) return cudaErrorNotSupported;
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(sm80::kD),
                               static_cast<cuuint64_t>(p.block_size),
                               static_cast<cuuint64_t>(p.num_blocks)};
@@ -48,23 +61,16 @@ cudaError_t encode_kv_map(const DecodeParams& p, CUtensorMap* map) {
                                  static_cast<cuuint64_t>(p.page_stride) * 2};
   const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(p.block_size < kBN ? p.block_size : kBN),
                              1};
-  const cuuint32_t elem[3] = {1, 1, 1};
-  const CUresult r = fn(map, p.q_dtype == kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                        3, const_cast<void*>(p.kv_cache), dims, strides, box, elem,
-                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  return encode_3d(p, p.kv_cache, dims, strides, box, map) ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// The queries as a 3-D tensor [num_tokens][num_heads][576] (strides in bytes), boxes of 64
-// columns x min(H, 64) heads x max(1, 64 / H) tokens, 128-byte swizzle: a row tile of 64
-// (token, head) rows in one box per chunk. false (cp.async loads instead) when H neither divides
-// nor is a multiple of 64, or the strides / base do not meet TMA's 16-byte rules.
+// The queries as [num_tokens][num_heads][576], boxes of 64 columns x min(H, 64) heads x
+// max(1, 64 / H) tokens: a row tile of 64 (token, head) rows in one box per chunk. false
+// (cp.async loads instead) when H neither divides nor is a multiple of 64, or the strides /
+// base do not meet TMA's 16-byte rules.
 bool encode_q_map(const DecodeParams& p, CUtensorMap* map) {
   const int H = p.num_heads;
-  EncodeTiled fn = encode_fn();
-  if (fn == nullptr || H < 1 || (H % kBM != 0 && kBM % H != 0) || (p.q_stride_h * 2) % 16 ||
+  if (H < 1 || (H % kBM != 0 && kBM % H != 0) || (p.q_stride_h * 2) % 16 ||
       (p.q_stride_t * 2) % 16 || reinterpret_cast<uintptr_t>(p.q) % 16) {
     return false;
   }
@@ -74,12 +80,7 @@ bool encode_q_map(const DecodeParams& p, CUtensorMap* map) {
                                  static_cast<cuuint64_t>(p.q_stride_t) * 2};
   const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(H < kBM ? H : kBM),
                              static_cast<cuuint32_t>(H < kBM ? kBM / H : 1)};
-  const cuuint32_t elem[3] = {1, 1, 1};
-  return fn(map, p.q_dtype == kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                    : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-            3, const_cast<void*>(p.q), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return encode_3d(p, p.q, dims, strides, box, map);
 }
 
 bool block_size_ok(int bs) { return bs >= 16 && (kBN % bs == 0 || bs % kBN == 0); }

@@ -63,8 +63,9 @@ __device__ __forceinline__ uint32_t swz(int r, int c) {
 }
 
 // Q rows m0 .. m0 + 64 of the CTA through TMA (p.q_tma: `map` holds the queries as [T][H][576],
-// boxes of 64 columns x min(H, 64) heads x max(1, 64 / H) tokens, 128-byte swizzle): thread
-// `tid` 0 issues the 9 chunk boxes on `bar`, every calling thread waits for its phase `phase`.
+// boxes of 64 columns x min(H, 64) heads x max(1, 64 / H) tokens, 128-byte swizzle):
+// issue_q_tma puts the 9 chunk boxes on `bar`; load_q_tma has thread `tid` 0 issue them and
+// every calling thread wait for phase `phase`.
 // Rows past the sequence's rows hold the next tokens' queries (zeros past the tensor): rows are
 // independent in both products and those are never stored. The cp.async path below took 6-7 us
 // a tile on the H100 while the producer's TMA stream ran (pair_trace spans).
