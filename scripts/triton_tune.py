@@ -1,6 +1,6 @@
 """Same-data A/B of Triton decode launch variants on a GPU (one call, one table).
 
-    PYTHONPATH=. python scripts/triton_tune.py [--plan final|sched|quant|dsq|ds,fp8,bf16,h128] [--reps 15]
+    PYTHONPATH=. python scripts/triton_tune.py [--plan final|sched|qsched|quant|dsq|ds,fp8,bf16,h128] [--reps 15]
         [--budget-s S]
 
 Each data set (the ANCHORS.md row shapes, fixed or varlen lengths) is built once and every
@@ -54,7 +54,7 @@ M12 = (None, None, None, None, 3, None)  # 12 programs / SM for narrow tiles
 W8 = (None, None, None, None, 2, None)  # 8 programs / SM for wide tiles
 
 SPLIT = (None, None, None, None, None, None, False, None)  # host-planned splits, committed rule
-SCHED = {f: (None, None, None, None, None, None, True, f) for f in (2, 4, 8)}  # device schedule
+SCHED = {f: (None, None, None, None, None, None, True, f) for f in (1, 2, 4, 8)}  # device schedule
 AB = [SPLIT, SCHED[2], SCHED[4], SCHED[8]]
 
 
@@ -81,7 +81,8 @@ QUANT = {
     "pairs1 64x8w": QuantVariant("pairs1 64x8w", "pairs_once", 64, 8, 5, per_sm=1),
     "twice 64x8w3st": QuantVariant("twice 64x8w3st", "twice", 64, 8, 3, per_sm=1),
     "once": QuantVariant("once", "once"),
-    "twice": QuantVariant("twice", "twice"),  # the read before session 8 (the default is pairs1 since)
+    "twice": QuantVariant("twice", "twice"),
+    "pairs1 p1": QuantVariant("pairs1 p1", "pairs_once", per_sm=1),  # parts for one program / SM  # the read before session 8 (the default is pairs1 since)
     # fp8_ds_mla: the P @ V normaliser folded into the accumulator rescale (fp8 reads as pairs1);
     # sm_90: 245 registers, no spills, 748 loop SASS vs pairs1's 246 / 811
     "pairs1 fold": QuantVariant("pairs1 fold", "pairs_once_fold"),
@@ -143,6 +144,14 @@ PLANS = {
             ((128, 8192, 16, False), ("fp8_ds_mla",), [DEFAULT, QUANT["pairs1 fold"]]),
             ((64, 32768, 16, True), ("fp8_ds_mla",), [DEFAULT, QUANT["pairs1 fold"]]),
             ((8, 8192, 16, True), ("fp8_ds_mla",), [DEFAULT, QUANT["pairs1 fold"]])],
+    # the quantized 16-row tile's schedule: fixed cost per sequence 1 / 2 / 4 / 8 tiles, and
+    # parts for one program per SM, on the b=8 rows (and b=128 as a check)
+    "qsched": [((8, 8192, 16, True), ("fp8", "fp8_ds_mla"),
+                [SCHED[2], SCHED[1], SCHED[4], SCHED[8], QUANT["pairs1 p1"]]),
+               ((8, 8192, 16, False), ("fp8", "fp8_ds_mla"),
+                [SCHED[2], SCHED[1], SCHED[4], SCHED[8], QUANT["pairs1 p1"]]),
+               ((128, 8192, 16, False), ("fp8", "fp8_ds_mla"), [SCHED[2], SCHED[4]]),
+               ((8, 8192, 16, True), ("bfloat16",), [DEFAULT])],
     "sched": [((128, 8192, 16, False), ("bfloat16", "fp8", "fp8_ds_mla"), AB),
               ((128, 8192, 16, True), ("bfloat16", "fp8", "fp8_ds_mla"), AB),
               ((64, 32768, 16, True), ("bfloat16",), AB),

@@ -149,8 +149,8 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
             block_n, stages = 16, 1
         if tile == "quant" and not wide:
             per_unit = 2  # 4 warps x 32 tokens: two programs per SM (89-94 KB, 255 registers)
-        if tile == "16bit" and not wide:
-            sched_fixed = 4
+        if not wide:
+            sched_fixed = 4  # the narrow tiles, 16-bit and quantized (see below)
     elif platform.kind == "rocm":
         block_n, warps, stages = _ROCM_DECODE
     elif platform.kind == "xpu":
@@ -184,7 +184,10 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     # S=32768 fixed 901 -> 819; b=8 S=8192 fixed 59 -> 48; 128 heads b=128 S=4096 varlen
     # 737 -> 603, s_q=2 1335 -> 1112, S=8192 1381 -> 1126, b=64 S=16384 1665 -> 1283, b=32
     # 210 -> 183; b=1 S=32768 65.0 -> 66.5 (a wash). Fixed cost: 4 tiles for the 16-bit narrow
-    # tile (b=8: 48.0 vs 52.9 us at 2), 2 elsewhere (wide b=32: 183 vs 192 at 8). On by default
+    # tile (b=8: 48.0 vs 52.9 us at 2) and the quantized one (session 9, `--plan qsched`, 2 ->
+    # 4: b=8 S=8192 fp8 fixed 41.0 -> 39.0 us, varlen 42.0 -> 40.9, fp8_ds_mla 41.5 -> 40.9 /
+    # 44.2 -> 43.2, b=128 varlen fp8 263.6 -> 260.6, ds 308.1 / 309.0; 1 and 8 no better), 2
+    # elsewhere (wide b=32: 183 vs 192 at 8). On by default
     # on CUDA (measured) and the interpreter (so the conformance suite covers it); ROCm / XPU
     # keep the split kernel until measured there. The interpreter: 4 parts, so the tests'
     # short sequences get cut into pieces.
