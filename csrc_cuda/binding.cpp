@@ -175,8 +175,9 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("BUILT_ARCHS") = PORTMLA_ARCHS;
 #if defined(PORTMLA_HAVE_SM90A)
   m.attr("HOPPER_NOT_BUILT") = py::none();
-  // Quantized caches the pair kernel takes (its producer warpgroup converts) and the query
-  // dtypes of each: fp8 runs on fp16 operands (queries scaled per row), fp8_ds_mla on bf16.
+  // Quantized caches the pair kernel takes (its producer warpgroup copies raw entries, its
+  // consumers expand them) and the query dtypes of each: fp8 runs on fp16 operands (queries
+  // scaled per row), fp8_ds_mla on bf16.
   m.attr("HOPPER_QUANT_FORMATS") = py::make_tuple("fp8", "fp8_ds_mla");
   py::dict hq;
   hq["fp8"] = py::make_tuple("bfloat16", "float16");

@@ -81,8 +81,8 @@ QUANT = {
     "pairs1 64x8w": QuantVariant("pairs1 64x8w", "pairs_once", 64, 8, 5, per_sm=1),
     "twice 64x8w3st": QuantVariant("twice 64x8w3st", "twice", 64, 8, 3, per_sm=1),
     "once": QuantVariant("once", "once"),
-    "twice": QuantVariant("twice", "twice"),
-    "pairs1 p1": QuantVariant("pairs1 p1", "pairs_once", per_sm=1),  # parts for one program / SM  # the read before session 8 (the default is pairs1 since)
+    "twice": QuantVariant("twice", "twice"),  # the read before session 8 (the default is pairs1 since)
+    "pairs1 p1": QuantVariant("pairs1 p1", "pairs_once", per_sm=1),  # parts for one program / SM
     # fp8_ds_mla: the P @ V normaliser folded into the accumulator rescale (fp8 reads as pairs1);
     # sm_90: 245 registers, no spills, 748 loop SASS vs pairs1's 246 / 811
     "pairs1 fold": QuantVariant("pairs1 fold", "pairs_once_fold"),

@@ -214,7 +214,7 @@ class _FakeOlderHopperQuantModule(_FakeQuantModule):  # built before fp8 ran on 
     ("fp8", 128, 1, torch.bfloat16, "tile", "quant"),        # no single-tile fp8 kernel
     ("fp8", 128, 4, torch.bfloat16, None, "hopper")])        # 512 rows: 8 row tiles
 def test_cuda_hopper_quant_routing(monkeypatch, fmt, heads, s_q, dtype, env, want):
-    """sm_90 with a module whose pair kernel converts quantized caches: queries it takes (bf16;
+    """sm_90 with a module whose pair kernel takes quantized caches: queries it takes (bf16;
     fp16 with fp8) with more than HOPPER_QUANT_MIN_ROWS rows go there, any block size; the probe
     lists it. A module without HOPPER_QUANT_QUERY_DTYPES gets bf16 queries only."""
     from portmla.backends import cuda as cuda_backend
@@ -257,7 +257,7 @@ def test_cuda_kernels_report_without_hopper_build(monkeypatch):
 
 def test_cuda_sched_fixed_per_kernel_and_format():
     """The device schedule's fixed cost: the pair kernel's own for 16-bit caches, a smaller one
-    when it converts a quantized cache (its tiles cost more); other kernels by name."""
+    when it expands a quantized cache (its tiles cost more); other kernels by name."""
     from portmla.backends import cuda as cuda_backend
 
     key = cuda_backend.sched_fixed_key

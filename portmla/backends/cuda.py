@@ -123,9 +123,9 @@ def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
     return max(1, min(MAX_GRID_PARTS, sms * per_sm // max(1, m_tiles)))
 
 
-# Rows per sequence above which an fp8 / fp8_ds_mla cache with bf16 queries goes to the pair
-# kernel (raw entries expanded to 16-bit in its stages) rather than the
-# quantized-cache kernel, whose 16-row mma.sync tiles are compute-bound there.
+# Rows per sequence above which an fp8 / fp8_ds_mla cache with queries the pair kernel takes
+# (``hopper_quant_query_dtypes``) goes there (raw entries expanded to 16-bit in its stages)
+# rather than to the quantized-cache kernel, whose 16-row mma.sync tiles are compute-bound there.
 HOPPER_QUANT_MIN_ROWS = 32
 
 
@@ -322,8 +322,9 @@ class CudaBackend(Backend):
     def decode_variant(p: DecodeProblem, mod) -> tuple[str, int, int, int]:
         """``(name, code, rows per CTA, shared memory)`` of the kernel that runs ``p``.
 
-        sm_90 with an fp8 / fp8_ds_mla cache, bf16 queries and more than
-        ``HOPPER_QUANT_MIN_ROWS`` rows: the pair kernel (raw entries expanded in place, any block size).
+        sm_90 with an fp8 / fp8_ds_mla cache, queries it takes (bf16; fp16 too with fp8) and
+        more than ``HOPPER_QUANT_MIN_ROWS`` rows: the pair kernel (raw entries expanded in
+        place, any block size).
         sm_89+ with an fp8 / fp8_ds_mla cache and at most ``QUANT_MAX_ROWS`` rows: the
         quantized-cache kernel.
         sm_90 with a 16-bit cache and a block size its TMA boxes take: the Hopper kernel.

@@ -109,9 +109,9 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, const sm80::CtaRow
 }
 
 // Q rows m0 .. m0 + 64 -> fp16 swizzled chunks, each row times a power of two that puts its
-// largest magnitude in [2^14, 2^15) (exact: a bf16 value has fewer mantissa bits than fp16),
-// its inverse -> q_inv[r]: bf16 queries then meet fp16 keys (e4m3 cache values, exact in fp16)
-// on the f16 wgmma. Threads 0 .. 255, 8 a row (9 of its 72 16-byte chunks each).
+// largest magnitude in [2^14, 2^15) (exact: bf16 has fewer mantissa bits than fp16, fp16 the
+// same), its inverse -> q_inv[r]: bf16 / fp16 queries then meet fp16 keys (e4m3 cache values,
+// exact in fp16) on the f16 wgmma. Threads 0 .. 255, 8 a row (9 of its 72 16-byte chunks each).
 template <typename TQ>
 __device__ __forceinline__ void load_q_pow2(const DecodeParams& p, const sm80::CtaRows& c,
                                             unsigned char* dst, float* q_inv, int tid) {

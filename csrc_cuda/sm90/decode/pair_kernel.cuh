@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
                                   const __grid_constant__ CUtensorMap q_map,
                                   const DecodeParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  // Quantized caches: bf16 queries; per-row Q scaling when they run on fp16 operands.
+  // fp8 on fp16 operands: the queries (bf16 or fp16) scaled into fp16 per row as they load.
   constexpr bool kScaleQ = FMT != kKv16 && std::is_same<T, __half>::value;
   static_assert(FMT != kKvDsMla || std::is_same<T, __nv_bfloat16>::value,
                 "fp8_ds_mla values times their tile scale need bf16's range");
