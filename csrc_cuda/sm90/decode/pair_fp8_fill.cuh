@@ -130,6 +130,11 @@ struct Fp8Job {
   int st, half;
 };
 
+// Slot j (0..3) of the order the consumers release a pair's stage parts in, which both
+// producers refill them in: stage 0 part 0, stage 1 part 1, stage 0 part 1, stage 1 part 0
+// (pair_kernel.cuh says who releases each, and when).
+__device__ __forceinline__ Fp8Job release_slot(int j) { return {j & 1, j == 1 || j == 2}; }
+
 // Byte offsets of the two 16-byte slots (first of each pair) this lane's pieces 2 i + odd go to
 // in a 128-byte stage row: 16 ((4 (i % 2) + 2 odd) ^ (t % 8)) for i even / odd.
 struct Fp8Slots {
@@ -200,9 +205,8 @@ __device__ __forceinline__ const unsigned char* fp8_entry(const DecodeParams& p,
 }
 
 // The producer warpgroup's loop for an fp8 / fp8_ds_mla cache. Jobs in the order the consumers
-// release the parts (pair k: stage 0 part 0, stage 1 part 1, stage 0 part 1, stage 1 part 0),
-// each done by all four warps: wait until the part is free, copy, and arm its `full` barrier
-// on the copies.
+// release the parts (release_slot), each done by all four warps: wait until the part is free,
+// copy, and arm its `full` barrier on the copies.
 template <int FMT, class Smem>
 __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, PartWalker& walk,
                                             int m_tile, int wq, int lane) {
@@ -241,21 +245,14 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
     const unsigned char* nxt = fp8_entry(p, fp8_page(p, bt, pos_of(1), c.kv_hi), pos_of(1), c.kv_hi);
     int page2 = fp8_page(p, bt, pos_of(2), c.kv_hi);
     prefetch(1, nxt);
-    // Job g: pair g / 4, release slot g % 4 -> (stage, part); it exists unless its tile does not.
-    auto job_at = [&](int g) {
-      const int j = g & 3;
-      Fp8Job jb;
-      jb.st = j == 1 || j == 3 ? 1 : 0;
-      jb.half = j == 1 || j == 2 ? 1 : 0;
-      return jb;
-    };
-    auto exists = [&](int g) { return 2 * (g >> 2) + ((g & 3) == 1 || (g & 3) == 3) < n_tiles; };
+    // Job g: pair g / 4, release slot g % 4; it exists unless its tile does not.
+    auto exists = [&](int g) { return 2 * (g >> 2) + release_slot(g & 3).st < n_tiles; };
     // Fill number of job g's stage (its `empty` phase: fill f > 0 waits phase (f - 1) & 1).
     auto fill_no = [&](const Fp8Job& jb, int g) { return base[jb.st] + (g >> 2); };
     for (int g = 0; g < n_jobs; ++g) {
       if (!exists(g)) continue;
       FILL_TRACE(traced, 0);
-      const Fp8Job job = job_at(g);
+      const Fp8Job job = release_slot(g & 3);
       const int f = fill_no(job, g);
       if (f > 0) mbar_wait(&sm.empty[job.st][job.half], (f - 1) & 1);
       FILL_TRACE(traced, 1);

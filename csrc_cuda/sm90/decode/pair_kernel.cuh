@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
                                               c.kv_lo + (ta + 3) * kBN, lane);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {  // the order the consumers release the parts in a pair
-          const int st = j == 1 || j == 3 ? 1 : 0, half = j == 1 || j == 2 ? 1 : 0;
+          const auto [st, half] = release_slot(j);
           if (ta + st >= n_tiles) continue;
           if (fills[st] > 0) mbar_wait(&sm.empty[st][half], (fills[st] - 1) & 1);
           issue_part_warp(ld, sm.kv[st], &sm.full[st][half], c.kv_lo + (ta + st) * kBN,
