@@ -3,6 +3,7 @@
 
 #include "../../common/check.h"
 #include "instances.h"
+#include "launch.h"
 #include "pair_kernel.cuh"
 
 namespace portmla {
@@ -21,7 +22,7 @@ constexpr auto kernel_of() {
 template <typename T, int FMT, typename TQ, bool kPair>
 cudaError_t run_instance(const CUtensorMap& map, const CUtensorMap& q_map, const DecodeParams& p,
                          cudaStream_t stream) {
-  const int smem = kPair ? kPairSmemBytes : kSmemBytes;
+  const int smem = decode_smem_bytes(kPair);
   const auto kernel = kernel_of<T, FMT, TQ, kPair>();
   PORTMLA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
