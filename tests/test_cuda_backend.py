@@ -101,6 +101,15 @@ def make_decode_case(seq_lens, q_lens, num_heads, block_size, fmt, dtype, device
 SCHEDULES = [(0, 0), (1, 0), (3, 1), (40, 7)]
 
 
+def boundary_case(seqs: int, heads: int, fmt: str):
+    """`seqs` sequences (0 to 1500 positions, one empty, up to 2 query tokens) for the
+    schedule's two paths: up to 32 sequences each CTA computes it, from 33 a kernel does."""
+    lens = [int(x) for x in torch.randint(0, 1500, (seqs,))]
+    lens[3] = 0
+    qlens = [min(n, int(q)) for n, q in zip(lens, torch.randint(1, 3, (seqs,)))]
+    return make_decode_case(lens, qlens, heads, 64, fmt, torch.bfloat16, "cuda", strided=True)
+
+
 def force_schedule(monkeypatch, parts, fixed):
     from portmla.backends import cuda as cuda_backend
 

@@ -14,6 +14,7 @@ import torch
 from test_cuda_backend import (
     SCHEDULES,
     _need_cuda,
+    boundary_case,
     check_decode,
     force_schedule,
     make_decode_case,
@@ -92,6 +93,19 @@ def test_hopper_query_layouts(monkeypatch, ran, kernel, heads):
     case["q"] = padded[..., :576]
     assert case["q"].stride(1) == 584
     check_decode(*run_both(case, single_token=False), tol=1e-2)
+    assert set(ran) == {"hopper" if kernel == "pair" else "hopper_tile"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["pair", "tile"])
+@pytest.mark.parametrize("seqs", [32, 33])
+def test_hopper_schedule_either_side_of_inline(monkeypatch, ran, kernel, seqs):
+    """40 parts cut sequences into pieces on both sides of the in-kernel schedule's bound (the
+    pieces' merge then reads the schedule CTA (0, 0) wrote, or the schedule kernel's)."""
+    _need_hopper()
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
+    force_schedule(monkeypatch, 40, 3)
+    check_decode(*run_both(boundary_case(seqs, 64, "bfloat16"), single_token=False), tol=1e-2)
     assert set(ran) == {"hopper" if kernel == "pair" else "hopper_tile"}
 
 

@@ -13,6 +13,7 @@ from test_cuda_backend import (
     REQUIRED,
     SCHEDULES,
     _need_cuda,
+    boundary_case,
     check_decode,
     force_schedule,
     make_decode_case,
@@ -85,6 +86,17 @@ def test_quant_one_long_sequence(ran, fmt):
     _need_quant()
     case = make_decode_case([40000], [1], 16, 64, fmt, torch.bfloat16, "cuda")
     check_decode(*run_both(case, single_token=True), tol=1e-2)
+    assert set(ran) == {"quant"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_ds_mla"])
+@pytest.mark.parametrize("seqs", [32, 33])
+def test_quant_schedule_either_side_of_inline(monkeypatch, ran, fmt, seqs):
+    """The in-kernel schedule (up to 32 sequences) and the schedule kernel's, 40 parts."""
+    _need_quant()
+    force(monkeypatch, 40, 3)
+    check_decode(*run_both(boundary_case(seqs, 16, fmt), single_token=False), tol=1e-2)
     assert set(ran) == {"quant"}
 
 

@@ -16,6 +16,11 @@
 //                     grid is sized by the bound min(num_seqs, num_parts - 1), not by num_seqs)
 // Slots: a boundary adds one piece and makes at most one more sequence split, so the split
 // sequences hold at most 2 (num_parts - 1) pieces.
+//
+// Small batches (num_seqs <= kSchedInlineSeqs) skip the schedule kernel: one warp of every
+// decode CTA computes the same arrays into its shared memory (SchedTable, sched_fill_warp), and
+// CTA (0, 0) also writes them to the scratch for the merge. That takes a launch and its gap
+// (~4-5 us on an H100) off a call whose whole KV read is tens of microseconds.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -34,6 +39,78 @@ __device__ __forceinline__ int sched_tiles(const DecodeParams& p, int b) {
   return len > 0 ? static_cast<int>((static_cast<int64_t>(len) + kSchedTile - 1) / kSchedTile) : 0;
 }
 
+// Up to this many sequences the decode kernels compute the schedule themselves.
+constexpr int kSchedInlineSeqs = 32;
+__host__ __device__ __forceinline__ bool sched_inline(const DecodeParams& p) {
+  return p.num_seqs <= kSchedInlineSeqs;
+}
+
+// A CTA's copy of the schedule arrays (the layout of sched_cum / sched_piece) when sched_inline.
+struct SchedTable {
+  int64_t cum[kSchedInlineSeqs + 2];
+  int32_t piece[2 * kSchedInlineSeqs];
+};
+
+// One whole warp (sched_inline): decode_schedule_kernel's arithmetic on a warp scan, into `t`;
+// `publish`: also into the scratch arrays and sched_cut, which the pieces' merge reads.
+__device__ __forceinline__ void sched_fill_warp(const DecodeParams& p, SchedTable& t,
+                                                bool publish, int lane) {
+  const int B = p.num_seqs, F = p.sched_fixed;
+  const int64_t v = lane < B ? sched_tiles(p, lane) + F : 0;
+  int64_t incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t x = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += x;
+  }
+  const int64_t total = __shfl_sync(0xffffffffu, incl, 31);
+  const int64_t per_part = total > 0 ? (total + p.num_parts - 1) / p.num_parts : 1;
+  const int64_t first = incl - v + F, n = incl - first;
+  int pieces = 1;
+  if (lane < B && n > 0) {
+    pieces = static_cast<int>((first + n - 1) / per_part - first / per_part + 1);
+  }
+  const bool cut = pieces > 1;
+  const int w = cut ? pieces : 0;
+  int w_incl = w;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int x = __shfl_up_sync(0xffffffffu, w_incl, o);
+    if (lane >= o) w_incl += x;
+  }
+  const unsigned cuts = __ballot_sync(0xffffffffu, cut);
+  const int32_t base = cut ? w_incl - w : -1;
+  if (lane < B) {
+    t.cum[lane + 1] = incl;
+    t.piece[2 * lane] = base;
+    t.piece[2 * lane + 1] = pieces;
+  }
+  if (lane == 0) {
+    t.cum[0] = 0;
+    t.cum[B + 1] = per_part;
+  }
+  if (!publish) return;
+  if (lane < B) {
+    p.sched_cum[lane + 1] = incl;
+    p.sched_piece[2 * lane] = base;
+    p.sched_piece[2 * lane + 1] = pieces;
+  }
+  if (cut) p.sched_cut[1 + __popc(cuts & ((1u << lane) - 1u))] = lane;
+  if (lane == 0) {
+    p.sched_cum[0] = 0;
+    p.sched_cum[B + 1] = per_part;
+    p.sched_cut[0] = __popc(cuts);
+  }
+}
+
+// The schedule's arrays, from the CTA's table (sched_inline) or the scratch.
+__device__ __forceinline__ int64_t sched_cum_at(const DecodeParams& p, const SchedTable& t, int i) {
+  return sched_inline(p) ? t.cum[i] : p.sched_cum[i];
+}
+__device__ __forceinline__ int sched_piece_at(const DecodeParams& p, const SchedTable& t, int i) {
+  return sched_inline(p) ? t.piece[i] : p.sched_piece[i];
+}
+
 // The part of one sequence a part computes.
 struct Segment {
   int b;                 // sequence
@@ -42,31 +119,32 @@ struct Segment {
 };
 
 // Walks the segments of one part in sequence order. Every thread that needs them keeps its
-// own walker (a producer warp and the consumers step through the same list).
+// own walker (a producer warp and the consumers step through the same list). `t`: the CTA's
+// SchedTable (filled before the CTA barrier that precedes init when sched_inline).
 struct PartWalker {
   int64_t per_part;  // units per part (T)
   int part, b;       // lo / hi recomputed from these: fewer registers held across a segment
 
-  __device__ __forceinline__ void init(const DecodeParams& p, int part_) {
+  __device__ __forceinline__ void init(const DecodeParams& p, const SchedTable& t, int part_) {
     part = part_;
-    per_part = p.sched_cum[p.num_seqs + 1];
+    per_part = sched_cum_at(p, t, p.num_seqs + 1);
     const int64_t lo = part * per_part;
     int l = 0, r = p.num_seqs;  // the first sequence whose units reach past lo
     while (l < r) {
       const int m = (l + r) >> 1;
-      if (p.sched_cum[m + 1] > lo) r = m;
+      if (sched_cum_at(p, t, m + 1) > lo) r = m;
       else l = m + 1;
     }
     b = l;
   }
 
-  __device__ __forceinline__ bool next(const DecodeParams& p, Segment& s) {
+  __device__ __forceinline__ bool next(const DecodeParams& p, const SchedTable& t, Segment& s) {
     const int64_t lo = part * per_part, hi = lo + per_part;
     for (; b < p.num_seqs; ++b) {
-      const int64_t c = p.sched_cum[b];
+      const int64_t c = sched_cum_at(p, t, b);
       if (c >= hi) return false;
       const int64_t first = c + p.sched_fixed;  // unit of tile 0
-      const int64_t n = p.sched_cum[b + 1] - first;
+      const int64_t n = sched_cum_at(p, t, b + 1) - first;
       int64_t i_lo = 0, i_hi = 0;
       if (n == 0) {
         if (c < lo) continue;  // owned by the part its fixed units start in
@@ -78,7 +156,7 @@ struct PartWalker {
       s.b = b;
       s.tile_lo = static_cast<int>(i_lo);
       s.tile_hi = static_cast<int>(i_hi);
-      const int base = p.sched_piece[2 * b];
+      const int base = sched_piece_at(p, t, 2 * b);
       s.slot = base < 0 ? -1 : base + part - static_cast<int>(first / per_part);
       ++b;
       return true;
@@ -87,8 +165,8 @@ struct PartWalker {
   }
 };
 
-// One block (kScheduleThreads) fills sched_cum / sched_piece; then the decode kernel and
-// decode_combine_pieces run (stream order).
+// One block (kScheduleThreads) fills sched_cum / sched_piece (not launched when
+// sched_inline); then the decode kernel and decode_combine_pieces run (stream order).
 constexpr int kScheduleThreads = 1024;
 cudaError_t launch_decode_schedule(const DecodeParams& p, cudaStream_t stream);
 

@@ -19,7 +19,8 @@ cudaError_t run_scheduled(const DecodeParams& p, cudaStream_t stream, Decode dec
     return cudaErrorInvalidValue;
   }
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
-  PORTMLA_RETURN_IF_ERROR(launch_decode_schedule(p, stream));
+  // Small batches: the decode kernel computes the schedule itself (common/schedule.cuh).
+  if (!sched_inline(p)) PORTMLA_RETURN_IF_ERROR(launch_decode_schedule(p, stream));
   PORTMLA_RETURN_IF_ERROR(decode(p, stream));
   if (p.num_parts == 1) return cudaSuccess;  // nothing is ever cut
   return p.q_dtype == kBF16 ? sm80::launch_decode_combine_pieces<__nv_bfloat16>(p, stream)

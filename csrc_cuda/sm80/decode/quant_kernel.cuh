@@ -82,8 +82,12 @@ struct Layout {
   static constexpr int kRed = kOff + STAGES * kQN * 8;  // fp32 [16 rows][8 warps]
   static constexpr int kGmax = kRed + kQM * 8 * 4;      // fp32 [8 warps][4] (ds)
   static constexpr int kQInv = kGmax + 8 * 4 * 4;       // fp32 [16]
-  static constexpr int kBytes = kQInv + kQM * 4;
-  static_assert(kStage % 16 == 0 && kKv % 16 == 0 && kP % 16 == 0 && kOff % 16 == 0, "align");
+  static constexpr int kSched = kQInv + kQM * 4;        // SchedTable (small batches)
+  static constexpr int kBytes = kSched + static_cast<int>(sizeof(SchedTable));
+  static_assert(kStage % 16 == 0 && kKv % 16 == 0 && kP % 16 == 0 && kOff % 16 == 0 &&
+                    kSched % 16 == 0, "align");
+  // Two CTAs per SM on sm_90 (228 KB, 1 KB reserved per CTA), the launch bounds' assumption.
+  static_assert(STAGES > 2 || kBytes <= 115712, "two CTAs per SM");
   static_assert(4 * kQM * kSPitch * 4 <= kKv - kQ, "the partial scores fit the Q staging area");
 };
 
@@ -152,6 +156,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
   float* sRed = reinterpret_cast<float*>(smem + Lay::kRed);
   float* sGmax = reinterpret_cast<float*>(smem + Lay::kGmax);
   float* sQInv = reinterpret_cast<float*>(smem + Lay::kQInv);
+  SchedTable& sched = *reinterpret_cast<SchedTable*>(smem + Lay::kSched);
 
   const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, j = lane & 3;  // fragment row / column group
@@ -166,10 +171,14 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
     out_scale = ks;
   }
 
+  if (sched_inline(p)) {
+    if (w == 1) sched_fill_warp(p, sched, m_tile == 0 && part == 0, lane);
+    __syncthreads();
+  }
   PartWalker walk;
-  walk.init(p, part);
+  walk.init(p, sched, part);
   Segment seg;
-  while (walk.next(p, seg)) {
+  while (walk.next(p, sched, seg)) {
     CtaRows c;
     if (!seq_rows<kQM>(p, c, m_tile, seg.b)) continue;  // the same for every thread
     {

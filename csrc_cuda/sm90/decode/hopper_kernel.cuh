@@ -52,8 +52,10 @@ struct alignas(1024) Smem {
   float red[2][kBM];  // per-warpgroup row maxima, then row sums
   uint64_t full[kStages];
   uint64_t q_full;  // Q tile loaded (p.q_tma)
+  SchedTable sched;  // the schedule, small batches (common/schedule.cuh)
 };
 constexpr int kSmemBytes = static_cast<int>(sizeof(Smem)) + 1024;  // + base alignment slack
+static_assert(kSmemBytes <= 227 * 1024, "more than an sm_90 CTA may have");
 
 // Byte offset of 16-bit element (row r, column c) in a stack of swizzled chunks.
 __device__ __forceinline__ uint32_t swz(int r, int c) {
@@ -340,6 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_init(&sm.q_full, 1);
     mbar_init_fence();
   }
+  if (tid >> 5 == 1 && sched_inline(p)) sched_fill_warp(p, sm.sched, m_tile == 0 && part == 0, lane);
   __syncthreads();
 
   // This thread's two rows (accumulator layout of wgmma m64: warp wq owns rows 16 wq ..).
@@ -349,11 +352,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint64_t p_desc = gmma_desc_sw128(sm.p, 16, 1024);
 
   PartWalker walk;
-  walk.init(p, part);
+  walk.init(p, sm.sched, part);
   Segment seg;
   int g0 = 0;  // tiles of the earlier segments: tile g uses stage g % 2, phase (g / 2) % 2
   uint32_t q_loads = 0;  // Q tiles loaded through TMA (q_full's phase)
-  while (walk.next(p, seg)) {
+  while (walk.next(p, sm.sched, seg)) {
     sm80::CtaRows c;
     if (!segment_rows(p, seg, m_tile, c)) continue;  // the same for every thread
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;

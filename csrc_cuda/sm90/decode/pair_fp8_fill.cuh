@@ -222,7 +222,7 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
 #if defined(PORTMLA_PAIR_TRACE)
   int traced = 0;  // jobs so far (the trace's index)
 #endif
-  while (walk.next(p, seg)) {
+  while (walk.next(p, sm.sched, seg)) {
     sm80::CtaRows c;
     if (!segment_rows(p, seg, m_tile, c)) continue;
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;

@@ -46,6 +46,7 @@ struct alignas(1024) PairSmem {
   uint64_t empty[kStages][2];  // part released by the warpgroup that reads it last
   float q_inv[kBM];            // fp8 on fp16: the inverse power-of-two scale of each Q row
   uint64_t q_full;             // Q tile loaded (p.q_tma)
+  SchedTable sched;            // the schedule, small batches (common/schedule.cuh)
 };
 constexpr int kPairSmemBytes = static_cast<int>(sizeof(PairSmem)) + 1024;
 static_assert(kPairSmemBytes <= 227 * 1024, "more than an sm_90 CTA may have");
@@ -180,12 +181,13 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     mbar_init(&sm.q_full, 1);
     mbar_init_fence();
   }
+  if (tid >> 5 == 1 && sched_inline(p)) sched_fill_warp(p, sm.sched, m_tile == 0 && part == 0, lane);
   __syncthreads();
 
   // Every thread walks the part's segments itself (common/schedule.cuh); tile pairs restart at
   // each segment (a: stage 0, b: stage 1), the stages' phases run on across segments.
   PartWalker walk;
-  walk.init(p, part);
+  walk.init(p, sm.sched, part);
   Segment seg;
   if (wg == 2) {
     // ---- Producer warpgroup: one warp issues every TMA load (lanes 0..7 hold the block-table
@@ -198,7 +200,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     }
     if (wq != 0) return;
     int fills[kStages] = {0, 0};  // loads of each stage so far
-    while (walk.next(p, seg)) {
+    while (walk.next(p, sm.sched, seg)) {
       sm80::CtaRows c;
       if (!segment_rows(p, seg, m_tile, c)) continue;
       const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
@@ -244,7 +246,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
 
   int used[kStages] = {0, 0};  // pairs that read each stage so far (the full barriers' phases)
   uint32_t q_loads = 0;        // Q tiles loaded through TMA (q_full's phase)
-  while (walk.next(p, seg)) {
+  while (walk.next(p, sm.sched, seg)) {
     sm80::CtaRows c;
     if (!segment_rows(p, seg, m_tile, c)) continue;  // the same for every thread
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
