@@ -8,13 +8,13 @@
 // next pair's tiles into L2, so no consumer ever waits on a TMA issue or a block-table read.
 //
 // Per pair, with m the running row max shared by both warpgroups (base-2 scaled scores):
-//   WG0  S_a = Q K_a^T (m64 n64, 36 k-steps); m_a = max(m, rowmax S_a) -> smem, arrive BAR_A;
+//   WG0  S_a = Q K_a^T (m64 n64, 36 k-steps); m_a = max(m, rowmax S_a) -> smem, arrive hand A;
 //        P_a = exp2(S_a - m_a); O_L = O_L 2^(m - m_a) + P_a V_a[:, :256] (A = P_a in registers);
-//        wait BAR_B (m_b, P_b); P_a 2^(m_a - m_b) -> stage 0's rope chunk (dead since S_a),
-//        arrive BAR_C; O_L = O_L 2^(m_a - m_b) + P_b V_b[:, :256]
-//   WG1  S_b = Q K_b^T; wait BAR_A; m_b = max(m_a, rowmax S_b); P_b = exp2(S_b - m_b) -> its
-//        own smem chunk, m_b -> smem, arrive BAR_B; O_R = O_R 2^(m - m_b) + P_b V_b[:, 256:]
-//        (A = P_b in registers); wait BAR_C; O_R += P_a' V_a[:, 256:]
+//        wait hand B (m_b, P_b); P_a 2^(m_a - m_b) -> stage 0's rope chunk (dead since S_a),
+//        arrive hand C; O_L = O_L 2^(m_a - m_b) + P_b V_b[:, :256]
+//   WG1  S_b = Q K_b^T; wait hand A; m_b = max(m_a, rowmax S_b); P_b = exp2(S_b - m_b) -> its
+//        own smem chunk, m_b -> smem, arrive hand B; O_R = O_R 2^(m - m_b) + P_b V_b[:, 256:]
+//        (A = P_b in registers); wait hand C; O_R += P_a' V_a[:, 256:]
 // Row sums: each warpgroup sums the P it computed, both kept at the current max; added at the end.
 //
 // Stages are loaded in two parts (part 0 = chunks 0..3, part 1 = chunks 4..7 + rope), each
@@ -46,6 +46,7 @@ struct alignas(1024) PairSmem {
   uint64_t empty[kStages][2];  // part released by the warpgroup that reads it last
   float q_inv[kBM];            // fp8 on fp16: the inverse power-of-two scale of each Q row
   uint64_t q_full;             // Q tile loaded (p.q_tma)
+  uint64_t hand[5];            // the consumers' handoffs (kHandA ..)
   SchedTable sched;            // the schedule, small batches (common/schedule.cuh)
 };
 constexpr int kPairSmemBytes = static_cast<int>(sizeof(PairSmem)) + 1024;
@@ -79,11 +80,19 @@ constexpr int kPairThreads = 384;  // consumer warpgroups 0, 1 and the producer 
 // pool never returns (the kernel hangs), so 128 x 40 + 256 x 232 must not exceed it.
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kPairThreads * 168, "register pool");
-constexpr int kBarConsumers = 5;  // the 256 consumer threads
 
-constexpr int kBarA = 1;     // m_a and P_a ready (WG0 arrives, WG1 waits)
-constexpr int kBarB = 2;     // m_b and P_b ready (WG1 arrives, WG0 waits)
-constexpr int kBarC = 6;     // P_a at m_b ready (WG0 arrives, WG1 waits)
+// The consumers' handoffs are mbarriers (PairSmem::hand) that every thread of the writing
+// warpgroup(s) arrives on: A, B, C complete once a pair, R and F once a segment. (Named
+// barriers order the same accesses, but compute-sanitizer's racecheck does not follow
+// bar.arrive, nor the bar.sync at a segment's start between one segment's reads of red and
+// the next one's writes: scripts/racecheck_handoffs.cu, NOTES.md. An mbarrier there instead
+// made ptxas spill 40 B in the fp8 consumers, so F, in the epilogue, orders those.)
+constexpr int kHandA = 0;  // m_a ready (WG0 arrives, WG1 waits)
+constexpr int kHandB = 1;  // m_b and P_b ready (WG1 arrives, WG0 waits)
+constexpr int kHandC = 2;  // P_a at m_b ready (WG0 arrives, WG1 waits)
+constexpr int kHandR = 3;  // both warpgroups' row sums in red (both arrive and wait)
+constexpr int kHandF = 4;  // red read (both arrive; waited before the next segment's writes)
+constexpr int kBarQ = 5;   // the segment's Q loaded (256 consumer threads, bar.sync)
 constexpr int kBarOwn0 = 3;  // warpgroup-local barriers after zeroing V rows
 constexpr int kRope = kChunks - 1;
 
@@ -179,6 +188,8 @@ __global__ void __launch_bounds__(kPairThreads, 1)
       }
     }
     mbar_init(&sm.q_full, 1);
+    for (int h = 0; h < kHandR; ++h) mbar_init(&sm.hand[h], 128);  // every writer thread
+    for (int h = kHandR; h < 5; ++h) mbar_init(&sm.hand[h], kThreads);  // every consumer
     mbar_init_fence();
   }
   if (tid >> 5 == 1 && sched_inline(p)) sched_fill_warp(p, sm.sched, m_tile == 0 && part == 0, lane);
@@ -245,7 +256,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   const uint64_t pb_desc = gmma_desc_sw128(sm.p_b, 16, 1024);
 
   int used[kStages] = {0, 0};  // pairs that read each stage so far (the full barriers' phases)
-  uint32_t q_loads = 0;        // Q tiles loaded through TMA (q_full's phase)
+  uint32_t segs = 0;  // segments so far: the phase of q_full (p.q_tma), kHandR and kHandF
   while (walk.next(p, sm.sched, seg)) {
     sm80::CtaRows c;
     if (!segment_rows(p, seg, m_tile, c)) continue;  // the same for every thread
@@ -256,12 +267,12 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     if constexpr (kScaleQ) {  // TQ != T
       load_q_pow2<TQ>(p, c, sm.q, sm.q_inv, tid);
     } else if (p.q_tma) {
-      load_q_tma(&q_map, p, c, sm.q, &sm.q_full, q_loads++ & 1, tid);
+      load_q_tma(&q_map, p, c, sm.q, &sm.q_full, segs & 1, tid);
     } else {
       load_q<T>(p, c, sm.q, tid);
     }
     PAIR_SPAN(1);  // Q loaded (this thread's part)
-    named_barrier(kBarConsumers, kThreads);
+    named_barrier(kBarQ, kThreads);
     PAIR_SPAN(2);
     // Base-2 score scale of this thread's two rows (times the Q row's inverse scale).
     float sl2[2] = {scale_log2, scale_log2};
@@ -278,6 +289,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
 
     for (int pi = 0; pi < n_pairs; ++pi) {
       const uint32_t par = (wg == 0 ? used[0] : used[1]) & 1;
+      const uint32_t hpar = used[0] & 1;  // the handoffs' phase: pairs so far
       const int ta = 2 * pi, tb = ta + 1;
       const bool has_b = tb < n_tiles;
       const int own_start = c.kv_lo + (ta + wg) * kBN;
@@ -351,7 +363,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
           sm.m_a[r0] = m_a[0];
           sm.m_a[r0 + 8] = m_a[1];
         }
-        named_barrier_arrive(kBarA, kThreads);
+        mbar_arrive(&sm.hand[kHandA]);
         fence_regs(o);  // keeps the O rescale below the arrive
         PAIR_TRACE(4);
         softmax_pack<T>(s, sl2, m_a, sum, pk);
@@ -367,7 +379,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         // Stage 0's part 0 (K_a chunks 0..3 = V_a columns 0..255) has no reader after this
         // product: free it before waiting for WG1, so the next fill starts a barrier earlier.
         release_after_pv(o, pk, &sm.empty[0][0], lane);
-        named_barrier(kBarB, kThreads);
+        mbar_wait(&sm.hand[kHandB], hpar);
         PAIR_TRACE(5);
         float sc1[2];
 #pragma unroll
@@ -385,7 +397,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         }
         store_p(own + kRope * kChunk, pa, r0, lane);
         fence_proxy_async_smem();
-        named_barrier_arrive(kBarC, kThreads);
+        mbar_arrive(&sm.hand[kHandC]);
         PAIR_TRACE(6);
         scale_rows(o, sc1);
         if (has_b) {
@@ -399,7 +411,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
       } else {
         // ---- WG1: softmax of tile b; O_R = O_R * 2^(m - m_b) + P_b V_b (P_b from registers)
         // + P_a V_a (P_a at m_b from WG0).
-        named_barrier(kBarA, kThreads);
+        mbar_wait(&sm.hand[kHandA], hpar);
         PAIR_TRACE(4);
         float m_b[2], sc01[2];
 #pragma unroll
@@ -422,7 +434,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         PAIR_TRACE(8);
         fence_proxy_async_smem();
         PAIR_TRACE(9);
-        named_barrier_arrive(kBarB, kThreads);
+        mbar_arrive(&sm.hand[kHandB]);
         fence_regs(o);
         PAIR_TRACE(5);
         if (has_b && valid < kBN) named_barrier(kBarOwn0 + 1, 128);
@@ -435,7 +447,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
           pv_rs<typename G::ORs>(pk, v_desc1, o);
           release_after_pv(o, pk, &sm.empty[1][1], lane);
         }
-        named_barrier(kBarC, kThreads);
+        mbar_wait(&sm.hand[kHandC], hpar);
         pv_ss<typename G::O>(pa_desc, v_desc0, o);
         PAIR_TRACE(6);
         wgmma_wait<0>();
@@ -451,9 +463,13 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     PAIR_SPAN(3);
 
     // Row sums: quad reduction, then the two warpgroups' through shared memory.
+    if (segs > 0) mbar_wait(&sm.hand[kHandF], (segs - 1) & 1);  // the last segment's reads
     share_row_sums(l_run, sm.red, wg, r0, lane);
-    named_barrier(kBarConsumers, kThreads);
+    mbar_arrive(&sm.hand[kHandR]);
+    mbar_wait(&sm.hand[kHandR], segs & 1);
     store_rows<TQ>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
+    mbar_arrive(&sm.hand[kHandF]);
+    ++segs;
     PAIR_SPAN(4);
   }
 #else
