@@ -60,7 +60,7 @@ PYBIND11_MODULE(_cuda, m) {
       .PTR_FIELD(DecodeParams, float*, lse)
       .FIELD(DecodeParams, lse_stride_t)
       .FIELD(DecodeParams, lse_stride_h)
-      .PTR_FIELD(DecodeParams, float*, part_out)
+      .PTR_FIELD(DecodeParams, void*, part_out)
       .PTR_FIELD(DecodeParams, float*, part_lse)
       .FIELD(DecodeParams, num_tokens)
       .FIELD(DecodeParams, num_seqs)

@@ -22,6 +22,13 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
+// Four consecutive T values (8 bytes) -> float4.
+template <typename T>
+__device__ __forceinline__ float4 unpack4(uint2 v) {
+  const T* e = reinterpret_cast<const T*>(&v);
+  return make_float4(to_float(e[0]), to_float(e[1]), to_float(e[2]), to_float(e[3]));
+}
+
 // Two floats -> one 32-bit register holding two T (low half = a).
 template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
 template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {

@@ -36,7 +36,9 @@ struct DecodeParams {
   int64_t out_stride_t = 0, out_stride_h = 0;
   float* lse = nullptr;  // [T, H] or null
   int64_t lse_stride_t = 0, lse_stride_h = 0;
-  float* part_out = nullptr;  // [num_splits, T, H, L] fp32 scratch when num_splits > 1
+  // Split partials: the outputs in q_dtype (their range is the output's; rounding them costs
+  // about one more unit in the last place of the result), the LSEs in fp32.
+  void* part_out = nullptr;   // [num_splits, T, H, L] scratch when num_splits > 1
   float* part_lse = nullptr;  // [num_splits, T, H] (scheduled: [slots, part_rows (, L)])
   int num_tokens = 0, num_seqs = 0, num_heads = 0, max_query_len = 1, num_splits = 1;
   int split_chunk = 0;  // KV positions per split when num_splits > 1 (split s: [s*chunk, (s+1)*chunk))

@@ -6,8 +6,8 @@
 // p.sched_fixed units (its Q load and epilogue). The sequences' units are laid end to end and
 // part k of p.num_parts takes units [k T, (k + 1) T) with T = ceil(total / num_parts): every
 // part (one CTA per row tile) gets the same work whatever the mix of lengths. A sequence that a
-// part boundary cuts is computed in pieces, each writing fp32 partials + LSE to its own slot;
-// the others write the output directly. decode_combine_pieces merges the pieces.
+// part boundary cuts is computed in pieces, each writing its partials (q's dtype) + LSE to its
+// own slot; the others write the output directly. decode_combine_pieces merges the pieces.
 //
 //   sched_cum[b]      units before sequence b (b = 0 .. B), sched_cum[B + 1] = T
 //   sched_piece[2 b]  first partial slot of sequence b, -1 when it is one piece

@@ -419,7 +419,7 @@ class CudaBackend(Backend):
         if lse is not None:
             par.lse, par.lse_stride_t, par.lse_stride_h = lse.data_ptr(), lse.stride(0), lse.stride(1)
         name, variant, splits, chunk, parts = self.plan_decode(p, mod)
-        partial_rows = 0  # fp32 partial rows of 512 (+ one LSE each) the merge reads back
+        partial_rows = 0  # partial rows of 512 in q's dtype (+ an fp32 LSE each) the merge reads
         if parts:  # the device schedule's scratch: sizes from host bounds only (graph-safe)
             b = p.num_seqs
             rows = p.max_query_len * h
@@ -433,7 +433,7 @@ class CudaBackend(Backend):
         elif splits > 1:
             partial_rows = splits * t * h
         if partial_rows:
-            part_out = torch.empty(partial_rows * c.kv_lora_rank, dtype=torch.float32, device=q.device)
+            part_out = torch.empty(partial_rows * c.kv_lora_rank, dtype=q.dtype, device=q.device)
             part_lse = torch.empty(partial_rows, dtype=torch.float32, device=q.device)
             par.part_out, par.part_lse = part_out.data_ptr(), part_lse.data_ptr()
         par.num_tokens, par.num_seqs, par.num_heads = t, p.num_seqs, h

@@ -245,18 +245,19 @@ __device__ __forceinline__ float combine_max_lse(const float* lse_in, int64_t st
 }
 
 // This lane's float4 of a row's weighted sum over splits first, first + step, .. < n (weights
-// exp(lse - mx)), and the sum of those weights.
+// exp(lse - mx)), and the sum of those weights. `col`: the lane's 4 partial values (T) of split
+// 0; split s's are `stride` rows further.
 struct CombineAcc {
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   float total = 0.f;
 };
 
-template <bool kBatched>
-__device__ __forceinline__ CombineAcc combine_accumulate(const float* lse_in, const float4* col,
+template <typename T, bool kBatched>
+__device__ __forceinline__ CombineAcc combine_accumulate(const float* lse_in, const uint2* col,
                                                         int64_t stride, int n, float mx,
                                                         int first, int step, int lane) {
   CombineAcc r;
-  const int64_t slot4 = stride * (kL / 4);  // float4s from one split's row to the next
+  const int64_t slot4 = stride * (kL / 4);  // 4-value groups from one split's row to the next
   if (mx == -INFINITY) return r;
   if (!kBatched) {
 #pragma unroll 4
@@ -264,7 +265,7 @@ __device__ __forceinline__ CombineAcc combine_accumulate(const float* lse_in, co
       const float ls = lse_in[s * stride];
       if (ls == -INFINITY) continue;  // an empty split: its partial output is not read
       const float w = expf(ls - mx);
-      const float4 v = col[s * slot4];
+      const float4 v = unpack4<T>(col[s * slot4]);
       r.total += w;
       r.acc.x += w * v.x;
       r.acc.y += w * v.y;
@@ -279,21 +280,21 @@ __device__ __forceinline__ CombineAcc combine_accumulate(const float* lse_in, co
     const float w_lane = mine < count ? expf(lse_in[(first + mine * step) * stride] - mx) : 0.f;
     const int m = count - i0 < 32 ? count - i0 : 32;
     for (int j0 = 0; j0 < m; j0 += 8) {
-      float4 v[8];
+      uint2 raw[8];
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
-        v[k] = j0 + k < m ? col[(first + (i0 + j0 + k) * step) * slot4]
-                          : make_float4(0.f, 0.f, 0.f, 0.f);
+        raw[k] = j0 + k < m ? col[(first + (i0 + j0 + k) * step) * slot4] : make_uint2(0u, 0u);
       }
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         const float w = __shfl_sync(0xffffffffu, w_lane, j0 + k);  // 0 past m (exp(-inf) = 0)
         const bool used = w > 0.f;
+        const float4 v = unpack4<T>(raw[k]);
         r.total += w;
-        r.acc.x = used ? fmaf(w, v[k].x, r.acc.x) : r.acc.x;
-        r.acc.y = used ? fmaf(w, v[k].y, r.acc.y) : r.acc.y;
-        r.acc.z = used ? fmaf(w, v[k].z, r.acc.z) : r.acc.z;
-        r.acc.w = used ? fmaf(w, v[k].w, r.acc.w) : r.acc.w;
+        r.acc.x = used ? fmaf(w, v.x, r.acc.x) : r.acc.x;
+        r.acc.y = used ? fmaf(w, v.y, r.acc.y) : r.acc.y;
+        r.acc.z = used ? fmaf(w, v.z, r.acc.z) : r.acc.z;
+        r.acc.w = used ? fmaf(w, v.w, r.acc.w) : r.acc.w;
       }
     }
   }
@@ -317,15 +318,22 @@ __device__ __forceinline__ void combine_store(const DecodeParams& p, const Combi
   }
 }
 
-// One row's merge: n partials at lse[s * stride], part[s * stride * kL] -> out row (t, h).
+// Partial row `row` of p.part_out as groups of 4 values (T).
+template <typename T>
+__device__ __forceinline__ const uint2* partial_row4(const DecodeParams& p, int64_t row) {
+  return reinterpret_cast<const uint2*>(static_cast<const T*>(p.part_out) + row * kL);
+}
+
+// One row's merge: n partials at lse[s * stride], partial rows first_row + s * stride -> out
+// row (t, h).
 template <typename T, bool kBatched>
 __device__ __forceinline__ void combine_row(const DecodeParams& p, const float* lse_in,
-                                            const float* part, int64_t stride, int n, int t,
+                                            int64_t first_row, int64_t stride, int n, int t,
                                             int h, int quarter, int lane) {
   const float mx = combine_max_lse(lse_in, stride, n, lane);
-  const int col4 = quarter * (kL / 4 / kCombineWarpsPerRow) + lane;  // float4 index in the row
-  const CombineAcc r = combine_accumulate<kBatched>(
-      lse_in, reinterpret_cast<const float4*>(part) + col4, stride, n, mx, 0, 1, lane);
+  const int col4 = quarter * (kL / 4 / kCombineWarpsPerRow) + lane;  // 4-value group in the row
+  const CombineAcc r = combine_accumulate<T, kBatched>(
+      lse_in, partial_row4<T>(p, first_row) + col4, stride, n, mx, 0, 1, lane);
   combine_store<T>(p, r, mx, t, h, col4, lane == 0 && quarter == 0);
 }
 
@@ -335,7 +343,7 @@ __global__ void __launch_bounds__(256) mla_decode_combine_kernel(const DecodePar
   const int64_t w = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
   const int64_t row = w / kCombineWarpsPerRow;
   if (row >= rows) return;
-  combine_row<T, kBatched>(p, p.part_lse + row, p.part_out + row * kL, rows, p.num_splits,
+  combine_row<T, kBatched>(p, p.part_lse + row, row, rows, p.num_splits,
                  static_cast<int>(row / p.num_heads), static_cast<int>(row % p.num_heads),
                  static_cast<int>(w % kCombineWarpsPerRow), threadIdx.x & 31);
 }
@@ -389,7 +397,7 @@ __global__ void __launch_bounds__(2 * kPiecesRowThreads)
                   threadIdx.x / kPiecesRowThreads, r)) {
     return;
   }
-  combine_row<T, kBatched>(p, p.part_lse + r.first, p.part_out + r.first * kL, p.part_rows, r.n,
+  combine_row<T, kBatched>(p, p.part_lse + r.first, r.first, p.part_rows, r.n,
                            r.t0 + static_cast<int>(r.row / p.num_heads),
                            static_cast<int>(r.row % p.num_heads),
                            static_cast<int>(threadIdx.x >> 5) % kCombineWarpsPerRow,
@@ -417,9 +425,8 @@ __global__ void __launch_bounds__(kPiecesSplitThreads)
   const float* lse_in = p.part_lse + pr.first;
   const float mx = combine_max_lse(lse_in, p.part_rows, pr.n, lane);
   const int col4 = quarter * (kL / 4 / kCombineWarpsPerRow) + lane;
-  CombineAcc r = combine_accumulate<true>(
-      lse_in, reinterpret_cast<const float4*>(p.part_out + pr.first * kL) + col4, p.part_rows,
-      pr.n, mx, group, kPieceGroups, lane);
+  CombineAcc r = combine_accumulate<T, true>(lse_in, partial_row4<T>(p, pr.first) + col4,
+                                             p.part_rows, pr.n, mx, group, kPieceGroups, lane);
   const int slot = threadIdx.x % kPiecesRowThreads;  // (quarter, lane)
   if (group > 0) {
     s_acc[group - 1][slot] = r.acc;

@@ -544,13 +544,10 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
           const int col = 64 * w + 32 * x + 16 * hf + 4 * j;  // channels col .. col + 3
           const float v0 = o[x][2 * hf][2 * h2] * inv, v1 = o[x][2 * hf + 1][2 * h2] * inv;
           const float v2 = o[x][2 * hf][2 * h2 + 1] * inv, v3 = o[x][2 * hf + 1][2 * h2 + 1] * inv;
-          if (prow < 0) {
-            T* dst = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
-                     static_cast<int64_t>(hh) * p.out_stride_h + col;
-            *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(v0, v1), pack2<T>(v2, v3));
-          } else {
-            *reinterpret_cast<float4*>(p.part_out + prow * kL + col) = make_float4(v0, v1, v2, v3);
-          }
+          T* dst = prow < 0 ? static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
+                                  static_cast<int64_t>(hh) * p.out_stride_h + col
+                            : static_cast<T*>(p.part_out) + prow * kL + col;
+          *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(v0, v1), pack2<T>(v2, v3));
         }
       if (w == 0 && j == 0) {
         if (prow >= 0) {
