@@ -304,8 +304,9 @@ __device__ __forceinline__ void share_row_sums(float (&l_run)[2], float (&red)[2
 }
 
 // Epilogue, second half: warpgroup wg's 256 output columns of this thread's two rows, or the
-// segment's partials (slot >= 0), normalised by both warpgroups' row sums.
-template <typename T>
+// segment's partials (slot >= 0), normalised by both warpgroups' row sums (kPaired:
+// store_out_row_at).
+template <typename T, bool kPaired = true>
 __device__ __forceinline__ void store_rows(const DecodeParams& p, const sm80::CtaRows& c,
                                            const float (&o)[128], const float (&red)[2][kBM],
                                            const float (&m_run)[2], int slot, int wg, int r0,
@@ -318,9 +319,10 @@ __device__ __forceinline__ void store_rows(const DecodeParams& p, const sm80::Ct
     if (g >= c.rows) continue;
     const float l = red[0][r] + red[1][r];
     const float m = m_run[h2] == -INFINITY ? 0.f : m_run[h2];
-    sm80::store_out_row_at<T>(p, acc, h2, l, m, out_scale, slot < 0 ? -1 : slot * p.part_rows + g,
-                              c.t0 + g / H, g % H, 256 * wg + 2 * (lane & 3),
-                              wg == 0 && (lane & 3) == 0);
+    sm80::store_out_row_at<T, 32, kPaired>(p, acc, h2, l, m, out_scale,
+                                           slot < 0 ? -1 : slot * p.part_rows + g, c.t0 + g / H,
+                                           g % H, 256 * wg + 2 * (lane & 3),
+                                           wg == 0 && (lane & 3) == 0);
   }
 }
 

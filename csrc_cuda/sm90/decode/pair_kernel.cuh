@@ -467,7 +467,8 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     share_row_sums(l_run, sm.red, wg, r0, lane);
     mbar_arrive(&sm.hand[kHandR]);
     mbar_wait(&sm.hand[kHandR], segs & 1);
-    store_rows<TQ>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
+    // Quantized caches: the paired partial stores made ptxas spill in the pair loop (132 B).
+    store_rows<TQ, FMT == kKv16>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
     mbar_arrive(&sm.hand[kHandF]);
     ++segs;
     PAIR_SPAN(4);
