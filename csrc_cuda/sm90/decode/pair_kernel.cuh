@@ -93,6 +93,7 @@ constexpr int kHandC = 2;  // P_a at m_b ready (WG0 arrives, WG1 waits)
 constexpr int kHandR = 3;  // both warpgroups' row sums in red (both arrive and wait)
 constexpr int kHandF = 4;  // red read (both arrive; waited before the next segment's writes)
 constexpr int kBarQ = 5;   // the segment's Q loaded (256 consumer threads, bar.sync)
+static_assert(sizeof(PairSmem::hand) == (kHandF + 1) * sizeof(uint64_t), "one mbarrier each");
 constexpr int kBarOwn0 = 3;  // warpgroup-local barriers after zeroing V rows
 constexpr int kRope = kChunks - 1;
 
@@ -189,7 +190,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     }
     mbar_init(&sm.q_full, 1);
     for (int h = 0; h < kHandR; ++h) mbar_init(&sm.hand[h], 128);  // every writer thread
-    for (int h = kHandR; h < 5; ++h) mbar_init(&sm.hand[h], kThreads);  // every consumer
+    for (int h = kHandR; h <= kHandF; ++h) mbar_init(&sm.hand[h], kThreads);  // every consumer
     mbar_init_fence();
   }
   if (tid >> 5 == 1 && sched_inline(p)) sched_fill_warp(p, sm.sched, m_tile == 0 && part == 0, lane);
