@@ -39,6 +39,17 @@ __device__ __forceinline__ int sched_tiles(const DecodeParams& p, int b) {
   return len > 0 ? static_cast<int>((static_cast<int64_t>(len) + kSchedTile - 1) / kSchedTile) : 0;
 }
 
+// T: units per part from the total (>= 1).
+__host__ __device__ __forceinline__ int64_t sched_per_part(int64_t total, int num_parts) {
+  return total > 0 ? (total + num_parts - 1) / num_parts : 1;
+}
+
+// Pieces of a sequence whose n KV tiles start at unit `first` (1 without tiles).
+__host__ __device__ __forceinline__ int64_t sched_pieces(int64_t first, int64_t n,
+                                                         int64_t per_part) {
+  return n > 0 ? (first + n - 1) / per_part - first / per_part + 1 : 1;
+}
+
 // Up to this many sequences the decode kernels compute the schedule themselves.
 constexpr int kSchedInlineSeqs = 32;
 __host__ __device__ __forceinline__ bool sched_inline(const DecodeParams& p) {
@@ -63,13 +74,9 @@ __device__ __forceinline__ void sched_fill_warp(const DecodeParams& p, SchedTabl
     const int64_t x = __shfl_up_sync(0xffffffffu, incl, o);
     if (lane >= o) incl += x;
   }
-  const int64_t total = __shfl_sync(0xffffffffu, incl, 31);
-  const int64_t per_part = total > 0 ? (total + p.num_parts - 1) / p.num_parts : 1;
-  const int64_t first = incl - v + F, n = incl - first;
-  int pieces = 1;
-  if (lane < B && n > 0) {
-    pieces = static_cast<int>((first + n - 1) / per_part - first / per_part + 1);
-  }
+  const int64_t per_part = sched_per_part(__shfl_sync(0xffffffffu, incl, 31), p.num_parts);
+  const int64_t first = incl - v + F;
+  const int pieces = lane < B ? static_cast<int>(sched_pieces(first, incl - first, per_part)) : 1;
   const bool cut = pieces > 1;
   const int w = cut ? pieces : 0;
   int w_incl = w;
@@ -80,26 +87,32 @@ __device__ __forceinline__ void sched_fill_warp(const DecodeParams& p, SchedTabl
   }
   const unsigned cuts = __ballot_sync(0xffffffffu, cut);
   const int32_t base = cut ? w_incl - w : -1;
-  if (lane < B) {
-    t.cum[lane + 1] = incl;
-    t.piece[2 * lane] = base;
-    t.piece[2 * lane + 1] = pieces;
-  }
-  if (lane == 0) {
-    t.cum[0] = 0;
-    t.cum[B + 1] = per_part;
-  }
+  auto write = [&](int64_t* cum, int32_t* piece) {  // the layout of SchedTable / the scratch
+    if (lane < B) {
+      cum[lane + 1] = incl;
+      piece[2 * lane] = base;
+      piece[2 * lane + 1] = pieces;
+    }
+    if (lane == 0) {
+      cum[0] = 0;
+      cum[B + 1] = per_part;
+    }
+  };
+  write(t.cum, t.piece);
   if (!publish) return;
-  if (lane < B) {
-    p.sched_cum[lane + 1] = incl;
-    p.sched_piece[2 * lane] = base;
-    p.sched_piece[2 * lane + 1] = pieces;
-  }
+  write(p.sched_cum, p.sched_piece);
   if (cut) p.sched_cut[1 + __popc(cuts & ((1u << lane) - 1u))] = lane;
-  if (lane == 0) {
-    p.sched_cum[0] = 0;
-    p.sched_cum[B + 1] = per_part;
-    p.sched_cut[0] = __popc(cuts);
+  if (lane == 0) p.sched_cut[0] = __popc(cuts);
+}
+
+// A decode CTA's share of the in-kernel schedule, called by every thread with its warp and
+// lane: warp 1 fills `t` when sched_inline (CTA (0, 0) also the scratch); the caller's CTA
+// barrier then makes it visible. (Warp and lane from the caller: recomputing them here from
+// threadIdx made ptxas spill 48 B in the quantized-cache kernel.)
+__device__ __forceinline__ void sched_fill_cta(const DecodeParams& p, SchedTable& t, int warp,
+                                               int lane) {
+  if (warp == 1 && sched_inline(p)) {
+    sched_fill_warp(p, t, blockIdx.x == 0 && blockIdx.y == 0, lane);
   }
 }
 

@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
   }
 
   if (sched_inline(p)) {
-    if (w == 1) sched_fill_warp(p, sched, m_tile == 0 && part == 0, lane);
+    sched_fill_cta(p, sched, w, lane);
     __syncthreads();
   }
   PartWalker walk;

@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
     if (b < B) p.sched_cum[b + 1] = carry + incl;
     carry += total;
   }
-  const int64_t per_part = carry > 0 ? (carry + p.num_parts - 1) / p.num_parts : 1;
+  const int64_t per_part = sched_per_part(carry, p.num_parts);
   if (threadIdx.x == 0) p.sched_cum[B + 1] = per_part;
   __syncthreads();  // sched_cum (global) is read back by other threads below
   carry = 0;
@@ -54,8 +54,8 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
     const int b = base + threadIdx.x;
     int64_t pieces = 1;
     if (b < B) {
-      const int64_t first = p.sched_cum[b] + F, n = p.sched_cum[b + 1] - first;
-      if (n > 0) pieces = (first + n - 1) / per_part - first / per_part + 1;
+      const int64_t first = p.sched_cum[b] + F;
+      pieces = sched_pieces(first, p.sched_cum[b + 1] - first, per_part);
     }
     const bool cut = b < B && pieces > 1;
     const int64_t v = cut ? pieces : 0;

@@ -344,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_init(&sm.q_full, 1);
     mbar_init_fence();
   }
-  if (tid >> 5 == 1 && sched_inline(p)) sched_fill_warp(p, sm.sched, m_tile == 0 && part == 0, lane);
+  sched_fill_cta(p, sm.sched, tid >> 5, lane);
   __syncthreads();
 
   // This thread's two rows (accumulator layout of wgmma m64: warp wq owns rows 16 wq ..).

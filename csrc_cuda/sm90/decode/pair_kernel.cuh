@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     for (int h = kHandR; h <= kHandF; ++h) mbar_init(&sm.hand[h], kThreads);  // every consumer
     mbar_init_fence();
   }
-  if (tid >> 5 == 1 && sched_inline(p)) sched_fill_warp(p, sm.sched, m_tile == 0 && part == 0, lane);
+  sched_fill_cta(p, sm.sched, tid >> 5, lane);
   __syncthreads();
 
   // Every thread walks the part's segments itself (common/schedule.cuh); tile pairs restart at
