@@ -324,12 +324,12 @@ __device__ __forceinline__ const uint2* partial_row4(const DecodeParams& p, int6
   return reinterpret_cast<const uint2*>(static_cast<const T*>(p.part_out) + row * kL);
 }
 
-// One row's merge: n partials at lse[s * stride], partial rows first_row + s * stride -> out
-// row (t, h).
+// One row's merge: n partial rows first_row + s * stride (outputs and LSEs) -> out row (t, h).
 template <typename T, bool kBatched>
-__device__ __forceinline__ void combine_row(const DecodeParams& p, const float* lse_in,
-                                            int64_t first_row, int64_t stride, int n, int t,
-                                            int h, int quarter, int lane) {
+__device__ __forceinline__ void combine_row(const DecodeParams& p, int64_t first_row,
+                                            int64_t stride, int n, int t, int h, int quarter,
+                                            int lane) {
+  const float* lse_in = p.part_lse + first_row;
   const float mx = combine_max_lse(lse_in, stride, n, lane);
   const int col4 = quarter * (kL / 4 / kCombineWarpsPerRow) + lane;  // 4-value group in the row
   const CombineAcc r = combine_accumulate<T, kBatched>(
@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(256) mla_decode_combine_kernel(const DecodePar
   const int64_t w = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
   const int64_t row = w / kCombineWarpsPerRow;
   if (row >= rows) return;
-  combine_row<T, kBatched>(p, p.part_lse + row, row, rows, p.num_splits,
+  combine_row<T, kBatched>(p, row, rows, p.num_splits,
                  static_cast<int>(row / p.num_heads), static_cast<int>(row % p.num_heads),
                  static_cast<int>(w % kCombineWarpsPerRow), threadIdx.x & 31);
 }
@@ -397,7 +397,7 @@ __global__ void __launch_bounds__(2 * kPiecesRowThreads)
                   threadIdx.x / kPiecesRowThreads, r)) {
     return;
   }
-  combine_row<T, kBatched>(p, p.part_lse + r.first, r.first, p.part_rows, r.n,
+  combine_row<T, kBatched>(p, r.first, p.part_rows, r.n,
                            r.t0 + static_cast<int>(r.row / p.num_heads),
                            static_cast<int>(r.row % p.num_heads),
                            static_cast<int>(threadIdx.x >> 5) % kCombineWarpsPerRow,
