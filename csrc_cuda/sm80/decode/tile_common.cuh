@@ -280,45 +280,41 @@ __device__ __forceinline__ void store_out_row_at(const DecodeParams& p, const fl
                                                  bool lse_writer) {
   const float inv = l > 0.f ? out_scale / l : 0.f;
   const float lse = l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
+  T* o;
   if (part_row < 0) {
-    T* o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
-           static_cast<int64_t>(h) * p.out_stride_h + col;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      *reinterpret_cast<uint32_t*>(o + nt * 8) =
-          pack2<T>(acc[nt][2 * h2] * inv, acc[nt][2 * h2 + 1] * inv);
-    }
+    o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
+        static_cast<int64_t>(h) * p.out_stride_h + col;
     if (p.lse != nullptr && lse_writer) {
       p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(h) * p.lse_stride_h] = lse;
     }
-    return;
-  }
-  if (lse_writer) p.part_lse[part_row] = lse;
-  if constexpr (!kPaired) {
-    T* o = static_cast<T*>(p.part_out) + part_row * kL + col;
+  } else {
+    o = static_cast<T*>(p.part_out) + part_row * kL + col;
+    if (lse_writer) p.part_lse[part_row] = lse;
+    if constexpr (kPaired) {
+      // Lanes q, q ^ 1 of a quad (the same row) swap a pair of values so that each stores
+      // four consecutive ones: q even columns 2q .. 2q + 3 of tile nt (even), q odd 2q - 2 ..
+      // 2q + 1 of tile nt + 1. A quad's store is then 32 contiguous bytes (a whole sector),
+      // with half the store instructions of the per-pair form below (4-byte stores, half
+      // sectors: slower than fp32 pairs on an H100).
+      static_assert(NT % 2 == 0, "tiles are paired");
+      const int q = threadIdx.x & 3;
+      const unsigned pair = 0x3u << (threadIdx.x & 30);  // this lane and its partner
+      o -= 2 * (q & 1);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      *reinterpret_cast<uint32_t*>(o + nt * 8) =
-          pack2<T>(acc[nt][2 * h2] * inv, acc[nt][2 * h2 + 1] * inv);
+      for (int nt = 0; nt < NT; nt += 2) {
+        const uint32_t v0 = pack2<T>(acc[nt][2 * h2] * inv, acc[nt][2 * h2 + 1] * inv);
+        const uint32_t v1 = pack2<T>(acc[nt + 1][2 * h2] * inv, acc[nt + 1][2 * h2 + 1] * inv);
+        const uint32_t got = __shfl_xor_sync(pair, q & 1 ? v0 : v1, 1);
+        *reinterpret_cast<uint2*>(o + (nt + (q & 1)) * 8) =
+            q & 1 ? make_uint2(got, v1) : make_uint2(v0, got);
+      }
+      return;
     }
-    return;
   }
-  // Lanes q, q ^ 1 of a quad (the same row) swap a pair of values so that each stores four
-  // consecutive ones: q even columns 2q .. 2q + 3 of tile nt (even), q odd 2q - 2 .. 2q + 1
-  // of tile nt + 1. A quad's store is then 32 contiguous bytes (a whole sector), with half
-  // the store instructions of the per-pair form (4-byte stores, half sectors: slower than
-  // fp32 pairs on an H100).
-  static_assert(NT % 2 == 0, "tiles are paired");
-  const int q = threadIdx.x & 3;
-  const unsigned pair = 0x3u << (threadIdx.x & 30);  // this lane and its partner
-  T* o = static_cast<T*>(p.part_out) + part_row * kL + col - 2 * (q & 1);
 #pragma unroll
-  for (int nt = 0; nt < NT; nt += 2) {
-    const uint32_t v0 = pack2<T>(acc[nt][2 * h2] * inv, acc[nt][2 * h2 + 1] * inv);
-    const uint32_t v1 = pack2<T>(acc[nt + 1][2 * h2] * inv, acc[nt + 1][2 * h2 + 1] * inv);
-    const uint32_t got = __shfl_xor_sync(pair, q & 1 ? v0 : v1, 1);
-    *reinterpret_cast<uint2*>(o + (nt + (q & 1)) * 8) =
-        q & 1 ? make_uint2(got, v1) : make_uint2(v0, got);
+  for (int nt = 0; nt < NT; ++nt) {
+    *reinterpret_cast<uint32_t*>(o + nt * 8) =
+        pack2<T>(acc[nt][2 * h2] * inv, acc[nt][2 * h2 + 1] * inv);
   }
 }
 
