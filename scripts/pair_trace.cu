@@ -80,7 +80,7 @@ int main(int argc, char** argv) {
   p.softmax_scale = 0.0417f;
   p.variant = portmla::sm80::kHopperPair;
   p.num_parts = 66;  // 132 SMs / 2 row tiles
-  p.sched_fixed = 4;
+  p.sched_fixed = argc > 4 ? atoi(argv[4]) : 6;  // SCHED_FIXED["hopper"]
   p.part_rows = H;
   const int slots = 2 * (p.num_parts - 1);
   cudaMalloc(&p.sched_cum, (2 * B + 2) * 8);
@@ -114,15 +114,29 @@ int main(int argc, char** argv) {
   const int units = static_cast<int>((static_cast<int64_t>(B) * (S / 64 + p.sched_fixed) +
                                       p.num_parts - 1) / p.num_parts);
   const int np = std::min(std::min(S / 128, units / 2), 64);
-  static unsigned long long span[3][8];
+  static unsigned long long span[3][8][8];
+  static long long span_clk[3][8][8];
   cudaMemcpyFromSymbol(span, portmla::sm90::g_pair_span, sizeof(span));
+  cudaMemcpyFromSymbol(span_clk, portmla::sm90::g_pair_span_clk, sizeof(span_clk));
   const char* span_names[8] = {"entry", "q_loaded|pages", "q_ready", "pairs_done", "stored",
                                "first_data", "last_data", "walked"};
   for (int w = 0; w < 3; ++w) {
-    printf("span wg%d (ns from wg0 entry):", w);
-    for (int e = 0; e < 8; ++e)
-      if (span[w][e]) printf(" %s=%lld", span_names[e], (long long)(span[w][e] - span[0][0]));
-    printf("\n");
+    for (int sg = 0; sg < 8; ++sg) {
+      bool any = false;
+      for (int e = 0; e < 8; ++e) any = any || span[w][sg][e];
+      if (!any) continue;
+      printf("span wg%d seg %d (ns from wg0 entry):", w, sg);
+      for (int e = 0; e < 8; ++e)
+        if (span[w][sg][e]) printf(" %s=%lld", span_names[e], (long long)(span[w][sg][e] - span[0][0][0]));
+      printf("\n");
+    }
+  }
+  {  // the SM clock over the CTA's consumer life (wg0: entry -> last segment stored)
+    int last = 0;
+    for (int sg = 0; sg < 8; ++sg) if (span[0][sg][4]) last = sg;
+    const double ns = static_cast<double>(span[0][last][4] - span[0][0][0]);
+    const double clk = static_cast<double>(span_clk[0][last][4] - span_clk[0][0][0]);
+    if (ns > 0) printf("sm clock %.0f MHz over %.1f us\n", clk / ns * 1e3, ns / 1e3);
   }
   for (int pi = 0; pi < np; ++pi) {
     if (pi > 4 && pi < np - 3 && pi % 8) continue;

@@ -224,6 +224,12 @@ __device__ __forceinline__ void issue_part_warp(const TileLoader& ld, unsigned c
   }
 }
 
+// Whether a CTA of row tile `m_tile` prefetches its KV tiles into L2: the row tiles of a part
+// read the same tiles, and one prefetch of each is enough. With every row tile prefetching,
+// the L2's partition fabric ran at ~89 % of its peak at 128 heads (ncu, 128q1s4k; 46 % with one
+// prefetching row tile) and the bf16 128-head rows were 5-7 % slower (NOTES.md, twelfth session).
+__device__ __forceinline__ bool prefetches_l2(int m_tile) { return m_tile == 0; }
+
 // L2 prefetch of the whole tile at `tile_start` by a whole warp (pages from prefetch_pages,
 // `slot` as in issue_part_warp); lane 0 issues. Nothing when the tile does not exist.
 __device__ __forceinline__ void prefetch_tile_l2(const TileLoader& ld, int tile_start, int pages,

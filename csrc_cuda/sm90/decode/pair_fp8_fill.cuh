@@ -233,7 +233,7 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
     // used, so the block-table latency stays off the producer's path).
     auto pos_of = [&](int k) { return c.kv_lo + (2 * k + odd) * kBN + tok0 + (lane & 15); };
     auto prefetch = [&](int k, const unsigned char* e) {
-      if (e == nullptr) return;
+      if (e == nullptr || !prefetches_l2(m_tile)) return;
       if (!grouped) {
         prefetch_l2_bytes(e, E::kBytes);
       } else if ((lane & 15) == 0) {

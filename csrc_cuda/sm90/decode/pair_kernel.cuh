@@ -4,8 +4,9 @@
 // tensor cores busy (the product order of FlashMLA's 2025-04 "seesaw" write-up; our code). The
 // output O (64 x 512, fp32) is split by columns: warpgroup 0 keeps O_L (columns 0..255),
 // warpgroup 1 O_R (256..511), 128 registers each. A third, producer warpgroup (one warp; 40
-// registers, the consumers 232 through setmaxnreg) issues every TMA load and prefetches the
-// next pair's tiles into L2, so no consumer ever waits on a TMA issue or a block-table read.
+// registers, the consumers 232 through setmaxnreg) issues every TMA load and (in the first row
+// tile's CTA: prefetches_l2) prefetches the next pair's tiles into L2, so no consumer ever waits
+// on a TMA issue or a block-table read.
 //
 // Per pair, with m the running row max shared by both warpgroups (base-2 scaled scores):
 //   WG0  S_a = Q K_a^T (m64 n64, 36 k-steps); m_a = max(m, rowmax S_a) -> smem, arrive hand A;
@@ -60,19 +61,25 @@ __device__ long long g_pair_trace[2][64][12];
         used[0] < 64)                                                                    \
       g_pair_trace[wg][used[0]][ev] = clock64();                                         \
   } while (0)
-// The CTA's prologue / epilogue: globaltimer (ns, comparable across SMs) per warpgroup leader.
-__device__ unsigned long long g_pair_span[3][8];
-#define PAIR_SPAN(ev)                                                                         \
+// The CTA's prologue / epilogue per segment: globaltimer (ns, comparable across SMs) and
+// clock64 (for the SM clock) per warpgroup leader; segments past the 8th share the last row.
+__device__ unsigned long long g_pair_span[3][8][8];
+__device__ long long g_pair_span_clk[3][8][8];
+#define PAIR_SPAN_SEG(sg, ev)                                                                 \
   do {                                                                                        \
     if (blockIdx.x == 0 && blockIdx.y == PORTMLA_PAIR_TRACE && (threadIdx.x & 127) == 0) {    \
       unsigned long long t;                                                                   \
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));                                   \
-      g_pair_span[threadIdx.x >> 7][ev] = t;                                                  \
+      const int sgi = min(static_cast<int>(sg), 7);                                           \
+      g_pair_span[threadIdx.x >> 7][sgi][ev] = t;                                             \
+      g_pair_span_clk[threadIdx.x >> 7][sgi][ev] = clock64();                                 \
     }                                                                                         \
   } while (0)
+#define PAIR_SPAN(ev) PAIR_SPAN_SEG(0, ev)
 #else
 #define PAIR_TRACE(ev)
 #define PAIR_SPAN(ev)
+#define PAIR_SPAN_SEG(sg, ev)
 #endif
 
 constexpr int kPairThreads = 384;  // consumer warpgroups 0, 1 and the producer warpgroup 2
@@ -203,8 +210,8 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   Segment seg;
   if (wg == 2) {
     // ---- Producer warpgroup: one warp issues every TMA load (lanes 0..7 hold the block-table
-    // pages of the two tiles in flight) and prefetches the next pair's tiles into L2. It runs
-    // ahead into the next segment while the consumers finish this one.
+    // pages of the two tiles in flight) and, in row tile 0, prefetches the next pair's tiles into
+    // L2. It runs ahead into the next segment while the consumers finish this one.
     setmaxnreg_dec<kProducerRegs>();
     if constexpr (FMT != kKv16) {
       produce_fp8<FMT>(p, sm, walk, m_tile, wq, lane);
@@ -233,8 +240,10 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         }
         ++fills[0];
         if (ta + 1 < n_tiles) ++fills[1];
-        prefetch_tile_l2(ld, c.kv_lo + (ta + 2) * kBN, pages_next, 0, lane);
-        prefetch_tile_l2(ld, c.kv_lo + (ta + 3) * kBN, pages_next, 4, lane);
+        if (prefetches_l2(m_tile)) {
+          prefetch_tile_l2(ld, c.kv_lo + (ta + 2) * kBN, pages_next, 0, lane);
+          prefetch_tile_l2(ld, c.kv_lo + (ta + 3) * kBN, pages_next, 4, lane);
+        }
         pages = pages_next;
       }
     }
@@ -263,7 +272,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     if (!segment_rows(p, seg, m_tile, c)) continue;  // the same for every thread
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const int n_pairs = (n_tiles + 1) / 2;
-    PAIR_SPAN(7);
+    PAIR_SPAN_SEG(segs, 7);
     // Q is free: every consumer passed the last segment's epilogue barrier after its last S.
     if constexpr (kScaleQ) {  // TQ != T
       load_q_pow2<TQ>(p, c, sm.q, sm.q_inv, tid);
@@ -272,9 +281,9 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     } else {
       load_q<T>(p, c, sm.q, tid);
     }
-    PAIR_SPAN(1);  // Q loaded (this thread's part)
+    PAIR_SPAN_SEG(segs, 1);  // Q loaded (this thread's part)
     named_barrier(kBarQ, kThreads);
-    PAIR_SPAN(2);
+    PAIR_SPAN_SEG(segs, 2);
     // Base-2 score scale of this thread's two rows (times the Q row's inverse scale).
     float sl2[2] = {scale_log2, scale_log2};
     if constexpr (kScaleQ) {
@@ -303,7 +312,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
       if (wg == 0 || has_b) {
         mbar_wait(&sm.full[wg][wg], par);  // WG0: part 0 first; WG1: part 1 (released earlier)
         PAIR_TRACE(1);
-        PAIR_SPAN(pi == 0 ? 5 : 6);
+        PAIR_SPAN_SEG(segs, pi == 0 ? 5 : 6);
         // Quantized caches: the part holds raw e4m3 pieces; this warpgroup expands them (the
         // second part while the first part's k-steps run).
         if constexpr (FMT != kKv16) convert_part<T, FMT>(own, wg, wq, lane, kBarOwn0 + wg);
@@ -461,7 +470,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     }
     wgmma_wait<0>();  // WG0's last O_L += P_b V_b
     fence_regs(o);
-    PAIR_SPAN(3);
+    PAIR_SPAN_SEG(segs, 3);
 
     // Row sums: quad reduction, then the two warpgroups' through shared memory.
     if (segs > 0) mbar_wait(&sm.hand[kHandF], (segs - 1) & 1);  // the last segment's reads
@@ -472,7 +481,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     store_rows<TQ, FMT == kKv16>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
     mbar_arrive(&sm.hand[kHandF]);
     ++segs;
-    PAIR_SPAN(4);
+    PAIR_SPAN_SEG(segs, 4);
   }
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
