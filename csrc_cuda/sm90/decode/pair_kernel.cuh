@@ -480,8 +480,8 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     // Quantized caches: the paired partial stores made ptxas spill in the pair loop (132 B).
     store_rows<TQ, FMT == kKv16>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
     mbar_arrive(&sm.hand[kHandF]);
+    PAIR_SPAN_SEG(segs, 4);  // this segment's epilogue done
     ++segs;
-    PAIR_SPAN_SEG(segs, 4);
   }
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
