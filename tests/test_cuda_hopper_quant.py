@@ -1,7 +1,8 @@
-"""fp8 / fp8_ds_mla caches through the Hopper pair kernel (its producer warpgroup copies the raw
-entries into the stages, its consumer warpgroups expand them to 16-bit: fp16 for fp8, with the
-queries scaled per row into fp16; bf16 for fp8_ds_mla; csrc_cuda/sm90/decode/pair_fp8_fill.cuh)
-against the torch reference.
+"""fp8 / fp8_ds_mla caches through the Hopper pair kernel (its producer warpgroup loads the raw
+entries into the stages, through TMA boxes of bytes for block sizes 16 / 64 / 256 here, else
+16-byte copies (block sizes 1 and 48); its consumer warpgroups expand them to 16-bit: fp16 for
+fp8, with the queries scaled per row into fp16; bf16 for fp8_ds_mla;
+csrc_cuda/sm90/decode/pair_fp8_fill.cuh) against the torch reference.
 
 Runs on an sm_90 GPU with a module that has the kernel; skips elsewhere, except when
 PORTMLA_REQUIRE_HOPPER=1: then a missing kernel FAILS. Every case asserts which kernel ran.
@@ -103,6 +104,40 @@ def test_hopper_quant_ds_scales_spread(ran):
         check_decode(ref_out, ref_lse, got_out, got_lse, tol=1e-2)
         assert rel_err(got_out, exact_out) < 3e-2
     assert set(ran) == {"hopper"}, ran
+
+
+def _pages_to_far_end(case):
+    """Moves the case's pages to the last blocks of its cache (the block table follows)."""
+    cache, table = case["kv_cache"], case["block_table"].clone()
+    valid = table < cache.shape[0]  # unused columns hold a poison index
+    old = table[valid].long()
+    new = torch.arange(cache.shape[0] - old.numel(), cache.shape[0], device=cache.device)
+    raw = cache.view(torch.uint8)  # fp8 / fp8_ds_mla bytes (no indexing kernels for float8)
+    raw[new] = raw[old].clone()
+    table[valid] = new.to(torch.int32)
+    return dict(case, block_table=table)
+
+
+@pytest.mark.gpu
+@pytest.mark.large
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_hopper_quant_cache_above_2_pow_31_bytes(monkeypatch, ran, fmt):
+    """Pages at the far end of a cache of more than 2^31 bytes, for both producers: block 64
+    (TMA boxes of raw bytes) and 48 (16-byte copies). 32-bit byte offsets would wrap."""
+    _need_hopper_quant()
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", "pair")
+    entry = 656 if fmt == "fp8_ds_mla" else 576
+    for bs in (64, 48):
+        case = make_decode_case([1000, 777], [1, 2], 128, bs, fmt, torch.bfloat16, "cuda",
+                                extra_blocks=2**31 // (bs * entry) + 8)
+        case = _pages_to_far_end(case)
+        cache = case["kv_cache"]
+        assert cache.numel() * cache.element_size() > 2**31
+        assert int(case["block_table"][0, 0]) * bs * entry > 2**31
+        check_decode(*run_both(case, single_token=False), tol=1e-2)
+        del case, cache
+        torch.cuda.empty_cache()
+    assert ran and set(ran) == {"hopper"}, ran
 
 
 @pytest.mark.gpu

@@ -55,6 +55,7 @@ struct DecodeParams {
   float softmax_scale = 1.f;
   int q_dtype = kBF16, kv_format = kKv16;
   int q_tma = 0;  // sm_90a launcher: the Hopper kernels load Q tiles through their q_map
+  int kv_tma = 0;  // sm_90a launcher: the pair kernel loads fp8 caches' raw bytes through kv_map
 };
 
 // concat_and_cache_mla: cache[slot] = quantize([kv_c[t] | k_pe[t]]).

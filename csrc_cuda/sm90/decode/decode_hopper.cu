@@ -36,19 +36,25 @@ EncodeTiled encode_fn() {
   return fn;
 }
 
-// A 3-D tensor of the queries' 16-bit type at `base` (dims innermost first, the two outer
-// strides in bytes), boxes of `box`, 128-byte swizzle: the layout of the kernels' chunks.
-bool encode_3d(const DecodeParams& p, const void* base, const cuuint64_t (&dims)[3],
+// A 3-D tensor of `type` at `base` (dims innermost first, the two outer strides in bytes),
+// boxes of `box`, 128-byte swizzle: the layout of the kernels' chunks. Boxes reaching past
+// the innermost dim are zero-filled there.
+bool encode_3d(CUtensorMapDataType type, const void* base, const cuuint64_t (&dims)[3],
                const cuuint64_t (&strides)[2], const cuuint32_t (&box)[3], CUtensorMap* map) {
   EncodeTiled fn = encode_fn();
   const cuuint32_t elem[3] = {1, 1, 1};
   return fn != nullptr &&
-         fn(map, p.q_dtype == kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                    : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-            3, const_cast<void*>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+         fn(map, type, 3, const_cast<void*>(base), dims, strides, box, elem,
+            CU_TENSOR_MAP_INTERLEAVE_NONE,
             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
+
+CUtensorMapDataType q_type(const DecodeParams& p) {
+  return p.q_dtype == kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+}
+
+bool block_size_ok(int bs) { return bs >= 16 && (kBN % bs == 0 || bs % kBN == 0); }
 
 // The cache as [num_blocks][block_size][576], boxes of 64 columns x min(block_size, 64)
 // positions x 1 page.
@@ -61,7 +67,23 @@ cudaError_t encode_kv_map(const DecodeParams& p, CUtensorMap* map) {
                                  static_cast<cuuint64_t>(p.page_stride) * 2};
   const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(p.block_size < kBN ? p.block_size : kBN),
                              1};
-  return encode_3d(p, p.kv_cache, dims, strides, box, map) ? cudaSuccess : cudaErrorInvalidValue;
+  return encode_3d(q_type(p), p.kv_cache, dims, strides, box, map) ? cudaSuccess
+                                                                   : cudaErrorInvalidValue;
+}
+
+// An fp8 / fp8_ds_mla cache as bytes, [num_blocks][block_size][entry bytes], boxes of 128
+// bytes x min(block_size, 64) positions x 1 page (pair_fp8_fill.cuh: RawBoxes). false (the
+// producer's cp.async copies instead) for block sizes the boxes do not tile.
+bool encode_raw_map(const DecodeParams& p, CUtensorMap* map) {
+  if (!block_size_ok(p.block_size) || p.num_blocks < 1) return false;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(p.kv_format == kKvDsMla ? 656 : 576),
+                              static_cast<cuuint64_t>(p.block_size),
+                              static_cast<cuuint64_t>(p.num_blocks)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(p.token_stride),
+                                 static_cast<cuuint64_t>(p.page_stride)};
+  const cuuint32_t box[3] = {128, static_cast<cuuint32_t>(p.block_size < kBN ? p.block_size : kBN),
+                             1};
+  return encode_3d(CU_TENSOR_MAP_DATA_TYPE_UINT8, p.kv_cache, dims, strides, box, map);
 }
 
 // The queries as [num_tokens][num_heads][576], boxes of 64 columns x min(H, 64) heads x
@@ -80,10 +102,8 @@ bool encode_q_map(const DecodeParams& p, CUtensorMap* map) {
                                  static_cast<cuuint64_t>(p.q_stride_t) * 2};
   const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(H < kBM ? H : kBM),
                              static_cast<cuuint32_t>(H < kBM ? kBM / H : 1)};
-  return encode_3d(p, p.q, dims, strides, box, map);
+  return encode_3d(q_type(p), p.q, dims, strides, box, map);
 }
-
-bool block_size_ok(int bs) { return bs >= 16 && (kBN % bs == 0 || bs % kBN == 0); }
 
 cudaError_t run(const DecodeParams& p, cudaStream_t stream, RunKernel tile, RunKernel pair) {
   CUtensorMap map, q_map{};
@@ -93,18 +113,21 @@ cudaError_t run(const DecodeParams& p, cudaStream_t stream, RunKernel tile, RunK
   return (p.variant == sm80::kHopperPair ? pair : tile)(map, q_map, pq, stream);
 }
 
-// fp8 / fp8_ds_mla: the pair kernel copies raw entries in its producer warpgroup (no TMA map);
-// fp8 on fp16 operands (bf16 or fp16 queries), fp8_ds_mla on bf16.
+// fp8 / fp8_ds_mla: the pair kernel's producer loads raw entries through TMA boxes of bytes
+// (kv_tma) where the block size and strides allow, else copies them with cp.async; fp8 on
+// fp16 operands (bf16 or fp16 queries), fp8_ds_mla on bf16.
 cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream) {
   const CUtensorMap unused{};
+  CUtensorMap map{};
   DecodeParams pq = p;
   pq.q_tma = 0;  // the queries are scaled per row as they load (fp8) or taken as is
+  pq.kv_tma = encode_raw_map(p, &map) ? 1 : 0;
   if (p.kv_format == kKvDsMla) {
-    return run_instance<__nv_bfloat16, kKvDsMla, __nv_bfloat16, true>(unused, unused, pq, stream);
+    return run_instance<__nv_bfloat16, kKvDsMla, __nv_bfloat16, true>(map, unused, pq, stream);
   }
   return p.q_dtype == kBF16
-             ? run_instance<__half, kKvFp8, __nv_bfloat16, true>(unused, unused, pq, stream)
-             : run_instance<__half, kKvFp8, __half, true>(unused, unused, pq, stream);
+             ? run_instance<__half, kKvFp8, __nv_bfloat16, true>(map, unused, pq, stream)
+             : run_instance<__half, kKvFp8, __half, true>(map, unused, pq, stream);
 }
 
 }  // namespace
@@ -113,8 +136,8 @@ int decode_smem_bytes(bool pair) { return pair ? kPairSmemBytes : kSmemBytes; }
 
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.kv_format == kKvFp8 || p.kv_format == kKvDsMla) {
-    // Raw entries through 16-byte cp.async: any block size, strides in bytes.
-    // fp8: bf16 or fp16 queries; fp8_ds_mla: bf16.
+    // Raw entries through TMA boxes of bytes, or 16-byte cp.async for block sizes the boxes
+    // do not tile: any block size, strides in bytes. fp8: bf16 or fp16 queries; fp8_ds_mla: bf16.
     const bool q_ok = p.q_dtype == kBF16 || (p.q_dtype == kFP16 && p.kv_format == kKvFp8);
     if (p.variant != sm80::kHopperPair || !q_ok || p.block_size < 1 ||
         p.token_stride % 16 || p.page_stride % 16 || reinterpret_cast<uintptr_t>(p.kv_cache) % 16 ||

@@ -1,17 +1,20 @@
-// fp8 / fp8_ds_mla caches in the pair kernel: the producer warpgroup's four warps copy raw cache
-// entries into the stages and the consumer warpgroups expand them in place into the 16-bit
-// layout a 16-bit cache gets from TMA (64-row x 128-byte chunks, 128-byte swizzle), right before
-// their wgmma read them.
+// fp8 / fp8_ds_mla caches in the pair kernel: the producer warpgroup loads raw cache entries
+// into the stages and the consumer warpgroups expand them in place into the 16-bit layout a
+// 16-bit cache gets from TMA (64-row x 128-byte chunks, 128-byte swizzle), right before their
+// wgmma read them. Two producers: TMA boxes of raw bytes issued by one warp (p.kv_tma, the
+// block sizes and strides TMA takes; "Raw entries through TMA" below), else 16-byte copies by
+// all four warps (any block size; described here). The copies cost ~2.9k cycles a pair at 128
+// heads (an H100 trace with them left out: 11.3k -> 8.5k cycles a pair), mostly issuing them.
 //
-// A part of a stage (chunks 0..3, or chunks 4..7 + rope) is copied by all 128 producer threads,
-// 16 tokens a warp: every thread cp.async-copies its raw 16-byte pieces (16 e4m3 values) into
-// the first of the two 16-byte slots their 16-bit values will occupy (so the raw bytes need no
+// Copies: a part of a stage (chunks 0..3, or chunks 4..7 + rope) is copied by all 128 producer
+// threads, 16 tokens a warp: every thread cp.async-copies its raw 16-byte pieces (16 e4m3 values)
+// into the first of the two 16-byte slots their 16-bit values will occupy (so the raw bytes need no
 // staging space: the pair kernel uses all of the sm_90 shared memory), and the copies' landing
 // completes the part's `full` barrier (cp.async.mbarrier.arrive, one a thread). The consumer
-// warpgroup that computes the part's scores then expands it (convert_part: each thread the
-// pieces a producer thread of the same warp index copied, every raw piece of two chunks read
-// before any is written), the second part while the first part's k-steps run. The producer
-// alone, copying and converting, took ~12k cycles a pair against the consumers' ~8k.
+// warpgroup that computes the part's scores then expands it (convert_part: each thread the pieces a
+// producer thread of the same warp index copied, every raw piece of two chunks read before any is
+// written), the second part while the first part's k-steps run. The producer alone, copying and
+// converting, took ~12k cycles a pair against the consumers' ~8k.
 // fp8 (per-tensor scale) expands to fp16: e4m3 -> f16 is exact and one instruction per two
 // values (the queries are scaled into fp16 per row by the consumers); k_scale is applied to the
 // scores and the output. fp8_ds_mla expands to bf16: e4m3 -> f16 -> f32, times the tile scale
@@ -316,6 +319,153 @@ __device__ __forceinline__ void convert_part(unsigned char* kv, int half, int wq
   }
   fence_proxy_async_smem();
   named_barrier(bar, 128);
+}
+
+// ---- Raw entries through TMA (p.kv_tma: block sizes the boxes tile; kv_map is a byte map of
+// the cache, decode_hopper.cu). A stage part arrives as boxes of 128 bytes x the tile's
+// positions, each landing (128-byte swizzle) in a chunk that its 16-bit values fill:
+//   latent bytes 256 half + 128 j (j = 0, 1) -> chunk 4 half + 2 j, expanding into chunks
+//   4 half + 2 j (its 16-byte pieces 0..3) and 4 half + 2 j + 1 (pieces 4..7);
+//   fp8, part 1: bytes 512..639 (the 64 RoPE values, zero-filled past the entry) -> chunk 8,
+//   expanding in place;
+//   fp8_ds_mla: bytes 512..639 (the 4 tile scales first) -> chunk 4 half + 1, read before
+//   box j = 0 expands over them; part 1 also its bf16 RoPE, bytes 528..655 -> chunk 8, final.
+// A token's raw bytes and their 16-bit values share the token's row of a chunk pair, so an
+// expansion only needs the row's two lanes in step (__syncwarp), no barrier among warps; the
+// producer is one warp issuing 2-4 boxes a part instead of 128 threads' 16-byte copies.
+template <int FMT>
+struct RawBoxes {
+  static constexpr bool kDs = FMT == kKvDsMla;
+  __device__ __forceinline__ static int count(int half) {
+    return 2 + (half == 1 || kDs ? 1 : 0) + (kDs && half == 1 ? 1 : 0);
+  }
+  // Box j of part `half`: its first byte in the entry and the chunk it lands in.
+  __device__ __forceinline__ static void box(int half, int j, int& col, int& ch) {
+    if (j < 2) {
+      col = 256 * half + 128 * j;
+      ch = 4 * half + 2 * j;
+    } else if (kDs && j == 2) {  // the tile scales
+      col = 512;
+      ch = 4 * half + 1;
+    } else {  // the RoPE
+      col = kDs ? 528 : 512;
+      ch = kChunks - 1;
+    }
+  }
+};
+
+// One part of a tile through TMA by a whole warp (pages from prefetch_pages, `slot` 0: the
+// pair's first tile, 4: its second); completes `bar` once. Lane 0 issues.
+template <int FMT>
+__device__ __forceinline__ void issue_part_raw(const TileLoader& ld, unsigned char* dst,
+                                               uint64_t* bar, int tile_start, int half, int pages,
+                                               int slot, int lane) {
+  const int pieces = ld.pieces(tile_start), n = RawBoxes<FMT>::count(half);
+  if (lane == 0) {
+    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(pieces * n * ld.rows * 128));
+  }
+  for (int k = 0; k < pieces; ++k) {
+    const int page = __shfl_sync(0xffffffffu, pages, slot + k);
+    if (lane == 0) {
+      const int in_page = (tile_start + k * ld.rows) % ld.block_size;
+      for (int j = 0; j < n; ++j) {
+        int col, ch;
+        RawBoxes<FMT>::box(half, j, col, ch);
+        tma_load_3d(dst + ch * kChunk + k * ld.rows * 128, ld.map, bar, col, in_page, page);
+      }
+    }
+  }
+}
+
+// L2 prefetch of a whole tile's raw entries (as prefetch_tile_l2).
+template <int FMT>
+__device__ __forceinline__ void prefetch_raw_l2(const TileLoader& ld, int tile_start, int pages,
+                                                int slot, int lane) {
+  const int pieces = ld.pieces(tile_start);
+  for (int k = 0; k < pieces; ++k) {
+    const int page = __shfl_sync(0xffffffffu, pages, slot + k);
+    if (lane == 0) {
+      const int in_page = (tile_start + k * ld.rows) % ld.block_size;
+      for (int col = 0; col <= 512; col += 128) tma_prefetch_l2_3d(ld.map, col, in_page, page);
+      if constexpr (FMT == kKvDsMla) tma_prefetch_l2_3d(ld.map, 528, in_page, page);
+    }
+  }
+}
+
+// e4m3 x 16 (one raw piece) -> 16-bit values at row + w (the first 8) and row + (w ^ 16).
+template <typename T, bool kScaled>
+__device__ __forceinline__ void expand_piece(const uint4& r, unsigned char* row, int w, float sc) {
+  uint4 lo, hi;
+  e4m3x4_to<T, kScaled>(r.x, sc, lo.x, lo.y);
+  e4m3x4_to<T, kScaled>(r.y, sc, lo.z, lo.w);
+  e4m3x4_to<T, kScaled>(r.z, sc, hi.x, hi.y);
+  e4m3x4_to<T, kScaled>(r.w, sc, hi.z, hi.w);
+  *reinterpret_cast<uint4*>(row + w) = lo;
+  *reinterpret_cast<uint4*>(row + (w ^ 16)) = hi;
+}
+
+__device__ __forceinline__ uint4 shfl_xor16(const uint4& v) {
+  return make_uint4(__shfl_xor_sync(0xffffffffu, v.x, 16), __shfl_xor_sync(0xffffffffu, v.y, 16),
+                    __shfl_xor_sync(0xffffffffu, v.z, 16), __shfl_xor_sync(0xffffffffu, v.w, 16));
+}
+
+// One raw box's row (a token; lanes l and l ^ 16 share it, `odd` = l / 16) -> 16-bit values.
+// Raw piece k (16 bytes) sits in slot k ^ (t % 8) of the box's chunk; its values go to slots
+// 2 (k % 4), 2 (k % 4) + 1 (swizzled) of that chunk (k < 4) or the next. Each lane reads the
+// four raw slots its own values will overwrite in the box's chunk (the copying producer's
+// slots: Fp8Slots a, a ^ 16, b = a ^ 64, b ^ 16), which hold pieces 2 odd, 2 odd + 1, 2 odd + 4,
+// 2 odd + 5; the two lanes swap one of each pair (lane 0 needs 2 and 6, lane 1 needs 1 and 5),
+// so every lane writes only slots it read itself: no write lands on raw bytes the other lane
+// has yet to read. `a`: this lane's Fp8Slots::a; kN: 2 (the fp8 RoPE box: pieces 0..3) or 4.
+template <typename T, int kN, bool kScaled>
+__device__ __forceinline__ void expand_box(unsigned char* row, int a, int odd, float sc = 1.f) {
+  const int keep = a ^ (16 * odd), send = keep ^ 16;  // lane 0 keeps piece 0, lane 1 piece 3
+  const int wk = a ^ (64 * odd);                      // where the kept piece's values go
+  // Pieces 4..7 first (raw in the b slots, values to the next chunk), then 0..3, whose values
+  // land on the b slots too: a lane only ever writes slots it has read itself.
+#pragma unroll
+  for (int i = kN / 2 - 1; i >= 0; --i) {
+    const uint4 kp = *reinterpret_cast<const uint4*>(row + (keep ^ (64 * i)));
+    const uint4 gp = shfl_xor16(*reinterpret_cast<const uint4*>(row + (send ^ (64 * i))));
+    expand_piece<T, kScaled>(kp, row + i * kChunk, wk, sc);
+    expand_piece<T, kScaled>(gp, row + i * kChunk, wk ^ 64, sc);
+  }
+}
+
+// convert_part for a part that arrived through TMA (RawBoxes' layout).
+template <typename T, int FMT>
+__device__ __forceinline__ void convert_part_tma(unsigned char* kv, int half, int wq, int lane,
+                                                 int bar) {
+  asm volatile("" : "+r"(lane));
+  const int t = 16 * wq + (lane & 15), odd = lane >> 4;
+  const int a = Fp8Slots(t, odd).a;
+  unsigned char* const row = kv + 4 * half * kChunk + t * 128;  // the part's first chunk
+  if constexpr (FMT == kKvDsMla) {
+    // Tile scales 2 half, 2 half + 1: bytes 8 half .. of the scales box's first piece, read
+    // by both lanes of the row before box 0's values land there.
+    const float2 sc =
+        *reinterpret_cast<const float2*>(row + kChunk + ((t & 7) << 4) + 8 * half);
+    __syncwarp();
+    expand_box<T, 4, true>(row, a, odd, sc.x);
+    expand_box<T, 4, true>(row + 2 * kChunk, a, odd, sc.y);
+  } else {
+    expand_box<T, 4, false>(row, a, odd);
+    expand_box<T, 4, false>(row + 2 * kChunk, a, odd);
+    if (half == 1) expand_box<T, 2, false>(row + 4 * kChunk, a, odd);
+  }
+  fence_proxy_async_smem();
+  named_barrier(bar, 128);
+}
+
+// The consumers' expansion of part `half` of their stage, for either producer (`tma`: p.kv_tma).
+template <typename T, int FMT>
+__device__ __forceinline__ void expand_part(bool tma, unsigned char* kv, int half, int wq,
+                                            int lane, int bar) {
+  if (tma) {
+    convert_part_tma<T, FMT>(kv, half, wq, lane, bar);
+  } else {
+    convert_part<T, FMT>(kv, half, wq, lane, bar);
+  }
 }
 
 }  // namespace sm90

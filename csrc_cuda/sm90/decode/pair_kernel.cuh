@@ -157,6 +157,56 @@ __device__ __forceinline__ void store_p(unsigned char* chunk, const uint32_t (&p
   }
 }
 
+// The producer's TMA loop (16-bit caches, and quantized ones with p.kv_tma): one warp issues
+// every load, lanes 0..7 holding the block-table pages of the two tiles in flight, and (in row
+// tile 0's CTA: prefetches_l2) prefetches the next pair's tiles into L2. It runs ahead into the
+// next segment while the consumers finish this one.
+template <int FMT, class Smem>
+__device__ __forceinline__ void produce_tma(const CUtensorMap* map, const DecodeParams& p,
+                                            Smem& sm, PartWalker& walk, int m_tile, int lane) {
+  int fills[kStages] = {0, 0};  // loads of each stage so far
+  Segment seg;
+  while (walk.next(p, sm.sched, seg)) {
+    sm80::CtaRows c;
+    if (!segment_rows(p, seg, m_tile, c)) continue;
+    const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
+    const TileLoader ld{map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
+                        p.block_size, min(p.block_size, kBN), c.kv_hi};
+    int pages = prefetch_pages(ld, c.kv_lo, c.kv_lo + kBN, lane);
+    PAIR_SPAN(1);
+    for (int ta = 0; ta < n_tiles; ta += 2) {
+      const int pages_next = prefetch_pages(ld, c.kv_lo + (ta + 2) * kBN,
+                                            c.kv_lo + (ta + 3) * kBN, lane);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // the order the consumers release the parts in a pair
+        const auto [st, half] = release_slot(j);
+        if (ta + st >= n_tiles) continue;
+        if (fills[st] > 0) mbar_wait(&sm.empty[st][half], (fills[st] - 1) & 1);
+        const int start = c.kv_lo + (ta + st) * kBN;
+        if constexpr (FMT == kKv16) {
+          issue_part_warp(ld, sm.kv[st], &sm.full[st][half], start, 4 * half, half == 1, pages,
+                          4 * st, lane);
+        } else {
+          issue_part_raw<FMT>(ld, sm.kv[st], &sm.full[st][half], start, half, pages, 4 * st,
+                              lane);
+        }
+      }
+      ++fills[0];
+      if (ta + 1 < n_tiles) ++fills[1];
+      if (prefetches_l2(m_tile)) {
+        for (int k = 2; k < 4; ++k) {
+          if constexpr (FMT == kKv16) {
+            prefetch_tile_l2(ld, c.kv_lo + (ta + k) * kBN, pages_next, 4 * (k - 2), lane);
+          } else {
+            prefetch_raw_l2<FMT>(ld, c.kv_lo + (ta + k) * kBN, pages_next, 4 * (k - 2), lane);
+          }
+        }
+      }
+      pages = pages_next;
+    }
+  }
+}
+
 // FMT: kKv16 (TMA loads of a T cache; kv_map describes it) or kKvFp8 / kKvDsMla (raw entries
 // copied by the producer warpgroup and expanded to T by the consumers, pair_fp8_fill.cuh;
 // kv_map unused). T is the wgmma operand type, TQ the queries' and the output's. fp8 runs on
@@ -186,12 +236,12 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   PAIR_SPAN(0);
 
   if (tid == 0) {
-    if constexpr (FMT == kKv16) tma_prefetch_desc(&kv_map);
+    if (FMT == kKv16 || p.kv_tma) tma_prefetch_desc(&kv_map);
     for (int s = 0; s < kStages; ++s) {
       for (int half = 0; half < 2; ++half) {
-        // TMA: one arrival + bytes; quantized caches: one arrival a producer thread (on its
-        // copies' landing).
-        mbar_init(&sm.full[s][half], FMT == kKv16 ? 1 : 128);
+        // TMA: one arrival + bytes; quantized caches' copies: one arrival a producer thread
+        // (on its copies' landing).
+        mbar_init(&sm.full[s][half], FMT == kKv16 || p.kv_tma ? 1 : 128);
         mbar_init(&sm.empty[s][half], 4);  // the 4 warps of the releasing warpgroup
       }
     }
@@ -209,44 +259,16 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   walk.init(p, sm.sched, part);
   Segment seg;
   if (wg == 2) {
-    // ---- Producer warpgroup: one warp issues every TMA load (lanes 0..7 hold the block-table
-    // pages of the two tiles in flight) and, in row tile 0, prefetches the next pair's tiles into
-    // L2. It runs ahead into the next segment while the consumers finish this one.
+    // ---- Producer warpgroup: one warp issues every TMA load (produce_tma); quantized caches
+    // that TMA cannot tile are copied by all four warps (produce_fp8).
     setmaxnreg_dec<kProducerRegs>();
     if constexpr (FMT != kKv16) {
-      produce_fp8<FMT>(p, sm, walk, m_tile, wq, lane);
-      return;
-    }
-    if (wq != 0) return;
-    int fills[kStages] = {0, 0};  // loads of each stage so far
-    while (walk.next(p, sm.sched, seg)) {
-      sm80::CtaRows c;
-      if (!segment_rows(p, seg, m_tile, c)) continue;
-      const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
-      const TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
-                          p.block_size, min(p.block_size, kBN), c.kv_hi};
-      int pages = prefetch_pages(ld, c.kv_lo, c.kv_lo + kBN, lane);
-      PAIR_SPAN(1);
-      for (int ta = 0; ta < n_tiles; ta += 2) {
-        const int pages_next = prefetch_pages(ld, c.kv_lo + (ta + 2) * kBN,
-                                              c.kv_lo + (ta + 3) * kBN, lane);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {  // the order the consumers release the parts in a pair
-          const auto [st, half] = release_slot(j);
-          if (ta + st >= n_tiles) continue;
-          if (fills[st] > 0) mbar_wait(&sm.empty[st][half], (fills[st] - 1) & 1);
-          issue_part_warp(ld, sm.kv[st], &sm.full[st][half], c.kv_lo + (ta + st) * kBN,
-                          4 * half, half == 1, pages, 4 * st, lane);
-        }
-        ++fills[0];
-        if (ta + 1 < n_tiles) ++fills[1];
-        if (prefetches_l2(m_tile)) {
-          prefetch_tile_l2(ld, c.kv_lo + (ta + 2) * kBN, pages_next, 0, lane);
-          prefetch_tile_l2(ld, c.kv_lo + (ta + 3) * kBN, pages_next, 4, lane);
-        }
-        pages = pages_next;
+      if (!p.kv_tma) {
+        produce_fp8<FMT>(p, sm, walk, m_tile, wq, lane);
+        return;
       }
     }
+    if (wq == 0) produce_tma<FMT>(&kv_map, p, sm, walk, m_tile, lane);
     return;
   }
   setmaxnreg_inc<kConsumerRegs>();
@@ -255,6 +277,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   const int r0 = 16 * wq + (lane >> 2);
   // fp8: the stages hold the e4m3 values; k_scale goes on the scores and on the output.
   const float kv_scale = FMT == kKvFp8 ? *p.k_scale : 1.f;
+  const bool kv_tma = p.kv_tma != 0;  // quantized caches: which producer filled the stages
   const float scale_log2 = p.softmax_scale * kv_scale * 1.4426950408889634f;
   const uint64_t q_desc = gmma_desc_sw128(sm.q, 16, 1024);
   unsigned char* const own = sm.kv[wg];  // the stage whose scores this warpgroup computes
@@ -315,7 +338,9 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         PAIR_SPAN_SEG(segs, pi == 0 ? 5 : 6);
         // Quantized caches: the part holds raw e4m3 pieces; this warpgroup expands them (the
         // second part while the first part's k-steps run).
-        if constexpr (FMT != kKv16) convert_part<T, FMT>(own, wg, wq, lane, kBarOwn0 + wg);
+        if constexpr (FMT != kKv16) {
+          expand_part<T, FMT>(kv_tma, own, wg, wq, lane, kBarOwn0 + wg);
+        }
         fence_regs(s);
         wgmma_fence();
         qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * wg, true);
@@ -325,7 +350,9 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         }
         mbar_wait(&sm.full[wg][wg ^ 1], par);
         PAIR_TRACE(2);
-        if constexpr (FMT != kKv16) convert_part<T, FMT>(own, wg ^ 1, wq, lane, kBarOwn0 + wg);
+        if constexpr (FMT != kKv16) {
+          expand_part<T, FMT>(kv_tma, own, wg ^ 1, wq, lane, kBarOwn0 + wg);
+        }
         wgmma_fence();
         qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * (wg ^ 1), false);
         if (wg == 0) {
