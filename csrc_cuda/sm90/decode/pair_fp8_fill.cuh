@@ -409,26 +409,45 @@ __device__ __forceinline__ uint4 shfl_xor16(const uint4& v) {
                     __shfl_xor_sync(0xffffffffu, v.z, 16), __shfl_xor_sync(0xffffffffu, v.w, 16));
 }
 
-// One raw box's row (a token; lanes l and l ^ 16 share it, `odd` = l / 16) -> 16-bit values.
-// Raw piece k (16 bytes) sits in slot k ^ (t % 8) of the box's chunk; its values go to slots
+// Raw boxes' rows (a token; lanes l and l ^ 16 share it, `odd` = l / 16) -> 16-bit values.
+// Raw piece k (16 bytes) sits in slot k ^ (t % 8) of its box's chunk; its values go to slots
 // 2 (k % 4), 2 (k % 4) + 1 (swizzled) of that chunk (k < 4) or the next. Each lane reads the
 // four raw slots its own values will overwrite in the box's chunk (the copying producer's
 // slots: Fp8Slots a, a ^ 16, b = a ^ 64, b ^ 16), which hold pieces 2 odd, 2 odd + 1, 2 odd + 4,
 // 2 odd + 5; the two lanes swap one of each pair (lane 0 needs 2 and 6, lane 1 needs 1 and 5),
 // so every lane writes only slots it read itself: no write lands on raw bytes the other lane
-// has yet to read. `a`: this lane's Fp8Slots::a; kN: 2 (the fp8 RoPE box: pieces 0..3) or 4.
-template <typename T, int kN, bool kScaled>
-__device__ __forceinline__ void expand_box(unsigned char* row, int a, int odd, float sc = 1.f) {
+// has yet to read. Pieces 4..7 of every box first (their values go to the next chunk), then
+// 0..3 (whose values land on the slots of 4..7): two rounds of loads for the whole part, each
+// all its boxes' loads before any store (their latency under the wgmma's shared-memory traffic
+// is what the expansion waits on). `a`: this lane's Fp8Slots::a; box j's chunk row at
+// row + box_off[j]; kRope: part 1 of fp8, with the RoPE box (pieces 0..3 only) at row + 4 kChunk.
+template <typename T, bool kScaled, bool kRope>
+__device__ __forceinline__ void expand_boxes(unsigned char* row, int a, int odd, float sc0,
+                                             float sc1) {
   const int keep = a ^ (16 * odd), send = keep ^ 16;  // lane 0 keeps piece 0, lane 1 piece 3
   const int wk = a ^ (64 * odd);                      // where the kept piece's values go
-  // Pieces 4..7 first (raw in the b slots, values to the next chunk), then 0..3, whose values
-  // land on the b slots too: a lane only ever writes slots it has read itself.
 #pragma unroll
-  for (int i = kN / 2 - 1; i >= 0; --i) {
-    const uint4 kp = *reinterpret_cast<const uint4*>(row + (keep ^ (64 * i)));
-    const uint4 gp = shfl_xor16(*reinterpret_cast<const uint4*>(row + (send ^ (64 * i))));
-    expand_piece<T, kScaled>(kp, row + i * kChunk, wk, sc);
-    expand_piece<T, kScaled>(gp, row + i * kChunk, wk ^ 64, sc);
+  for (int i = 1; i >= 0; --i) {
+    uint4 k[2], g[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      k[j] = *reinterpret_cast<const uint4*>(row + 2 * j * kChunk + (keep ^ (64 * i)));
+      g[j] = *reinterpret_cast<const uint4*>(row + 2 * j * kChunk + (send ^ (64 * i)));
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      g[j] = shfl_xor16(g[j]);
+      unsigned char* const dst = row + (2 * j + i) * kChunk;
+      expand_piece<T, kScaled>(k[j], dst, wk, j ? sc1 : sc0);
+      expand_piece<T, kScaled>(g[j], dst, wk ^ 64, j ? sc1 : sc0);
+    }
+  }
+  if constexpr (kRope) {  // raw pieces 0..3 only (4..7: the box's zero fill past the entry)
+    unsigned char* const rope = row + 4 * kChunk;
+    const uint4 kr = *reinterpret_cast<const uint4*>(rope + keep);
+    const uint4 gr = shfl_xor16(*reinterpret_cast<const uint4*>(rope + send));
+    expand_piece<T, kScaled>(kr, rope, wk, 1.f);
+    expand_piece<T, kScaled>(gr, rope, wk ^ 64, 1.f);
   }
 }
 
@@ -446,12 +465,11 @@ __device__ __forceinline__ void convert_part_tma(unsigned char* kv, int half, in
     const float2 sc =
         *reinterpret_cast<const float2*>(row + kChunk + ((t & 7) << 4) + 8 * half);
     __syncwarp();
-    expand_box<T, 4, true>(row, a, odd, sc.x);
-    expand_box<T, 4, true>(row + 2 * kChunk, a, odd, sc.y);
+    expand_boxes<T, true, false>(row, a, odd, sc.x, sc.y);
+  } else if (half == 1) {
+    expand_boxes<T, false, true>(row, a, odd, 1.f, 1.f);
   } else {
-    expand_box<T, 4, false>(row, a, odd);
-    expand_box<T, 4, false>(row + 2 * kChunk, a, odd);
-    if (half == 1) expand_box<T, 2, false>(row + 4 * kChunk, a, odd);
+    expand_boxes<T, false, false>(row, a, odd, 1.f, 1.f);
   }
   fence_proxy_async_smem();
   named_barrier(bar, 128);
