@@ -256,13 +256,14 @@ def test_cuda_kernels_report_without_hopper_build(monkeypatch):
 
 
 def test_cuda_sched_fixed_per_kernel_and_format():
-    """The device schedule's fixed cost: the pair kernel's own for 16-bit caches, a smaller one
-    when it expands a quantized cache (its tiles cost more); other kernels by name."""
+    """The device schedule's fixed cost: the pair kernel's own for 16-bit and per-tensor fp8
+    caches, a smaller one when it expands fp8_ds_mla (its tiles cost more); other kernels by
+    name."""
     from portmla.backends import cuda as cuda_backend
 
     key = cuda_backend.sched_fixed_key
     assert key("hopper", "bfloat16") == key("hopper", "auto") == "hopper"
-    assert key("hopper", "fp8") == key("hopper", "fp8_ds_mla") == "hopper_quant"
+    assert key("hopper", "fp8") == "hopper" and key("hopper", "fp8_ds_mla") == "hopper_quant"
     assert key("hopper_tile", "fp8") == "hopper_tile" and key("quant", "fp8") == "quant"
     fixed = cuda_backend.SCHED_FIXED
     assert fixed["hopper_quant"] < fixed["hopper"] and all(v >= 1 for v in fixed.values())

@@ -64,10 +64,11 @@ MAX_GRID_Y = 65535
 # Hopper kernels: the device schedule (csrc_cuda/common/schedule.cuh) gives each of
 # num_parts CTAs per row tile the same share of all sequences' KV tiles, plus this fixed cost
 # per sequence (Q load, epilogue) in tiles, per kernel (``sched_fixed_key``); fitted to H100
-# sweeps (scripts/cuda_split_sweep.py). "hopper_quant": the pair kernel expanding an fp8 /
-# fp8_ds_mla cache, whose tiles cost more (3 vs 6 at 128 heads: fp8 128q1s4k 461.6 vs 467.8 us,
-# 64q1s16k 864.5 vs 873.8, 32q1s4k 135.5 vs 141.6, fp8_ds_mla 128q1s4k 566.9 vs 577.6; re-swept
-# with the consumers expanding: fp8 3 still best or within 1 %).
+# sweeps (scripts/cuda_split_sweep.py). "hopper_quant": the pair kernel expanding an
+# fp8_ds_mla cache, whose tiles cost more (3; 6 at 128 heads: 128q1s4k 406.4 vs 407.9 us,
+# 64q1s16k 770.5 vs 745.0 at 08759cd). Per-tensor fp8 takes the 16-bit caches' value since its
+# raw entries come through TMA (08759cd sweep, 3 vs 6: 128q1s4k 369.5 vs 362.0, 128q1s8k 654.3
+# vs 645.8, 64q1s16k 646.9 vs 640.8, 32q1s4k 111.4 vs 109.8; it was 3 while copied).
 SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "quant": 2, "hopper_quant": 3}
 MAX_GRID_PARTS = 65535
 QUANT_FORMATS = ("fp8", "fp8_ds_mla")
@@ -115,7 +116,7 @@ def hopper_block_size_ok(block_size: int) -> bool:
 
 def sched_fixed_key(kernel: str, kv_format: str) -> str:
     """The ``SCHED_FIXED`` entry of ``kernel`` with a ``kv_format`` cache."""
-    return "hopper_quant" if kernel == "hopper" and kv_format in QUANT_FORMATS else kernel
+    return "hopper_quant" if kernel == "hopper" and kv_format == "fp8_ds_mla" else kernel
 
 
 def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
