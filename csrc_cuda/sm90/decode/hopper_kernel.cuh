@@ -201,27 +201,41 @@ __device__ __forceinline__ int prefetch_pages(const TileLoader& ld, int start0, 
   return lane < 8 && pos < ld.kv_hi && k * ld.rows < kBN ? ld.bt[pos / ld.block_size] : 0;
 }
 
-// One part of a tile, loaded by a whole warp with the pages from prefetch_pages (`slot` 0:
-// its first tile, 4: its second): the 4 latent chunks from `c0` (columns 64 c0 ..), plus the
-// rope chunk 8 when `rope`; completes `bar` once. Lane 0 issues.
-__device__ __forceinline__ void issue_part_warp(const TileLoader& ld, unsigned char* dst,
-                                                uint64_t* bar, int tile_start, int c0, bool rope,
-                                                int pages, int slot, int lane) {
+// TMA boxes of a tile (n of them, `box(j, col, ch)`: box j's first column and its chunk),
+// loaded by a whole warp with the pages from prefetch_pages (`slot` 0: its first tile, 4: its
+// second); completes `bar` once. Lane 0 issues.
+template <class Box>
+__device__ __forceinline__ void issue_boxes_warp(const TileLoader& ld, unsigned char* dst,
+                                                 uint64_t* bar, int tile_start, int n, Box box,
+                                                 int pages, int slot, int lane) {
   const int pieces = ld.pieces(tile_start);
-  const int nch = rope ? 5 : 4;
   if (lane == 0) {
-    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(pieces * nch * ld.rows * 128));
+    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(pieces * n * ld.rows * 128));
   }
   for (int k = 0; k < pieces; ++k) {
     const int page = __shfl_sync(0xffffffffu, pages, slot + k);
     if (lane == 0) {
       const int in_page = (tile_start + k * ld.rows) % ld.block_size;
-      for (int j = 0; j < nch; ++j) {
-        const int ch = j < 4 ? c0 + j : kChunks - 1;
-        tma_load_3d(dst + ch * kChunk + k * ld.rows * 128, ld.map, bar, ch * 64, in_page, page);
+      for (int j = 0; j < n; ++j) {
+        int col, ch;
+        box(j, col, ch);
+        tma_load_3d(dst + ch * kChunk + k * ld.rows * 128, ld.map, bar, col, in_page, page);
       }
     }
   }
+}
+
+// One part of a 16-bit tile: the 4 latent chunks from `c0` (columns 64 c0 ..), plus the rope
+// chunk 8 when `rope`.
+__device__ __forceinline__ void issue_part_warp(const TileLoader& ld, unsigned char* dst,
+                                                uint64_t* bar, int tile_start, int c0, bool rope,
+                                                int pages, int slot, int lane) {
+  issue_boxes_warp(ld, dst, bar, tile_start, rope ? 5 : 4,
+                   [c0](int j, int& col, int& ch) {
+                     ch = j < 4 ? c0 + j : kChunks - 1;
+                     col = ch * 64;
+                   },
+                   pages, slot, lane);
 }
 
 // Whether a CTA of row tile `m_tile` prefetches its KV tiles into L2: the row tiles of a part
@@ -230,18 +244,26 @@ __device__ __forceinline__ void issue_part_warp(const TileLoader& ld, unsigned c
 // prefetching row tile) and the bf16 128-head rows were 5-7 % slower (NOTES.md, twelfth session).
 __device__ __forceinline__ bool prefetches_l2(int m_tile) { return m_tile == 0; }
 
-// L2 prefetch of the whole tile at `tile_start` by a whole warp (pages from prefetch_pages,
-// `slot` as in issue_part_warp); lane 0 issues. Nothing when the tile does not exist.
-__device__ __forceinline__ void prefetch_tile_l2(const TileLoader& ld, int tile_start, int pages,
-                                                 int slot, int lane) {
+// L2 prefetch of the boxes at columns col(0) .. col(n - 1) of the tile at `tile_start` by a
+// whole warp (pages from prefetch_pages, `slot` as in issue_boxes_warp); lane 0 issues.
+// Nothing when the tile does not exist.
+template <class Col>
+__device__ __forceinline__ void prefetch_boxes_l2(const TileLoader& ld, int tile_start, int n,
+                                                  Col col, int pages, int slot, int lane) {
   const int pieces = ld.pieces(tile_start);
   for (int k = 0; k < pieces; ++k) {
     const int page = __shfl_sync(0xffffffffu, pages, slot + k);
     if (lane == 0) {
       const int in_page = (tile_start + k * ld.rows) % ld.block_size;
-      for (int ch = 0; ch < kChunks; ++ch) tma_prefetch_l2_3d(ld.map, ch * 64, in_page, page);
+      for (int j = 0; j < n; ++j) tma_prefetch_l2_3d(ld.map, col(j), in_page, page);
     }
   }
+}
+
+// A whole 16-bit tile: its 9 chunks.
+__device__ __forceinline__ void prefetch_tile_l2(const TileLoader& ld, int tile_start, int pages,
+                                                 int slot, int lane) {
+  prefetch_boxes_l2(ld, tile_start, kChunks, [](int j) { return 64 * j; }, pages, slot, lane);
 }
 
 // Zeroes rows [valid, 64) of the 8 latent (V) chunks of a KV stage: positions past the segment's

@@ -354,42 +354,23 @@ struct RawBoxes {
   }
 };
 
-// One part of a tile through TMA by a whole warp (pages from prefetch_pages, `slot` 0: the
-// pair's first tile, 4: its second); completes `bar` once. Lane 0 issues.
+// One part of a tile through TMA by a whole warp (issue_boxes_warp).
 template <int FMT>
 __device__ __forceinline__ void issue_part_raw(const TileLoader& ld, unsigned char* dst,
                                                uint64_t* bar, int tile_start, int half, int pages,
                                                int slot, int lane) {
-  const int pieces = ld.pieces(tile_start), n = RawBoxes<FMT>::count(half);
-  if (lane == 0) {
-    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(pieces * n * ld.rows * 128));
-  }
-  for (int k = 0; k < pieces; ++k) {
-    const int page = __shfl_sync(0xffffffffu, pages, slot + k);
-    if (lane == 0) {
-      const int in_page = (tile_start + k * ld.rows) % ld.block_size;
-      for (int j = 0; j < n; ++j) {
-        int col, ch;
-        RawBoxes<FMT>::box(half, j, col, ch);
-        tma_load_3d(dst + ch * kChunk + k * ld.rows * 128, ld.map, bar, col, in_page, page);
-      }
-    }
-  }
+  issue_boxes_warp(ld, dst, bar, tile_start, RawBoxes<FMT>::count(half),
+                   [half](int j, int& col, int& ch) { RawBoxes<FMT>::box(half, j, col, ch); },
+                   pages, slot, lane);
 }
 
-// L2 prefetch of a whole tile's raw entries (as prefetch_tile_l2).
+// L2 prefetch of a whole tile's raw entries: boxes at bytes 0, 128, .. 512 (fp8_ds_mla: and
+// 528, its RoPE's last bytes).
 template <int FMT>
 __device__ __forceinline__ void prefetch_raw_l2(const TileLoader& ld, int tile_start, int pages,
                                                 int slot, int lane) {
-  const int pieces = ld.pieces(tile_start);
-  for (int k = 0; k < pieces; ++k) {
-    const int page = __shfl_sync(0xffffffffu, pages, slot + k);
-    if (lane == 0) {
-      const int in_page = (tile_start + k * ld.rows) % ld.block_size;
-      for (int col = 0; col <= 512; col += 128) tma_prefetch_l2_3d(ld.map, col, in_page, page);
-      if constexpr (FMT == kKvDsMla) tma_prefetch_l2_3d(ld.map, 528, in_page, page);
-    }
-  }
+  prefetch_boxes_l2(ld, tile_start, FMT == kKvDsMla ? 6 : 5,
+                    [](int j) { return j < 5 ? 128 * j : 528; }, pages, slot, lane);
 }
 
 // e4m3 x 16 (one raw piece) -> 16-bit values at row + w (the first 8) and row + (w ^ 16).
