@@ -208,8 +208,8 @@ __device__ __forceinline__ void produce_tma(const CUtensorMap* map, const Decode
 }
 
 // FMT: kKv16 (TMA loads of a T cache; kv_map describes it) or kKvFp8 / kKvDsMla (raw entries
-// copied by the producer warpgroup and expanded to T by the consumers, pair_fp8_fill.cuh;
-// kv_map unused). T is the wgmma operand type, TQ the queries' and the output's. fp8 runs on
+// loaded by the producer warpgroup and expanded to T by the consumers, pair_fp8_fill.cuh;
+// kv_map: the cache as bytes when p.kv_tma, else unused). T is the wgmma operand type, TQ the queries' and the output's. fp8 runs on
 // fp16 (e4m3 -> f16 is one instruction per two values; bf16 / fp16 queries are scaled per row
 // into fp16, load_q_pow2), fp8_ds_mla on bf16 with bf16 queries (value x tile scale may leave
 // fp16's range). q_map: the queries' TMA map, used when p.q_tma (16-bit caches).
