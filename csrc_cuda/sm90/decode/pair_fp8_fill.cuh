@@ -102,6 +102,8 @@ __device__ __forceinline__ void e4m3x4_to(uint32_t w, float sc, uint32_t& lo, ui
 // compiler, which would otherwise run each load -> convert -> store chain one after another).
 // `ra` / `rb`: the first slots of the thread's even / odd pieces in the part's first chunk,
 // `ra2` / `rb2` their partner slots; kScaled: values times `sc` (fp8_ds_mla's tile scale).
+// (Its inner loop is expand_piece's work; written through expand_piece, with the partner slots
+// addressed as `w ^ 16` from one base, ptxas spilled 20 B more in the fp8 consumers.)
 template <typename T, int kN, bool kScaled = false>
 __device__ __forceinline__ void expand_chunks(unsigned char* ra, unsigned char* ra2,
                                               unsigned char* rb, unsigned char* rb2, int k0,
@@ -331,8 +333,9 @@ __device__ __forceinline__ void convert_part(unsigned char* kv, int half, int wq
 //   fp8_ds_mla: bytes 512..639 (the 4 tile scales first) -> chunk 4 half + 1, read before
 //   box j = 0 expands over them; part 1 also its bf16 RoPE, bytes 528..655 -> chunk 8, final.
 // A token's raw bytes and their 16-bit values share the token's row of a chunk pair, so an
-// expansion only needs the row's two lanes in step (__syncwarp), no barrier among warps; the
-// producer is one warp issuing 2-4 boxes a part instead of 128 threads' 16-byte copies.
+// expansion only involves the row's two lanes (shuffles; fp8_ds_mla's scales: __syncwarp), no
+// barrier among warps; the producer is one warp issuing 2-4 boxes a part instead of 128
+// threads' 16-byte copies.
 template <int FMT>
 struct RawBoxes {
   static constexpr bool kDs = FMT == kKvDsMla;
@@ -401,7 +404,7 @@ __device__ __forceinline__ uint4 shfl_xor16(const uint4& v) {
 // 0..3 (whose values land on the slots of 4..7): two rounds of loads for the whole part, each
 // all its boxes' loads before any store (their latency under the wgmma's shared-memory traffic
 // is what the expansion waits on). `a`: this lane's Fp8Slots::a; box j's chunk row at
-// row + box_off[j]; kRope: part 1 of fp8, with the RoPE box (pieces 0..3 only) at row + 4 kChunk.
+// row + 2 j kChunk; kRope: part 1 of fp8, with the RoPE box (pieces 0..3 only) at row + 4 kChunk.
 template <typename T, bool kScaled, bool kRope>
 __device__ __forceinline__ void expand_boxes(unsigned char* row, int a, int odd, float sc0,
                                              float sc1) {
