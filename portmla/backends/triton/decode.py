@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import decode_gluon
 from .combine import _combine_kernel, _combine_pieces_kernel, combine_blocks, pieces_combine_blocks
 from .common import (
     DS_TILE,
@@ -667,10 +668,15 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         part_l = torch.empty(num_slots(cfg.parts), rows, dtype=torch.float32, device=q.device)
         launch_schedule(seq_lens, cum, piece, cut, cfg.parts, cfg.sched_fixed, cfg.block_n,
                         elementwise_warps(plat))
-        _decode_sched_kernel[(cfg.row_tiles, cfg.parts)](
-            *head, cum, piece, b, cfg.sched_fixed,
-            out, out.stride(0), out.stride(1), lse if lse is not None else part_l, lse_stride,
-            part_o, part_l, rows, h, scale, WRITE_LSE=lse is not None, **common)
+        if cfg.gluon and cfg.block_n == decode_gluon.BN and decode_gluon.eligible(q, kv_cache, c.block_size, lora,
+                                                                                  rope):
+            decode_gluon.launch(q, kv_cache, block_table, seq_lens, query_start_loc, cum, piece, b,
+                                cfg.sched_fixed, out, lse, part_o, part_l, rows, scale, cfg.row_tiles, cfg.parts)
+        else:
+            _decode_sched_kernel[(cfg.row_tiles, cfg.parts)](
+                *head, cum, piece, b, cfg.sched_fixed,
+                out, out.stride(0), out.stride(1), lse if lse is not None else part_l, lse_stride,
+                part_o, part_l, rows, h, scale, WRITE_LSE=lse is not None, **common)
         if max_cuts(b, cfg.parts) > 0:
             block_r, block_s, block_d = pieces_combine_blocks(cfg.parts, b, rows, block_l)
             grid = (triton.cdiv(rows, block_r), max_cuts(b, cfg.parts), triton.cdiv(lora, block_d))

@@ -89,6 +89,9 @@ class DecodeConfig:
     # ``maxnreg``; 0: the compiler's choice; an experiment of ``scripts/triton_tune.py``).
     quant_read: str = "twice"
     maxnreg: int = 0
+    # The Hopper Gluon kernel (``decode_gluon``) for the scheduled 64-row 16-bit tile, where the
+    # call's shapes and strides allow it (``decode_gluon.eligible``; else this Triton kernel).
+    gluon: bool = False
 
 
 # Hand-set per vendor. CUDA: from the H100 tuning runs (benchmarks/results/triton_h100_notes.md).
@@ -207,7 +210,17 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     quant_read = "pairs_once" if kv_format in ("fp8", "fp8_ds_mla") and block_m < 32 and \
         platform.kind in ("cuda", "cpu") else "twice"
     return DecodeConfig(block_m, block_n, warps, stages, splits, per, row_tiles, exact_ds, scheduled, parts,
-                        sched_fixed, quant_read)
+                        sched_fixed, quant_read, gluon=use_gluon(platform, block_m, kv_format, kv_lora_rank))
+
+
+def use_gluon(platform: Platform, block_m: int, kv_format: str, kv_lora_rank: int) -> bool:
+    """The Gluon kernel for this call's tile: Hopper (sm_90), 64 rows, a 16-bit cache, L = 512
+    (``PORTMLA_TRITON_GLUON=0`` turns it off, for A/B timing). H100: see ``decode_gluon``."""
+    from .decode_gluon import HAVE_GLUON
+
+    return (HAVE_GLUON and platform.kind == "cuda" and not interpreting() and platform.capability is not None
+            and platform.capability[0] == 9 and block_m == 64 and kv_format in ("bfloat16", "float16")
+            and kv_lora_rank == 512 and os.environ.get("PORTMLA_TRITON_GLUON", "1") != "0")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,320 @@
+"""Hopper (sm_90) MLA decode of 64-row tiles in Gluon, Triton's explicit-layout language.
+
+Why a second kernel: Triton lays the 64 x 64 scores of the 8-warp ``_decode_sched_kernel``
+out as ``warpsPerCTA = [8, 1]``, so both warpgroups compute the whole QK^T (576 of the
+1088 multiply-adds per score-and-output element done twice; benchmarks/results/
+triton_h100_notes.md, session 6). Here the layouts are explicit: scores ``[4, 2]`` (each
+warpgroup 32 of the tile's 64 tokens, wgmma m64n32k16), output ``[4, 2]`` (each warpgroup
+256 of the 512 columns, m64n256k16, 128 fp32 registers a thread).
+
+Per CTA (one 64-row tile of one part of the device schedule, ``schedule.py``): a one-warp
+loader partition walks the part's segments and issues TMA boxes (64 rows x 64 columns,
+128-byte swizzle) of each segment's Q rows and of each 64-token KV tile into a two-stage ring
+(``ready`` / ``empty`` mbarriers, a Q buffer with its own pair); the eight-warp default
+partition computes S = Q K^T (nine k-steps of 64 from shared memory), the online softmax
+(row max / sum across the two warpgroups through shared memory, by the compiler), P (bf16 /
+fp16) to shared memory, O += P V (V = the tile's first 512 columns) and the segment's
+epilogue: the output (+ LSE), or float32 partials + LSE of a cut sequence, exactly what
+``decode._decode_sched_kernel`` writes, so ``combine._combine_pieces_kernel`` merges both.
+
+Takes (``eligible``): 16-bit caches with DeepSeek dims (L = 512, R = 64), q in the cache's
+dtype with heads x 576 contiguous, block sizes that are multiples of 64, and strides TMA takes
+(the cache viewed as rows of ``token stride`` elements: the page stride a multiple of it,
+both 16-byte multiples, 16-byte aligned bases). Everything else runs the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - Triton without Gluon (or a different API): the Triton kernel runs
+    HAVE_GLUON = False
+
+BM = 64  # query rows a CTA
+BN = 64  # KV tokens a tile
+BOX = 64  # TMA box columns (128 bytes of a 16-bit value: one swizzle atom)
+NOPE = 512
+ROPE = 64
+ENTRY = NOPE + ROPE
+LOADER_REGS = 48  # the loader warp's register budget (setmaxnreg)
+
+
+def eligible(q: torch.Tensor, kv_cache: torch.Tensor, block_size: int, lora: int, rope: int) -> bool:
+    """Shapes, dtypes and strides this kernel takes (``mla_decode`` runs the Triton kernel
+    otherwise). Host-only checks: the call stays graph-capturable."""
+    if not HAVE_GLUON or lora != NOPE or rope != ROPE or kv_cache.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if q.dtype != kv_cache.dtype or block_size % BN != 0:
+        return False
+    if q.stride(2) != 1 or q.stride(1) != ENTRY or q.stride(0) != q.shape[1] * ENTRY or q.data_ptr() % 16:
+        return False
+    page, tok = kv_cache.stride(0), kv_cache.stride(1)
+    return (kv_cache.stride(2) == 1 and tok >= ENTRY and tok % 8 == 0 and page % tok == 0
+            and kv_cache.data_ptr() % 16 == 0 and kv_rows(kv_cache) < 2**31)
+
+
+def kv_rows(kv_cache: torch.Tensor) -> int:
+    """Rows of the cache's 2D view ``[rows, 576]`` (row stride = the token stride): page ``p``
+    token ``i`` is row ``p * rows_per_page + i``."""
+    rows_per_page = kv_cache.stride(0) // kv_cache.stride(1)
+    return (kv_cache.shape[0] - 1) * rows_per_page + kv_cache.shape[1]
+
+
+if HAVE_GLUON:
+
+    _BM = gl.constexpr(BM)
+    _BN = gl.constexpr(BN)
+    _BOX = gl.constexpr(BOX)
+    _NOPE = gl.constexpr(NOPE)
+    _ROPE = gl.constexpr(ROPE)
+    _LOADER_REGS = gl.constexpr(LOADER_REGS)
+
+    @gluon.jit
+    def _first_seq(cum_ptr, num_seqs, lo):
+        """``schedule.first_seq``: the first sequence whose units reach past unit ``lo``."""
+        left = num_seqs * 0
+        right = num_seqs
+        while left < right:
+            mid = (left + right) // 2
+            if gl.load(cum_ptr + mid + 1) > lo:
+                right = mid
+            else:
+                left = mid + 1
+        return left
+
+    @gluon.jit
+    def _segment(cum_ptr, seq_lens_ptr, qsl_ptr, b, c, c_next, lo, hi, tile, H, sched_fixed,
+                 HAS_QSL: gl.constexpr):
+        """Sequence ``b``'s segment in part ``[lo, hi)`` for row tile ``tile``: ``(run, t0, n_q,
+        seq_len, kv_lo, kv_hi)``; ``run``: the part computes (and writes) the segment, whose KV
+        range ``[kv_lo, kv_hi)`` may be empty (a sequence with no KV tiles)."""
+        first = c + sched_fixed
+        u_lo = gl.maximum(lo - first, 0)
+        u_hi = gl.minimum(hi - first, c_next - first)
+        seq_len = gl.load(seq_lens_ptr + b)
+        if HAS_QSL:
+            t0 = gl.load(qsl_ptr + b)
+            n_q = gl.load(qsl_ptr + b + 1) - t0
+        else:
+            t0 = b
+            n_q = 1
+        tok_last = gl.minimum(n_q - 1, (tile * _BM + _BM - 1) // H)
+        kv_end = seq_len - n_q + tok_last + 1
+        run = ((u_lo < u_hi) | ((c_next == first) & (c >= lo))) & (tile * _BM < n_q * H)
+        kv_lo = (u_lo * _BN).to(gl.int32)
+        kv_hi = gl.minimum(u_hi * _BN, kv_end).to(gl.int32)
+        return run, t0, n_q, seq_len, kv_lo, kv_hi
+
+    @gluon.jit
+    def _loader(q_desc, kv_desc, q_nope, q_rope, kv_nope, kv_rope, q_ready, q_empty, ready, empty,
+                bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, H, rows_per_page,
+                PAGE: gl.constexpr, HAS_QSL: gl.constexpr):
+        """The one-warp TMA partition: the part's segments in order, Q rows then KV tiles."""
+        tile = gl.program_id(0)
+        part = gl.program_id(1)
+        per_part = gl.load(cum_ptr + num_seqs + 1)
+        lo = part.to(gl.int64) * per_part
+        hi = lo + per_part
+        b = _first_seq(cum_ptr, num_seqs, lo)
+        c = gl.load(cum_ptr + b)
+        g = 0  # KV tiles issued so far (ring slot g % 2, its use g // 2)
+        qi = 0  # Q loads issued so far
+        box_bytes: gl.constexpr = _BM * _BOX * 2
+        while (b < num_seqs) & (c < hi):
+            c_next = gl.load(cum_ptr + b + 1)
+            run, t0, n_q, seq_len, kv_lo, kv_hi = _segment(cum_ptr, seq_lens_ptr, qsl_ptr, b, c, c_next, lo, hi,
+                                                           tile, H, sched_fixed, HAS_QSL)
+            if run & (kv_lo < kv_hi):
+                mbarrier.wait(q_empty, (qi & 1) ^ 1)
+                mbarrier.expect(q_ready, 9 * box_bytes)
+                qrow = (t0 * H + tile * _BM).to(gl.int32)
+                for j in gl.static_range(_NOPE // _BOX):
+                    tma.async_copy_global_to_shared(q_desc, [qrow, j * _BOX], q_ready,
+                                                    q_nope.slice(j * _BOX, _BOX, dim=1))
+                tma.async_copy_global_to_shared(q_desc, [qrow, _NOPE], q_ready, q_rope)
+                qi += 1
+                bt_row = bt_ptr + b.to(gl.int64) * stride_bt
+                for start in range(kv_lo, kv_hi, _BN):
+                    s = g % 2
+                    mbarrier.wait(empty.index(s), ((g // 2) & 1) ^ 1)
+                    mbarrier.expect(ready.index(s), 9 * box_bytes)
+                    page = gl.load(bt_row + start // PAGE)
+                    row = page * rows_per_page + start % PAGE
+                    for j in gl.static_range(_NOPE // _BOX):
+                        tma.async_copy_global_to_shared(kv_desc, [row, j * _BOX], ready.index(s),
+                                                        kv_nope.index(s).slice(j * _BOX, _BOX, dim=1))
+                    tma.async_copy_global_to_shared(kv_desc, [row, _NOPE], ready.index(s), kv_rope.index(s))
+                    g += 1
+            b += 1
+            c = c_next
+
+    @gluon.jit
+    def _zero_tail(kv_nope, valid):
+        """Rows ``>= valid`` of a KV stage's first 512 columns set to 0 (cache slots past the
+        sequence may hold NaN, and 0 * NaN is NaN in P V). Generic-proxy writes: fenced."""
+        zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+        for j in gl.static_range(_NOPE // _BOX):
+            box = kv_nope.slice(j * _BOX, _BOX, dim=1)
+            x = box.load(zl)
+            r = gl.arange(0, _BN, gl.SliceLayout(1, zl))
+            box.store(gl.where(gl.expand_dims(r < valid, 1), x, gl.zeros_like(x)))
+        fence_async_shared()
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _compute(q_nope, q_rope, kv_nope, kv_rope, p_smem, q_ready, q_empty, ready, empty,
+                 seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, piece_ptr,
+                 o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, po_ptr, pl_ptr, slot_rows, H, qk_scale,
+                 HAS_QSL: gl.constexpr, WRITE_LSE: gl.constexpr):
+        """The eight-warp partition: every segment's attention and its epilogue."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, _BN // 2, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, _NOPE // 2, 16])
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        tile = gl.program_id(0)
+        part = gl.program_id(1)
+        per_part = gl.load(cum_ptr + num_seqs + 1)
+        lo = part.to(gl.int64) * per_part
+        hi = lo + per_part
+        b = _first_seq(cum_ptr, num_seqs, lo)
+        c = gl.load(cum_ptr + b)
+        g = 0
+        qi = 0
+        rows_s = tile * _BM + gl.arange(0, _BM, row_s)
+        cols_s = gl.arange(0, _BN, gl.SliceLayout(0, s_layout))
+        rows_o = tile * _BM + gl.arange(0, _BM, row_o)
+        cols_o = gl.arange(0, _NOPE, gl.SliceLayout(0, o_layout))
+        while (b < num_seqs) & (c < hi):
+            c_next = gl.load(cum_ptr + b + 1)
+            run, t0, n_q, seq_len, kv_lo, kv_hi = _segment(cum_ptr, seq_lens_ptr, qsl_ptr, b, c, c_next, lo, hi,
+                                                           tile, H, sched_fixed, HAS_QSL)
+            if run:
+                limit = seq_len - n_q + rows_s // H  # the last KV position each row sees (causal)
+                m_i = gl.full([_BM], float("-inf"), gl.float32, row_s)
+                l_i = gl.zeros([_BM], gl.float32, row_s)
+                o = gl.zeros([_BM, _NOPE], gl.float32, o_layout)
+                if kv_lo < kv_hi:
+                    mbarrier.wait(q_ready, qi & 1)
+                    n_tiles = (kv_hi - kv_lo + _BN - 1) // _BN
+                    for j in range(n_tiles):
+                        s = g % 2
+                        start = kv_lo + j * _BN
+                        mbarrier.wait(ready.index(s), (g // 2) & 1)
+                        kvs = kv_nope.index(s)
+                        if kv_hi - start < _BN:
+                            _zero_tail(kvs, kv_hi - start)
+                        acc = gl.zeros([_BM, _BN], gl.float32, s_layout)
+                        for k in gl.static_range(_NOPE // _BOX):
+                            acc = warpgroup_mma(q_nope.slice(k * _BOX, _BOX, dim=1),
+                                                kvs.slice(k * _BOX, _BOX, dim=1).permute((1, 0)), acc, is_async=True)
+                        acc = warpgroup_mma(q_rope, kv_rope.index(s).permute((1, 0)), acc, is_async=True)
+                        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+                        if j == n_tiles - 1:  # the segment's Q is no longer read
+                            gl.thread_barrier()
+                            mbarrier.arrive(q_empty, count=1)
+                        pos = start + cols_s
+                        keep = (gl.expand_dims(pos, 0) < kv_hi) & (gl.expand_dims(pos, 0) <= gl.expand_dims(limit, 1))
+                        sc = gl.where(keep, acc * qk_scale, float("-inf"))
+                        m_new = gl.maximum(m_i, gl.max(sc, axis=1))
+                        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+                        alpha = gl.exp2(m_i - m_use)
+                        p = gl.exp2(sc - gl.expand_dims(m_use, 1))
+                        l_i = l_i * alpha + gl.sum(p, axis=1)
+                        m_i = m_new
+                        p_smem.store(p.to(p_smem.dtype))
+                        fence_async_shared()
+                        gl.thread_barrier()
+                        o = o * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+                        o = warpgroup_mma(p_smem, kvs, o, is_async=True)
+                        o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
+                        gl.thread_barrier()  # both warpgroups done with the stage and with P
+                        mbarrier.arrive(empty.index(s), count=1)
+                        g += 1
+                    qi += 1
+                # epilogue: o / l in the output's dtype (0 where nothing was seen) + natural-log LSE
+                seen = l_i > 0
+                lse = gl.where(seen, (gl.where(seen, m_i, 0.0) + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                               float("-inf"))
+                inv = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), row_o)
+                out = o * gl.expand_dims(inv, 1)
+                ok_o = rows_o < n_q * H
+                ok_s = rows_s < n_q * H
+                base = gl.load(piece_ptr + 2 * b.to(gl.int64))
+                if base >= 0:  # a piece of a cut sequence: float32 partials + LSE in its slot
+                    slot = (base + part - (c + sched_fixed) // per_part).to(gl.int64) * slot_rows
+                    po = po_ptr + (slot + gl.expand_dims(rows_o, 1)) * _NOPE + gl.expand_dims(cols_o, 0)
+                    gl.store(po, out, mask=gl.expand_dims(ok_o, 1))
+                    gl.store(pl_ptr + slot + rows_s, lse, mask=ok_s)
+                else:
+                    t_o = (t0 + rows_o // H).to(gl.int64)
+                    h_o = (rows_o % H).to(gl.int64)
+                    optr = o_ptr + gl.expand_dims(t_o * stride_ot + h_o * stride_oh, 1) + gl.expand_dims(cols_o, 0)
+                    gl.store(optr, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(ok_o, 1))
+                    if WRITE_LSE:
+                        t_s = (t0 + rows_s // H).to(gl.int64)
+                        gl.store(lse_ptr + t_s * stride_lt + rows_s % H, lse, mask=ok_s)
+            b += 1
+            c = c_next
+
+    @gluon.jit
+    def _decode_gluon_kernel(q_desc, kv_desc, bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr,
+                             cum_ptr, piece_ptr, num_seqs, sched_fixed, rows_per_page,
+                             o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, po_ptr, pl_ptr, slot_rows,
+                             H, qk_scale, PAGE: gl.constexpr, HAS_QSL: gl.constexpr, WRITE_LSE: gl.constexpr):
+        dt: gl.constexpr = kv_desc.dtype
+        sl: gl.constexpr = kv_desc.layout
+        q_nope = gl.allocate_shared_memory(dt, [_BM, _NOPE], sl)
+        q_rope = gl.allocate_shared_memory(dt, [_BM, _ROPE], sl)
+        kv_nope = gl.allocate_shared_memory(dt, [2, _BN, _NOPE], sl)
+        kv_rope = gl.allocate_shared_memory(dt, [2, _BN, _ROPE], sl)
+        p_smem = gl.allocate_shared_memory(dt, [_BM, _BN], sl)
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_ready, count=1)
+        mbarrier.init(q_empty, count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize([
+            (_compute, (q_nope, q_rope, kv_nope, kv_rope, p_smem, q_ready, q_empty, ready, empty,
+                        seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, piece_ptr,
+                        o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, po_ptr, pl_ptr, slot_rows, H, qk_scale,
+                        HAS_QSL, WRITE_LSE)),
+            (_loader, (q_desc, kv_desc, q_nope, q_rope, kv_nope, kv_rope, q_ready, q_empty, ready, empty,
+                       bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, H, rows_per_page,
+                       PAGE, HAS_QSL)),
+        ], [1], [_LOADER_REGS])
+
+
+def launch(q, kv_cache, block_table, seq_lens, qsl, cum, piece, num_seqs, sched_fixed, out, lse, part_o, part_l,
+           slot_rows, scale, row_tiles, parts) -> None:
+    """One launch over the device schedule (``cum`` / ``piece`` from ``launch_schedule``);
+    ``qsl`` is None for one query token per sequence. ``scale`` is base 2."""
+    gdt = gl.bfloat16 if kv_cache.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([BOX, BOX], gdt)
+    t, h = q.shape[0], q.shape[1]
+    q_desc = TensorDescriptor(q, [t * h, ENTRY], [ENTRY, 1], [BOX, BOX], layout)
+    kv_desc = TensorDescriptor(kv_cache, [kv_rows(kv_cache), ENTRY], [kv_cache.stride(1), 1], [BOX, BOX], layout)
+    _decode_gluon_kernel[(row_tiles, parts)](
+        q_desc, kv_desc, block_table, block_table.stride(0), seq_lens, qsl if qsl is not None else seq_lens,
+        cum, piece, num_seqs, sched_fixed, kv_cache.stride(0) // kv_cache.stride(1),
+        out, out.stride(0), out.stride(1), lse if lse is not None else part_l, lse.stride(0) if lse is not None else 0,
+        part_o, part_l, slot_rows, h, scale,
+        PAGE=kv_cache.shape[1], HAS_QSL=qsl is not None, WRITE_LSE=lse is not None, num_warps=8)

@@ -1,0 +1,165 @@
+"""The Triton backend's Hopper Gluon decode kernel (``backends/triton/decode_gluon.py``) against
+the torch reference, through the public API on an sm_90 GPU.
+
+The kernel runs only on Hopper: elsewhere the module skips. On an sm_90 device it fails (does
+not skip) when the kernel is not the one that runs. Every case checks that the Gluon launch
+happened (or, for a layout it does not take, that the Triton kernel ran instead); caches are
+NaN-poisoned outside the written slots, outputs NaN-filled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import mla_cases
+import pytest
+import torch
+from conftest import device_under_test
+
+import portmla as pm
+
+DEV = device_under_test()
+if DEV.type != "cuda" or torch.cuda.get_device_capability(DEV)[0] != 9:
+    pytest.skip("the Gluon decode kernel runs on sm_90 GPUs only", allow_module_level=True)
+
+from portmla.backends.triton import decode as tdec  # noqa: E402
+from portmla.backends.triton import decode_gluon  # noqa: E402
+from portmla.backends.triton import launch as tlaunch  # noqa: E402
+
+L = 512
+
+
+@pytest.fixture
+def gluon_launches(monkeypatch):
+    """Counts launches of the Gluon kernel; ``set(parts=, fixed=)`` forces the schedule."""
+    calls = []
+    orig = decode_gluon.launch
+
+    def counted(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(decode_gluon, "launch", counted)
+    return calls
+
+
+def force_schedule(monkeypatch, parts=None, fixed=None):
+    orig = tdec.decode_config
+
+    def cfg(*a):
+        d = orig(*a)
+        return dataclasses.replace(d, parts=parts or d.parts, sched_fixed=fixed or d.sched_fixed)
+
+    monkeypatch.setattr(tdec, "decode_config", cfg)
+
+
+def test_gluon_kernel_is_active_on_this_gpu():
+    assert decode_gluon.HAVE_GLUON, "triton.experimental.gluon did not import"
+    plat = pm.current_platform(DEV)
+    assert tlaunch.decode_config(plat, 8, 128, 1, 4096, "bfloat16", 512).gluon
+
+
+# fmt, block size, heads, seq lens, query lens, layout, parts (None: default), fixed, lse
+CASES = [
+    ("bfloat16", 64, 128, [70, 90, 1, 64, 129], [1] * 5, "contiguous", None, None, True),
+    ("bfloat16", 64, 128, [300, 5], [2, 1], "padded", 3, 1, True),
+    ("float16", 128, 64, [513, 77, 0, 200], [1, 3, 0, 2], "cross_layer", 40, 2, False),
+    ("bfloat16", 256, 16, [1000, 257, 31], [4, 4, 2], "contiguous", 5, 1, True),
+    ("bfloat16", 64, 32, [4096], [2], "padded", 132, 2, True),  # one sequence cut into many pieces
+    ("bfloat16", 64, 48, [100, 50, 3], [1, 1, 1], "contiguous", 4, 1, True),  # 48 of 64 rows used
+    ("bfloat16", 64, 128, [2000, 1500, 64, 700], [3, 1, 2, 1], "cross_layer", None, None, True),
+    ("float16", 64, 128, [4097, 33], [1, 1], "contiguous", 7, 1, True),
+]
+
+
+@pytest.mark.parametrize("fmt,page,heads,lens,qlens,layout,parts,fixed,lse", CASES)
+def test_gluon_decode_matches_reference(fmt, page, heads, lens, qlens, layout, parts, fixed, lse,
+                                        gluon_launches, monkeypatch):
+    force_schedule(monkeypatch, parts, fixed)
+    dtype = torch.float16 if fmt == "float16" else torch.bfloat16
+    case = mla_cases.make_decode_case(lens, qlens, heads=heads, block_size=page, fmt=fmt, layout=layout,
+                                      device=DEV, model_dtype=dtype)
+    out = torch.full((case.q.shape[0], heads, L), float("nan"), dtype=dtype, device=DEV)
+    got = mla_cases.decode(case, "triton", return_lse=lse, out=out)
+    ref = mla_cases.decode(case, "reference", return_lse=lse)
+    assert gluon_launches, "the Gluon kernel did not run"
+    o, r = (got[0], ref[0]) if lse else (got, ref)
+    assert o.data_ptr() == out.data_ptr()
+    assert mla_cases.rel_err(o, r) < 1e-2
+    if lse:
+        assert torch.allclose(got[1], ref[1], atol=2e-3, rtol=1e-3), (got[1] - ref[1]).abs().max()
+
+
+def test_gluon_decode_reference_is_close_to_float64():
+    case = mla_cases.make_decode_case([333, 64], [1, 2], heads=128, block_size=64, device=DEV)
+    out, lse = mla_cases.decode(case, "triton")
+    want, want_lse = mla_cases.decode_float64(case)
+    assert mla_cases.rel_err(out, want) < 1e-2
+    assert torch.allclose(lse.double(), want_lse, atol=2e-3)
+
+
+def test_gluon_decode_is_deterministic(gluon_launches):
+    case = mla_cases.make_decode_case([3000, 1000, 4000], [1, 1, 1], heads=128, block_size=64, device=DEV)
+    a = mla_cases.decode(case, "triton")
+    b = mla_cases.decode(case, "triton")
+    assert len(gluon_launches) == 2
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_gluon_decode_unaligned_tokens_run_the_triton_kernel(gluon_launches):
+    """Tokens padded by 3 elements: rows TMA cannot address; the Triton kernel runs, right."""
+    case = mla_cases.make_decode_case([200, 70], [1, 1], heads=128, block_size=64, layout="padded",
+                                      entry_pad=3, device=DEV)
+    got = mla_cases.decode(case, "triton")
+    ref = mla_cases.decode(case, "reference")
+    assert not gluon_launches
+    assert mla_cases.rel_err(got[0], ref[0]) < 1e-2
+
+
+def test_gluon_decode_cuda_graph_replays_new_metadata(gluon_launches):
+    case = mla_cases.make_decode_case([900, 900, 900], [1, 1, 1], heads=128, block_size=64, device=DEV)
+    out = torch.full((3, 128, L), float("nan"), dtype=torch.bfloat16, device=DEV)
+    mla_cases.decode(case, "triton", return_lse=False, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mla_cases.decode(case, "triton", return_lse=False, out=out)
+    for lens, perm in (([900, 3, 450], False), ([10, 900, 1], True), ([64, 65, 899], False)):
+        case.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        if perm:
+            case.block_table.copy_(case.block_table.flip(0))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = mla_cases.decode(case, "reference", return_lse=False)
+        assert mla_cases.rel_err(out, want) < 1e-2, lens
+    assert gluon_launches
+
+
+@pytest.mark.large
+def test_gluon_decode_cache_above_2_pow_31_elements(gluon_launches):
+    """Pages at the far end of a cache of > 2^31 elements (TMA rows stay 32-bit, offsets not)."""
+    bs, entry = 64, 576
+    num_blocks = (2**31) // (bs * entry) + 40
+    cache = torch.full((num_blocks, bs, entry), float("nan"), dtype=torch.bfloat16, device=DEV)
+    assert cache.numel() > 2**31
+    lens = [1000, 777]
+    nblk = [math.ceil(s / bs) for s in lens]
+    table = torch.zeros(2, max(nblk), dtype=torch.int32)
+    ids = list(range(num_blocks - sum(nblk), num_blocks))
+    table[0, :nblk[0]] = torch.tensor(ids[:nblk[0]])
+    table[1, :nblk[1]] = torch.tensor(ids[nblk[0]:])
+    table = table.to(DEV)
+    for b, s in enumerate(lens):
+        pos = torch.arange(s, device=DEV)
+        slots = table[b, pos // bs].long() * bs + pos % bs
+        pm.concat_and_cache_mla(torch.randn(s, 512, device=DEV, dtype=torch.bfloat16),
+                                torch.randn(s, 64, device=DEV, dtype=torch.bfloat16), cache, slots,
+                                backend="reference")
+    q = torch.randn(2, 128, 576, device=DEV, dtype=torch.bfloat16)
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    out = pm.mla_decode(q, cache, table, seq, softmax_scale=0.07, backend="triton")
+    ref = pm.mla_decode(q, cache, table, seq, softmax_scale=0.07, backend="reference")
+    assert gluon_launches
+    assert mla_cases.rel_err(out, ref) < 1e-2
+    del cache
+    torch.cuda.empty_cache()
