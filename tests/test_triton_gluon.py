@@ -70,6 +70,9 @@ CASES = [
     ("bfloat16", 64, 48, [100, 50, 3], [1, 1, 1], "contiguous", 4, 1, True),  # 48 of 64 rows used
     ("bfloat16", 64, 128, [2000, 1500, 64, 700], [3, 1, 2, 1], "cross_layer", None, None, True),
     ("float16", 64, 128, [4097, 33], [1, 1], "contiguous", 7, 1, True),
+    ("bfloat16", 16, 128, [70, 90, 1, 64, 129, 33], [1] * 6, "padded", None, None, True),  # 4 pages a tile
+    ("float16", 32, 64, [300, 17, 0], [2, 1, 0], "cross_layer", 3, 1, True),
+    ("bfloat16", 8, 128, [200, 9, 64], [1, 2, 1], "contiguous", 5, 2, False),
 ]
 
 

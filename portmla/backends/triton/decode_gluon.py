@@ -49,7 +49,7 @@ BOX = 64  # TMA box columns (128 bytes of a 16-bit value: one swizzle atom)
 NOPE = 512
 ROPE = 64
 ENTRY = NOPE + ROPE
-LOADER_REGS = 48  # the loader warp's register budget (setmaxnreg)
+LOADER_REGS = 32  # the loader warp's register budget (setmaxnreg)
 
 
 def eligible(q: torch.Tensor, kv_cache: torch.Tensor, block_size: int, lora: int, rope: int) -> bool:
@@ -57,7 +57,7 @@ def eligible(q: torch.Tensor, kv_cache: torch.Tensor, block_size: int, lora: int
     otherwise). Host-only checks: the call stays graph-capturable."""
     if not HAVE_GLUON or lora != NOPE or rope != ROPE or kv_cache.dtype not in (torch.bfloat16, torch.float16):
         return False
-    if q.dtype != kv_cache.dtype or block_size % BN != 0:
+    if q.dtype != kv_cache.dtype or not (block_size % BN == 0 or block_size in (8, 16, 32)):
         return False
     if q.stride(2) != 1 or q.stride(1) != ENTRY or q.stride(0) != q.shape[1] * ENTRY or q.data_ptr() % 16:
         return False
@@ -123,6 +123,7 @@ if HAVE_GLUON:
                 bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, H, rows_per_page,
                 PAGE: gl.constexpr, HAS_QSL: gl.constexpr):
         """The one-warp TMA partition: the part's segments in order, Q rows then KV tiles."""
+        SUB: gl.constexpr = kv_desc.block_type.shape[0]  # rows a KV box: min(PAGE, BN)
         tile = gl.program_id(0)
         part = gl.program_id(1)
         per_part = gl.load(cum_ptr + num_seqs + 1)
@@ -132,7 +133,7 @@ if HAVE_GLUON:
         c = gl.load(cum_ptr + b)
         g = 0  # KV tiles issued so far (ring slot g % 2, its use g // 2)
         qi = 0  # Q loads issued so far
-        box_bytes: gl.constexpr = _BM * _BOX * 2
+        box_bytes: gl.constexpr = _BM * _BOX * 2  # a Q box
         while (b < num_seqs) & (c < hi):
             c_next = gl.load(cum_ptr + b + 1)
             run, t0, n_q, seq_len, kv_lo, kv_hi = _segment(cum_ptr, seq_lens_ptr, qsl_ptr, b, c, c_next, lo, hi,
@@ -150,13 +151,20 @@ if HAVE_GLUON:
                 for start in range(kv_lo, kv_hi, _BN):
                     s = g % 2
                     mbarrier.wait(empty.index(s), ((g // 2) & 1) ^ 1)
-                    mbarrier.expect(ready.index(s), 9 * box_bytes)
-                    page = gl.load(bt_row + start // PAGE)
-                    row = page * rows_per_page + start % PAGE
-                    for j in gl.static_range(_NOPE // _BOX):
-                        tma.async_copy_global_to_shared(kv_desc, [row, j * _BOX], ready.index(s),
-                                                        kv_nope.index(s).slice(j * _BOX, _BOX, dim=1))
-                    tma.async_copy_global_to_shared(kv_desc, [row, _NOPE], ready.index(s), kv_rope.index(s))
+                    mbarrier.expect(ready.index(s), 9 * _BN * _BOX * 2)
+                    # pages shorter than a tile: one run of boxes per page; runs past kv_hi read
+                    # rows -SUB.. (outside the tensor: TMA fills zeros) and no block-table entry
+                    for i in gl.static_range(_BN // SUB):
+                        pos = start + i * SUB
+                        ok = pos < kv_hi
+                        page = gl.load(bt_row + pos // PAGE, mask=ok, other=0)
+                        row = gl.where(ok, page * rows_per_page + pos % PAGE, -SUB)
+                        for j in gl.static_range(_NOPE // _BOX):
+                            tma.async_copy_global_to_shared(
+                                kv_desc, [row, j * _BOX], ready.index(s),
+                                kv_nope.index(s).slice(j * _BOX, _BOX, dim=1).slice(i * SUB, SUB, dim=0))
+                        tma.async_copy_global_to_shared(kv_desc, [row, _NOPE], ready.index(s),
+                                                        kv_rope.index(s).slice(i * SUB, SUB, dim=0))
                     g += 1
             b += 1
             c = c_next
@@ -206,7 +214,7 @@ if HAVE_GLUON:
             if run:
                 limit = seq_len - n_q + rows_s // H  # the last KV position each row sees (causal)
                 m_i = gl.full([_BM], float("-inf"), gl.float32, row_s)
-                l_i = gl.zeros([_BM], gl.float32, row_s)
+                l_part = gl.zeros([_BM, _BN], gl.float32, s_layout)  # row sums, reduced once
                 o = gl.zeros([_BM, _NOPE], gl.float32, o_layout)
                 if kv_lo < kv_hi:
                     mbarrier.wait(q_ready, qi & 1)
@@ -234,7 +242,7 @@ if HAVE_GLUON:
                         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
                         alpha = gl.exp2(m_i - m_use)
                         p = gl.exp2(sc - gl.expand_dims(m_use, 1))
-                        l_i = l_i * alpha + gl.sum(p, axis=1)
+                        l_part = l_part * gl.expand_dims(alpha, 1) + p
                         m_i = m_new
                         p_smem.store(p.to(p_smem.dtype))
                         fence_async_shared()
@@ -247,6 +255,7 @@ if HAVE_GLUON:
                         g += 1
                     qi += 1
                 # epilogue: o / l in the output's dtype (0 where nothing was seen) + natural-log LSE
+                l_i = gl.sum(l_part, axis=1)
                 seen = l_i > 0
                 lse = gl.where(seen, (gl.where(seen, m_i, 0.0) + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                                float("-inf"))
@@ -311,10 +320,12 @@ def launch(q, kv_cache, block_table, seq_lens, qsl, cum, piece, num_seqs, sched_
     layout = gl.NVMMASharedLayout.get_default_for([BOX, BOX], gdt)
     t, h = q.shape[0], q.shape[1]
     q_desc = TensorDescriptor(q, [t * h, ENTRY], [ENTRY, 1], [BOX, BOX], layout)
-    kv_desc = TensorDescriptor(kv_cache, [kv_rows(kv_cache), ENTRY], [kv_cache.stride(1), 1], [BOX, BOX], layout)
+    sub = min(BN, kv_cache.shape[1])
+    kv_desc = TensorDescriptor(kv_cache, [kv_rows(kv_cache), ENTRY], [kv_cache.stride(1), 1], [sub, BOX], layout)
     _decode_gluon_kernel[(row_tiles, parts)](
         q_desc, kv_desc, block_table, block_table.stride(0), seq_lens, qsl if qsl is not None else seq_lens,
         cum, piece, num_seqs, sched_fixed, kv_cache.stride(0) // kv_cache.stride(1),
         out, out.stride(0), out.stride(1), lse if lse is not None else part_l, lse.stride(0) if lse is not None else 0,
         part_o, part_l, slot_rows, h, scale,
-        PAGE=kv_cache.shape[1], HAS_QSL=qsl is not None, WRITE_LSE=lse is not None, num_warps=8)
+        PAGE=kv_cache.shape[1], HAS_QSL=qsl is not None, WRITE_LSE=lse is not None,
+        num_warps=8)
