@@ -183,6 +183,19 @@ if HAVE_GLUON:
         gl.thread_barrier()
 
     @gluon.jit
+    def _qk(q_nope, q_rope, kv_nope, kv_rope, ready, g, valid, s_layout: gl.constexpr):
+        """Waits for KV tile ``g`` (ring slot ``g % 2``), zeroes its rows past ``valid`` and issues
+        S = Q K^T on it (two async wgmma groups: 512 then 64 columns); returns the pending S."""
+        s = g % 2
+        mbarrier.wait(ready.index(s), (g // 2) & 1)
+        kvs = kv_nope.index(s)
+        if valid < _BN:
+            _zero_tail(kvs, valid)
+        acc = gl.zeros([_BM, _BN], gl.float32, s_layout)
+        acc = warpgroup_mma(q_nope, kvs.permute((1, 0)), acc, is_async=True)
+        return warpgroup_mma(q_rope, kv_rope.index(s).permute((1, 0)), acc, is_async=True)
+
+    @gluon.jit
     def _compute(q_nope, q_rope, kv_nope, kv_rope, p_smem, q_ready, q_empty, ready, empty,
                  seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, piece_ptr,
                  o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, po_ptr, pl_ptr, slot_rows, H, qk_scale,
@@ -219,19 +232,11 @@ if HAVE_GLUON:
                 if kv_lo < kv_hi:
                     mbarrier.wait(q_ready, qi & 1)
                     n_tiles = (kv_hi - kv_lo + _BN - 1) // _BN
+                    acc = _qk(q_nope, q_rope, kv_nope, kv_rope, ready, g, kv_hi - kv_lo, s_layout)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
                     for j in range(n_tiles):
                         s = g % 2
                         start = kv_lo + j * _BN
-                        mbarrier.wait(ready.index(s), (g // 2) & 1)
-                        kvs = kv_nope.index(s)
-                        if kv_hi - start < _BN:
-                            _zero_tail(kvs, kv_hi - start)
-                        acc = gl.zeros([_BM, _BN], gl.float32, s_layout)
-                        for k in gl.static_range(_NOPE // _BOX):
-                            acc = warpgroup_mma(q_nope.slice(k * _BOX, _BOX, dim=1),
-                                                kvs.slice(k * _BOX, _BOX, dim=1).permute((1, 0)), acc, is_async=True)
-                        acc = warpgroup_mma(q_rope, kv_rope.index(s).permute((1, 0)), acc, is_async=True)
-                        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
                         if j == n_tiles - 1:  # the segment's Q is no longer read
                             gl.thread_barrier()
                             mbarrier.arrive(q_empty, count=1)
@@ -248,10 +253,13 @@ if HAVE_GLUON:
                         fence_async_shared()
                         gl.thread_barrier()
                         o = o * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-                        o = warpgroup_mma(p_smem, kvs, o, is_async=True)
+                        o = warpgroup_mma(p_smem, kv_nope.index(s), o, is_async=True)
                         o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
                         gl.thread_barrier()  # both warpgroups done with the stage and with P
                         mbarrier.arrive(empty.index(s), count=1)
+                        if j + 1 < n_tiles:
+                            acc = _qk(q_nope, q_rope, kv_nope, kv_rope, ready, g + 1, kv_hi - start - _BN, s_layout)
+                            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
                         g += 1
                     qi += 1
                 # epilogue: o / l in the output's dtype (0 where nothing was seen) + natural-log LSE
