@@ -1,6 +1,6 @@
 """Same-data A/B of Triton decode launch variants on a GPU (one call, one table).
 
-    PYTHONPATH=. python scripts/triton_tune.py [--plan final|sched|qsched|quant|dsq|ds,fp8,bf16,h128] [--reps 15]
+    PYTHONPATH=. python scripts/triton_tune.py [--plan final|sched|qsched|quant|dsq|gluon|ds,fp8,bf16,h128] [--reps 15]
         [--budget-s S]
 
 Each data set (the ANCHORS.md row shapes, fixed or varlen lengths) is built once and every
@@ -130,6 +130,10 @@ PLANS = {
              ((128, 4096, 128, False), ("fp8", "fp8_ds_mla"), AB[:2]),
              ((8, 8192, 16, True), ("bfloat16", "fp8", "fp8_ds_mla"), AB[:3]),
              ((64, 32768, 16, True), ("fp8", "fp8_ds_mla"), AB[:3])],
+    # session 11: the Gluon 64-row kernel's schedule fixed cost (1 / 2 / 4 / 8 KV tiles)
+    "gluon": [(shape, ("bfloat16",), [SCHED[f] for f in (1, 2, 4, 8)])
+              for shape in ((128, 4096, 128, False), (128, 4096, 128, False, 2), (128, 8192, 128, False),
+                            (64, 16384, 128, False), (32, 4096, 128, False), (1, 32768, 128, True))],
     "quant": [((128, 8192, 16, True), ("fp8",), _Q + [QUANT["twice 64x8w3st"], QUANT["once"]]),
               ((128, 8192, 16, True), ("fp8_ds_mla",), _Q + [QUANT["twice 64x8w3st"]]),
               ((128, 8192, 16, True), ("bfloat16",), [DEFAULT]),

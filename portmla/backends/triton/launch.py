@@ -209,8 +209,15 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     # default); ROCm / XPU keep "twice" until measured there.
     quant_read = "pairs_once" if kv_format in ("fp8", "fp8_ds_mla") and block_m < 32 and \
         platform.kind in ("cuda", "cpu") else "twice"
+    # The Gluon kernel (Hopper, 64 rows, 16-bit): fixed cost 4 (H100 sweep, `triton_tune.py --plan
+    # gluon`, benchmarks/results/h100_gluon: 1 / 2 / 4 / 8 -> 128q1s4k 352.5 / 347.8 / 346.8 /
+    # 347.6 us, 128q1s8k 639.7 / 629.4 / 625.1 / 634.2, b=32 116.2 / 112.1 / 108.4 / 113.3,
+    # s_q=2 648.4 / 641.3 / 636.5 / 639.6; b=1 48.6 / 48.3 / 48.2 / 44.9).
+    gluon = use_gluon(platform, block_m, kv_format, kv_lora_rank)
+    if gluon:
+        sched_fixed = 4
     return DecodeConfig(block_m, block_n, warps, stages, splits, per, row_tiles, exact_ds, scheduled, parts,
-                        sched_fixed, quant_read, gluon=use_gluon(platform, block_m, kv_format, kv_lora_rank))
+                        sched_fixed, quant_read, gluon=gluon)
 
 
 def use_gluon(platform: Platform, block_m: int, kv_format: str, kv_lora_rank: int) -> bool:
