@@ -404,6 +404,66 @@ def test_mla_decode_quant_read_rejects_unknown(monkeypatch):
         mla_cases.decode(case, "triton")
 
 
+def test_gluon_kernel_choice(monkeypatch):
+    """Where ``decode_config`` picks the Hopper Gluon kernel (decode_gluon.py; its GPU tests are
+    tests/test_triton_gluon.py): sm_90, 64-row tiles of a 16-bit cache with L = 512, a tested
+    Triton release (or PORTMLA_TRITON_GLUON=1), never under the interpreter or with =0."""
+    from portmla.backends.triton import decode_gluon
+    from portmla.backends.triton import launch as tlaunch
+
+    if not decode_gluon.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    hopper = dataclasses.replace(PLAT, kind="cuda", capability=(9, 0), num_compute_units=132,
+                                 shared_memory_per_block=232448)
+    monkeypatch.setattr(tlaunch, "interpreting", lambda: False)
+    monkeypatch.setattr(decode_gluon, "triton_tested", lambda: True)
+    monkeypatch.delenv("PORTMLA_TRITON_GLUON", raising=False)
+
+    def pick(plat=hopper, heads=128, fmt="bfloat16", lora=512):
+        return tlaunch.decode_config(plat, 8, heads, 1, 4096, fmt, lora)
+
+    assert pick().gluon and pick().sched_fixed == 4 and pick(fmt="float16").gluon
+    assert not pick(heads=16).gluon and not pick(fmt="fp8").gluon and not pick(fmt="fp8_ds_mla").gluon
+    assert not pick(lora=256).gluon
+    assert not pick(dataclasses.replace(hopper, capability=(8, 0))).gluon
+    assert not pick(dataclasses.replace(hopper, capability=(10, 0))).gluon
+    monkeypatch.setenv("PORTMLA_TRITON_GLUON", "0")
+    assert not pick().gluon
+    monkeypatch.setattr(decode_gluon, "triton_tested", lambda: False)
+    monkeypatch.delenv("PORTMLA_TRITON_GLUON")
+    assert not pick().gluon
+    monkeypatch.setenv("PORTMLA_TRITON_GLUON", "1")
+    assert pick().gluon
+
+
+def test_gluon_kernel_eligible_layouts():
+    """The layouts the Gluon kernel takes (TMA: 16-byte strides and bases, the page stride a
+    multiple of the token stride), host-side checks only."""
+    from portmla.backends.triton import decode_gluon as dg
+
+    if not dg.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    q = torch.zeros(3, 128, 576, dtype=torch.bfloat16)
+    kv = torch.zeros(10, 64, 576, dtype=torch.bfloat16)
+    assert dg.eligible(q, kv, 64, 512, 64)
+    assert dg.eligible(q, kv[:, :, :], 64, 512, 64) and dg.kv_rows(kv) == 640
+    padded = torch.zeros(10, 65, 592, dtype=torch.bfloat16)[:, :64, :576]
+    assert dg.eligible(q, padded, 64, 512, 64) and dg.kv_rows(padded) == 9 * 65 + 64
+    cross = torch.zeros(10, 3, 64, 576, dtype=torch.bfloat16)[:, 1]
+    assert dg.eligible(q, cross, 64, 512, 64) and dg.kv_rows(cross) == 9 * 192 + 64
+    for bs in (8, 16, 32, 128, 256):
+        assert dg.eligible(q, torch.zeros(4, bs, 576, dtype=torch.bfloat16), bs, 512, 64)
+    odd = torch.zeros(10, 64, 579, dtype=torch.bfloat16)[:, :, :576]  # token stride 579: not 16 B
+    assert not dg.eligible(q, odd, 64, 512, 64)
+    assert not dg.eligible(q, torch.zeros(4, 48, 576, dtype=torch.bfloat16), 48, 512, 64)  # block 48
+    assert not dg.eligible(q, torch.zeros(4, 4, 576, dtype=torch.bfloat16), 4, 512, 64)
+    assert not dg.eligible(q.half(), kv, 64, 512, 64)  # q and cache dtypes differ
+    assert not dg.eligible(q[:, :, :544], torch.zeros(10, 64, 544, dtype=torch.bfloat16), 64, 512, 32)
+    assert not dg.eligible(torch.zeros(3, 128, 600, dtype=torch.bfloat16)[:, :, :576], kv, 64, 512, 64)
+    shifted = torch.zeros(10 * 64 * 576 + 4, dtype=torch.bfloat16)[4:].view(10, 64, 576)  # base 8 B off
+    assert not dg.eligible(q, shifted, 64, 512, 64)
+
+
 def test_mla_decode_scheduled_same_shapes_new_lengths(monkeypatch):
     """What a CUDA graph replay does: the same call (shapes, out buffer) with new seq_lens
     contents; the schedule is recomputed on the device, so both results are right. On a GPU

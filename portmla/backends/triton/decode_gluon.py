@@ -43,6 +43,17 @@ try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
 except Exception:  # pragma: no cover - Triton without Gluon (or a different API): the Triton kernel runs
     HAVE_GLUON = False
 
+# Gluon's API still changes between Triton releases (3.9 renamed warp_specialize's arguments):
+# the kernel runs by default only on the releases it was built and measured with.
+TESTED_TRITON = ("3.6",)
+
+
+def triton_tested() -> bool:
+    import triton
+
+    return ".".join(triton.__version__.split(".")[:2]) in TESTED_TRITON
+
+
 BM = 64  # query rows a CTA
 BN = 64  # KV tokens a tile
 BOX = 64  # TMA box columns (128 bytes of a 16-bit value: one swizzle atom)

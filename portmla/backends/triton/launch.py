@@ -221,13 +221,15 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
 
 
 def use_gluon(platform: Platform, block_m: int, kv_format: str, kv_lora_rank: int) -> bool:
-    """The Gluon kernel for this call's tile: Hopper (sm_90), 64 rows, a 16-bit cache, L = 512
-    (``PORTMLA_TRITON_GLUON=0`` turns it off, for A/B timing). H100: see ``decode_gluon``."""
-    from .decode_gluon import HAVE_GLUON
+    """The Gluon kernel for this call's tile: Hopper (sm_90), 64 rows, a 16-bit cache, L = 512, a
+    Triton release it was tested with (``decode_gluon.TESTED_TRITON``). ``PORTMLA_TRITON_GLUON=0``
+    turns it off (A/B timing), ``=1`` allows other Triton releases."""
+    from .decode_gluon import HAVE_GLUON, triton_tested
 
-    return (HAVE_GLUON and platform.kind == "cuda" and not interpreting() and platform.capability is not None
-            and platform.capability[0] == 9 and block_m == 64 and kv_format in ("bfloat16", "float16")
-            and kv_lora_rank == 512 and os.environ.get("PORTMLA_TRITON_GLUON", "1") != "0")
+    env = os.environ.get("PORTMLA_TRITON_GLUON", "")
+    return (HAVE_GLUON and env != "0" and (env == "1" or triton_tested()) and platform.kind == "cuda"
+            and not interpreting() and platform.capability is not None and platform.capability[0] == 9
+            and block_m == 64 and kv_format in ("bfloat16", "float16") and kv_lora_rank == 512)
 
 
 @dataclass(frozen=True)
