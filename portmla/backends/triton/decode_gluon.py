@@ -8,19 +8,23 @@ warpgroup 32 of the tile's 64 tokens, wgmma m64n32k16), output ``[4, 2]`` (each 
 256 of the 512 columns, m64n256k16, 128 fp32 registers a thread).
 
 Per CTA (one 64-row tile of one part of the device schedule, ``schedule.py``): a one-warp
-loader partition walks the part's segments and issues TMA boxes (64 rows x 64 columns,
-128-byte swizzle) of each segment's Q rows and of each 64-token KV tile into a two-stage ring
-(``ready`` / ``empty`` mbarriers, a Q buffer with its own pair); the eight-warp default
-partition computes S = Q K^T (nine k-steps of 64 from shared memory), the online softmax
-(row max / sum across the two warpgroups through shared memory, by the compiler), P (bf16 /
-fp16) to shared memory, O += P V (V = the tile's first 512 columns) and the segment's
-epilogue: the output (+ LSE), or float32 partials + LSE of a cut sequence, exactly what
+loader partition walks the part's segments and issues TMA boxes (64 columns, 128-byte
+swizzle) of each segment's Q rows and of each 64-token KV tile (one run of boxes per page
+for pages of 8 / 16 / 32 tokens) into a two-stage ring (``ready`` / ``empty`` mbarriers, a Q
+buffer with its own pair); the eight-warp default partition computes S = Q K^T (two async
+wgmma groups: the 512 latent columns, the 64 RoPE columns, both operands in shared memory),
+the online softmax (the row max crosses the warpgroups through shared memory, by the
+compiler; row sums are kept per element and reduced once a segment), P (bf16 / fp16) to
+shared memory, O += P V (V = the tile's first 512 columns) and the segment's epilogue: the
+output (+ LSE), or float32 partials + LSE of a cut sequence, exactly what
 ``decode._decode_sched_kernel`` writes, so ``combine._combine_pieces_kernel`` merges both.
+H100 (Triton 3.6): 352 us = 427 TFLOP/s at b=128 S=4096 h=128 against 617 us for the Triton
+kernel; the A/Bs and what was tried are in benchmarks/results/triton_h100_notes.md, session 11.
 
 Takes (``eligible``): 16-bit caches with DeepSeek dims (L = 512, R = 64), q in the cache's
-dtype with heads x 576 contiguous, block sizes that are multiples of 64, and strides TMA takes
-(the cache viewed as rows of ``token stride`` elements: the page stride a multiple of it,
-both 16-byte multiples, 16-byte aligned bases). Everything else runs the Triton kernel.
+dtype with heads x 576 contiguous, block sizes 8, 16, 32 or multiples of 64, and strides TMA
+takes (the cache viewed as rows of ``token stride`` elements: the page stride a multiple of
+it, both 16-byte multiples, 16-byte aligned bases). Everything else runs the Triton kernel.
 """
 
 from __future__ import annotations
