@@ -144,6 +144,31 @@ def make_decode_case(seq_lens, query_lens, *, heads=16, block_size=16, fmt="bflo
                       fmt, k_scale, 1.0 / math.sqrt(128 + rope), kv_c, k_pe, list(query_lens), lora)
 
 
+def far_end_case(device, heads, spare_blocks=64, lens=(1000, 777), block_size=64):
+    """``(cache, block_table, seq_lens, q)``: a bf16 cache of more than 2^31 elements whose used
+    blocks are its last ones (32-bit offsets would wrap), written with the reference writer."""
+    entry = 576
+    num_blocks = (2**31) // (block_size * entry) + spare_blocks
+    cache = torch.empty(num_blocks, block_size, entry, dtype=torch.bfloat16, device=device)
+    assert cache.numel() > 2**31
+    nblk = [math.ceil(s / block_size) for s in lens]
+    table = torch.zeros(len(lens), max(nblk), dtype=torch.int32)
+    ids = list(range(num_blocks - sum(nblk), num_blocks))
+    k = 0
+    for b, n in enumerate(nblk):
+        table[b, :n] = torch.tensor(ids[k:k + n])
+        k += n
+    table = table.to(device)
+    for b, s in enumerate(lens):
+        pos = torch.arange(s, device=device)
+        slots = table[b, pos // block_size].long() * block_size + pos % block_size
+        pm.concat_and_cache_mla(torch.randn(s, 512, device=device, dtype=torch.bfloat16),
+                                torch.randn(s, 64, device=device, dtype=torch.bfloat16), cache, slots,
+                                backend="reference")
+    q = torch.randn(len(lens), heads, entry, device=device, dtype=torch.bfloat16)
+    return cache, table, torch.tensor(list(lens), dtype=torch.int32, device=device), q
+
+
 def decode(case: DecodeCase, backend: str, return_lse=True, out=None):
     return pm.mla_decode(case.q, case.cache, case.block_table, case.seq_lens,
                          softmax_scale=case.softmax_scale, kv_lora_rank=case.lora,

@@ -21,6 +21,7 @@ from mla_cases import (
     LARGE_SPECS,
     LAYOUTS,
     decode,
+    far_end_case,
     make_decode_case,
     rel_err,
 )
@@ -201,25 +202,7 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU device (runs in the GPU
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if "mla_decode" in get_backend(b).OPS])
 def test_decode_cache_above_2_pow_31_elements(backend):
     """Blocks at the far end of a cache of > 2^31 elements: 32-bit offsets would wrap."""
-    bs, entry = 64, 576
-    num_blocks = (2**31) // (bs * entry) + 64
-    cache = torch.empty(num_blocks, bs, entry, dtype=torch.bfloat16, device=DEVICE)
-    assert cache.numel() > 2**31
-    lens = [1000, 777]
-    nblk = [math.ceil(s / bs) for s in lens]
-    table = torch.zeros(2, max(nblk), dtype=torch.int32)
-    ids = list(range(num_blocks - sum(nblk), num_blocks))
-    table[0, :nblk[0]] = torch.tensor(ids[:nblk[0]])
-    table[1, :nblk[1]] = torch.tensor(ids[nblk[0]:])
-    table = table.to(DEVICE)
-    for b, s in enumerate(lens):
-        pos = torch.arange(s, device=DEVICE)
-        slots = table[b, pos // bs].long() * bs + pos % bs
-        pm.concat_and_cache_mla(torch.randn(s, 512, device=DEVICE, dtype=torch.bfloat16),
-                                torch.randn(s, 64, device=DEVICE, dtype=torch.bfloat16), cache,
-                                slots, backend="reference")
-    q = torch.randn(2, 16, 576, device=DEVICE, dtype=torch.bfloat16)
-    seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    cache, table, seq, q = far_end_case(DEVICE, 16)
     out = pm.mla_decode(q, cache, table, seq, softmax_scale=0.07, backend=backend)
     ref = pm.mla_decode(q, cache, table, seq, softmax_scale=0.07, backend="reference")
     assert rel_err(out, ref) < OUT_RTOL

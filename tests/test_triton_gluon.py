@@ -10,7 +10,6 @@ NaN-poisoned outside the written slots, outputs NaN-filled.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import mla_cases
 import pytest
@@ -141,25 +140,8 @@ def test_gluon_decode_cuda_graph_replays_new_metadata(gluon_launches):
 @pytest.mark.large
 def test_gluon_decode_cache_above_2_pow_31_elements(gluon_launches):
     """Pages at the far end of a cache of > 2^31 elements (TMA rows stay 32-bit, offsets not)."""
-    bs, entry = 64, 576
-    num_blocks = (2**31) // (bs * entry) + 40
-    cache = torch.full((num_blocks, bs, entry), float("nan"), dtype=torch.bfloat16, device=DEV)
-    assert cache.numel() > 2**31
-    lens = [1000, 777]
-    nblk = [math.ceil(s / bs) for s in lens]
-    table = torch.zeros(2, max(nblk), dtype=torch.int32)
-    ids = list(range(num_blocks - sum(nblk), num_blocks))
-    table[0, :nblk[0]] = torch.tensor(ids[:nblk[0]])
-    table[1, :nblk[1]] = torch.tensor(ids[nblk[0]:])
-    table = table.to(DEV)
-    for b, s in enumerate(lens):
-        pos = torch.arange(s, device=DEV)
-        slots = table[b, pos // bs].long() * bs + pos % bs
-        pm.concat_and_cache_mla(torch.randn(s, 512, device=DEV, dtype=torch.bfloat16),
-                                torch.randn(s, 64, device=DEV, dtype=torch.bfloat16), cache, slots,
-                                backend="reference")
-    q = torch.randn(2, 128, 576, device=DEV, dtype=torch.bfloat16)
-    seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    cache, table, seq, q = mla_cases.far_end_case(DEV, 128, spare_blocks=40)
+    cache[: cache.shape[0] - 40].fill_(float("nan"))  # the blocks before the last 40: never read
     out = pm.mla_decode(q, cache, table, seq, softmax_scale=0.07, backend="triton")
     ref = pm.mla_decode(q, cache, table, seq, softmax_scale=0.07, backend="reference")
     assert gluon_launches

@@ -43,6 +43,9 @@ try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    from .common import seq_tokens  # scalar @triton.jit helpers, callable from Gluon
+    from .schedule import first_seq
+
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - Triton without Gluon (or a different API): the Triton kernel runs
     HAVE_GLUON = False
@@ -98,17 +101,13 @@ if HAVE_GLUON:
     _LOADER_REGS = gl.constexpr(LOADER_REGS)
 
     @gluon.jit
-    def _first_seq(cum_ptr, num_seqs, lo):
-        """``schedule.first_seq``: the first sequence whose units reach past unit ``lo``."""
-        left = num_seqs * 0
-        right = num_seqs
-        while left < right:
-            mid = (left + right) // 2
-            if gl.load(cum_ptr + mid + 1) > lo:
-                right = mid
-            else:
-                left = mid + 1
-        return left
+    def _part_start(cum_ptr, num_seqs):
+        """Where this CTA's part of the schedule starts: ``(per_part, lo, hi, b, cum[b])``, units
+        ``[lo, hi)``, ``b`` the first sequence whose units reach past ``lo``."""
+        per_part = gl.load(cum_ptr + num_seqs + 1)
+        lo = gl.program_id(1).to(gl.int64) * per_part
+        b = first_seq(cum_ptr, num_seqs, lo)
+        return per_part, lo, lo + per_part, b, gl.load(cum_ptr + b)
 
     @gluon.jit
     def _segment(cum_ptr, seq_lens_ptr, qsl_ptr, b, c, c_next, lo, hi, tile, H, sched_fixed,
@@ -120,12 +119,7 @@ if HAVE_GLUON:
         u_lo = gl.maximum(lo - first, 0)
         u_hi = gl.minimum(hi - first, c_next - first)
         seq_len = gl.load(seq_lens_ptr + b)
-        if HAS_QSL:
-            t0 = gl.load(qsl_ptr + b)
-            n_q = gl.load(qsl_ptr + b + 1) - t0
-        else:
-            t0 = b
-            n_q = 1
+        t0, n_q = seq_tokens(qsl_ptr, b, HAS_QSL)
         tok_last = gl.minimum(n_q - 1, (tile * _BM + _BM - 1) // H)
         kv_end = seq_len - n_q + tok_last + 1
         run = ((u_lo < u_hi) | ((c_next == first) & (c >= lo))) & (tile * _BM < n_q * H)
@@ -140,12 +134,7 @@ if HAVE_GLUON:
         """The one-warp TMA partition: the part's segments in order, Q rows then KV tiles."""
         SUB: gl.constexpr = kv_desc.block_type.shape[0]  # rows a KV box: min(PAGE, BN)
         tile = gl.program_id(0)
-        part = gl.program_id(1)
-        per_part = gl.load(cum_ptr + num_seqs + 1)
-        lo = part.to(gl.int64) * per_part
-        hi = lo + per_part
-        b = _first_seq(cum_ptr, num_seqs, lo)
-        c = gl.load(cum_ptr + b)
+        per_part, lo, hi, b, c = _part_start(cum_ptr, num_seqs)
         g = 0  # KV tiles issued so far (ring slot g % 2, its use g // 2)
         qi = 0  # Q loads issued so far
         box_bytes: gl.constexpr = _BM * _BOX * 2  # a Q box
@@ -224,11 +213,7 @@ if HAVE_GLUON:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         tile = gl.program_id(0)
         part = gl.program_id(1)
-        per_part = gl.load(cum_ptr + num_seqs + 1)
-        lo = part.to(gl.int64) * per_part
-        hi = lo + per_part
-        b = _first_seq(cum_ptr, num_seqs, lo)
-        c = gl.load(cum_ptr + b)
+        per_part, lo, hi, b, c = _part_start(cum_ptr, num_seqs)
         g = 0
         qi = 0
         rows_s = tile * _BM + gl.arange(0, _BM, row_s)
