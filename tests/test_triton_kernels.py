@@ -458,6 +458,8 @@ def test_gluon_kernel_eligible_layouts():
     assert not dg.eligible(q, torch.zeros(4, 48, 576, dtype=torch.bfloat16), 48, 512, 64)  # block 48
     assert not dg.eligible(q, torch.zeros(4, 4, 576, dtype=torch.bfloat16), 4, 512, 64)
     assert not dg.eligible(q.half(), kv, 64, 512, 64)  # q and cache dtypes differ
+    assert dg.eligible(torch.zeros(2, 48, 576, dtype=torch.bfloat16), kv, 64, 512, 64)
+    assert not dg.eligible(torch.zeros(1, 48, 576, dtype=torch.bfloat16), kv, 64, 512, 64)  # < 64 rows in all
     assert not dg.eligible(q[:, :, :544], torch.zeros(10, 64, 544, dtype=torch.bfloat16), 64, 512, 32)
     assert not dg.eligible(torch.zeros(3, 128, 600, dtype=torch.bfloat16)[:, :, :576], kv, 64, 512, 64)
     shifted = torch.zeros(10 * 64 * 576 + 4, dtype=torch.bfloat16)[4:].view(10, 64, 576)  # base 8 B off

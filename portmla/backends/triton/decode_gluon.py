@@ -79,7 +79,7 @@ def eligible(q: torch.Tensor, kv_cache: torch.Tensor, block_size: int, lora: int
         return False
     if q.stride(2) != 1 or q.stride(1) != ENTRY or q.stride(0) != q.shape[1] * ENTRY or q.data_ptr() % 16:
         return False
-    if q.shape[0] * q.shape[1] >= 2**31:  # TMA row coordinates of Q are 32-bit
+    if not BM <= q.shape[0] * q.shape[1] < 2**31:  # Q's TMA box (64 rows) fits; 32-bit row coordinates
         return False
     page, tok = kv_cache.stride(0), kv_cache.stride(1)
     return (kv_cache.stride(2) == 1 and tok >= ENTRY and tok % 8 == 0 and page % tok == 0
