@@ -72,6 +72,9 @@ CASES = [
     ("bfloat16", 16, 128, [70, 90, 1, 64, 129, 33], [1] * 6, "padded", None, None, True),  # 4 pages a tile
     ("float16", 32, 64, [300, 17, 0], [2, 1, 0], "cross_layer", 3, 1, True),
     ("bfloat16", 8, 128, [200, 9, 64], [1, 2, 1], "contiguous", 5, 2, False),
+    ("fp8", 64, 128, [70, 300, 1, 129, 0], [1, 2, 1, 1, 0], "contiguous", None, None, True),
+    ("fp8", 16, 128, [513, 77], [1, 1], "padded", 7, 1, True),  # bf16 queries, 4 pages a tile
+    ("fp8", 128, 64, [1000, 40], [2, 1], "cross_layer", 3, 2, False),
 ]
 
 
@@ -79,7 +82,7 @@ CASES = [
 def test_gluon_decode_matches_reference(fmt, page, heads, lens, qlens, layout, parts, fixed, lse,
                                         gluon_launches, monkeypatch):
     force_schedule(monkeypatch, parts, fixed)
-    dtype = torch.float16 if fmt == "float16" else torch.bfloat16
+    dtype = torch.float16 if fmt == "float16" or (fmt == "fp8" and page == 128) else torch.bfloat16
     case = mla_cases.make_decode_case(lens, qlens, heads=heads, block_size=page, fmt=fmt, layout=layout,
                                       device=DEV, model_dtype=dtype)
     out = torch.full((case.q.shape[0], heads, L), float("nan"), dtype=dtype, device=DEV)
@@ -109,10 +112,12 @@ def test_gluon_decode_is_deterministic(gluon_launches):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_gluon_decode_unaligned_tokens_run_the_triton_kernel(gluon_launches):
-    """Tokens padded by 3 elements: rows TMA cannot address; the Triton kernel runs, right."""
+@pytest.mark.parametrize("fmt,pad", [("bfloat16", 3), ("fp8", 8)])
+def test_gluon_decode_unaligned_tokens_run_the_triton_kernel(fmt, pad, gluon_launches):
+    """Token strides that are not 16-byte multiples: rows TMA cannot address; the Triton kernel
+    runs (with its own tile: fp8's is 32 tokens), right."""
     case = mla_cases.make_decode_case([200, 70], [1, 1], heads=128, block_size=64, layout="padded",
-                                      entry_pad=3, device=DEV)
+                                      entry_pad=pad, fmt=fmt, device=DEV)
     got = mla_cases.decode(case, "triton")
     ref = mla_cases.decode(case, "reference")
     assert not gluon_launches

@@ -423,7 +423,9 @@ def test_gluon_kernel_choice(monkeypatch):
         return tlaunch.decode_config(plat, 8, heads, 1, 4096, fmt, lora)
 
     assert pick().gluon and pick().sched_fixed == 4 and pick(fmt="float16").gluon
-    assert not pick(heads=16).gluon and not pick(fmt="fp8").gluon and not pick(fmt="fp8_ds_mla").gluon
+    assert pick(fmt="fp8").gluon and pick(fmt="fp8").block_n == 64  # the quantized Triton tile is 32
+    assert not pick(dataclasses.replace(hopper, fp8_dtype=torch.float8_e4m3fnuz), fmt="fp8").gluon
+    assert not pick(heads=16).gluon and not pick(fmt="fp8_ds_mla").gluon
     assert not pick(lora=256).gluon
     assert not pick(dataclasses.replace(hopper, capability=(8, 0))).gluon
     assert not pick(dataclasses.replace(hopper, capability=(10, 0))).gluon
@@ -462,6 +464,11 @@ def test_gluon_kernel_eligible_layouts():
     assert not dg.eligible(torch.zeros(1, 48, 576, dtype=torch.bfloat16), kv, 64, 512, 64)  # < 64 rows in all
     assert not dg.eligible(q[:, :, :544], torch.zeros(10, 64, 544, dtype=torch.bfloat16), 64, 512, 32)
     assert not dg.eligible(torch.zeros(3, 128, 600, dtype=torch.bfloat16)[:, :, :576], kv, 64, 512, 64)
+    fp8 = torch.zeros(10, 64, 576, dtype=torch.float8_e4m3fn)
+    assert dg.eligible(q, fp8, 64, 512, 64) and dg.eligible(q.half(), fp8, 64, 512, 64)
+    assert dg.eligible(q, torch.zeros(10, 65, 592, dtype=torch.float8_e4m3fn)[:, :64, :576], 64, 512, 64)
+    assert not dg.eligible(q, torch.zeros(10, 64, 584, dtype=torch.float8_e4m3fn)[:, :, :576], 64, 512, 64)
+    assert not dg.eligible(q, torch.zeros(10, 64, 656, dtype=torch.uint8), 64, 512, 64)  # fp8_ds_mla bytes
     shifted = torch.zeros(10 * 64 * 576 + 4, dtype=torch.bfloat16)[4:].view(10, 64, 576)  # base 8 B off
     assert not dg.eligible(q, shifted, 64, 512, 64)
 

@@ -27,6 +27,8 @@ cache's 16-bit view (``common.load_fp8_pairs``; ``_ds_pairs`` for fp8_ds_mla, wh
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -56,6 +58,7 @@ from .launch import (
     format_code,
     fp8_is_fnuz,
     interpreting,
+    triton_tile,
 )
 from .schedule import first_seq, launch_schedule, max_cuts, num_slots, sched_scratch
 
@@ -635,6 +638,13 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
                                   p.max_blocks_per_seq * c.block_size, c.kv_format, c.kv_lora_rank)
     if p.num_tokens == 0 or p.num_seqs == 0:
         return
+    fmt_ = format_code(c.kv_format)
+    kv_gl = kv_cache.view(torch.float8_e4m3fn) if fmt_ == FMT_FP8 and kv_cache.dtype == torch.uint8 else kv_cache
+    use_gluon = (cfg.gluon and cfg.scheduled and cfg.block_n == decode_gluon.BN
+                 and decode_gluon.eligible(q, kv_gl, c.block_size, c.kv_lora_rank, c.rope_dim))
+    if cfg.gluon and not use_gluon:  # a layout the Gluon kernel does not take: the Triton tile
+        bn, warps, stages = triton_tile(plat, cfg.block_m, c.kv_format, c.kv_lora_rank)
+        cfg = dataclasses.replace(cfg, gluon=False, block_n=bn, num_warps=warps, num_stages=stages)
     if cfg.quant_read not in QUANT_READS or cfg.maxnreg < 0:
         raise ValueError(f"DecodeConfig quant_read={cfg.quant_read!r} (supported: {', '.join(QUANT_READS)}), "
                          f"maxnreg={cfg.maxnreg} (>= 0; 0: the compiler's choice)")
@@ -668,10 +678,9 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         part_l = torch.empty(num_slots(cfg.parts), rows, dtype=torch.float32, device=q.device)
         launch_schedule(seq_lens, cum, piece, cut, cfg.parts, cfg.sched_fixed, cfg.block_n,
                         elementwise_warps(plat))
-        if cfg.gluon and cfg.block_n == decode_gluon.BN and decode_gluon.eligible(q, kv_cache, c.block_size, lora,
-                                                                                  rope):
-            decode_gluon.launch(q, kv_cache, block_table, seq_lens, query_start_loc, cum, piece, b,
-                                cfg.sched_fixed, out, lse, part_o, part_l, rows, scale, cfg.row_tiles, cfg.parts)
+        if use_gluon:
+            decode_gluon.launch(q, kv_gl, block_table, seq_lens, query_start_loc, cum, piece, b,
+                                cfg.sched_fixed, out, lse, part_o, part_l, rows, scale, cfg.row_tiles, cfg.parts, ks)
         else:
             _decode_sched_kernel[(cfg.row_tiles, cfg.parts)](
                 *head, cum, piece, b, cfg.sched_fixed,

@@ -73,16 +73,20 @@ LOADER_REGS = 32  # the loader warp's register budget (setmaxnreg)
 def eligible(q: torch.Tensor, kv_cache: torch.Tensor, block_size: int, lora: int, rope: int) -> bool:
     """Shapes, dtypes and strides this kernel takes (``mla_decode`` runs the Triton kernel
     otherwise). Host-only checks: the call stays graph-capturable."""
-    if not HAVE_GLUON or lora != NOPE or rope != ROPE or kv_cache.dtype not in (torch.bfloat16, torch.float16):
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if not HAVE_GLUON or lora != NOPE or rope != ROPE or kv_cache.dtype not in (torch.bfloat16, torch.float16) + (
+            (torch.float8_e4m3fn,)):
         return False
-    if q.dtype != kv_cache.dtype or not (block_size % BN == 0 or block_size in (8, 16, 32)):
+    if q.dtype not in (torch.bfloat16, torch.float16) or (q.dtype != kv_cache.dtype and not fp8):
+        return False
+    if not (block_size % BN == 0 or block_size in (8, 16, 32)):
         return False
     if q.stride(2) != 1 or q.stride(1) != ENTRY or q.stride(0) != q.shape[1] * ENTRY or q.data_ptr() % 16:
         return False
     if not BM <= q.shape[0] * q.shape[1] < 2**31:  # Q's TMA box (64 rows) fits; 32-bit row coordinates
         return False
     page, tok = kv_cache.stride(0), kv_cache.stride(1)
-    return (kv_cache.stride(2) == 1 and tok >= ENTRY and tok % 8 == 0 and page % tok == 0
+    return (kv_cache.stride(2) == 1 and tok >= ENTRY and tok * kv_cache.element_size() % 16 == 0 and page % tok == 0
             and kv_cache.data_ptr() % 16 == 0 and kv_rows(kv_cache) < 2**31)
 
 
@@ -100,6 +104,7 @@ if HAVE_GLUON:
     _BOX = gl.constexpr(BOX)
     _NOPE = gl.constexpr(NOPE)
     _ROPE = gl.constexpr(ROPE)
+    _ENTRY = gl.constexpr(ENTRY)
     _LOADER_REGS = gl.constexpr(LOADER_REGS)
 
     @gluon.jit
@@ -130,9 +135,9 @@ if HAVE_GLUON:
         return run, t0, n_q, seq_len, kv_lo, kv_hi
 
     @gluon.jit
-    def _loader(q_desc, kv_desc, q_nope, q_rope, kv_nope, kv_rope, q_ready, q_empty, ready, empty,
+    def _loader(q_desc, kv_desc, kr_desc, q_nope, q_rope, kv_nope, kv_rope, raw, raw_rope, q_ready, q_empty, ready, empty,
                 bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, H, rows_per_page,
-                PAGE: gl.constexpr, HAS_QSL: gl.constexpr):
+                PAGE: gl.constexpr, HAS_QSL: gl.constexpr, FP8: gl.constexpr):
         """The one-warp TMA partition: the part's segments in order, Q rows then KV tiles."""
         SUB: gl.constexpr = kv_desc.block_type.shape[0]  # rows a KV box: min(PAGE, BN)
         tile = gl.program_id(0)
@@ -157,7 +162,7 @@ if HAVE_GLUON:
                 for start in range(kv_lo, kv_hi, _BN):
                     s = g % 2
                     mbarrier.wait(empty.index(s), ((g // 2) & 1) ^ 1)
-                    mbarrier.expect(ready.index(s), 9 * _BN * _BOX * 2)
+                    mbarrier.expect(ready.index(s), 9 * _BN * _BOX * kv_desc.dtype.primitive_bitwidth // 8)  # 576 entries
                     # pages shorter than a tile: one run of boxes per page; runs past kv_hi read
                     # rows -SUB.. (outside the tensor: TMA fills zeros) and no block-table entry
                     for i in gl.static_range(_BN // SUB):
@@ -165,12 +170,20 @@ if HAVE_GLUON:
                         ok = pos < kv_hi
                         page = gl.load(bt_row + pos // PAGE, mask=ok, other=0)
                         row = gl.where(ok, page * rows_per_page + pos % PAGE, -SUB)
-                        for j in gl.static_range(_NOPE // _BOX):
-                            tma.async_copy_global_to_shared(
-                                kv_desc, [row, j * _BOX], ready.index(s),
-                                kv_nope.index(s).slice(j * _BOX, _BOX, dim=1).slice(i * SUB, SUB, dim=0))
-                        tma.async_copy_global_to_shared(kv_desc, [row, _NOPE], ready.index(s),
-                                                        kv_rope.index(s).slice(i * SUB, SUB, dim=0))
+                        if FP8:  # raw e4m3 entries: 128-byte boxes of the latent part, one of 64 the RoPE
+                            for j in gl.static_range(_NOPE // (2 * _BOX)):
+                                tma.async_copy_global_to_shared(
+                                    kv_desc, [row, j * 2 * _BOX], ready.index(s),
+                                    raw.index(s).slice(j * 2 * _BOX, 2 * _BOX, dim=1).slice(i * SUB, SUB, dim=0))
+                            tma.async_copy_global_to_shared(kr_desc, [row, _NOPE], ready.index(s),
+                                                            raw_rope.index(s).slice(i * SUB, SUB, dim=0))
+                        else:
+                            for j in gl.static_range(_NOPE // _BOX):
+                                tma.async_copy_global_to_shared(
+                                    kv_desc, [row, j * _BOX], ready.index(s),
+                                    kv_nope.index(s).slice(j * _BOX, _BOX, dim=1).slice(i * SUB, SUB, dim=0))
+                            tma.async_copy_global_to_shared(kv_desc, [row, _NOPE], ready.index(s),
+                                                            kv_rope.index(s).slice(i * SUB, SUB, dim=0))
                     g += 1
             b += 1
             c = c_next
@@ -189,11 +202,32 @@ if HAVE_GLUON:
         gl.thread_barrier()
 
     @gluon.jit
-    def _qk(q_nope, q_rope, kv_nope, kv_rope, ready, g, valid, s_layout: gl.constexpr):
+    def _convert(raw, raw_rope, kvh_nope, kvh_rope):
+        """An fp8 (e4m3) stage of raw entries -> the 16-bit tile (exact: every e4m3 value is a
+        bf16 / fp16 value); k_scale is applied to the scores and the output."""
+        cl: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [gl.num_warps(), 1], [1, 0])
+        for j in gl.static_range(_NOPE // _BOX):
+            x = raw.slice(j * _BOX, _BOX, dim=1).load(cl)
+            kvh_nope.slice(j * _BOX, _BOX, dim=1).store(x.to(kvh_nope.dtype))
+        x = raw_rope.load(cl)
+        kvh_rope.store(x.to(kvh_rope.dtype))
+
+    @gluon.jit
+    def _qk(q_nope, q_rope, kv_nope, kv_rope, raw, raw_rope, ready, empty, g, valid, s_layout: gl.constexpr,
+            FP8: gl.constexpr):
         """Waits for KV tile ``g`` (ring slot ``g % 2``), zeroes its rows past ``valid`` and issues
-        S = Q K^T on it (two async wgmma groups: 512 then 64 columns); returns the pending S."""
-        s = g % 2
-        mbarrier.wait(ready.index(s), (g // 2) & 1)
+        S = Q K^T on it (two async wgmma groups: 512 then 64 columns); returns the pending S.
+        fp8: the raw slot is converted into the one 16-bit tile buffer and released."""
+        r = g % 2
+        mbarrier.wait(ready.index(r), (g // 2) & 1)
+        if FP8:
+            s = 0
+            _convert(raw.index(r), raw_rope.index(r), kv_nope.index(0), kv_rope.index(0))
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index(r), count=1)
+        else:
+            s = r
         kvs = kv_nope.index(s)
         if valid < _BN:
             _zero_tail(kvs, valid)
@@ -202,10 +236,10 @@ if HAVE_GLUON:
         return warpgroup_mma(q_rope, kv_rope.index(s).permute((1, 0)), acc, is_async=True)
 
     @gluon.jit
-    def _compute(q_nope, q_rope, kv_nope, kv_rope, p_smem, q_ready, q_empty, ready, empty,
+    def _compute(q_nope, q_rope, kv_nope, kv_rope, raw, raw_rope, p_smem, q_ready, q_empty, ready, empty,
                  seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, piece_ptr,
-                 o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, po_ptr, pl_ptr, slot_rows, H, qk_scale,
-                 HAS_QSL: gl.constexpr, WRITE_LSE: gl.constexpr):
+                 o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, po_ptr, pl_ptr, slot_rows, H, qk_scale, kscale_ptr,
+                 HAS_QSL: gl.constexpr, WRITE_LSE: gl.constexpr, FP8: gl.constexpr):
         """The eight-warp partition: every segment's attention and its epilogue."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                            instr_shape=[16, _BN // 2, 16])
@@ -218,6 +252,11 @@ if HAVE_GLUON:
         per_part, lo, hi, b, c = _part_start(cum_ptr, num_seqs)
         g = 0
         qi = 0
+        if FP8:
+            k_scale = gl.load(kscale_ptr)
+        else:
+            k_scale = 1.0
+        sl2 = qk_scale * k_scale
         rows_s = tile * _BM + gl.arange(0, _BM, row_s)
         cols_s = gl.arange(0, _BN, gl.SliceLayout(0, s_layout))
         rows_o = tile * _BM + gl.arange(0, _BM, row_o)
@@ -234,17 +273,20 @@ if HAVE_GLUON:
                 if kv_lo < kv_hi:
                     mbarrier.wait(q_ready, qi & 1)
                     n_tiles = (kv_hi - kv_lo + _BN - 1) // _BN
-                    acc = _qk(q_nope, q_rope, kv_nope, kv_rope, ready, g, kv_hi - kv_lo, s_layout)
+                    acc = _qk(q_nope, q_rope, kv_nope, kv_rope, raw, raw_rope, ready, empty, g, kv_hi - kv_lo, s_layout, FP8)
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
                     for j in range(n_tiles):
-                        s = g % 2
+                        if FP8:
+                            s = 0
+                        else:
+                            s = g % 2
                         start = kv_lo + j * _BN
                         if j == n_tiles - 1:  # the segment's Q is no longer read
                             gl.thread_barrier()
                             mbarrier.arrive(q_empty, count=1)
                         pos = start + cols_s
                         keep = (gl.expand_dims(pos, 0) < kv_hi) & (gl.expand_dims(pos, 0) <= gl.expand_dims(limit, 1))
-                        sc = gl.where(keep, acc * qk_scale, float("-inf"))
+                        sc = gl.where(keep, acc * sl2, float("-inf"))
                         m_new = gl.maximum(m_i, gl.max(sc, axis=1))
                         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
                         alpha = gl.exp2(m_i - m_use)
@@ -258,9 +300,11 @@ if HAVE_GLUON:
                         o = warpgroup_mma(p_smem, kv_nope.index(s), o, is_async=True)
                         o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
                         gl.thread_barrier()  # both warpgroups done with the stage and with P
-                        mbarrier.arrive(empty.index(s), count=1)
+                        if not FP8:  # (fp8: the raw slot was released when converted)
+                            mbarrier.arrive(empty.index(s), count=1)
                         if j + 1 < n_tiles:
-                            acc = _qk(q_nope, q_rope, kv_nope, kv_rope, ready, g + 1, kv_hi - start - _BN, s_layout)
+                            acc = _qk(q_nope, q_rope, kv_nope, kv_rope, raw, raw_rope, ready, empty, g + 1, kv_hi - start - _BN,
+                                      s_layout, FP8)
                             acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
                         g += 1
                     qi += 1
@@ -270,7 +314,7 @@ if HAVE_GLUON:
                 lse = gl.where(seen, (gl.where(seen, m_i, 0.0) + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                                float("-inf"))
                 inv = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), row_o)
-                out = o * gl.expand_dims(inv, 1)
+                out = o * gl.expand_dims(inv * k_scale, 1)
                 ok_o = rows_o < n_q * H
                 ok_s = rows_s < n_q * H
                 base = gl.load(piece_ptr + 2 * b.to(gl.int64))
@@ -291,16 +335,26 @@ if HAVE_GLUON:
             c = c_next
 
     @gluon.jit
-    def _decode_gluon_kernel(q_desc, kv_desc, bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr,
+    def _decode_gluon_kernel(q_desc, kv_desc, kr_desc, bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr,
                              cum_ptr, piece_ptr, num_seqs, sched_fixed, rows_per_page,
                              o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, po_ptr, pl_ptr, slot_rows,
-                             H, qk_scale, PAGE: gl.constexpr, HAS_QSL: gl.constexpr, WRITE_LSE: gl.constexpr):
-        dt: gl.constexpr = kv_desc.dtype
-        sl: gl.constexpr = kv_desc.layout
+                             H, qk_scale, kscale_ptr, PAGE: gl.constexpr, HAS_QSL: gl.constexpr,
+                             WRITE_LSE: gl.constexpr, FP8: gl.constexpr):
+        # 16-bit caches: a two-stage ring of 16-bit tiles. fp8: a two-stage ring of raw entries
+        # (576 bytes a token, 64-byte boxes) and one 16-bit tile the consumers convert into.
+        dt: gl.constexpr = q_desc.dtype
+        sl: gl.constexpr = q_desc.layout
+        KV_STAGES: gl.constexpr = 1 if FP8 else 2
         q_nope = gl.allocate_shared_memory(dt, [_BM, _NOPE], sl)
         q_rope = gl.allocate_shared_memory(dt, [_BM, _ROPE], sl)
-        kv_nope = gl.allocate_shared_memory(dt, [2, _BN, _NOPE], sl)
-        kv_rope = gl.allocate_shared_memory(dt, [2, _BN, _ROPE], sl)
+        kv_nope = gl.allocate_shared_memory(dt, [KV_STAGES, _BN, _NOPE], sl)
+        kv_rope = gl.allocate_shared_memory(dt, [KV_STAGES, _BN, _ROPE], sl)
+        if FP8:
+            raw = gl.allocate_shared_memory(kv_desc.dtype, [2, _BN, _NOPE], kv_desc.layout)
+            raw_rope = gl.allocate_shared_memory(kr_desc.dtype, [2, _BN, _ROPE], kr_desc.layout)
+        else:  # unused
+            raw = kv_nope
+            raw_rope = kv_rope
         p_smem = gl.allocate_shared_memory(dt, [_BM, _BN], sl)
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -312,30 +366,39 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_compute, (q_nope, q_rope, kv_nope, kv_rope, p_smem, q_ready, q_empty, ready, empty,
+            (_compute, (q_nope, q_rope, kv_nope, kv_rope, raw, raw_rope, p_smem, q_ready, q_empty, ready, empty,
                         seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, piece_ptr,
                         o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, po_ptr, pl_ptr, slot_rows, H, qk_scale,
-                        HAS_QSL, WRITE_LSE)),
-            (_loader, (q_desc, kv_desc, q_nope, q_rope, kv_nope, kv_rope, q_ready, q_empty, ready, empty,
+                        kscale_ptr, HAS_QSL, WRITE_LSE, FP8)),
+            (_loader, (q_desc, kv_desc, kr_desc, q_nope, q_rope, kv_nope, kv_rope, raw, raw_rope, q_ready, q_empty, ready, empty,
                        bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, H, rows_per_page,
-                       PAGE, HAS_QSL)),
+                       PAGE, HAS_QSL, FP8)),
         ], [1], [_LOADER_REGS])
 
 
 def launch(q, kv_cache, block_table, seq_lens, qsl, cum, piece, num_seqs, sched_fixed, out, lse, part_o, part_l,
-           slot_rows, scale, row_tiles, parts) -> None:
+           slot_rows, scale, row_tiles, parts, k_scale=None) -> None:
     """One launch over the device schedule (``cum`` / ``piece`` from ``launch_schedule``);
-    ``qsl`` is None for one query token per sequence. ``scale`` is base 2."""
-    gdt = gl.bfloat16 if kv_cache.dtype == torch.bfloat16 else gl.float16
+    ``qsl`` is None for one query token per sequence. ``scale`` is base 2; ``k_scale`` (a
+    device scalar) for fp8 caches."""
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([BOX, BOX], gdt)
     t, h = q.shape[0], q.shape[1]
     q_desc = TensorDescriptor(q, [t * h, ENTRY], [ENTRY, 1], [BOX, BOX], layout)
     sub = min(BN, kv_cache.shape[1])
-    kv_desc = TensorDescriptor(kv_cache, [kv_rows(kv_cache), ENTRY], [kv_cache.stride(1), 1], [sub, BOX], layout)
+    rows, tok = kv_rows(kv_cache), kv_cache.stride(1)
+    if fp8:  # e4m3 entries: the latent part in 128-byte boxes (128-byte swizzle), RoPE in one of 64
+        kv_desc = TensorDescriptor(kv_cache, [rows, ENTRY], [tok, 1], [sub, 2 * BOX],
+                                   gl.NVMMASharedLayout.get_default_for([sub, 2 * BOX], gl.float8e4nv))
+        kr_desc = TensorDescriptor(kv_cache, [rows, ENTRY], [tok, 1], [sub, BOX],
+                                   gl.NVMMASharedLayout.get_default_for([sub, BOX], gl.float8e4nv))
+    else:
+        kv_desc = kr_desc = TensorDescriptor(kv_cache, [rows, ENTRY], [tok, 1], [sub, BOX], layout)
     _decode_gluon_kernel[(row_tiles, parts)](
-        q_desc, kv_desc, block_table, block_table.stride(0), seq_lens, qsl if qsl is not None else seq_lens,
+        q_desc, kv_desc, kr_desc, block_table, block_table.stride(0), seq_lens, qsl if qsl is not None else seq_lens,
         cum, piece, num_seqs, sched_fixed, kv_cache.stride(0) // kv_cache.stride(1),
         out, out.stride(0), out.stride(1), lse if lse is not None else part_l, lse.stride(0) if lse is not None else 0,
-        part_o, part_l, slot_rows, h, scale,
-        PAGE=kv_cache.shape[1], HAS_QSL=qsl is not None, WRITE_LSE=lse is not None,
+        part_o, part_l, slot_rows, h, scale, k_scale if fp8 else seq_lens,
+        PAGE=kv_cache.shape[1], HAS_QSL=qsl is not None, WRITE_LSE=lse is not None, FP8=fp8,
         num_warps=8)

@@ -130,14 +130,9 @@ def max_rows_per_program(platform: Platform) -> int:
     return 64
 
 
-def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_len: int,
-                  max_kv_len: int, kv_format: str, kv_lora_rank: int) -> DecodeConfig:
-    """Tile sizes, warps and the split count of one decode call, from shapes only."""
-    rows = max(1, max_query_len) * num_heads
-    block_m = min(max_rows_per_program(platform), max(16, next_pow2(rows)))
-    row_tiles = cdiv(rows, block_m)
-    per_unit = 1  # programs resident per compute unit at once (shared memory / registers)
-    sched_fixed = 2  # the device schedule's fixed cost per sequence, in KV tiles (see below)
+def triton_tile(platform: Platform, block_m: int, kv_format: str, kv_lora_rank: int) -> tuple[int, int, int]:
+    """``(block_n, num_warps, num_stages)`` of the Triton decode kernel's tile (also what a call the
+    Gluon kernel does not take falls back to, ``decode.mla_decode``)."""
     if platform.kind == "cuda":
         wide = block_m >= 32
         if kv_format in ("fp8", "fp8_ds_mla"):
@@ -150,16 +145,31 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
             block_n, warps, stages = _CUDA_DECODE_SMALL_SMEM[block_m >= 32]
         if next_pow2(kv_lora_rank) > 512 or smem < 160 * 1024:
             block_n, stages = 16, 1
-        if tile == "quant" and not wide:
+        return block_n, warps, stages
+    if platform.kind == "rocm":
+        return _ROCM_DECODE
+    if platform.kind == "xpu":
+        return _XPU_DECODE
+    return 16, 4, 1  # the interpreter: small tiles keep numpy fast
+
+
+def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_len: int,
+                  max_kv_len: int, kv_format: str, kv_lora_rank: int) -> DecodeConfig:
+    """Tile sizes, warps and the split count of one decode call, from shapes only."""
+    rows = max(1, max_query_len) * num_heads
+    block_m = min(max_rows_per_program(platform), max(16, next_pow2(rows)))
+    row_tiles = cdiv(rows, block_m)
+    per_unit = 1  # programs resident per compute unit at once (shared memory / registers)
+    sched_fixed = 2  # the device schedule's fixed cost per sequence, in KV tiles (see below)
+    gluon = use_gluon(platform, block_m, kv_format, kv_lora_rank)
+    if gluon:  # decode_gluon: 64-token tiles (its grid and schedule unit), one CTA an SM
+        block_n, warps, stages = 64, 8, 2
+    else:
+        block_n, warps, stages = triton_tile(platform, block_m, kv_format, kv_lora_rank)
+    if platform.kind == "cuda" and block_m < 32:
+        sched_fixed = 4  # the narrow tiles, 16-bit and quantized (see below)
+        if kv_format in ("fp8", "fp8_ds_mla"):
             per_unit = 2  # 4 warps x 32 tokens: two programs per SM (89-94 KB, 255 registers)
-        if not wide:
-            sched_fixed = 4  # the narrow tiles, 16-bit and quantized (see below)
-    elif platform.kind == "rocm":
-        block_n, warps, stages = _ROCM_DECODE
-    elif platform.kind == "xpu":
-        block_n, warps, stages = _XPU_DECODE
-    else:  # the interpreter: small tiles keep numpy fast
-        block_n, warps, stages = 16, 4, 1
     max_kv_len = max(1, max_kv_len)
     tiles = cdiv(max_kv_len, block_n)
     programs = max(1, num_seqs * row_tiles)
@@ -209,11 +219,10 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     # default); ROCm / XPU keep "twice" until measured there.
     quant_read = "pairs_once" if kv_format in ("fp8", "fp8_ds_mla") and block_m < 32 and \
         platform.kind in ("cuda", "cpu") else "twice"
-    # The Gluon kernel (Hopper, 64 rows, 16-bit): fixed cost 4 (H100 sweep, `triton_tune.py --plan
+    # The Gluon kernel (Hopper, 64 rows): fixed cost 4 (H100 sweep on bf16, `triton_tune.py --plan
     # gluon`, benchmarks/results/h100_gluon: 1 / 2 / 4 / 8 -> 128q1s4k 352.5 / 347.8 / 346.8 /
     # 347.6 us, 128q1s8k 639.7 / 629.4 / 625.1 / 634.2, b=32 116.2 / 112.1 / 108.4 / 113.3,
     # s_q=2 648.4 / 641.3 / 636.5 / 639.6; b=1 48.6 / 48.3 / 48.2 / 44.9).
-    gluon = use_gluon(platform, block_m, kv_format, kv_lora_rank)
     if gluon:
         sched_fixed = 4
     return DecodeConfig(block_m, block_n, warps, stages, splits, per, row_tiles, exact_ds, scheduled, parts,
@@ -221,15 +230,16 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
 
 
 def use_gluon(platform: Platform, block_m: int, kv_format: str, kv_lora_rank: int) -> bool:
-    """The Gluon kernel for this call's tile: Hopper (sm_90), 64 rows, a 16-bit cache, L = 512, a
-    Triton release it was tested with (``decode_gluon.TESTED_TRITON``). ``PORTMLA_TRITON_GLUON=0``
-    turns it off (A/B timing), ``=1`` allows other Triton releases."""
+    """The Gluon kernel for this call's tile: Hopper (sm_90), 64 rows, a 16-bit or per-tensor fp8
+    (e4m3fn) cache, L = 512, a Triton release it was tested with (``decode_gluon.TESTED_TRITON``).
+    ``PORTMLA_TRITON_GLUON=0`` turns it off (A/B timing), ``=1`` allows other Triton releases."""
     from .decode_gluon import HAVE_GLUON, triton_tested
 
     env = os.environ.get("PORTMLA_TRITON_GLUON", "")
     return (HAVE_GLUON and env != "0" and (env == "1" or triton_tested()) and platform.kind == "cuda"
             and not interpreting() and platform.capability is not None and platform.capability[0] == 9
-            and block_m == 64 and kv_format in ("bfloat16", "float16") and kv_lora_rank == 512)
+            and block_m == 64 and kv_lora_rank == 512
+            and (kv_format in ("bfloat16", "float16") or (kv_format == "fp8" and not fp8_is_fnuz(platform))))
 
 
 @dataclass(frozen=True)
