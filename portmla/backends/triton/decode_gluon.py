@@ -211,13 +211,28 @@ if HAVE_GLUON:
     @gluon.jit
     def _convert(raw, raw_rope, kvh_nope, kvh_rope):
         """An fp8 (e4m3) stage of raw entries -> the 16-bit tile (exact: every e4m3 value is a
-        bf16 / fp16 value); k_scale is applied to the scores and the output."""
-        cl: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [gl.num_warps(), 1], [1, 0])
-        for j in gl.static_range(_NOPE // _BOX):
-            x = raw.slice(j * _BOX, _BOX, dim=1).load(cl)
-            kvh_nope.slice(j * _BOX, _BOX, dim=1).store(x.to(kvh_nope.dtype))
-        x = raw_rope.load(cl)
-        kvh_rope.store(x.to(kvh_rope.dtype))
+        bf16 / fp16 value); k_scale is applied to the scores and the output. Every load before
+        any store (one barrier between them, not one a chunk)."""
+        cl: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [gl.num_warps(), 1], [1, 0])  # a row per swizzle phase
+        x0 = raw.slice(0 * _BOX, _BOX, dim=1).load(cl)
+        x1 = raw.slice(1 * _BOX, _BOX, dim=1).load(cl)
+        x2 = raw.slice(2 * _BOX, _BOX, dim=1).load(cl)
+        x3 = raw.slice(3 * _BOX, _BOX, dim=1).load(cl)
+        x4 = raw.slice(4 * _BOX, _BOX, dim=1).load(cl)
+        x5 = raw.slice(5 * _BOX, _BOX, dim=1).load(cl)
+        x6 = raw.slice(6 * _BOX, _BOX, dim=1).load(cl)
+        x7 = raw.slice(7 * _BOX, _BOX, dim=1).load(cl)
+        xr = raw_rope.load(cl)
+        dt: gl.constexpr = kvh_nope.dtype
+        kvh_nope.slice(0 * _BOX, _BOX, dim=1).store(x0.to(dt))
+        kvh_nope.slice(1 * _BOX, _BOX, dim=1).store(x1.to(dt))
+        kvh_nope.slice(2 * _BOX, _BOX, dim=1).store(x2.to(dt))
+        kvh_nope.slice(3 * _BOX, _BOX, dim=1).store(x3.to(dt))
+        kvh_nope.slice(4 * _BOX, _BOX, dim=1).store(x4.to(dt))
+        kvh_nope.slice(5 * _BOX, _BOX, dim=1).store(x5.to(dt))
+        kvh_nope.slice(6 * _BOX, _BOX, dim=1).store(x6.to(dt))
+        kvh_nope.slice(7 * _BOX, _BOX, dim=1).store(x7.to(dt))
+        kvh_rope.store(xr.to(dt))
 
     @gluon.jit
     def _qk(q_nope, q_rope, kv_nope, kv_rope, raw, raw_rope, ready, empty, g, valid, s_layout: gl.constexpr,
