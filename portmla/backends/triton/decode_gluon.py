@@ -50,7 +50,7 @@ try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .common import seq_tokens  # scalar @triton.jit helpers, callable from Gluon
+    from .common import pow2_row_scale, seq_tokens  # @triton.jit helpers, callable from Gluon
     from .schedule import first_seq
 
     HAVE_GLUON = True
@@ -209,6 +209,29 @@ if HAVE_GLUON:
         gl.thread_barrier()
 
     @gluon.jit
+    def _q_to_fp16(q_nope, q_rope, row_layout: gl.constexpr):
+        """bf16 query rows in shared memory -> fp16 in place, each row times a power of two that
+        puts its largest value in [2^14, 2^15) (exact: ``common.pow2_row_scale``); returns the
+        rows' inverse scales in ``row_layout`` (for the scores)."""
+        ql: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [gl.num_warps(), 1], [1, 0])
+        amax = gl.max(gl.abs(q_rope.load(ql).to(gl.float32)), axis=1)
+        for j in gl.static_range(_NOPE // _BOX):
+            amax = gl.maximum(amax, gl.max(gl.abs(q_nope.slice(j * _BOX, _BOX, dim=1).load(ql).to(gl.float32)), axis=1))
+        qs, q_inv = pow2_row_scale(amax)
+        gl.thread_barrier()  # every row's values read before any is overwritten
+        q16 = q_nope._reinterpret(gl.float16, [_BM, _NOPE], q_nope.layout)
+        for j in gl.static_range(_NOPE // _BOX):
+            x = q_nope.slice(j * _BOX, _BOX, dim=1).load(ql).to(gl.float32) * gl.expand_dims(qs, 1)
+            gl.thread_barrier()
+            q16.slice(j * _BOX, _BOX, dim=1).store(x.to(gl.float16))
+        x = q_rope.load(ql).to(gl.float32) * gl.expand_dims(qs, 1)
+        gl.thread_barrier()
+        q_rope._reinterpret(gl.float16, [_BM, _ROPE], q_rope.layout).store(x.to(gl.float16))
+        fence_async_shared()
+        gl.thread_barrier()
+        return gl.convert_layout(q_inv, row_layout)
+
+    @gluon.jit
     def _convert(raw, raw_rope, kvh_nope, kvh_rope):
         """An fp8 (e4m3) stage of raw entries -> the 16-bit tile (exact: every e4m3 value is a
         bf16 / fp16 value); k_scale is applied to the scores and the output. Every load before
@@ -279,6 +302,13 @@ if HAVE_GLUON:
         else:
             k_scale = 1.0
         sl2 = qk_scale * k_scale
+        Q_SCALE: gl.constexpr = FP8 and q_nope.dtype == gl.bfloat16
+        if Q_SCALE:  # the wgmma's view of the rows converted in place
+            qa_nope = q_nope._reinterpret(gl.float16, [_BM, _NOPE], q_nope.layout)
+            qa_rope = q_rope._reinterpret(gl.float16, [_BM, _ROPE], q_rope.layout)
+        else:
+            qa_nope = q_nope
+            qa_rope = q_rope
         rows_s = tile * _BM + gl.arange(0, _BM, row_s)
         cols_s = gl.arange(0, _BN, gl.SliceLayout(0, s_layout))
         rows_o = tile * _BM + gl.arange(0, _BM, row_o)
@@ -294,8 +324,12 @@ if HAVE_GLUON:
                 o = gl.zeros([_BM, _NOPE], gl.float32, o_layout)
                 if kv_lo < kv_hi:
                     mbarrier.wait(q_ready, qi & 1)
+                    if Q_SCALE:
+                        q_inv = _q_to_fp16(q_nope, q_rope, row_s)
+                    else:
+                        q_inv = gl.full([_BM], 1.0, gl.float32, row_s)
                     n_tiles = (kv_hi - kv_lo + _BN - 1) // _BN
-                    acc = _qk(q_nope, q_rope, kv_nope, kv_rope, raw, raw_rope, ready, empty, g, kv_hi - kv_lo, s_layout, FP8)
+                    acc = _qk(qa_nope, qa_rope, kv_nope, kv_rope, raw, raw_rope, ready, empty, g, kv_hi - kv_lo, s_layout, FP8)
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
                     for j in range(n_tiles):
                         if FP8:
@@ -308,7 +342,7 @@ if HAVE_GLUON:
                             mbarrier.arrive(q_empty, count=1)
                         pos = start + cols_s
                         keep = (gl.expand_dims(pos, 0) < kv_hi) & (gl.expand_dims(pos, 0) <= gl.expand_dims(limit, 1))
-                        sc = gl.where(keep, acc * sl2, float("-inf"))
+                        sc = gl.where(keep, acc * (sl2 * gl.expand_dims(q_inv, 1)), float("-inf"))
                         m_new = gl.maximum(m_i, gl.max(sc, axis=1))
                         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
                         alpha = gl.exp2(m_i - m_use)
@@ -325,7 +359,7 @@ if HAVE_GLUON:
                         if not FP8:  # (fp8: the raw slot was released when converted)
                             mbarrier.arrive(empty.index(s), count=1)
                         if j + 1 < n_tiles:
-                            acc = _qk(q_nope, q_rope, kv_nope, kv_rope, raw, raw_rope, ready, empty, g + 1, kv_hi - start - _BN,
+                            acc = _qk(qa_nope, qa_rope, kv_nope, kv_rope, raw, raw_rope, ready, empty, g + 1, kv_hi - start - _BN,
                                       s_layout, FP8)
                             acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
                         g += 1
@@ -364,11 +398,13 @@ if HAVE_GLUON:
                              WRITE_LSE: gl.constexpr, FP8: gl.constexpr):
         # 16-bit caches: a two-stage ring of 16-bit tiles. fp8: a two-stage ring of raw entries
         # (576 bytes a token, 64-byte boxes) and one 16-bit tile the consumers convert into.
-        dt: gl.constexpr = q_desc.dtype
         sl: gl.constexpr = q_desc.layout
         KV_STAGES: gl.constexpr = 1 if FP8 else 2
-        q_nope = gl.allocate_shared_memory(dt, [_BM, _NOPE], sl)
-        q_rope = gl.allocate_shared_memory(dt, [_BM, _ROPE], sl)
+        q_nope = gl.allocate_shared_memory(q_desc.dtype, [_BM, _NOPE], sl)
+        q_rope = gl.allocate_shared_memory(q_desc.dtype, [_BM, _ROPE], sl)
+        # fp8: fp16 operands (e4m3 -> f16 is one instruction per two values; bf16 queries are
+        # scaled per row into fp16 in place, ``_q_to_fp16``)
+        dt: gl.constexpr = gl.float16 if FP8 else q_desc.dtype
         kv_nope = gl.allocate_shared_memory(dt, [KV_STAGES, _BN, _NOPE], sl)
         kv_rope = gl.allocate_shared_memory(dt, [KV_STAGES, _BN, _ROPE], sl)
         if FP8:
