@@ -23,9 +23,10 @@ kernel; the A/Bs and what was tried are in benchmarks/results/triton_h100_notes.
 
 Per-tensor fp8 (e4m3fn) caches: the loader brings the raw entries (the latent part in 128-byte
 boxes, RoPE in one of 64 bytes) into a two-stage raw ring; the consumers convert a slot into
-the one 16-bit tile buffer (q's dtype, exact), release the slot and run the same pipeline;
-k_scale multiplies the scores and the output (H100: 853 us at the row above, 2.4x the bf16
-time: the conversion is not overlapped yet).
+the one fp16 tile buffer (exact), release the slot and run the same pipeline on fp16 operands
+(bf16 query rows scaled in place into fp16 by a power of two per row, its inverse on the
+scores); k_scale multiplies the scores and the output (H100: 454 us at the row above, 1.27x
+the bf16 time: the conversion is not overlapped with the tensor cores yet).
 
 Takes (``eligible``): 16-bit caches with q of the same dtype, or fp8 caches with bf16 / fp16 q;
 DeepSeek dims (L = 512, R = 64), q heads x 576 contiguous, at least 64 and fewer than 2^31
