@@ -429,11 +429,16 @@ def test_gluon_kernel_choice(monkeypatch):
     assert not pick(lora=256).gluon
     assert not pick(dataclasses.replace(hopper, capability=(8, 0))).gluon
     assert not pick(dataclasses.replace(hopper, capability=(10, 0))).gluon
+    kernels = get_backend("triton").kernels(hopper)  # probe() / info say so
+    assert "Gluon kernel (TMA" in kernels[0] and "fp8" in kernels[0] and "other calls" in kernels[1]
+    assert "Gluon" not in " ".join(get_backend("triton").kernels(dataclasses.replace(hopper, capability=(8, 0))))
     monkeypatch.setenv("PORTMLA_TRITON_GLUON", "0")
     assert not pick().gluon
+    assert "Gluon kernel is off: PORTMLA_TRITON_GLUON=0" in get_backend("triton").kernels(hopper)[0]
     monkeypatch.setattr(decode_gluon, "triton_tested", lambda: False)
     monkeypatch.delenv("PORTMLA_TRITON_GLUON")
     assert not pick().gluon
+    assert "not a tested release" in get_backend("triton").kernels(hopper)[0]
     monkeypatch.setenv("PORTMLA_TRITON_GLUON", "1")
     assert pick().gluon
 

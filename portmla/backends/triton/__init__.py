@@ -6,6 +6,10 @@ every KV format (bf16 / fp16 / per-tensor fp8 / fp8_ds_mla, dequantized in the k
 cross-layer caches (arbitrary page / token strides, 64-bit offsets), LSE output, and
 CUDA-graph capture (no host reads: split counts and scratch sizes come from shapes).
 
+On Hopper (sm_90) the 64-row tiles of 16-bit and per-tensor fp8 caches run a Gluon kernel
+(``decode_gluon.py``: explicit warpgroup layouts, TMA, a warp-specialized loader) where the
+layout allows it; ``kernels()`` (``probe()`` / ``info``) says which kernel serves what.
+
 On the CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1``), which is
 how it is tested there. Importing portmla never fails because Triton is missing: the
 backend then reports ``not installed: ...``. Kernel modules are imported lazily.
@@ -14,6 +18,7 @@ backend then reports ``not installed: ...``. Kernel modules are imported lazily.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -23,6 +28,12 @@ from ..base import Backend
 
 
 @functools.cache
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
 def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
@@ -61,6 +72,28 @@ class TritonBackend(Backend):
                 return [Reason("platform", "platform=cpu needs TRITON_INTERPRET=1 (Triton runs on "
                                            "the CPU only through its interpreter)")]
         return out
+
+    def kernels(self, platform: Platform) -> tuple[str, ...]:
+        """The decode kernels this device runs (``probe()`` / ``info``): on sm_90 the Gluon
+        kernel where ``launch.use_gluon`` allows it, the Triton kernels for everything else."""
+        from .launch import use_gluon
+
+        triton_k = "mla_decode: Triton kernels (tl.dot tiles of 16-64 query rows)"
+        if platform.kind != "cuda" or platform.capability is None or platform.capability[0] != 9:
+            return (triton_k + " for every call",)
+        if not use_gluon(platform, 64, "bfloat16", 512):
+            from .decode_gluon import HAVE_GLUON, TESTED_TRITON
+
+            why = ("PORTMLA_TRITON_GLUON=0" if os.environ.get("PORTMLA_TRITON_GLUON") == "0" else
+                   "no triton.experimental.gluon" if not HAVE_GLUON else
+                   f"Triton {_triton_version()} is not a tested release ({', '.join(TESTED_TRITON)}; "
+                   f"PORTMLA_TRITON_GLUON=1 allows it)")
+            return (triton_k + f" for every call (the Hopper Gluon kernel is off: {why})",)
+        fmts = "bfloat16/float16/fp8" if use_gluon(platform, 64, "fp8", 512) else "bfloat16/float16"
+        return (f"mla_decode: Hopper Gluon kernel (TMA, wgmma, a warp-specialized loader) for {fmts} caches "
+                f"with more than 32 (token, head) rows per sequence, DeepSeek dims (512 + 64), block sizes "
+                f"8, 16, 32 or multiples of 64 and 16-byte strides",
+                triton_k + " for the other calls (fp8_ds_mla, fewer rows, other layouts)")
 
     def reasons(self, p):
         out = super().reasons(p)
