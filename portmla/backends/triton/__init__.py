@@ -27,13 +27,13 @@ from ...reasons import Reason
 from ..base import Backend
 
 
-@functools.cache
 def _triton_version() -> str:
     import triton
 
     return triton.__version__
 
 
+@functools.cache
 def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
