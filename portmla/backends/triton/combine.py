@@ -50,7 +50,7 @@ def merge_partials(l_base, o_base, stride_l, stride_o, n, r_ok, d_ok,
         used = w > 0
         po = tl.load(o_base[:, None, :] + s64[None, :, None] * stride_o,
                      mask=used[:, :, None] & d_ok[None, None, :], other=0.0)
-        acc += tl.sum(tl.where(used[:, :, None], po.to(tl.float32) * w[:, :, None], 0.0), 1)
+        acc += tl.sum(tl.where(used[:, :, None], po * w[:, :, None], 0.0), 1)
         den += tl.sum(w, 1)
     seen = den > 0
     out = acc / tl.where(seen, den, 1.0)[:, None]

@@ -638,8 +638,8 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
                                   p.max_blocks_per_seq * c.block_size, c.kv_format, c.kv_lora_rank)
     if p.num_tokens == 0 or p.num_seqs == 0:
         return
-    fmt_ = format_code(c.kv_format)
-    kv_gl = kv_cache.view(torch.float8_e4m3fn) if fmt_ == FMT_FP8 and kv_cache.dtype == torch.uint8 else kv_cache
+    fmt = format_code(c.kv_format)
+    kv_gl = kv_cache.view(torch.float8_e4m3fn) if fmt == FMT_FP8 and kv_cache.dtype == torch.uint8 else kv_cache
     use_gluon = (cfg.gluon and cfg.scheduled and cfg.block_n == decode_gluon.BN
                  and decode_gluon.eligible(q, kv_gl, c.block_size, c.kv_lora_rank, c.rope_dim))
     if cfg.gluon and not use_gluon:  # a layout the Gluon kernel does not take: the Triton tile
@@ -648,7 +648,6 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
     if cfg.quant_read not in QUANT_READS or cfg.maxnreg < 0:
         raise ValueError(f"DecodeConfig quant_read={cfg.quant_read!r} (supported: {', '.join(QUANT_READS)}), "
                          f"maxnreg={cfg.maxnreg} (>= 0; 0: the compiler's choice)")
-    fmt = format_code(c.kv_format)
     kv = kv_view(kv_cache)
     kv32, kv16 = ds_views(kv_cache, fmt)
     lora, rope = c.kv_lora_rank, c.rope_dim

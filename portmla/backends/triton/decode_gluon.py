@@ -82,8 +82,8 @@ def eligible(q: torch.Tensor, kv_cache: torch.Tensor, block_size: int, lora: int
     """Shapes, dtypes and strides this kernel takes (``mla_decode`` runs the Triton kernel
     otherwise). Host-only checks: the call stays graph-capturable."""
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    if not HAVE_GLUON or lora != NOPE or rope != ROPE or kv_cache.dtype not in (torch.bfloat16, torch.float16) + (
-            (torch.float8_e4m3fn,)):
+    if not HAVE_GLUON or lora != NOPE or rope != ROPE or kv_cache.dtype not in (torch.bfloat16, torch.float16,
+                                                                                 torch.float8_e4m3fn):
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or (q.dtype != kv_cache.dtype and not fp8):
         return False
@@ -143,11 +143,12 @@ if HAVE_GLUON:
         return run, t0, n_q, seq_len, kv_lo, kv_hi
 
     @gluon.jit
-    def _loader(q_desc, kv_desc, kr_desc, q_nope, q_rope, kv_nope, kv_rope, raw, raw_rope, q_ready, q_empty, ready, empty,
+    def _loader(q_desc, kv_desc, kr_desc, q_nope, q_rope, raw, raw_rope, q_ready, q_empty, ready, empty,
                 bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, H, rows_per_page,
-                PAGE: gl.constexpr, HAS_QSL: gl.constexpr, FP8: gl.constexpr):
+                PAGE: gl.constexpr, HAS_QSL: gl.constexpr):
         """The one-warp TMA partition: the part's segments in order, Q rows then KV tiles."""
         SUB: gl.constexpr = kv_desc.block_type.shape[0]  # rows a KV box: min(PAGE, BN)
+        W: gl.constexpr = kv_desc.block_type.shape[1]  # columns a latent-part box
         tile = gl.program_id(0)
         per_part, lo, hi, b, c = _part_start(cum_ptr, num_seqs)
         g = 0  # KV tiles issued so far (ring slot g % 2, its use g // 2)
@@ -170,28 +171,22 @@ if HAVE_GLUON:
                 for start in range(kv_lo, kv_hi, _BN):
                     s = g % 2
                     mbarrier.wait(empty.index(s), ((g // 2) & 1) ^ 1)
-                    mbarrier.expect(ready.index(s), 9 * _BN * _BOX * kv_desc.dtype.primitive_bitwidth // 8)  # 576 entries
+                    mbarrier.expect(ready.index(s), _BN * _ENTRY * kv_desc.dtype.primitive_bitwidth // 8)
                     # pages shorter than a tile: one run of boxes per page; runs past kv_hi read
-                    # rows -SUB.. (outside the tensor: TMA fills zeros) and no block-table entry
+                    # rows -SUB.. (outside the tensor: TMA fills zeros) and no block-table entry.
+                    # The latent part in boxes of W columns (16-bit: 64, fp8: 128 bytes), RoPE in
+                    # one box of kr_desc, into ``raw`` (the 16-bit ring itself for 16-bit caches).
                     for i in gl.static_range(_BN // SUB):
                         pos = start + i * SUB
                         ok = pos < kv_hi
                         page = gl.load(bt_row + pos // PAGE, mask=ok, other=0)
                         row = gl.where(ok, page * rows_per_page + pos % PAGE, -SUB)
-                        if FP8:  # raw e4m3 entries: 128-byte boxes of the latent part, one of 64 the RoPE
-                            for j in gl.static_range(_NOPE // (2 * _BOX)):
-                                tma.async_copy_global_to_shared(
-                                    kv_desc, [row, j * 2 * _BOX], ready.index(s),
-                                    raw.index(s).slice(j * 2 * _BOX, 2 * _BOX, dim=1).slice(i * SUB, SUB, dim=0))
-                            tma.async_copy_global_to_shared(kr_desc, [row, _NOPE], ready.index(s),
-                                                            raw_rope.index(s).slice(i * SUB, SUB, dim=0))
-                        else:
-                            for j in gl.static_range(_NOPE // _BOX):
-                                tma.async_copy_global_to_shared(
-                                    kv_desc, [row, j * _BOX], ready.index(s),
-                                    kv_nope.index(s).slice(j * _BOX, _BOX, dim=1).slice(i * SUB, SUB, dim=0))
-                            tma.async_copy_global_to_shared(kv_desc, [row, _NOPE], ready.index(s),
-                                                            kv_rope.index(s).slice(i * SUB, SUB, dim=0))
+                        for j in gl.static_range(_NOPE // W):
+                            tma.async_copy_global_to_shared(
+                                kv_desc, [row, j * W], ready.index(s),
+                                raw.index(s).slice(j * W, W, dim=1).slice(i * SUB, SUB, dim=0))
+                        tma.async_copy_global_to_shared(kr_desc, [row, _NOPE], ready.index(s),
+                                                        raw_rope.index(s).slice(i * SUB, SUB, dim=0))
                     g += 1
             b += 1
             c = c_next
@@ -398,7 +393,7 @@ if HAVE_GLUON:
                              H, qk_scale, kscale_ptr, PAGE: gl.constexpr, HAS_QSL: gl.constexpr,
                              WRITE_LSE: gl.constexpr, FP8: gl.constexpr):
         # 16-bit caches: a two-stage ring of 16-bit tiles. fp8: a two-stage ring of raw entries
-        # (576 bytes a token, 64-byte boxes) and one 16-bit tile the consumers convert into.
+        # (576 bytes a token) and one fp16 tile the consumers convert into.
         sl: gl.constexpr = q_desc.layout
         KV_STAGES: gl.constexpr = 1 if FP8 else 2
         q_nope = gl.allocate_shared_memory(q_desc.dtype, [_BM, _NOPE], sl)
@@ -411,7 +406,7 @@ if HAVE_GLUON:
         if FP8:
             raw = gl.allocate_shared_memory(kv_desc.dtype, [2, _BN, _NOPE], kv_desc.layout)
             raw_rope = gl.allocate_shared_memory(kr_desc.dtype, [2, _BN, _ROPE], kr_desc.layout)
-        else:  # unused
+        else:  # the loader's destination: the 16-bit ring itself
             raw = kv_nope
             raw_rope = kv_rope
         p_smem = gl.allocate_shared_memory(dt, [_BM, _BN], sl)
@@ -429,9 +424,9 @@ if HAVE_GLUON:
                         seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, piece_ptr,
                         o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, po_ptr, pl_ptr, slot_rows, H, qk_scale,
                         kscale_ptr, HAS_QSL, WRITE_LSE, FP8)),
-            (_loader, (q_desc, kv_desc, kr_desc, q_nope, q_rope, kv_nope, kv_rope, raw, raw_rope, q_ready, q_empty, ready, empty,
+            (_loader, (q_desc, kv_desc, kr_desc, q_nope, q_rope, raw, raw_rope, q_ready, q_empty, ready, empty,
                        bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, H, rows_per_page,
-                       PAGE, HAS_QSL, FP8)),
+                       PAGE, HAS_QSL)),
         ], [1], [_LOADER_REGS])
 
 

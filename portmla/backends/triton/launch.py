@@ -89,8 +89,9 @@ class DecodeConfig:
     # ``maxnreg``; 0: the compiler's choice; an experiment of ``scripts/triton_tune.py``).
     quant_read: str = "twice"
     maxnreg: int = 0
-    # The Hopper Gluon kernel (``decode_gluon``) for the scheduled 64-row 16-bit tile, where the
-    # call's shapes and strides allow it (``decode_gluon.eligible``; else this Triton kernel).
+    # The Hopper Gluon kernel (``decode_gluon``) for the scheduled 64-row tile of a 16-bit or fp8
+    # cache, where the call's shapes and strides allow it (``decode_gluon.eligible``; else the
+    # Triton kernel with its own tile, ``triton_tile``).
     gluon: bool = False
 
 
