@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -142,6 +143,33 @@ def make_decode_case(seq_lens, query_lens, *, heads=16, block_size=16, fmt="bflo
         qsl = torch.tensor([0] + list(query_lens), dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
     return DecodeCase(q, cache, table, torch.tensor(seq_lens, dtype=torch.int32, device=device), qsl,
                       fmt, k_scale, 1.0 / math.sqrt(128 + rope), kv_c, k_pe, list(query_lens), lora)
+
+
+def force_decode_config(monkeypatch, scheduled, parts=None, fixed=None, block_m=None, **fields):
+    """Make the Triton decode use the split kernel or the device schedule (with ``parts`` /
+    ``fixed`` / ``block_m`` and any other ``DecodeConfig`` ``fields`` where given; the rest
+    from ``decode_config``). Returns the list of schedule launches, so a test can check the
+    path it asked for ran."""
+    from portmla.backends.triton import decode as tdec
+    from portmla.backends.triton import launch as tlaunch
+
+    orig_cfg, orig_sched = tdec.decode_config, tdec.launch_schedule
+    launches = []
+
+    def cfg(plat, num_seqs, num_heads, max_query_len, max_kv_len, fmt, lora):
+        d = orig_cfg(plat, num_seqs, num_heads, max_query_len, max_kv_len, fmt, lora)
+        bm = block_m or d.block_m
+        return dataclasses.replace(d, scheduled=scheduled, block_m=bm, exact_ds=bm < 32,
+                                   row_tiles=tlaunch.cdiv(max(1, max_query_len) * num_heads, bm),
+                                   parts=parts or d.parts, sched_fixed=fixed or d.sched_fixed, **fields)
+
+    def sched(*a, **k):
+        launches.append(a[4:6])  # (parts, fixed)
+        return orig_sched(*a, **k)
+
+    monkeypatch.setattr(tdec, "decode_config", cfg)
+    monkeypatch.setattr(tdec, "launch_schedule", sched)
+    return launches
 
 
 def far_end_case(device, heads, spare_blocks=64, lens=(1000, 777), block_size=64):

@@ -9,8 +9,6 @@ NaN-poisoned outside the written slots, outputs NaN-filled.
 
 from __future__ import annotations
 
-import dataclasses
-
 import mla_cases
 import pytest
 import torch
@@ -22,7 +20,6 @@ DEV = device_under_test()
 if DEV.type != "cuda" or torch.cuda.get_device_capability(DEV)[0] != 9:
     pytest.skip("the Gluon decode kernel runs on sm_90 GPUs only", allow_module_level=True)
 
-from portmla.backends.triton import decode as tdec  # noqa: E402
 from portmla.backends.triton import decode_gluon  # noqa: E402
 from portmla.backends.triton import launch as tlaunch  # noqa: E402
 
@@ -41,16 +38,6 @@ def gluon_launches(monkeypatch):
 
     monkeypatch.setattr(decode_gluon, "launch", counted)
     return calls
-
-
-def force_schedule(monkeypatch, parts=None, fixed=None):
-    orig = tdec.decode_config
-
-    def cfg(*a):
-        d = orig(*a)
-        return dataclasses.replace(d, parts=parts or d.parts, sched_fixed=fixed or d.sched_fixed)
-
-    monkeypatch.setattr(tdec, "decode_config", cfg)
 
 
 def test_gluon_kernel_is_active_on_this_gpu():
@@ -81,7 +68,7 @@ CASES = [
 @pytest.mark.parametrize("fmt,page,heads,lens,qlens,layout,parts,fixed,lse", CASES)
 def test_gluon_decode_matches_reference(fmt, page, heads, lens, qlens, layout, parts, fixed, lse,
                                         gluon_launches, monkeypatch):
-    force_schedule(monkeypatch, parts, fixed)
+    mla_cases.force_decode_config(monkeypatch, True, parts, fixed)
     dtype = torch.float16 if fmt == "float16" or (fmt == "fp8" and page == 128) else torch.bfloat16
     case = mla_cases.make_decode_case(lens, qlens, heads=heads, block_size=page, fmt=fmt, layout=layout,
                                       device=DEV, model_dtype=dtype)

@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton", reason="triton is not importable")
 
 import mla_cases  # noqa: E402
 from conftest import device_under_test  # noqa: E402
+from mla_cases import force_decode_config  # noqa: E402
 
 import portmla as pm  # noqa: E402
 from portmla.dispatch import get_backend  # noqa: E402
@@ -117,33 +118,6 @@ DECODE_CASES = [
     ("fp8_ds_mla", 64, 16, [1, 2, 1], "contiguous"),
     ("fp8_ds_mla", 1, 2, [2, 1], "cross_layer"),
 ]
-
-
-def force_decode_config(monkeypatch, scheduled, parts=None, fixed=None, block_m=None, **fields):
-    """Make the Triton decode use the split kernel or the device schedule (with ``parts`` /
-    ``fixed`` / ``block_m`` and any other ``DecodeConfig`` ``fields`` where given; the rest
-    from ``decode_config``). Returns the list of schedule launches, so a test can check the
-    path it asked for ran."""
-    from portmla.backends.triton import decode as tdec
-    from portmla.backends.triton import launch as tlaunch
-
-    orig_cfg, orig_sched = tdec.decode_config, tdec.launch_schedule
-    launches = []
-
-    def cfg(plat, num_seqs, num_heads, max_query_len, max_kv_len, fmt, lora):
-        d = orig_cfg(plat, num_seqs, num_heads, max_query_len, max_kv_len, fmt, lora)
-        bm = block_m or d.block_m
-        return dataclasses.replace(d, scheduled=scheduled, block_m=bm, exact_ds=bm < 32,
-                                   row_tiles=tlaunch.cdiv(max(1, max_query_len) * num_heads, bm),
-                                   parts=parts or d.parts, sched_fixed=fixed or d.sched_fixed, **fields)
-
-    def sched(*a, **k):
-        launches.append(a[4:6])  # (parts, fixed)
-        return orig_sched(*a, **k)
-
-    monkeypatch.setattr(tdec, "decode_config", cfg)
-    monkeypatch.setattr(tdec, "launch_schedule", sched)
-    return launches
 
 
 @pytest.mark.parametrize("path", ["split", "sched"])
