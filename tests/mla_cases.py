@@ -172,12 +172,14 @@ def force_decode_config(monkeypatch, scheduled, parts=None, fixed=None, block_m=
     return launches
 
 
-def far_end_case(device, heads, spare_blocks=64, lens=(1000, 777), block_size=64):
-    """``(cache, block_table, seq_lens, q)``: a bf16 cache of more than 2^31 elements whose used
-    blocks are its last ones (32-bit offsets would wrap), written with the reference writer."""
-    entry = 576
+def far_end_case(device, heads, spare_blocks=64, lens=(1000, 777), block_size=64, fmt="bfloat16"):
+    """``(cache, block_table, seq_lens, q)``: a bf16 (or fp8_ds_mla) cache of more than 2^31
+    elements whose used blocks are its last ones (32-bit offsets would wrap), written with the
+    reference writer."""
+    ds = fmt == "fp8_ds_mla"
+    entry = 656 if ds else 576
     num_blocks = (2**31) // (block_size * entry) + spare_blocks
-    cache = torch.empty(num_blocks, block_size, entry, dtype=torch.bfloat16, device=device)
+    cache = torch.empty(num_blocks, block_size, entry, dtype=torch.uint8 if ds else torch.bfloat16, device=device)
     assert cache.numel() > 2**31
     nblk = [math.ceil(s / block_size) for s in lens]
     table = torch.zeros(len(lens), max(nblk), dtype=torch.int32)
@@ -192,8 +194,8 @@ def far_end_case(device, heads, spare_blocks=64, lens=(1000, 777), block_size=64
         slots = table[b, pos // block_size].long() * block_size + pos % block_size
         pm.concat_and_cache_mla(torch.randn(s, 512, device=device, dtype=torch.bfloat16),
                                 torch.randn(s, 64, device=device, dtype=torch.bfloat16), cache, slots,
-                                backend="reference")
-    q = torch.randn(len(lens), heads, entry, device=device, dtype=torch.bfloat16)
+                                fmt, backend="reference")
+    q = torch.randn(len(lens), heads, 576, device=device, dtype=torch.bfloat16)
     return cache, table, torch.tensor(list(lens), dtype=torch.int32, device=device), q
 
 

@@ -400,11 +400,18 @@ def test_gluon_kernel_choice(monkeypatch):
     assert pick(fmt="fp8").gluon and pick(fmt="fp8").block_n == 64  # the quantized Triton tile is 32
     assert not pick(dataclasses.replace(hopper, fp8_dtype=torch.float8_e4m3fnuz), fmt="fp8").gluon
     assert not pick(heads=16).gluon and not pick(fmt="fp8_ds_mla").gluon
+    # 16 rows of a quantized cache: the narrow Gluon kernel (decode_gluon_narrow), one CTA an SM
+    narrow = pick(heads=16, fmt="fp8_ds_mla")
+    assert narrow.gluon and narrow.block_m == 16 and narrow.block_n == 64 and narrow.num_warps == 4
+    assert narrow.parts == hopper.num_compute_units and pick(heads=16, fmt="fp8").gluon
+    assert not pick(dataclasses.replace(hopper, fp8_dtype=torch.float8_e4m3fnuz), heads=16, fmt="fp8").gluon
+    assert not pick(heads=32, fmt="fp8_ds_mla").gluon and not pick(heads=16, fmt="fp8_ds_mla", lora=256).gluon
     assert not pick(lora=256).gluon
     assert not pick(dataclasses.replace(hopper, capability=(8, 0))).gluon
     assert not pick(dataclasses.replace(hopper, capability=(10, 0))).gluon
     kernels = get_backend("triton").kernels(hopper)  # probe() / info say so
-    assert "Gluon kernel (TMA" in kernels[0] and "fp8" in kernels[0] and "other calls" in kernels[1]
+    assert "Gluon kernel (TMA" in kernels[0] and "fp8" in kernels[0] and "fp8_ds_mla" in kernels[1]
+    assert "other calls" in kernels[2]
     assert "Gluon" not in " ".join(get_backend("triton").kernels(dataclasses.replace(hopper, capability=(8, 0))))
     monkeypatch.setenv("PORTMLA_TRITON_GLUON", "0")
     assert not pick().gluon

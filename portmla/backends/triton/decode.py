@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import decode_gluon
+from . import decode_gluon, decode_gluon_narrow
 from .combine import _combine_kernel, _combine_pieces_kernel, combine_blocks, pieces_combine_blocks
 from .common import (
     DS_TILE,
@@ -640,8 +640,13 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         return
     fmt = format_code(c.kv_format)
     kv_gl = kv_cache.view(torch.float8_e4m3fn) if fmt == FMT_FP8 and kv_cache.dtype == torch.uint8 else kv_cache
-    use_gluon = (cfg.gluon and cfg.scheduled and cfg.block_n == decode_gluon.BN
-                 and decode_gluon.eligible(q, kv_gl, c.block_size, c.kv_lora_rank, c.rope_dim))
+    narrow = cfg.block_m == decode_gluon_narrow.BR
+    if narrow:
+        fits = fmt in (FMT_FP8, FMT_DS_MLA) and decode_gluon_narrow.eligible(q, kv_cache, fmt == FMT_DS_MLA, c.block_size,
+                                                                c.kv_lora_rank, c.rope_dim)
+    else:
+        fits = decode_gluon.eligible(q, kv_gl, c.block_size, c.kv_lora_rank, c.rope_dim)
+    use_gluon = cfg.gluon and cfg.scheduled and cfg.block_n == decode_gluon.BN and fits
     if cfg.gluon and not use_gluon:  # a layout the Gluon kernel does not take: the Triton tile
         bn, warps, stages = triton_tile(plat, cfg.block_m, c.kv_format, c.kv_lora_rank)
         cfg = dataclasses.replace(cfg, gluon=False, block_n=bn, num_warps=warps, num_stages=stages)
@@ -677,7 +682,11 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         part_l = torch.empty(num_slots(cfg.parts), rows, dtype=torch.float32, device=q.device)
         launch_schedule(seq_lens, cum, piece, cut, cfg.parts, cfg.sched_fixed, cfg.block_n,
                         elementwise_warps(plat))
-        if use_gluon:
+        if use_gluon and narrow:
+            decode_gluon_narrow.launch(q, kv_cache, fmt == FMT_DS_MLA, block_table, seq_lens, query_start_loc, cum,
+                                       piece, b, cfg.sched_fixed, out, lse, part_o, part_l, rows, scale,
+                                       cfg.row_tiles, cfg.parts, ks, cfg.num_stages)
+        elif use_gluon:
             decode_gluon.launch(q, kv_gl, block_table, seq_lens, query_start_loc, cum, piece, b,
                                 cfg.sched_fixed, out, lse, part_o, part_l, rows, scale, cfg.row_tiles, cfg.parts, ks)
         else:

@@ -126,8 +126,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _segment(cum_ptr, seq_lens_ptr, qsl_ptr, b, c, c_next, lo, hi, tile, H, sched_fixed,
-                 HAS_QSL: gl.constexpr):
-        """Sequence ``b``'s segment in part ``[lo, hi)`` for row tile ``tile``: ``(run, t0, n_q,
+                 HAS_QSL: gl.constexpr, BM: gl.constexpr = _BM):
+        """Sequence ``b``'s segment in part ``[lo, hi)`` for row tile ``tile`` (``BM`` rows a tile):
+        ``(run, t0, n_q,
         seq_len, kv_lo, kv_hi)``; ``run``: the part computes (and writes) the segment, whose KV
         range ``[kv_lo, kv_hi)`` may be empty (a sequence with no KV tiles)."""
         first = c + sched_fixed
@@ -135,9 +136,9 @@ if HAVE_GLUON:
         u_hi = gl.minimum(hi - first, c_next - first)
         seq_len = gl.load(seq_lens_ptr + b)
         t0, n_q = seq_tokens(qsl_ptr, b, HAS_QSL)
-        tok_last = gl.minimum(n_q - 1, (tile * _BM + _BM - 1) // H)
+        tok_last = gl.minimum(n_q - 1, (tile * BM + BM - 1) // H)
         kv_end = seq_len - n_q + tok_last + 1
-        run = ((u_lo < u_hi) | ((c_next == first) & (c >= lo))) & (tile * _BM < n_q * H)
+        run = ((u_lo < u_hi) | ((c_next == first) & (c >= lo))) & (tile * BM < n_q * H)
         kv_lo = (u_lo * _BN).to(gl.int32)
         kv_hi = gl.minimum(u_hi * _BN, kv_end).to(gl.int32)
         return run, t0, n_q, seq_len, kv_lo, kv_hi

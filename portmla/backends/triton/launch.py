@@ -163,13 +163,13 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     per_unit = 1  # programs resident per compute unit at once (shared memory / registers)
     sched_fixed = 2  # the device schedule's fixed cost per sequence, in KV tiles (see below)
     gluon = use_gluon(platform, block_m, kv_format, kv_lora_rank)
-    if gluon:  # decode_gluon: 64-token tiles (its grid and schedule unit), one CTA an SM
-        block_n, warps, stages = 64, 8, 2
+    if gluon:  # decode_gluon(_narrow): 64-token tiles (the grid's schedule unit), one CTA an SM
+        block_n, warps, stages = (64, 8, 2) if block_m == 64 else (64, 4, NARROW_STAGES)
     else:
         block_n, warps, stages = triton_tile(platform, block_m, kv_format, kv_lora_rank)
     if platform.kind == "cuda" and block_m < 32:
         sched_fixed = 4  # the narrow tiles, 16-bit and quantized (see below)
-        if kv_format in ("fp8", "fp8_ds_mla"):
+        if kv_format in ("fp8", "fp8_ds_mla") and not gluon:
             per_unit = 2  # 4 warps x 32 tokens: two programs per SM (89-94 KB, 255 registers)
     max_kv_len = max(1, max_kv_len)
     tiles = cdiv(max_kv_len, block_n)
@@ -230,17 +230,27 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
                         sched_fixed, quant_read, gluon=gluon)
 
 
+# Raw KV tiles in flight in the narrow Gluon kernel (``decode_gluon_narrow``; ~37-41 KB each).
+NARROW_STAGES = 4
+
+
 def use_gluon(platform: Platform, block_m: int, kv_format: str, kv_lora_rank: int) -> bool:
-    """The Gluon kernel for this call's tile: Hopper (sm_90), 64 rows, a 16-bit or per-tensor fp8
-    (e4m3fn) cache, L = 512, a Triton release it was tested with (``decode_gluon.TESTED_TRITON``).
-    ``PORTMLA_TRITON_GLUON=0`` turns it off (A/B timing), ``=1`` allows other Triton releases."""
+    """A Gluon kernel for this call's tile: Hopper (sm_90), L = 512, a Triton release it was tested
+    with (``decode_gluon.TESTED_TRITON``), and either 64 rows of a 16-bit or per-tensor fp8
+    (e4m3fn) cache (``decode_gluon``) or 16 rows of a per-tensor fp8 (e4m3fn) or fp8_ds_mla
+    cache (``decode_gluon_narrow``). ``PORTMLA_TRITON_GLUON=0`` turns both off (A/B timing),
+    ``=1`` allows other Triton releases."""
     from .decode_gluon import HAVE_GLUON, triton_tested
 
     env = os.environ.get("PORTMLA_TRITON_GLUON", "")
-    return (HAVE_GLUON and env != "0" and (env == "1" or triton_tested()) and platform.kind == "cuda"
+    if not (HAVE_GLUON and env != "0" and (env == "1" or triton_tested()) and platform.kind == "cuda"
             and not interpreting() and platform.capability is not None and platform.capability[0] == 9
-            and block_m == 64 and kv_lora_rank == 512
-            and (kv_format in ("bfloat16", "float16") or (kv_format == "fp8" and not fp8_is_fnuz(platform))))
+            and kv_lora_rank == 512):
+        return False
+    fp8 = kv_format == "fp8" and not fp8_is_fnuz(platform)
+    if block_m == 64:
+        return kv_format in ("bfloat16", "float16") or fp8
+    return block_m == 16 and (fp8 or kv_format == "fp8_ds_mla")
 
 
 @dataclass(frozen=True)
