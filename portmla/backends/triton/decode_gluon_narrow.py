@@ -207,7 +207,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _scores(raw, raw_rope, sc, q_smem, qr_smem, q_inv, sl2, DS: gl.constexpr):
-        """S^T of a raw stage, float32 ``[64 tokens, 16 rows]`` in base-2 units (unmasked)."""
+        """S^T of a raw stage, float32 ``[64 tokens, 16 rows]`` in base-2 units (unmasked).
+        While a product is in flight only its A registers are waited on (reading an in-flight
+        accumulator makes ptxas serialize every wgmma of the kernel)."""
         z = gl.zeros([_BN, _BR], gl.float32, _ACC)
         a0 = _qk_operand(raw, 0)
         s0 = warpgroup_mma(a0, q_smem.slice(0, 128, dim=1).permute((1, 0)), z, is_async=True)
@@ -216,18 +218,18 @@ if HAVE_GLUON:
             s1 = warpgroup_mma(a1, q_smem.slice(128, 128, dim=1).permute((1, 0)), z, is_async=True)
         else:
             s1 = warpgroup_mma(a1, q_smem.slice(128, 128, dim=1).permute((1, 0)), s0, is_async=True)
-        s0, a0 = warpgroup_mma_wait(num_outstanding=1, deps=[s0, a0])
+        a0 = warpgroup_mma_wait(num_outstanding=1, deps=[a0])
         a2 = _qk_operand(raw, 2)
         if DS:
             s2 = warpgroup_mma(a2, q_smem.slice(256, 128, dim=1).permute((1, 0)), z, is_async=True)
         else:
             s2 = warpgroup_mma(a2, q_smem.slice(256, 128, dim=1).permute((1, 0)), s1, is_async=True)
-        s1, a1 = warpgroup_mma_wait(num_outstanding=1, deps=[s1, a1])
+        a1 = warpgroup_mma_wait(num_outstanding=1, deps=[a1])
         a3 = _qk_operand(raw, 3)
         if DS:
             s3 = warpgroup_mma(a3, q_smem.slice(384, 128, dim=1).permute((1, 0)), z, is_async=True)
             sr = warpgroup_mma(raw_rope, qr_smem.permute((1, 0)), z, is_async=True)
-            s3, sr, a3, s2, a2 = warpgroup_mma_wait(num_outstanding=0, deps=[s3, sr, a3, s2, a2])
+            s0, s1, s2, s3, sr, a2, a3 = warpgroup_mma_wait(num_outstanding=0, deps=[s0, s1, s2, s3, sr, a2, a3])
             x = sc.load(_LSC)
             col = gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(0, _LSC)), 0)
             row: gl.constexpr = gl.SliceLayout(1, _ACC)
@@ -240,7 +242,7 @@ if HAVE_GLUON:
             return (nope * gl.expand_dims(q_inv, 0) + sr) * sl2
         else:
             s3 = warpgroup_mma(a3, q_smem.slice(384, 128, dim=1).permute((1, 0)), s2, is_async=True)
-            s2, a2 = warpgroup_mma_wait(num_outstanding=1, deps=[s2, a2])
+            a2 = warpgroup_mma_wait(num_outstanding=1, deps=[a2])
             ar = gl.convert_layout(_perm64(raw_rope.load(_LQR).to(gl.float16)), _A)
             sr = warpgroup_mma(ar, qr_smem.permute((1, 0)), s3, is_async=True)
             sr, ar, a3 = warpgroup_mma_wait(num_outstanding=0, deps=[sr, ar, a3])
@@ -366,10 +368,10 @@ if HAVE_GLUON:
                         o = warpgroup_mma(v0, p_smem.slice(0, 16, dim=1).permute((1, 0)), o, is_async=True)
                         v1 = _pv_operand(raw.index(st), sc, 1, valid, inv_mx, DS)
                         o = warpgroup_mma(v1, p_smem.slice(16, 16, dim=1).permute((1, 0)), o, is_async=True)
-                        o, v0 = warpgroup_mma_wait(num_outstanding=1, deps=[o, v0])
+                        v0 = warpgroup_mma_wait(num_outstanding=1, deps=[v0])
                         v2 = _pv_operand(raw.index(st), sc, 2, valid, inv_mx, DS)
                         o = warpgroup_mma(v2, p_smem.slice(32, 16, dim=1).permute((1, 0)), o, is_async=True)
-                        o, v1 = warpgroup_mma_wait(num_outstanding=1, deps=[o, v1])
+                        v1 = warpgroup_mma_wait(num_outstanding=1, deps=[v1])
                         v3 = _pv_operand(raw.index(st), sc, 3, valid, inv_mx, DS)
                         o = warpgroup_mma(v3, p_smem.slice(48, 16, dim=1).permute((1, 0)), o, is_async=True)
                         o, v2, v3 = warpgroup_mma_wait(num_outstanding=0, deps=[o, v2, v3])
