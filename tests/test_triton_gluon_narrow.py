@@ -2,8 +2,8 @@
 16-row tiles of fp8 / fp8_ds_mla caches, wgmma with the tokens as M) against the torch
 reference, through the public API on an sm_90 GPU.
 
-Skips off Hopper; on an sm_90 device it fails (does not skip) when the kernel is not the one
-that runs. Caches are NaN-poisoned outside the written slots, outputs NaN-filled.
+The kernel is opt-in (``PORTMLA_TRITON_GLUON_NARROW=1``, set here for every test). Skips off
+Hopper; on an sm_90 device it fails (does not skip) when the kernel is not the one that runs. Caches are NaN-poisoned outside the written slots, outputs NaN-filled.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ from portmla.backends.triton import decode_gluon_narrow  # noqa: E402
 from portmla.backends.triton import launch as tlaunch  # noqa: E402
 
 L = 512
+
+
+@pytest.fixture(autouse=True)
+def narrow_opt_in(monkeypatch):
+    """The narrow kernel is opt-in (slower than the Triton kernel so far, launch.use_gluon)."""
+    monkeypatch.setenv("PORTMLA_TRITON_GLUON_NARROW", "1")
 
 
 @pytest.fixture

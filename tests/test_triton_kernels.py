@@ -400,7 +400,12 @@ def test_gluon_kernel_choice(monkeypatch):
     assert pick(fmt="fp8").gluon and pick(fmt="fp8").block_n == 64  # the quantized Triton tile is 32
     assert not pick(dataclasses.replace(hopper, fp8_dtype=torch.float8_e4m3fnuz), fmt="fp8").gluon
     assert not pick(heads=16).gluon and not pick(fmt="fp8_ds_mla").gluon
-    # 16 rows of a quantized cache: the narrow Gluon kernel (decode_gluon_narrow), one CTA an SM
+    kernels = get_backend("triton").kernels(hopper)  # probe() / info say so
+    assert "Gluon kernel (TMA" in kernels[0] and "fp8" in kernels[0] and "other calls" in kernels[1]
+    assert "PORTMLA_TRITON_GLUON_NARROW=1" in kernels[1]
+    # 16 rows of a quantized cache, opted in: the narrow Gluon kernel (decode_gluon_narrow), one CTA an SM
+    assert not pick(heads=16, fmt="fp8_ds_mla").gluon and not pick(heads=16, fmt="fp8").gluon
+    monkeypatch.setenv("PORTMLA_TRITON_GLUON_NARROW", "1")
     narrow = pick(heads=16, fmt="fp8_ds_mla")
     assert narrow.gluon and narrow.block_m == 16 and narrow.block_n == 64 and narrow.num_warps == 4
     assert narrow.parts == hopper.num_compute_units and pick(heads=16, fmt="fp8").gluon
@@ -412,6 +417,7 @@ def test_gluon_kernel_choice(monkeypatch):
     kernels = get_backend("triton").kernels(hopper)  # probe() / info say so
     assert "Gluon kernel (TMA" in kernels[0] and "fp8" in kernels[0] and "fp8_ds_mla" in kernels[1]
     assert "other calls" in kernels[2]
+    monkeypatch.delenv("PORTMLA_TRITON_GLUON_NARROW")
     assert "Gluon" not in " ".join(get_backend("triton").kernels(dataclasses.replace(hopper, capability=(8, 0))))
     monkeypatch.setenv("PORTMLA_TRITON_GLUON", "0")
     assert not pick().gluon
@@ -457,6 +463,27 @@ def test_gluon_kernel_eligible_layouts():
     assert not dg.eligible(q, torch.zeros(10, 64, 656, dtype=torch.uint8), 64, 512, 64)  # fp8_ds_mla bytes
     shifted = torch.zeros(10 * 64 * 576 + 4, dtype=torch.bfloat16)[4:].view(10, 64, 576)  # base 8 B off
     assert not dg.eligible(q, shifted, 64, 512, 64)
+
+
+def test_narrow_gluon_kernel_eligible_layouts():
+    """The narrow Gluon kernel's host-side checks (fp8 / fp8_ds_mla caches of 16-row tiles)."""
+    from portmla.backends.triton import decode_gluon_narrow as dn
+
+    if not dn.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    q = torch.zeros(3, 16, 576, dtype=torch.bfloat16)
+    ds = torch.zeros(10, 64, 656, dtype=torch.uint8)
+    assert dn.eligible(q, ds, True, 64, 512, 64) and not dn.eligible(q.half(), ds, True, 64, 512, 64)
+    assert dn.eligible(q[:, :, :], torch.zeros(10, 65, 672, dtype=torch.uint8)[:, :64, :656], True, 64, 512, 64)
+    assert not dn.eligible(q, torch.zeros(10, 65, 664, dtype=torch.uint8)[:, :64, :656], True, 64, 512, 64)
+    assert dn.eligible(q, torch.zeros(10, 3, 16, 656, dtype=torch.uint8)[:, 1], True, 16, 512, 64)
+    assert not dn.eligible(q, torch.zeros(10, 48, 656, dtype=torch.uint8), True, 48, 512, 64)  # block 48
+    assert not dn.eligible(q, ds, False, 64, 512, 64)  # a 656-byte entry is not per-tensor fp8's
+    fp8 = torch.zeros(10, 64, 576, dtype=torch.float8_e4m3fn)
+    assert dn.eligible(q, fp8, False, 64, 512, 64) and dn.eligible(q.half(), fp8, False, 64, 512, 64)
+    assert dn.eligible(q, fp8.view(torch.uint8), False, 64, 512, 64)
+    assert not dn.eligible(q, torch.zeros(10, 64, 576, dtype=torch.bfloat16), False, 64, 512, 64)
+    assert not dn.eligible(q, torch.zeros(10, 64, 528, dtype=torch.uint8), True, 64, 384, 64)  # L = 384
 
 
 def test_mla_decode_scheduled_same_shapes_new_lengths(monkeypatch):

@@ -90,12 +90,18 @@ class TritonBackend(Backend):
                    f"PORTMLA_TRITON_GLUON=1 allows it)")
             return (triton_k + f" for every call (the Hopper Gluon kernel is off: {why})",)
         fmts = "bfloat16/float16/fp8" if use_gluon(platform, 64, "fp8", 512) else "bfloat16/float16"
-        narrow = "fp8/fp8_ds_mla" if use_gluon(platform, 16, "fp8", 512) else "fp8_ds_mla"
-        return (f"mla_decode: Hopper Gluon kernel (TMA, wgmma, a warp-specialized loader) for {fmts} caches "
+        wide = (f"mla_decode: Hopper Gluon kernel (TMA, wgmma, a warp-specialized loader) for {fmts} caches "
                 f"with more than 32 (token, head) rows per sequence, DeepSeek dims (512 + 64), block sizes "
-                f"8, 16, 32 or multiples of 64 and 16-byte strides",
+                f"8, 16, 32 or multiples of 64 and 16-byte strides")
+        if not use_gluon(platform, 16, "fp8_ds_mla", 512):
+            return (wide, triton_k + " for the other calls (fp8_ds_mla, fewer rows, other layouts; the narrow "
+                                     "Gluon kernel for 16 rows of fp8 / fp8_ds_mla is opt-in: "
+                                     "PORTMLA_TRITON_GLUON_NARROW=1)")
+        narrow = "fp8/fp8_ds_mla" if use_gluon(platform, 16, "fp8", 512) else "fp8_ds_mla"
+        return (wide,
                 f"mla_decode: Hopper Gluon kernel for {narrow} caches with at most 16 (token, head) rows per "
-                f"sequence (wgmma with the tokens as M), same dims, block sizes and strides",
+                f"sequence (wgmma with the tokens as M; PORTMLA_TRITON_GLUON_NARROW=1), same dims, block "
+                f"sizes and strides",
                 triton_k + " for the other calls (fp8_ds_mla with 17-32 or more than 64 rows, 16-bit caches "
                            "with at most 32 rows, other layouts)")
 

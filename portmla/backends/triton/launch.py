@@ -237,9 +237,9 @@ NARROW_STAGES = 4
 def use_gluon(platform: Platform, block_m: int, kv_format: str, kv_lora_rank: int) -> bool:
     """A Gluon kernel for this call's tile: Hopper (sm_90), L = 512, a Triton release it was tested
     with (``decode_gluon.TESTED_TRITON``), and either 64 rows of a 16-bit or per-tensor fp8
-    (e4m3fn) cache (``decode_gluon``) or 16 rows of a per-tensor fp8 (e4m3fn) or fp8_ds_mla
-    cache (``decode_gluon_narrow``). ``PORTMLA_TRITON_GLUON=0`` turns both off (A/B timing),
-    ``=1`` allows other Triton releases."""
+    (e4m3fn) cache (``decode_gluon``) or, opted in, 16 rows of a per-tensor fp8 (e4m3fn) or
+    fp8_ds_mla cache (``decode_gluon_narrow``). ``PORTMLA_TRITON_GLUON=0`` turns both off (A/B
+    timing), ``=1`` allows other Triton releases."""
     from .decode_gluon import HAVE_GLUON, triton_tested
 
     env = os.environ.get("PORTMLA_TRITON_GLUON", "")
@@ -250,7 +250,11 @@ def use_gluon(platform: Platform, block_m: int, kv_format: str, kv_lora_rank: in
     fp8 = kv_format == "fp8" and not fp8_is_fnuz(platform)
     if block_m == 64:
         return kv_format in ("bfloat16", "float16") or fp8
-    return block_m == 16 and (fp8 or kv_format == "fp8_ds_mla")
+    # The narrow kernel is opt-in (``PORTMLA_TRITON_GLUON_NARROW=1``): on the H100 it is still
+    # slower than the Triton kernel's 16-row tile (b=128 S=8192 h=16: fp8 284 vs 265 us,
+    # fp8_ds_mla 454 vs 324; benchmarks/results/triton_h100_notes.md, session 12).
+    return (block_m == 16 and (fp8 or kv_format == "fp8_ds_mla")
+            and os.environ.get("PORTMLA_TRITON_GLUON_NARROW", "") == "1")
 
 
 @dataclass(frozen=True)
