@@ -368,24 +368,35 @@ if HAVE_GLUON:
                                float("-inf"))
                 inv = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), row_o)
                 out = o * gl.expand_dims(inv * k_scale, 1)
-                ok_o = rows_o < n_q * H
-                ok_s = rows_s < n_q * H
-                base = gl.load(piece_ptr + 2 * b.to(gl.int64))
-                if base >= 0:  # a piece of a cut sequence: float32 partials + LSE in its slot
-                    slot = (base + part - (c + sched_fixed) // per_part).to(gl.int64) * slot_rows
-                    po = po_ptr + (slot + gl.expand_dims(rows_o, 1)) * _NOPE + gl.expand_dims(cols_o, 0)
-                    gl.store(po, out, mask=gl.expand_dims(ok_o, 1))
-                    gl.store(pl_ptr + slot + rows_s, lse, mask=ok_s)
-                else:
-                    t_o = (t0 + rows_o // H).to(gl.int64)
-                    h_o = (rows_o % H).to(gl.int64)
-                    optr = o_ptr + gl.expand_dims(t_o * stride_ot + h_o * stride_oh, 1) + gl.expand_dims(cols_o, 0)
-                    gl.store(optr, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(ok_o, 1))
-                    if WRITE_LSE:
-                        t_s = (t0 + rows_s // H).to(gl.int64)
-                        gl.store(lse_ptr + t_s * stride_lt + rows_s % H, lse, mask=ok_s)
+                _store_segment(out, lse, rows_o, rows_s, cols_o, 1, t0, n_q, H, b, c, part, per_part, sched_fixed,
+                               piece_ptr, po_ptr, pl_ptr, slot_rows, o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt,
+                               WRITE_LSE)
             b += 1
             c = c_next
+
+    @gluon.jit
+    def _store_segment(out, lse, rows_o, rows_l, cols_o, ROW_AXIS: gl.constexpr, t0, n_q, H, b, c, part, per_part,
+                       sched_fixed, piece_ptr, po_ptr, pl_ptr, slot_rows, o_ptr, stride_ot, stride_oh, lse_ptr,
+                       stride_lt, WRITE_LSE: gl.constexpr):
+        """A segment's result: float32 partials + LSE in its slot (a piece of a cut sequence) or
+        the output in its dtype (+ LSE). ``rows_o`` / ``cols_o``: the query rows (token x head)
+        / latent columns along ``out``'s axis ``ROW_AXIS`` / the other one; ``rows_l``: the
+        query rows of ``lse``."""
+        cols = gl.expand_dims(cols_o, 1 - ROW_AXIS)
+        ok_o = gl.expand_dims(rows_o < n_q * H, ROW_AXIS)
+        ok_l = rows_l < n_q * H
+        base = gl.load(piece_ptr + 2 * b.to(gl.int64))
+        if base >= 0:
+            slot = (base + part - (c + sched_fixed) // per_part).to(gl.int64) * slot_rows
+            gl.store(po_ptr + (slot + gl.expand_dims(rows_o, ROW_AXIS)) * _NOPE + cols, out, mask=ok_o)
+            gl.store(pl_ptr + slot + rows_l, lse, mask=ok_l)
+        else:
+            t_o = (t0 + rows_o // H).to(gl.int64)
+            h_o = (rows_o % H).to(gl.int64)
+            optr = o_ptr + gl.expand_dims(t_o * stride_ot + h_o * stride_oh, ROW_AXIS) + cols
+            gl.store(optr, out.to(o_ptr.dtype.element_ty), mask=ok_o)
+            if WRITE_LSE:
+                gl.store(lse_ptr + (t0 + rows_l // H).to(gl.int64) * stride_lt + rows_l % H, lse, mask=ok_l)
 
     @gluon.jit
     def _decode_gluon_kernel(q_desc, kv_desc, kr_desc, bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr,

@@ -51,7 +51,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .common import pow2_row_scale
-    from .decode_gluon import _part_start, _segment
+    from .decode_gluon import _part_start, _segment, _store_segment
 
 BR = 16  # query rows a CTA: the wgmma's N
 DS_SCALES = 16  # bytes of the four float32 tile scales of an fp8_ds_mla entry
@@ -233,12 +233,10 @@ if HAVE_GLUON:
             x = sc.load(_LSC)
             col = gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(0, _LSC)), 0)
             row: gl.constexpr = gl.SliceLayout(1, _ACC)
-            c0 = gl.convert_layout(gl.sum(gl.where(col == 0, x, 0.0), axis=1), row)
-            c1 = gl.convert_layout(gl.sum(gl.where(col == 1, x, 0.0), axis=1), row)
-            c2 = gl.convert_layout(gl.sum(gl.where(col == 2, x, 0.0), axis=1), row)
-            c3 = gl.convert_layout(gl.sum(gl.where(col == 3, x, 0.0), axis=1), row)
-            nope = (s0 * gl.expand_dims(c0, 1) + s1 * gl.expand_dims(c1, 1) + s2 * gl.expand_dims(c2, 1)
-                    + s3 * gl.expand_dims(c3, 1))
+            nope = (s0 * gl.expand_dims(gl.convert_layout(gl.sum(gl.where(col == 0, x, 0.0), axis=1), row), 1)
+                    + s1 * gl.expand_dims(gl.convert_layout(gl.sum(gl.where(col == 1, x, 0.0), axis=1), row), 1)
+                    + s2 * gl.expand_dims(gl.convert_layout(gl.sum(gl.where(col == 2, x, 0.0), axis=1), row), 1)
+                    + s3 * gl.expand_dims(gl.convert_layout(gl.sum(gl.where(col == 3, x, 0.0), axis=1), row), 1))
             return (nope * gl.expand_dims(q_inv, 0) + sr) * sl2
         else:
             s3 = warpgroup_mma(a3, q_smem.slice(384, 128, dim=1).permute((1, 0)), s2, is_async=True)
@@ -247,6 +245,16 @@ if HAVE_GLUON:
             sr = warpgroup_mma(ar, qr_smem.permute((1, 0)), s3, is_async=True)
             sr, ar, a3 = warpgroup_mma_wait(num_outstanding=0, deps=[sr, ar, a3])
             return sr * (gl.expand_dims(q_inv, 0) * sl2)
+
+    @gluon.jit
+    def _per_tile(v, tiles, t_out):
+        """``v[t_out]`` for every output row: ``v`` the four scale tiles' values (a ``[4]``
+        tensor each thread holds whole, indexed by ``tiles``), ``t_out`` the rows' tiles."""
+        v0 = gl.sum(gl.where(tiles == 0, v, 0.0), axis=0)
+        v1 = gl.sum(gl.where(tiles == 1, v, 0.0), axis=0)
+        v2 = gl.sum(gl.where(tiles == 2, v, 0.0), axis=0)
+        v3 = gl.sum(gl.where(tiles == 3, v, 0.0), axis=0)
+        return gl.where(t_out == 0, v0, gl.where(t_out == 1, v1, gl.where(t_out == 2, v2, v3)))
 
     @gluon.jit
     def _narrow_loader(kv_desc, ks_desc, kr_desc, raw, raw_sc, raw_rope, ready, empty,
@@ -350,12 +358,7 @@ if HAVE_GLUON:
                             tok_ok = gl.expand_dims(gl.arange(0, _BN, gl.SliceLayout(1, _LSC)) < valid, 1)
                             mx_new = gl.maximum(mx, gl.max(gl.where(tok_ok, xs, 0.0), axis=0))
                             f = gl.where(mx_new > 0, mx / gl.where(mx_new > 0, mx_new, 1.0), 1.0)
-                            f0 = gl.sum(gl.where(sc_t == 0, f, 0.0), axis=0)
-                            f1 = gl.sum(gl.where(sc_t == 1, f, 0.0), axis=0)
-                            f2 = gl.sum(gl.where(sc_t == 2, f, 0.0), axis=0)
-                            f3 = gl.sum(gl.where(sc_t == 3, f, 0.0), axis=0)
-                            fr = gl.where(t_out == 0, f0, gl.where(t_out == 1, f1, gl.where(t_out == 2, f2, f3)))
-                            o = o * (gl.expand_dims(fr, 1) * gl.expand_dims(alpha, 0))
+                            o = o * (gl.expand_dims(_per_tile(f, sc_t, t_out), 1) * gl.expand_dims(alpha, 0))
                             mx = mx_new
                             inv_mx = 1.0 / gl.where(mx > 0, mx, 1.0)
                         else:
@@ -385,28 +388,12 @@ if HAVE_GLUON:
                                float("-inf"))
                 out = o * gl.expand_dims(1.0 / gl.where(seen, l_i, 1.0), 0)
                 if DS:
-                    m0 = gl.sum(gl.where(sc_t == 0, mx, 0.0), axis=0)
-                    m1 = gl.sum(gl.where(sc_t == 1, mx, 0.0), axis=0)
-                    m2 = gl.sum(gl.where(sc_t == 2, mx, 0.0), axis=0)
-                    m3 = gl.sum(gl.where(sc_t == 3, mx, 0.0), axis=0)
-                    out = out * gl.expand_dims(gl.where(t_out == 0, m0, gl.where(t_out == 1, m1,
-                                                                                 gl.where(t_out == 2, m2, m3))), 1)
+                    out = out * gl.expand_dims(_per_tile(mx, sc_t, t_out), 1)
                 else:
                     out = out * k_scale
-                ok = cols < n_q * H
-                base = gl.load(piece_ptr + 2 * b.to(gl.int64))
-                if base >= 0:  # a piece of a cut sequence: float32 partials + LSE in its slot
-                    slot = (base + part - (c + sched_fixed) // per_part).to(gl.int64) * slot_rows
-                    po = po_ptr + (slot + gl.expand_dims(cols, 0)) * _NOPE + gl.expand_dims(d_out, 1)
-                    gl.store(po, out, mask=gl.expand_dims(ok, 0))
-                    gl.store(pl_ptr + slot + cols, lse, mask=ok)
-                else:
-                    t_o = (t0 + cols // H).to(gl.int64)
-                    h_o = (cols % H).to(gl.int64)
-                    optr = o_ptr + gl.expand_dims(t_o * stride_ot + h_o * stride_oh, 0) + gl.expand_dims(d_out, 1)
-                    gl.store(optr, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(ok, 0))
-                    if WRITE_LSE:
-                        gl.store(lse_ptr + t_o * stride_lt + h_o, lse, mask=ok)
+                _store_segment(out, lse, cols, cols, d_out, 0, t0, n_q, H, b, c, part, per_part, sched_fixed,
+                               piece_ptr, po_ptr, pl_ptr, slot_rows, o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt,
+                               WRITE_LSE)
             b += 1
             c = c_next
 
