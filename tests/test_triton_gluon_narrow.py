@@ -128,19 +128,14 @@ def test_narrow_gluon_decode_is_deterministic(narrow_launches):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("fmt,pad", [("fp8_ds_mla", 8), ("fp8", 8)])
-def test_narrow_gluon_unaligned_tokens_run_the_triton_kernel(fmt, pad, narrow_launches):
-    case = mla_cases.make_decode_case([200, 70], [1, 1], heads=16, block_size=64, layout="padded",
-                                      entry_pad=pad, fmt=fmt, device=DEV)
-    got = mla_cases.decode(case, "triton")
-    ref = mla_cases.decode(case, "reference")
-    assert not narrow_launches
-    assert mla_cases.rel_err(got[0], ref[0]) < 1e-2
-
-
-def test_narrow_gluon_ds_fp16_queries_run_the_triton_kernel(narrow_launches):
-    case = mla_cases.make_decode_case([200, 70], [1, 1], heads=16, block_size=64, fmt="fp8_ds_mla", device=DEV,
-                                      model_dtype=torch.float16)
+@pytest.mark.parametrize("fmt,layout,pad,dtype", [("fp8_ds_mla", "padded", 8, torch.bfloat16),
+                                                   ("fp8", "padded", 8, torch.bfloat16),
+                                                   ("fp8_ds_mla", "contiguous", 16, torch.float16)])
+def test_narrow_gluon_layouts_it_does_not_take_run_the_triton_kernel(fmt, layout, pad, dtype, narrow_launches):
+    """Token strides that are not 16-byte multiples (TMA cannot address the rows), and fp16
+    queries with fp8_ds_mla (its RoPE product is bf16): the Triton kernel runs, right."""
+    case = mla_cases.make_decode_case([200, 70], [1, 1], heads=16, block_size=64, layout=layout,
+                                      entry_pad=pad, fmt=fmt, device=DEV, model_dtype=dtype)
     got = mla_cases.decode(case, "triton")
     ref = mla_cases.decode(case, "reference")
     assert not narrow_launches

@@ -641,12 +641,9 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
     fmt = format_code(c.kv_format)
     kv_gl = kv_cache.view(torch.float8_e4m3fn) if fmt == FMT_FP8 and kv_cache.dtype == torch.uint8 else kv_cache
     narrow = cfg.block_m == decode_gluon_narrow.BR
-    if narrow:
-        fits = fmt in (FMT_FP8, FMT_DS_MLA) and decode_gluon_narrow.eligible(q, kv_cache, fmt == FMT_DS_MLA, c.block_size,
-                                                                c.kv_lora_rank, c.rope_dim)
-    else:
-        fits = decode_gluon.eligible(q, kv_gl, c.block_size, c.kv_lora_rank, c.rope_dim)
-    use_gluon = cfg.gluon and cfg.scheduled and cfg.block_n == decode_gluon.BN and fits
+    use_gluon = cfg.gluon and cfg.scheduled and cfg.block_n == decode_gluon.BN and (
+        decode_gluon_narrow.eligible(q, kv_cache, fmt == FMT_DS_MLA, c.block_size, c.kv_lora_rank, c.rope_dim)
+        if narrow else decode_gluon.eligible(q, kv_gl, c.block_size, c.kv_lora_rank, c.rope_dim))
     if cfg.gluon and not use_gluon:  # a layout the Gluon kernel does not take: the Triton tile
         bn, warps, stages = triton_tile(plat, cfg.block_m, c.kv_format, c.kv_lora_rank)
         cfg = dataclasses.replace(cfg, gluon=False, block_n=bn, num_warps=warps, num_stages=stages)

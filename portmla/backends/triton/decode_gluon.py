@@ -87,14 +87,22 @@ def eligible(q: torch.Tensor, kv_cache: torch.Tensor, block_size: int, lora: int
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or (q.dtype != kv_cache.dtype and not fp8):
         return False
-    if not (block_size % BN == 0 or block_size in (8, 16, 32)):
-        return False
     if q.stride(2) != 1 or q.stride(1) != ENTRY or q.stride(0) != q.shape[1] * ENTRY or q.data_ptr() % 16:
         return False
     if not BM <= q.shape[0] * q.shape[1] < 2**31:  # Q's TMA box (64 rows) fits; 32-bit row coordinates
         return False
+    return tma_pages(kv_cache, block_size, ENTRY)
+
+
+def tma_pages(kv_cache: torch.Tensor, block_size: int, entry: int) -> bool:
+    """The cache's pages as the Gluon kernels' loaders read them: block sizes 8, 16, 32 (one run
+    of boxes a page) or multiples of 64, and the cache viewed as rows of ``token stride``
+    elements (``kv_rows``) that TMA can address: entries of ``entry`` elements, the token stride
+    a 16-byte multiple, the page stride a multiple of it, a 16-byte aligned base, 32-bit rows."""
+    if not (block_size % BN == 0 or block_size in (8, 16, 32)):
+        return False
     page, tok = kv_cache.stride(0), kv_cache.stride(1)
-    return (kv_cache.stride(2) == 1 and tok >= ENTRY and tok * kv_cache.element_size() % 16 == 0 and page % tok == 0
+    return (kv_cache.stride(2) == 1 and tok >= entry and tok * kv_cache.element_size() % 16 == 0 and page % tok == 0
             and kv_cache.data_ptr() % 16 == 0 and kv_rows(kv_cache) < 2**31)
 
 
@@ -144,12 +152,28 @@ if HAVE_GLUON:
         return run, t0, n_q, seq_len, kv_lo, kv_hi
 
     @gluon.jit
+    def _latent_run(kv_desc, bt_row, start, i: gl.constexpr, kv_hi, rows_per_page, bar, dst, PAGE: gl.constexpr):
+        """Run ``i`` of the KV tile at ``start`` (the ``SUB`` tokens from ``start + i * SUB``, one
+        page or part of one): the latent part's boxes into rows ``[i * SUB, (i + 1) * SUB)`` of
+        ``dst``; returns the run's cache row for the caller's other boxes. A run past ``kv_hi``
+        reads rows ``-SUB..`` (outside the tensor: TMA fills zeros) and no block-table entry."""
+        SUB: gl.constexpr = kv_desc.block_type.shape[0]  # rows a box: min(PAGE, BN)
+        W: gl.constexpr = kv_desc.block_type.shape[1]  # columns a latent-part box
+        pos = start + i * SUB
+        ok = pos < kv_hi
+        page = gl.load(bt_row + pos // PAGE, mask=ok, other=0)
+        row = gl.where(ok, page * rows_per_page + pos % PAGE, -SUB)
+        for j in gl.static_range(_NOPE // W):
+            tma.async_copy_global_to_shared(kv_desc, [row, j * W], bar,
+                                            dst.slice(j * W, W, dim=1).slice(i * SUB, SUB, dim=0))
+        return row
+
+    @gluon.jit
     def _loader(q_desc, kv_desc, kr_desc, q_nope, q_rope, raw, raw_rope, q_ready, q_empty, ready, empty,
                 bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, H, rows_per_page,
                 PAGE: gl.constexpr, HAS_QSL: gl.constexpr):
         """The one-warp TMA partition: the part's segments in order, Q rows then KV tiles."""
         SUB: gl.constexpr = kv_desc.block_type.shape[0]  # rows a KV box: min(PAGE, BN)
-        W: gl.constexpr = kv_desc.block_type.shape[1]  # columns a latent-part box
         tile = gl.program_id(0)
         per_part, lo, hi, b, c = _part_start(cum_ptr, num_seqs)
         g = 0  # KV tiles issued so far (ring slot g % 2, its use g // 2)
@@ -173,19 +197,12 @@ if HAVE_GLUON:
                     s = g % 2
                     mbarrier.wait(empty.index(s), ((g // 2) & 1) ^ 1)
                     mbarrier.expect(ready.index(s), _BN * _ENTRY * kv_desc.dtype.primitive_bitwidth // 8)
-                    # pages shorter than a tile: one run of boxes per page; runs past kv_hi read
-                    # rows -SUB.. (outside the tensor: TMA fills zeros) and no block-table entry.
-                    # The latent part in boxes of W columns (16-bit: 64, fp8: 128 bytes), RoPE in
-                    # one box of kr_desc, into ``raw`` (the 16-bit ring itself for 16-bit caches).
+                    # pages shorter than a tile: one run of boxes per page (``_latent_run``). The
+                    # latent part in boxes of 64 columns (16-bit) or 128 bytes (fp8), RoPE in one
+                    # box of kr_desc, into ``raw`` (the 16-bit ring itself for 16-bit caches).
                     for i in gl.static_range(_BN // SUB):
-                        pos = start + i * SUB
-                        ok = pos < kv_hi
-                        page = gl.load(bt_row + pos // PAGE, mask=ok, other=0)
-                        row = gl.where(ok, page * rows_per_page + pos % PAGE, -SUB)
-                        for j in gl.static_range(_NOPE // W):
-                            tma.async_copy_global_to_shared(
-                                kv_desc, [row, j * W], ready.index(s),
-                                raw.index(s).slice(j * W, W, dim=1).slice(i * SUB, SUB, dim=0))
+                        row = _latent_run(kv_desc, bt_row, start, i, kv_hi, rows_per_page, ready.index(s),
+                                          raw.index(s), PAGE)
                         tma.async_copy_global_to_shared(kr_desc, [row, _NOPE], ready.index(s),
                                                         raw_rope.index(s).slice(i * SUB, SUB, dim=0))
                     g += 1

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from .decode_gluon import BN, HAVE_GLUON, NOPE, ROPE, kv_rows
+from .decode_gluon import BN, HAVE_GLUON, NOPE, ROPE, kv_rows, tma_pages
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -51,12 +51,19 @@ if HAVE_GLUON:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .common import pow2_row_scale
-    from .decode_gluon import _part_start, _segment, _store_segment
+    from .decode_gluon import (
+        _BN,
+        _LOADER_REGS,
+        _NOPE,
+        _ROPE,
+        _latent_run,
+        _part_start,
+        _segment,
+        _store_segment,
+    )
 
 BR = 16  # query rows a CTA: the wgmma's N
 DS_SCALES = 16  # bytes of the four float32 tile scales of an fp8_ds_mla entry
-STAGES = 4  # raw KV tiles in flight (~37-41 KB each)
-LOADER_REGS = 32
 
 
 def entry_bytes(ds: bool) -> int:
@@ -72,21 +79,13 @@ def eligible(q: torch.Tensor, kv_cache: torch.Tensor, ds: bool, block_size: int,
         return False
     if kv_cache.dtype not in (torch.uint8, torch.float8_e4m3fn) or kv_cache.shape[2] != entry_bytes(ds):
         return False
-    if not (block_size % BN == 0 or block_size in (8, 16, 32)):
-        return False
-    page, tok = kv_cache.stride(0), kv_cache.stride(1)
-    return (kv_cache.stride(2) == 1 and tok >= kv_cache.shape[2] and tok % 16 == 0 and page % tok == 0
-            and kv_cache.data_ptr() % 16 == 0 and kv_rows(kv_cache) < 2**31)
+    return tma_pages(kv_cache, block_size, entry_bytes(ds))
 
 
 if HAVE_GLUON:
 
     _BR = gl.constexpr(BR)
-    _BN = gl.constexpr(BN)
-    _NOPE = gl.constexpr(NOPE)
-    _ROPE = gl.constexpr(ROPE)
     _DS_SCALES = gl.constexpr(DS_SCALES)
-    _LOADER_REGS = gl.constexpr(LOADER_REGS)
 
     # The accumulators (S^T [64, 16] and O^T [512, 16]): one warpgroup, wgmma m64n16k16.
     _ACC = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16]))
@@ -214,16 +213,10 @@ if HAVE_GLUON:
         a0 = _qk_operand(raw, 0)
         s0 = warpgroup_mma(a0, q_smem.slice(0, 128, dim=1).permute((1, 0)), z, is_async=True)
         a1 = _qk_operand(raw, 1)
-        if DS:
-            s1 = warpgroup_mma(a1, q_smem.slice(128, 128, dim=1).permute((1, 0)), z, is_async=True)
-        else:
-            s1 = warpgroup_mma(a1, q_smem.slice(128, 128, dim=1).permute((1, 0)), s0, is_async=True)
+        s1 = warpgroup_mma(a1, q_smem.slice(128, 128, dim=1).permute((1, 0)), z if DS else s0, is_async=True)
         a0 = warpgroup_mma_wait(num_outstanding=1, deps=[a0])
         a2 = _qk_operand(raw, 2)
-        if DS:
-            s2 = warpgroup_mma(a2, q_smem.slice(256, 128, dim=1).permute((1, 0)), z, is_async=True)
-        else:
-            s2 = warpgroup_mma(a2, q_smem.slice(256, 128, dim=1).permute((1, 0)), s1, is_async=True)
+        s2 = warpgroup_mma(a2, q_smem.slice(256, 128, dim=1).permute((1, 0)), z if DS else s1, is_async=True)
         a1 = warpgroup_mma_wait(num_outstanding=1, deps=[a1])
         a3 = _qk_operand(raw, 3)
         if DS:
@@ -262,7 +255,6 @@ if HAVE_GLUON:
                        PAGE: gl.constexpr, HAS_QSL: gl.constexpr, DS: gl.constexpr, NSTAGE: gl.constexpr):
         """The one-warp TMA partition: the part's KV tiles in order into the ring."""
         SUB: gl.constexpr = kv_desc.block_type.shape[0]  # rows a box: min(PAGE, 64)
-        W: gl.constexpr = kv_desc.block_type.shape[1]  # bytes a latent-part box (128)
         NBYTES: gl.constexpr = _BN * (_NOPE + _DS_SCALES + 2 * _ROPE) if DS else _BN * (_NOPE + _ROPE)
         tile = gl.program_id(0)
         per_part, lo, hi, b, c = _part_start(cum_ptr, num_seqs)
@@ -277,16 +269,10 @@ if HAVE_GLUON:
                     s = g % NSTAGE
                     mbarrier.wait(empty.index(s), ((g // NSTAGE) & 1) ^ 1)
                     mbarrier.expect(ready.index(s), NBYTES)
-                    # one run of boxes per page; runs past kv_hi read rows -SUB.. (zeros)
+                    # one run of boxes per page (``decode_gluon._latent_run``)
                     for i in gl.static_range(_BN // SUB):
-                        pos = start + i * SUB
-                        ok = pos < kv_hi
-                        page = gl.load(bt_row + pos // PAGE, mask=ok, other=0)
-                        row = gl.where(ok, page * rows_per_page + pos % PAGE, -SUB)
-                        for j in gl.static_range(_NOPE // W):
-                            tma.async_copy_global_to_shared(
-                                kv_desc, [row, j * W], ready.index(s),
-                                raw.index(s).slice(j * W, W, dim=1).slice(i * SUB, SUB, dim=0))
+                        row = _latent_run(kv_desc, bt_row, start, i, kv_hi, rows_per_page, ready.index(s),
+                                          raw.index(s), PAGE)
                         if DS:
                             tma.async_copy_global_to_shared(ks_desc, [row, _NOPE], ready.index(s),
                                                             raw_sc.index(s).slice(i * SUB, SUB, dim=0))
@@ -454,10 +440,10 @@ def descriptors(kv_cache: torch.Tensor, ds: bool):
 
 
 def launch(q, kv_cache, ds, block_table, seq_lens, qsl, cum, piece, num_seqs, sched_fixed, out, lse, part_o,
-           part_l, slot_rows, scale, row_tiles, parts, k_scale=None, stages=STAGES) -> None:
+           part_l, slot_rows, scale, row_tiles, parts, k_scale, stages) -> None:
     """One launch over the device schedule (``cum`` / ``piece`` from ``launch_schedule``);
     ``qsl`` is None for one query token per sequence; ``scale`` is base 2; ``k_scale`` (a
-    device scalar) for per-tensor fp8."""
+    device scalar) for per-tensor fp8; ``stages`` raw KV tiles in flight (``launch.NARROW_STAGES``)."""
     kv_desc, ks_desc, kr_desc = descriptors(kv_cache, ds)
     _decode_narrow_kernel[(row_tiles, parts)](
         kv_desc, ks_desc, kr_desc, q, q.stride(0), q.stride(1), block_table, block_table.stride(0),
