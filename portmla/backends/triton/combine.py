@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from .common import seq_tokens
 
@@ -90,12 +91,14 @@ def _combine_pieces_kernel(
     lse_ptr, stride_lt,
     H,
     L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_QSL: tl.constexpr, WRITE_LSE: tl.constexpr,
+    HAS_QSL: tl.constexpr, WRITE_LSE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """One program per (BLOCK_R rows, cut-list entry, BLOCK_D columns); entries past the
     list's count (``cut[0]``) exit at once. Entry ``k`` merges sequence ``cut[1 + k]``, whose
     pieces sit in consecutive slots, in slot order. (The row blocks, a host bound of
     ``max_query_len * H / BLOCK_R``, go on the grid axis without the 65535 limit.)"""
+    if PDL:  # launched early (programmatic dependent launch): the decode grid's writes first
+        gdc_wait()
     k = tl.program_id(1)
     if k < tl.load(cut_ptr):
         b = tl.load(cut_ptr + 1 + k)

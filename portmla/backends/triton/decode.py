@@ -32,6 +32,7 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import decode_gluon, decode_gluon_narrow
 from .combine import _combine_kernel, _combine_pieces_kernel, combine_blocks, pieces_combine_blocks
@@ -59,6 +60,7 @@ from .launch import (
     fp8_is_fnuz,
     interpreting,
     triton_tile,
+    use_pdl,
 )
 from .schedule import first_seq, launch_schedule, max_cuts, num_slots, sched_scratch
 
@@ -133,7 +135,7 @@ def _decode_sched_kernel(
     L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QSL: tl.constexpr, WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr, EXACT_DS: tl.constexpr,
-    QREAD: tl.constexpr, NV_PTX: tl.constexpr,
+    QREAD: tl.constexpr, NV_PTX: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program (row tile, part) computes units ``[part T, (part + 1) T)`` of the schedule
     (one unit = ``BLOCK_N`` KV positions): segment by segment, each a sequence and a range of
@@ -141,6 +143,9 @@ def _decode_sched_kernel(
     sequence writes float32 partials + LSE (always) to its slot, rows ``[slot * slot_rows +
     i]`` for the sequence's row ``i``. The outer loop is a ``while`` over segments; the tile
     loop inside ``_attend`` / ``_ds_exact`` stays the one Triton software-pipelines."""
+    if PDL:  # launched before the schedule kernel finished: wait for its writes; let the
+        gdc_wait()  # pieces combine launch (it waits for this grid's writes in turn)
+        gdc_launch_dependents()
     tile = tl.program_id(0)
     part = tl.program_id(1)
     per_part = tl.load(cum_ptr + num_seqs + 1)
@@ -677,12 +682,14 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         cum, piece, cut = sched_scratch(b, cfg.parts, q.device)
         part_o = torch.empty(num_slots(cfg.parts), rows, lora, dtype=torch.float32, device=q.device)
         part_l = torch.empty(num_slots(cfg.parts), rows, dtype=torch.float32, device=q.device)
+        pdl = use_pdl(plat) and not use_gluon
         launch_schedule(seq_lens, cum, piece, cut, cfg.parts, cfg.sched_fixed, cfg.block_n,
-                        elementwise_warps(plat))
+                        elementwise_warps(plat), pdl)
+        pdl_kw = {"launch_pdl": True} if pdl else {}
         if use_gluon and narrow:
             decode_gluon_narrow.launch(q, kv_cache, fmt == FMT_DS_MLA, block_table, seq_lens, query_start_loc, cum,
                                        piece, b, cfg.sched_fixed, out, lse, part_o, part_l, rows, scale,
-                                       cfg.row_tiles, cfg.parts, ks, cfg.num_stages)
+                                       cfg.row_tiles, cfg.parts, ks, cfg.num_stages, cfg.maxnreg)
         elif use_gluon:
             decode_gluon.launch(q, kv_gl, block_table, seq_lens, query_start_loc, cum, piece, b,
                                 cfg.sched_fixed, out, lse, part_o, part_l, rows, scale, cfg.row_tiles, cfg.parts, ks)
@@ -690,7 +697,7 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
             _decode_sched_kernel[(cfg.row_tiles, cfg.parts)](
                 *head, cum, piece, b, cfg.sched_fixed,
                 out, out.stride(0), out.stride(1), lse if lse is not None else part_l, lse_stride,
-                part_o, part_l, rows, h, scale, WRITE_LSE=lse is not None, **common)
+                part_o, part_l, rows, h, scale, WRITE_LSE=lse is not None, PDL=pdl, **common, **pdl_kw)
         if max_cuts(b, cfg.parts) > 0:
             block_r, block_s, block_d = pieces_combine_blocks(cfg.parts, b, rows, block_l)
             grid = (triton.cdiv(rows, block_r), max_cuts(b, cfg.parts), triton.cdiv(lora, block_d))
@@ -698,7 +705,7 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
                 part_o, part_l, rows, piece, cut, qsl, out, out.stride(0), out.stride(1),
                 lse if lse is not None else part_l, lse_stride, h, L=lora, BLOCK_R=block_r,
                 BLOCK_S=block_s, BLOCK_D=block_d, HAS_QSL=query_start_loc is not None,
-                WRITE_LSE=lse is not None, num_warps=4)
+                WRITE_LSE=lse is not None, PDL=pdl, num_warps=4, **pdl_kw)
         return
     grid = (cfg.row_tiles, cfg.num_splits, p.num_seqs)
     if cfg.num_splits == 1:

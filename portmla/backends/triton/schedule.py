@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 SCHED_CHUNK = 1024  # sequences per step of the schedule's scans (any batch size: a carry)
 
@@ -47,12 +48,14 @@ def _seq_units(seq_lens_ptr, b, num_seqs, fixed, UNIT: tl.constexpr):
 
 @triton.jit
 def _schedule_kernel(seq_lens_ptr, cum_ptr, piece_ptr, cut_ptr, num_seqs, num_parts, fixed,
-                     UNIT: tl.constexpr, CHUNK: tl.constexpr):
+                     UNIT: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False):
     """One program: ``cum`` (int64 inclusive prefix of the units), ``piece`` and ``cut``
     (int32). Two passes over chunks of ``CHUNK`` sequences with a carry: the total first
     (for ``T``), then the prefix, the pieces and the cut list (a prefix count of the cut
     sequences gives each its place); the second pass recomputes the units instead of reading
     back what it stored (no read-after-write across threads of the program)."""
+    if PDL:  # the decode grid may start now; it waits (griddepcontrol.wait) before reading cum
+        gdc_launch_dependents()
     offs = tl.arange(0, CHUNK)
     total = tl.sum(tl.zeros((CHUNK,), tl.int64), 0)
     for base in range(0, num_seqs, CHUNK):
@@ -118,8 +121,9 @@ def num_slots(parts: int) -> int:
     return max(1, 2 * (parts - 1))
 
 
-def launch_schedule(seq_lens, cum, piece, cut, num_parts: int, fixed: int, unit: int, warps: int) -> None:
+def launch_schedule(seq_lens, cum, piece, cut, num_parts: int, fixed: int, unit: int, warps: int,
+                    pdl: bool = False) -> None:
     b = seq_lens.shape[0]
     _schedule_kernel[(1,)](seq_lens, cum, piece, cut, b, num_parts, fixed, UNIT=unit,
                            CHUNK=min(SCHED_CHUNK, triton.next_power_of_2(max(b, 16))),
-                           num_warps=warps)
+                           PDL=pdl, num_warps=warps)
