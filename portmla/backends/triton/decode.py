@@ -685,17 +685,18 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         part_o = torch.empty(num_slots(cfg.parts), rows, lora, dtype=torch.bfloat16 if p16 else torch.float32,
                              device=q.device)
         part_l = torch.empty(num_slots(cfg.parts), rows, dtype=torch.float32, device=q.device)
-        pdl = use_pdl(plat) and not use_gluon
+        pdl = use_pdl(plat)
         launch_schedule(seq_lens, cum, piece, cut, cfg.parts, cfg.sched_fixed, cfg.block_n,
                         elementwise_warps(plat), pdl)
         pdl_kw = {"launch_pdl": True} if pdl else {}
         if use_gluon and narrow:
             decode_gluon_narrow.launch(q, kv_cache, fmt == FMT_DS_MLA, block_table, seq_lens, query_start_loc, cum,
                                        piece, b, cfg.sched_fixed, out, lse, part_o, part_l, rows, scale,
-                                       cfg.row_tiles, cfg.parts, ks, cfg.num_stages, cfg.maxnreg)
+                                       cfg.row_tiles, cfg.parts, ks, cfg.num_stages, cfg.maxnreg, pdl)
         elif use_gluon:
             decode_gluon.launch(q, kv_gl, block_table, seq_lens, query_start_loc, cum, piece, b,
-                                cfg.sched_fixed, out, lse, part_o, part_l, rows, scale, cfg.row_tiles, cfg.parts, ks)
+                                cfg.sched_fixed, out, lse, part_o, part_l, rows, scale, cfg.row_tiles, cfg.parts, ks,
+                                pdl)
         else:
             _decode_sched_kernel[(cfg.row_tiles, cfg.parts)](
                 *head, cum, piece, b, cfg.sched_fixed,

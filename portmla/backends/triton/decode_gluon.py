@@ -416,11 +416,20 @@ if HAVE_GLUON:
                 gl.store(lse_ptr + (t0 + rows_l // H).to(gl.int64) * stride_lt + rows_l % H, lse, mask=ok_l)
 
     @gluon.jit
+    def grid_dependency(PDL: gl.constexpr):
+        """Programmatic dependent launch (``PDL``, sm_90): wait for the schedule kernel's writes,
+        then let the next grid (the pieces combine, which waits in turn) launch."""
+        if PDL:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+
+    @gluon.jit
     def _decode_gluon_kernel(q_desc, kv_desc, kr_desc, bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr,
                              cum_ptr, piece_ptr, num_seqs, sched_fixed, rows_per_page,
                              o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, po_ptr, pl_ptr, slot_rows,
                              H, qk_scale, kscale_ptr, PAGE: gl.constexpr, HAS_QSL: gl.constexpr,
-                             WRITE_LSE: gl.constexpr, FP8: gl.constexpr):
+                             WRITE_LSE: gl.constexpr, FP8: gl.constexpr, PDL: gl.constexpr = False):
         # 16-bit caches: a two-stage ring of 16-bit tiles. fp8: a two-stage ring of raw entries
         # (576 bytes a token) and one fp16 tile the consumers convert into.
         sl: gl.constexpr = q_desc.layout
@@ -448,6 +457,7 @@ if HAVE_GLUON:
         for i in gl.static_range(2):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
+        grid_dependency(PDL)
         gl.warp_specialize([
             (_compute, (q_nope, q_rope, kv_nope, kv_rope, raw, raw_rope, p_smem, q_ready, q_empty, ready, empty,
                         seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, piece_ptr,
@@ -460,7 +470,7 @@ if HAVE_GLUON:
 
 
 def launch(q, kv_cache, block_table, seq_lens, qsl, cum, piece, num_seqs, sched_fixed, out, lse, part_o, part_l,
-           slot_rows, scale, row_tiles, parts, k_scale=None) -> None:
+           slot_rows, scale, row_tiles, parts, k_scale=None, pdl=False) -> None:
     """One launch over the device schedule (``cum`` / ``piece`` from ``launch_schedule``);
     ``qsl`` is None for one query token per sequence. ``scale`` is base 2; ``k_scale`` (a
     device scalar) for fp8 caches."""
@@ -483,5 +493,5 @@ def launch(q, kv_cache, block_table, seq_lens, qsl, cum, piece, num_seqs, sched_
         cum, piece, num_seqs, sched_fixed, kv_cache.stride(0) // kv_cache.stride(1),
         out, out.stride(0), out.stride(1), lse if lse is not None else part_l, lse.stride(0) if lse is not None else 0,
         part_o, part_l, slot_rows, h, scale, k_scale if fp8 else seq_lens,
-        PAGE=kv_cache.shape[1], HAS_QSL=qsl is not None, WRITE_LSE=lse is not None, FP8=fp8,
-        num_warps=8)
+        PAGE=kv_cache.shape[1], HAS_QSL=qsl is not None, WRITE_LSE=lse is not None, FP8=fp8, PDL=pdl,
+        num_warps=8, **({"launch_pdl": True} if pdl else {}))

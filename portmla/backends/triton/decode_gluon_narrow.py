@@ -60,6 +60,7 @@ if HAVE_GLUON:
         _part_start,
         _segment,
         _store_segment,
+        grid_dependency,
     )
 
 BR = 16  # query rows a CTA: the wgmma's N
@@ -388,7 +389,8 @@ if HAVE_GLUON:
                               seq_lens_ptr, qsl_ptr, cum_ptr, piece_ptr, num_seqs, sched_fixed, rows_per_page,
                               o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, po_ptr, pl_ptr, slot_rows,
                               H, qk_scale, kscale_ptr, PAGE: gl.constexpr, HAS_QSL: gl.constexpr,
-                              WRITE_LSE: gl.constexpr, DS: gl.constexpr, NSTAGE: gl.constexpr):
+                              WRITE_LSE: gl.constexpr, DS: gl.constexpr, NSTAGE: gl.constexpr,
+                              PDL: gl.constexpr = False):
         raw = gl.allocate_shared_memory(kv_desc.dtype, [NSTAGE, _BN, _NOPE], kv_desc.layout)
         raw_rope = gl.allocate_shared_memory(kr_desc.dtype, [NSTAGE, _BN, _ROPE], kr_desc.layout)
         if DS:
@@ -406,6 +408,7 @@ if HAVE_GLUON:
         for i in gl.static_range(NSTAGE):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
+        grid_dependency(PDL)
         gl.warp_specialize([
             (_narrow_compute, (raw, scales, raw_rope, q_smem, qr_smem, p_smem, ready, empty,
                                q_ptr, stride_qt, stride_qh, seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed,
@@ -440,7 +443,7 @@ def descriptors(kv_cache: torch.Tensor, ds: bool):
 
 
 def launch(q, kv_cache, ds, block_table, seq_lens, qsl, cum, piece, num_seqs, sched_fixed, out, lse, part_o,
-           part_l, slot_rows, scale, row_tiles, parts, k_scale, stages, maxnreg=0) -> None:
+           part_l, slot_rows, scale, row_tiles, parts, k_scale, stages, maxnreg=0, pdl=False) -> None:
     """One launch over the device schedule (``cum`` / ``piece`` from ``launch_schedule``);
     ``qsl`` is None for one query token per sequence; ``scale`` is base 2; ``k_scale`` (a
     device scalar) for per-tensor fp8; ``stages`` raw KV tiles in flight (``launch.NARROW_STAGES``)."""
@@ -451,5 +454,5 @@ def launch(q, kv_cache, ds, block_table, seq_lens, qsl, cum, piece, num_seqs, sc
         kv_cache.stride(0) // kv_cache.stride(1),
         out, out.stride(0), out.stride(1), lse if lse is not None else part_l, lse.stride(0) if lse is not None else 0,
         part_o, part_l, slot_rows, q.shape[1], scale, k_scale if not ds else seq_lens,
-        PAGE=kv_cache.shape[1], HAS_QSL=qsl is not None, WRITE_LSE=lse is not None, DS=ds, NSTAGE=stages,
-        num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}))
+        PAGE=kv_cache.shape[1], HAS_QSL=qsl is not None, WRITE_LSE=lse is not None, DS=ds, NSTAGE=stages, PDL=pdl,
+        num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}), **({"launch_pdl": True} if pdl else {}))
