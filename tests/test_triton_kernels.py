@@ -430,6 +430,27 @@ def test_gluon_kernel_choice(monkeypatch):
     assert pick().gluon
 
 
+def test_pdl_choice(monkeypatch):
+    """Programmatic dependent launch of the scheduled decode's kernels (GPU tests:
+    tests/test_triton_pdl.py): CUDA sm_90+ only, never under the interpreter or with
+    PORTMLA_TRITON_PDL=0; probe() / info say so."""
+    from portmla.backends.triton import launch as tlaunch
+
+    hopper = dataclasses.replace(PLAT, kind="cuda", capability=(9, 0), num_compute_units=132,
+                                 shared_memory_per_block=232448)
+    monkeypatch.delenv("PORTMLA_TRITON_PDL", raising=False)
+    monkeypatch.setattr(tlaunch, "interpreting", lambda: True)
+    assert not tlaunch.use_pdl(hopper)
+    monkeypatch.setattr(tlaunch, "interpreting", lambda: False)
+    assert tlaunch.use_pdl(hopper) and tlaunch.use_pdl(dataclasses.replace(hopper, capability=(10, 0)))
+    assert not tlaunch.use_pdl(dataclasses.replace(hopper, capability=(8, 9)))
+    assert not tlaunch.use_pdl(dataclasses.replace(hopper, kind="rocm"))
+    assert "programmatic dependent launch" in get_backend("triton").kernels(hopper)[-1]
+    monkeypatch.setenv("PORTMLA_TRITON_PDL", "0")
+    assert not tlaunch.use_pdl(hopper)
+    assert "programmatic" not in " ".join(get_backend("triton").kernels(hopper))
+
+
 def test_gluon_kernel_eligible_layouts():
     """The layouts the Gluon kernel takes (TMA: 16-byte strides and bases, the page stride a
     multiple of the token stride), host-side checks only."""

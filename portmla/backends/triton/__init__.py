@@ -74,8 +74,17 @@ class TritonBackend(Backend):
         return out
 
     def kernels(self, platform: Platform) -> tuple[str, ...]:
-        """The decode kernels this device runs (``probe()`` / ``info``): on sm_90 the Gluon
-        kernel where ``launch.use_gluon`` allows it, the Triton kernels for everything else."""
+        """The decode kernels this device runs (``probe()`` / ``info``), then how the scheduled
+        decode's kernels are launched where that differs from plain stream order."""
+        from .launch import use_pdl
+
+        pdl = ("mla_decode launch: schedule -> decode -> pieces combine with programmatic dependent "
+               "launch (each kernel starts while the one before finishes; PORTMLA_TRITON_PDL=0 turns it off)",)
+        return self._decode_kernels(platform) + (pdl if use_pdl(platform) else ())
+
+    def _decode_kernels(self, platform: Platform) -> tuple[str, ...]:
+        """On sm_90 the Gluon kernel where ``launch.use_gluon`` allows it, the Triton kernels for
+        everything else."""
         from .launch import use_gluon
 
         triton_k = "mla_decode: Triton kernels (tl.dot tiles of 16-64 query rows)"

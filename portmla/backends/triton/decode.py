@@ -28,7 +28,6 @@ cache's 16-bit view (``common.load_fp8_pairs``; ``_ds_pairs`` for fp8_ds_mla, wh
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
@@ -681,9 +680,7 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         b = p.num_seqs
         rows = p.max_query_len * h  # rows of one sequence: a slot's size (host bound)
         cum, piece, cut = sched_scratch(b, cfg.parts, q.device)
-        p16 = os.environ.get("PORTMLA_TRITON_PARTIAL16", "") == "1" and fmt != 0 and not use_gluon
-        part_o = torch.empty(num_slots(cfg.parts), rows, lora, dtype=torch.bfloat16 if p16 else torch.float32,
-                             device=q.device)
+        part_o = torch.empty(num_slots(cfg.parts), rows, lora, dtype=torch.float32, device=q.device)
         part_l = torch.empty(num_slots(cfg.parts), rows, dtype=torch.float32, device=q.device)
         pdl = use_pdl(plat)
         launch_schedule(seq_lens, cum, piece, cut, cfg.parts, cfg.sched_fixed, cfg.block_n,
@@ -692,7 +689,7 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         if use_gluon and narrow:
             decode_gluon_narrow.launch(q, kv_cache, fmt == FMT_DS_MLA, block_table, seq_lens, query_start_loc, cum,
                                        piece, b, cfg.sched_fixed, out, lse, part_o, part_l, rows, scale,
-                                       cfg.row_tiles, cfg.parts, ks, cfg.num_stages, cfg.maxnreg, pdl)
+                                       cfg.row_tiles, cfg.parts, ks, cfg.num_stages, pdl)
         elif use_gluon:
             decode_gluon.launch(q, kv_gl, block_table, seq_lens, query_start_loc, cum, piece, b,
                                 cfg.sched_fixed, out, lse, part_o, part_l, rows, scale, cfg.row_tiles, cfg.parts, ks,

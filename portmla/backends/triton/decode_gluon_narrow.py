@@ -443,7 +443,7 @@ def descriptors(kv_cache: torch.Tensor, ds: bool):
 
 
 def launch(q, kv_cache, ds, block_table, seq_lens, qsl, cum, piece, num_seqs, sched_fixed, out, lse, part_o,
-           part_l, slot_rows, scale, row_tiles, parts, k_scale, stages, maxnreg=0, pdl=False) -> None:
+           part_l, slot_rows, scale, row_tiles, parts, k_scale, stages, pdl=False) -> None:
     """One launch over the device schedule (``cum`` / ``piece`` from ``launch_schedule``);
     ``qsl`` is None for one query token per sequence; ``scale`` is base 2; ``k_scale`` (a
     device scalar) for per-tensor fp8; ``stages`` raw KV tiles in flight (``launch.NARROW_STAGES``)."""
@@ -455,4 +455,4 @@ def launch(q, kv_cache, ds, block_table, seq_lens, qsl, cum, piece, num_seqs, sc
         out, out.stride(0), out.stride(1), lse if lse is not None else part_l, lse.stride(0) if lse is not None else 0,
         part_o, part_l, slot_rows, q.shape[1], scale, k_scale if not ds else seq_lens,
         PAGE=kv_cache.shape[1], HAS_QSL=qsl is not None, WRITE_LSE=lse is not None, DS=ds, NSTAGE=stages, PDL=pdl,
-        num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}), **({"launch_pdl": True} if pdl else {}))
+        num_warps=4, **({"launch_pdl": True} if pdl else {}))

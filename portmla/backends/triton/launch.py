@@ -163,11 +163,8 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     per_unit = 1  # programs resident per compute unit at once (shared memory / registers)
     sched_fixed = 2  # the device schedule's fixed cost per sequence, in KV tiles (see below)
     gluon = use_gluon(platform, block_m, kv_format, kv_lora_rank)
-    maxnreg = 0
     if gluon:  # decode_gluon(_narrow): 64-token tiles (the grid's schedule unit), one CTA an SM
         block_n, warps, stages = (64, 8, 2) if block_m == 64 else (64, 4, NARROW_STAGES)
-        if block_m < 64 and narrow_ctas() == 2:  # two CTAs an SM: 2 stages each, 128 registers at launch
-            block_n, warps, stages, per_unit, maxnreg = 64, 4, 2, 2, 128
     else:
         block_n, warps, stages = triton_tile(platform, block_m, kv_format, kv_lora_rank)
     if platform.kind == "cuda" and block_m < 32:
@@ -230,7 +227,7 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     if gluon:
         sched_fixed = 4
     return DecodeConfig(block_m, block_n, warps, stages, splits, per, row_tiles, exact_ds, scheduled, parts,
-                        sched_fixed, quant_read, maxnreg=maxnreg, gluon=gluon)
+                        sched_fixed, quant_read, gluon=gluon)
 
 
 # Raw KV tiles in flight in the narrow Gluon kernel (``decode_gluon_narrow``; ~37-41 KB each).
@@ -238,15 +235,14 @@ NARROW_STAGES = 4
 
 
 def use_pdl(platform: Platform) -> bool:
-    """Programmatic dependent launch of the schedule -> decode -> combine chain (sm_90+;
-    experiment: ``PORTMLA_TRITON_PDL=1``)."""
-    return (os.environ.get("PORTMLA_TRITON_PDL", "") == "1" and platform.kind == "cuda" and not interpreting()
+    """Programmatic dependent launch of the device-schedule chain (schedule -> decode -> pieces
+    combine): each kernel is launched while the one before still runs and waits for its writes
+    with ``griddepcontrol.wait`` (sm_90+, CUDA only; the interpreter and ROCm launch normally).
+    H100, bench medians (benchmarks/results/triton_h100_notes.md, session 13): b=8 S=8192 h=16
+    bf16 / fp8 / fp8_ds_mla 47.3 / 37.7 / 40.4 -> 46.0 / 36.0 / 39.0 us, b=1 S=32768 h=128 48.5
+    -> 46.9 us, the large rows unchanged. ``PORTMLA_TRITON_PDL=0`` turns it off (A/B timing)."""
+    return (os.environ.get("PORTMLA_TRITON_PDL", "") != "0" and platform.kind == "cuda" and not interpreting()
             and platform.capability is not None and platform.capability[0] >= 9)
-
-
-def narrow_ctas() -> int:
-    """CTAs of the narrow Gluon kernel an SM (experiment: ``PORTMLA_TRITON_NARROW_CTAS``)."""
-    return 2 if os.environ.get("PORTMLA_TRITON_NARROW_CTAS", "") == "2" else 1
 
 
 def use_gluon(platform: Platform, block_m: int, kv_format: str, kv_lora_rank: int) -> bool:
