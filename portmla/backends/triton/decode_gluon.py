@@ -169,11 +169,30 @@ if HAVE_GLUON:
         return row
 
     @gluon.jit
+    def _kv_tile(kv_desc, ks_desc, kr_desc, raw, raw_sc, raw_rope, ready, empty, g, bt_row, start, kv_hi,
+                 rows_per_page, NBYTES: gl.constexpr, NSTAGE: gl.constexpr, PAGE: gl.constexpr, DS: gl.constexpr,
+                 ROPE_COL: gl.constexpr):
+        """Both loaders' KV tile: ring slot ``g % NSTAGE``, once its consumer released it, gets the
+        tile at ``start`` (``NBYTES`` expected): per page run the latent boxes (``_latent_run``),
+        fp8_ds_mla's scale box (``DS``, column ``NOPE`` of ``ks_desc``) and the RoPE box (column
+        ``ROPE_COL`` of ``kr_desc``)."""
+        SUB: gl.constexpr = kv_desc.block_type.shape[0]  # rows a box: min(PAGE, BN)
+        s = g % NSTAGE
+        mbarrier.wait(empty.index(s), ((g // NSTAGE) & 1) ^ 1)
+        mbarrier.expect(ready.index(s), NBYTES)
+        for i in gl.static_range(_BN // SUB):
+            row = _latent_run(kv_desc, bt_row, start, i, kv_hi, rows_per_page, ready.index(s), raw.index(s), PAGE)
+            if DS:
+                tma.async_copy_global_to_shared(ks_desc, [row, _NOPE], ready.index(s),
+                                                raw_sc.index(s).slice(i * SUB, SUB, dim=0))
+            tma.async_copy_global_to_shared(kr_desc, [row, ROPE_COL], ready.index(s),
+                                            raw_rope.index(s).slice(i * SUB, SUB, dim=0))
+
+    @gluon.jit
     def _loader(q_desc, kv_desc, kr_desc, q_nope, q_rope, raw, raw_rope, q_ready, q_empty, ready, empty,
                 bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, H, rows_per_page,
                 PAGE: gl.constexpr, HAS_QSL: gl.constexpr):
         """The one-warp TMA partition: the part's segments in order, Q rows then KV tiles."""
-        SUB: gl.constexpr = kv_desc.block_type.shape[0]  # rows a KV box: min(PAGE, BN)
         tile = gl.program_id(0)
         per_part, lo, hi, b, c = _part_start(cum_ptr, num_seqs)
         g = 0  # KV tiles issued so far (ring slot g % 2, its use g // 2)
@@ -194,17 +213,11 @@ if HAVE_GLUON:
                 qi += 1
                 bt_row = bt_ptr + b.to(gl.int64) * stride_bt
                 for start in range(kv_lo, kv_hi, _BN):
-                    s = g % 2
-                    mbarrier.wait(empty.index(s), ((g // 2) & 1) ^ 1)
-                    mbarrier.expect(ready.index(s), _BN * _ENTRY * kv_desc.dtype.primitive_bitwidth // 8)
-                    # pages shorter than a tile: one run of boxes per page (``_latent_run``). The
-                    # latent part in boxes of 64 columns (16-bit) or 128 bytes (fp8), RoPE in one
-                    # box of kr_desc, into ``raw`` (the 16-bit ring itself for 16-bit caches).
-                    for i in gl.static_range(_BN // SUB):
-                        row = _latent_run(kv_desc, bt_row, start, i, kv_hi, rows_per_page, ready.index(s),
-                                          raw.index(s), PAGE)
-                        tma.async_copy_global_to_shared(kr_desc, [row, _NOPE], ready.index(s),
-                                                        raw_rope.index(s).slice(i * SUB, SUB, dim=0))
+                    # the latent part in boxes of 64 columns (16-bit) or 128 bytes (fp8), RoPE in one
+                    # box of kr_desc, into ``raw`` (the 16-bit ring itself for 16-bit caches)
+                    _kv_tile(kv_desc, kv_desc, kr_desc, raw, raw_rope, raw_rope, ready, empty, g, bt_row, start,
+                             kv_hi, rows_per_page, _BN * _ENTRY * kv_desc.dtype.primitive_bitwidth // 8, 2, PAGE,
+                             False, _NOPE)
                     g += 1
             b += 1
             c = c_next

@@ -44,7 +44,6 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
-        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
@@ -56,7 +55,7 @@ if HAVE_GLUON:
         _LOADER_REGS,
         _NOPE,
         _ROPE,
-        _latent_run,
+        _kv_tile,
         _part_start,
         _segment,
         _store_segment,
@@ -255,8 +254,9 @@ if HAVE_GLUON:
                        bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr, cum_ptr, num_seqs, sched_fixed, H, rows_per_page,
                        PAGE: gl.constexpr, HAS_QSL: gl.constexpr, DS: gl.constexpr, NSTAGE: gl.constexpr):
         """The one-warp TMA partition: the part's KV tiles in order into the ring."""
-        SUB: gl.constexpr = kv_desc.block_type.shape[0]  # rows a box: min(PAGE, 64)
         NBYTES: gl.constexpr = _BN * (_NOPE + _DS_SCALES + 2 * _ROPE) if DS else _BN * (_NOPE + _ROPE)
+        # fp8_ds_mla's RoPE box: bf16 columns of the entry, past its 512 + 16 bytes
+        ROPE_COL: gl.constexpr = (_NOPE + _DS_SCALES) // 2 if DS else _NOPE
         tile = gl.program_id(0)
         per_part, lo, hi, b, c = _part_start(cum_ptr, num_seqs)
         g = 0
@@ -267,21 +267,8 @@ if HAVE_GLUON:
             if run & (kv_lo < kv_hi):
                 bt_row = bt_ptr + b.to(gl.int64) * stride_bt
                 for start in range(kv_lo, kv_hi, _BN):
-                    s = g % NSTAGE
-                    mbarrier.wait(empty.index(s), ((g // NSTAGE) & 1) ^ 1)
-                    mbarrier.expect(ready.index(s), NBYTES)
-                    # one run of boxes per page (``decode_gluon._latent_run``)
-                    for i in gl.static_range(_BN // SUB):
-                        row = _latent_run(kv_desc, bt_row, start, i, kv_hi, rows_per_page, ready.index(s),
-                                          raw.index(s), PAGE)
-                        if DS:
-                            tma.async_copy_global_to_shared(ks_desc, [row, _NOPE], ready.index(s),
-                                                            raw_sc.index(s).slice(i * SUB, SUB, dim=0))
-                            tma.async_copy_global_to_shared(kr_desc, [row, (_NOPE + _DS_SCALES) // 2], ready.index(s),
-                                                            raw_rope.index(s).slice(i * SUB, SUB, dim=0))
-                        else:
-                            tma.async_copy_global_to_shared(kr_desc, [row, _NOPE], ready.index(s),
-                                                            raw_rope.index(s).slice(i * SUB, SUB, dim=0))
+                    _kv_tile(kv_desc, ks_desc, kr_desc, raw, raw_sc, raw_rope, ready, empty, g, bt_row, start,
+                             kv_hi, rows_per_page, NBYTES, NSTAGE, PAGE, DS, ROPE_COL)
                     g += 1
             b += 1
             c = c_next
