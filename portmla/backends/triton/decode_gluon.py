@@ -393,16 +393,23 @@ if HAVE_GLUON:
                     qi += 1
                 # epilogue: o / l in the output's dtype (0 where nothing was seen) + natural-log LSE
                 l_i = gl.sum(l_part, axis=1)
-                seen = l_i > 0
-                lse = gl.where(seen, (gl.where(seen, m_i, 0.0) + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453,
-                               float("-inf"))
-                inv = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), row_o)
+                lse, inv = _lse_inv(m_i, l_i)
+                inv = gl.convert_layout(inv, row_o)
                 out = o * gl.expand_dims(inv * k_scale, 1)
                 _store_segment(out, lse, rows_o, rows_s, cols_o, 1, t0, n_q, H, b, c, part, per_part, sched_fixed,
                                piece_ptr, po_ptr, pl_ptr, slot_rows, o_ptr, stride_ot, stride_oh, lse_ptr, stride_lt,
                                WRITE_LSE)
             b += 1
             c = c_next
+
+    @gluon.jit
+    def _lse_inv(m_i, l_i):
+        """A segment's natural-log LSE (``-inf`` for rows that saw nothing) and ``1 / l`` (1 there)
+        from its base-2 running max ``m_i`` and sum ``l_i``."""
+        seen = l_i > 0
+        lse = gl.where(seen, (gl.where(seen, m_i, 0.0) + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        return lse, 1.0 / gl.where(seen, l_i, 1.0)
 
     @gluon.jit
     def _store_segment(out, lse, rows_o, rows_l, cols_o, ROW_AXIS: gl.constexpr, t0, n_q, H, b, c, part, per_part,

@@ -56,6 +56,7 @@ if HAVE_GLUON:
         _NOPE,
         _ROPE,
         _kv_tile,
+        _lse_inv,
         _part_start,
         _segment,
         _store_segment,
@@ -357,10 +358,8 @@ if HAVE_GLUON:
                         g += 1
                 # epilogue: o / l (0 where nothing was seen) + natural-log LSE
                 l_i = gl.sum(l_part, axis=0)
-                seen = l_i > 0
-                lse = gl.where(seen, (gl.where(seen, m_i, 0.0) + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453,
-                               float("-inf"))
-                out = o * gl.expand_dims(1.0 / gl.where(seen, l_i, 1.0), 0)
+                lse, inv = _lse_inv(m_i, l_i)
+                out = o * gl.expand_dims(inv, 0)
                 if DS:
                     out = out * gl.expand_dims(_per_tile(mx, sc_t, t_out), 1)
                 else:
