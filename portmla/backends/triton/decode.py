@@ -153,8 +153,9 @@ def _decode_sched_kernel(
     i]`` for the sequence's row ``i``. The outer loop is a ``while`` over segments; the tile
     loop inside ``_attend`` / ``_ds_exact`` stays the one Triton software-pipelines.
     ``INLINE_B`` > 0: no schedule kernel ran; the program computes the schedule from
-    ``seq_lens`` (``inline_schedule``; ``cum_ptr`` / ``piece_ptr`` unused), again at each
-    sequence it moves on to, so the register vectors are not live across the tile loop."""
+    ``seq_lens`` (``inline_schedule``; ``cum_ptr`` / ``piece_ptr`` unused) for its first
+    sequence, then again at the start of each segment, where the other path loads it, so the
+    register vectors are not live across the tile loop."""
     tile = tl.program_id(0)
     part = tl.program_id(1)
     if INLINE_B > 0:
@@ -165,8 +166,6 @@ def _decode_sched_kernel(
         lo = part.to(tl.int64) * per_part
         b = tl.sum(((offs < num_seqs) & (incl <= lo)).to(tl.int32), 0)  # as first_seq
         c = lane(incl, offs, b - 1)  # units before sequence b (0 for b = 0)
-        c_next = lane(incl, offs, b)
-        base = lane(slot, offs, b).to(tl.int32)
     else:
         if PDL:  # launched before the schedule kernel finished: wait for its writes; let the
             gdc_wait()  # pieces combine launch (it waits for this grid's writes in turn)
@@ -179,6 +178,8 @@ def _decode_sched_kernel(
     while (b < num_seqs) & (c < hi):
         if INLINE_B == 0:
             c_next = tl.load(cum_ptr + b + 1)
+        else:
+            c_next, base = inline_seq(seq_lens_ptr, num_seqs, tl.num_programs(1), sched_fixed, b, BLOCK_N, INLINE_B)
         first = c + sched_fixed  # unit of the sequence's KV tile 0
         u_lo = tl.maximum(lo - first, 0)
         u_hi = tl.minimum(hi - first, c_next - first)
@@ -204,10 +205,6 @@ def _decode_sched_kernel(
                             row_ok, a0, a1, a2, a3, m_i, l_i, L, BLOCK_L, WRITE_LSE, EXACT_DS)
         b += 1
         c = c_next
-        if INLINE_B > 0:
-            if (b < num_seqs) & (c < hi):  # the next segment's sequence
-                c_next, base = inline_seq(seq_lens_ptr, num_seqs, tl.num_programs(1), sched_fixed, b, BLOCK_N,
-                                          INLINE_B)
 
 
 @triton.jit
