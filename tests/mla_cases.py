@@ -145,23 +145,16 @@ def make_decode_case(seq_lens, query_lens, *, heads=16, block_size=16, fmt="bflo
                       fmt, k_scale, 1.0 / math.sqrt(128 + rope), kv_c, k_pe, list(query_lens), lora)
 
 
-class _Launches(list):
-    def __init__(self):
-        super().__init__()
-        self.inline = []
-
-
 def force_decode_config(monkeypatch, scheduled, parts=None, fixed=None, block_m=None, **fields):
     """Make the Triton decode use the split kernel or the device schedule (with ``parts`` /
     ``fixed`` / ``block_m`` and any other ``DecodeConfig`` ``fields`` where given; the rest
-    from ``decode_config``). Returns the list of scheduled calls' ``(parts, fixed)``, so a test
-    can check the path it asked for ran; its ``inline`` attribute lists, per call, whether the
-    decode and combine kernels computed the schedule themselves (no schedule kernel)."""
+    from ``decode_config``). Returns the list of schedule launches, so a test can check the
+    path it asked for ran."""
     from portmla.backends.triton import decode as tdec
     from portmla.backends.triton import launch as tlaunch
 
     orig_cfg, orig_sched = tdec.decode_config, tdec.launch_schedule
-    launches = _Launches()
+    launches = []
 
     def cfg(plat, num_seqs, num_heads, max_query_len, max_kv_len, fmt, lora):
         d = orig_cfg(plat, num_seqs, num_heads, max_query_len, max_kv_len, fmt, lora)
@@ -172,9 +165,7 @@ def force_decode_config(monkeypatch, scheduled, parts=None, fixed=None, block_m=
 
     def sched(*a, **k):
         launches.append(a[4:6])  # (parts, fixed)
-        block_b = orig_sched(*a, **k)
-        launches.inline.append(block_b > 0)
-        return block_b
+        return orig_sched(*a, **k)
 
     monkeypatch.setattr(tdec, "decode_config", cfg)
     monkeypatch.setattr(tdec, "launch_schedule", sched)

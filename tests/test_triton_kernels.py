@@ -27,9 +27,6 @@ import portmla as pm  # noqa: E402
 from portmla.dispatch import get_backend  # noqa: E402
 from portmla.kv_formats import quantize_entries  # noqa: E402
 
-tl = triton.language
-from portmla.backends.triton.schedule import inline_schedule  # noqa: E402
-
 DEV = str(device_under_test())
 L, R = 512, 64
 FMTS = ("bfloat16", "float16", "fp8", "fp8_ds_mla")
@@ -294,53 +291,6 @@ def test_schedule_kernel_matches_model(lens, parts, fixed, unit, want_cuts):
     assert (cut[1 + n:] == -7).all()  # entries past the count are not written
 
 
-@triton.jit
-def _inline_schedule_probe(seq_lens_ptr, out_ptr, num_seqs, num_parts, fixed, UNIT: tl.constexpr,
-                           BLOCK_B: tl.constexpr):
-    """Stores ``schedule.inline_schedule``'s lanes: [incl, slot, pieces, rank] x BLOCK_B, per_part."""
-    offs, incl, per_part, slot, pieces, rank = inline_schedule(seq_lens_ptr, num_seqs, num_parts, fixed, UNIT,
-                                                               BLOCK_B)
-    tl.store(out_ptr + offs, incl)
-    tl.store(out_ptr + BLOCK_B + offs, slot.to(tl.int64))
-    tl.store(out_ptr + 2 * BLOCK_B + offs, pieces.to(tl.int64))
-    tl.store(out_ptr + 3 * BLOCK_B + offs, rank.to(tl.int64))
-    tl.store(out_ptr + 4 * BLOCK_B, per_part)
-
-
-@pytest.mark.parametrize("lens,parts,fixed,unit", [
-    ([70, 0, 33, 1, 50], 3, 1, 16),
-    ([3, 17], 40, 2, 16),  # more parts than units
-    ([16] * 4, 4, 1, 16),  # no cut
-    ([90], 1, 1, 16),
-    ([40, 36, 44, 64], 5, 1, 4),  # every sequence cut
-    ([8192] * 64, 264, 4, 32),  # a full 64-sequence block
-    ([-1] * 63, 264, 4, 32),  # a varlen mix (drawn below)
-    ([2**31 - 1] * 5 + [0, 9], 132, 4, 1),  # unit prefix beyond 2^31 (int64)
-])
-def test_inline_schedule_matches_model(lens, parts, fixed, unit):
-    """The schedule the decode / combine kernels compute for a small batch (``inline_schedule``)
-    is the schedule kernel's (the Python model of both); lanes past the batch hold the total and
-    no slot, piece or rank."""
-    from portmla.backends.triton import schedule as tsched
-
-    if lens[0] < 0:
-        lens = [int(x) for x in torch.randint(0, 16384, (len(lens),), generator=_gen(len(lens)))]
-    block_b = tsched.inline_block(len(lens))
-    assert block_b >= len(lens) and tsched.inline_block(tsched.INLINE_SEQS + 1) == 0
-    out = torch.full((4 * block_b + 1,), -7, dtype=torch.int64, device=DEV)
-    _inline_schedule_probe[(1,)](torch.tensor(lens, dtype=torch.int32, device=DEV), out, len(lens), parts, fixed,
-                                 UNIT=unit, BLOCK_B=block_b)
-    want_cum, want_first, want_pieces, _ = schedule_model(lens, parts, fixed, unit)
-    n, pad = len(lens), block_b - len(lens)
-    cut = [b for b, k in enumerate(want_pieces) if k > 1]
-    incl, slot, pieces, rank = (out[i * block_b:(i + 1) * block_b].tolist() for i in range(4))
-    assert incl == want_cum[1:n + 1] + [want_cum[n]] * pad
-    assert slot == want_first + [-1] * pad
-    assert pieces[:n] == want_pieces and all(k == 1 for k in pieces[n:])
-    assert rank == [cut.index(b) if b in cut else -1 for b in range(n)] + [-1] * pad
-    assert int(out[-1]) == want_cum[-1]
-
-
 # fmt, page, heads, seq lens, query lens (None: one each), parts, fixed, block_m (None: default),
 # return_lse. Pages 1 / 24 / 40 do not hold whole 16-token tiles; block_m 16 with several query
 # tokens gives one row tile per token, so with many parts some pieces see no position of
@@ -361,12 +311,9 @@ SCHED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["inline", "kernel"])
 @pytest.mark.parametrize("fmt,page,heads,lens,qlens,parts,fixed,block_m,lse", SCHED_CASES)
-def test_mla_decode_scheduled(fmt, page, heads, lens, qlens, parts, fixed, block_m, lse, inline, monkeypatch):
-    """Both ways of computing the schedule: in the decode / combine kernels (``inline``, the
-    default for small batches) and by the schedule kernel."""
-    launches = force_decode_config(monkeypatch, True, parts, fixed, block_m, sched_inline=inline)
+def test_mla_decode_scheduled(fmt, page, heads, lens, qlens, parts, fixed, block_m, lse, monkeypatch):
+    launches = force_decode_config(monkeypatch, True, parts, fixed, block_m)
     case = mla_cases.make_decode_case(lens, qlens or [1] * len(lens), heads=heads, block_size=page,
                                       fmt=fmt, layout="padded" if page % 2 else "contiguous",
                                       device=DEV, model_dtype=torch.float16 if fmt == "float16"
@@ -374,7 +321,7 @@ def test_mla_decode_scheduled(fmt, page, heads, lens, qlens, parts, fixed, block
     out = torch.full((case.q.shape[0], heads, L), float("nan"), dtype=case.q.dtype, device=DEV)
     got = mla_cases.decode(case, "triton", return_lse=lse, out=out)
     ref = mla_cases.decode(case, "reference", return_lse=lse)
-    assert launches == [(parts, fixed)] and launches.inline == [inline]
+    assert launches == [(parts, fixed)]
     rows = max(qlens or [1]) * heads
     exact = fmt != "fp8_ds_mla" or (block_m or min(64, max(16, triton.next_power_of_2(rows)))) < 32
     o_tri, o_ref = (got[0], ref[0]) if lse else (got, ref)
@@ -382,26 +329,6 @@ def test_mla_decode_scheduled(fmt, page, heads, lens, qlens, parts, fixed, block
     if lse:
         atol = 2e-3 if exact else 3e-2
         assert torch.allclose(got[1], ref[1], atol=atol, rtol=1e-3), (got[1] - ref[1]).abs().max()
-
-
-@pytest.mark.parametrize("fmt,heads,lens,qlens,parts", [
-    ("fp8", 16, [70, 20, 64, 3], [1, 1, 1, 1], 40),
-    ("bfloat16", 8, [90, 0, 41, 7], [2, 0, 3, 1], 3),
-    ("fp8_ds_mla", 16, [300], [1], 9),
-])
-def test_inline_schedule_same_bits_as_schedule_kernel(fmt, heads, lens, qlens, parts, monkeypatch):
-    """A small batch's schedule computed in the decode / combine kernels gives the same pieces,
-    so the same bits, as the schedule kernel's."""
-    case = mla_cases.make_decode_case(lens, qlens, heads=heads, block_size=16, fmt=fmt, device=DEV)
-    outs = []
-    for inline in (True, False):
-        launches = force_decode_config(monkeypatch, True, parts, 1, sched_inline=inline)
-        out = torch.full((case.q.shape[0], heads, L), float("nan"), dtype=case.q.dtype, device=DEV)
-        outs.append(mla_cases.decode(case, "triton", out=out))
-        assert launches.inline == [inline]
-    (a, la), (b, lb) = outs
-    assert torch.equal(a, b) and torch.equal(la, lb)
-    assert mla_cases.rel_err(a, mla_cases.decode(case, "reference")[0]) < (3e-2 if fmt == "fp8_ds_mla" else 1e-2)
 
 
 # fmt, layout, lora, block_m (None: default), scheduled. Contiguous, cross-layer and padded

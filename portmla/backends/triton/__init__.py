@@ -77,16 +77,10 @@ class TritonBackend(Backend):
         """The decode kernels this device runs (``probe()`` / ``info``), then how the scheduled
         decode's kernels are launched where that differs from plain stream order."""
         from .launch import use_pdl
-        from .schedule import INLINE_SEQS
 
-        inline = ()
-        if platform.kind in ("cuda", "cpu") and os.environ.get("PORTMLA_TRITON_INLINE_SCHED", "") != "0":
-            inline = (f"mla_decode schedule: batches of up to {INLINE_SEQS} sequences on the Triton kernels "
-                      "compute it in the decode and combine kernels, no schedule kernel "
-                      "(PORTMLA_TRITON_INLINE_SCHED=0 turns it off)",)
         pdl = ("mla_decode launch: schedule -> decode -> pieces combine with programmatic dependent "
                "launch (each kernel starts while the one before finishes; PORTMLA_TRITON_PDL=0 turns it off)",)
-        return self._decode_kernels(platform) + inline + (pdl if use_pdl(platform) else ())
+        return self._decode_kernels(platform) + (pdl if use_pdl(platform) else ())
 
     def _decode_kernels(self, platform: Platform) -> tuple[str, ...]:
         """On sm_90 the Gluon kernel where ``launch.use_gluon`` allows it, the Triton kernels for

@@ -22,7 +22,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from .common import seq_tokens
-from .schedule import inline_schedule
 
 
 @triton.jit
@@ -90,41 +89,22 @@ def _combine_pieces_kernel(
     po_ptr, pl_ptr, slot_rows, piece_ptr, cut_ptr, qsl_ptr,
     o_ptr, stride_ot, stride_oh,
     lse_ptr, stride_lt,
-    H, seq_lens_ptr, num_seqs, num_parts, sched_fixed,
+    H,
     L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_QSL: tl.constexpr, WRITE_LSE: tl.constexpr, PDL: tl.constexpr = False,
-    INLINE_B: tl.constexpr = 0, UNIT: tl.constexpr = 1,
 ):
     """One program per (BLOCK_R rows, cut-list entry, BLOCK_D columns); entries past the
     list's count (``cut[0]``) exit at once. Entry ``k`` merges sequence ``cut[1 + k]``, whose
     pieces sit in consecutive slots, in slot order. (The row blocks, a host bound of
-    ``max_query_len * H / BLOCK_R``, go on the grid axis without the 65535 limit.)
-    ``INLINE_B`` > 0: no schedule kernel ran; the program computes the cut list and the pieces
-    from ``seq_lens`` (``inline_schedule``, ``UNIT`` the decode's ``BLOCK_N``; ``cut_ptr`` /
-    ``piece_ptr`` unused), and with ``PDL`` it does so, and reads ``query_start_loc``, before it
-    waits for the decode grid: those are inputs of the call, not the decode's writes."""
+    ``max_query_len * H / BLOCK_R``, go on the grid axis without the 65535 limit.)"""
+    if PDL:  # launched early (programmatic dependent launch): the decode grid's writes first
+        gdc_wait()
     k = tl.program_id(1)
-    if INLINE_B > 0:
-        offs, incl, per_part, slot, pieces_v, rank = inline_schedule(seq_lens_ptr, num_seqs, num_parts, sched_fixed,
-                                                                     UNIT, INLINE_B)
-        here = rank == k  # the cut sequence of entry k, if there are more than k
-        use = tl.sum(here.to(tl.int32), 0) > 0
-        b = tl.sum(tl.where(here, offs, 0), 0)
-        pieces = tl.sum(tl.where(here, pieces_v, 0), 0)
-        first = tl.sum(tl.where(here, slot, 0), 0)
-    else:
-        if PDL:  # launched early (programmatic dependent launch): the decode grid's writes first
-            gdc_wait()
-        use = k < tl.load(cut_ptr)
-    if use:
-        if INLINE_B == 0:
-            b = tl.load(cut_ptr + 1 + k)
-            pieces = tl.load(piece_ptr + 2 * b.to(tl.int64) + 1)
-            first = tl.load(piece_ptr + 2 * b.to(tl.int64))
+    if k < tl.load(cut_ptr):
+        b = tl.load(cut_ptr + 1 + k)
+        pieces = tl.load(piece_ptr + 2 * b.to(tl.int64) + 1)
+        first = tl.load(piece_ptr + 2 * b.to(tl.int64))
         t0, n_q = seq_tokens(qsl_ptr, b, HAS_QSL)
-        if INLINE_B > 0:
-            if PDL:  # the decode grid's partials from here on
-                gdc_wait()
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         r_ok = rows < n_q * H

@@ -62,16 +62,7 @@ from .launch import (
     triton_tile,
     use_pdl,
 )
-from .schedule import (
-    first_seq,
-    inline_schedule,
-    inline_seq,
-    lane,
-    launch_schedule,
-    max_cuts,
-    num_slots,
-    sched_scratch,
-)
+from .schedule import first_seq, launch_schedule, max_cuts, num_slots, sched_scratch
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -144,42 +135,26 @@ def _decode_sched_kernel(
     L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QSL: tl.constexpr, WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr, EXACT_DS: tl.constexpr,
-    QREAD: tl.constexpr, NV_PTX: tl.constexpr, PDL: tl.constexpr = False, INLINE_B: tl.constexpr = 0,
+    QREAD: tl.constexpr, NV_PTX: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program (row tile, part) computes units ``[part T, (part + 1) T)`` of the schedule
     (one unit = ``BLOCK_N`` KV positions): segment by segment, each a sequence and a range of
     its KV tiles. A one-piece sequence's segment writes the output (+ LSE); a piece of a cut
     sequence writes float32 partials + LSE (always) to its slot, rows ``[slot * slot_rows +
     i]`` for the sequence's row ``i``. The outer loop is a ``while`` over segments; the tile
-    loop inside ``_attend`` / ``_ds_exact`` stays the one Triton software-pipelines.
-    ``INLINE_B`` > 0: no schedule kernel ran; the program computes the schedule from
-    ``seq_lens`` (``inline_schedule``; ``cum_ptr`` / ``piece_ptr`` unused) for its first
-    sequence, then again at the start of each segment, where the other path loads it, so the
-    register vectors are not live across the tile loop."""
+    loop inside ``_attend`` / ``_ds_exact`` stays the one Triton software-pipelines."""
+    if PDL:  # launched before the schedule kernel finished: wait for its writes; let the
+        gdc_wait()  # pieces combine launch (it waits for this grid's writes in turn)
+        gdc_launch_dependents()
     tile = tl.program_id(0)
     part = tl.program_id(1)
-    if INLINE_B > 0:
-        if PDL:  # launched normally (no kernel before it in the chain): the combine may launch
-            gdc_launch_dependents()
-        offs, incl, per_part, slot, pieces0, rank0 = inline_schedule(seq_lens_ptr, num_seqs, tl.num_programs(1),
-                                                                     sched_fixed, BLOCK_N, INLINE_B)
-        lo = part.to(tl.int64) * per_part
-        b = tl.sum(((offs < num_seqs) & (incl <= lo)).to(tl.int32), 0)  # as first_seq
-        c = lane(incl, offs, b - 1)  # units before sequence b (0 for b = 0)
-    else:
-        if PDL:  # launched before the schedule kernel finished: wait for its writes; let the
-            gdc_wait()  # pieces combine launch (it waits for this grid's writes in turn)
-            gdc_launch_dependents()
-        per_part = tl.load(cum_ptr + num_seqs + 1)
-        lo = part.to(tl.int64) * per_part
-        b = first_seq(cum_ptr, num_seqs, lo)
-        c = tl.load(cum_ptr + b)
+    per_part = tl.load(cum_ptr + num_seqs + 1)
+    lo = part.to(tl.int64) * per_part
     hi = lo + per_part
+    b = first_seq(cum_ptr, num_seqs, lo)
+    c = tl.load(cum_ptr + b)
     while (b < num_seqs) & (c < hi):
-        if INLINE_B == 0:
-            c_next = tl.load(cum_ptr + b + 1)
-        else:
-            c_next, base = inline_seq(seq_lens_ptr, num_seqs, tl.num_programs(1), sched_fixed, b, BLOCK_N, INLINE_B)
+        c_next = tl.load(cum_ptr + b + 1)
         first = c + sched_fixed  # unit of the sequence's KV tile 0
         u_lo = tl.maximum(lo - first, 0)
         u_hi = tl.minimum(hi - first, c_next - first)
@@ -194,8 +169,7 @@ def _decode_sched_kernel(
                     (u_lo * BLOCK_N).to(tl.int32), tl.minimum(u_hi * BLOCK_N, kv_end).to(tl.int32), limit,
                     qk_scale, PAGE, FMT, FNUZ, ALIGNED, L, R, BLOCK_L, BLOCK_R, BLOCK_M, BLOCK_N, UPCAST, EXACT_DS,
                     QREAD, NV_PTX)
-                if INLINE_B == 0:
-                    base = tl.load(piece_ptr + 2 * b.to(tl.int64))
+                base = tl.load(piece_ptr + 2 * b.to(tl.int64))
                 if base >= 0:  # a piece of a cut sequence: float32 partials + LSE in its slot
                     srow = (base + part - (first // per_part).to(tl.int32)).to(tl.int64) * slot_rows + rows
                     _finish(po_ptr + srow * L, pl_ptr + srow, row_ok, a0, a1, a2, a3, m_i, l_i, L, BLOCK_L,
@@ -709,9 +683,8 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
         part_o = torch.empty(num_slots(cfg.parts), rows, lora, dtype=torch.float32, device=q.device)
         part_l = torch.empty(num_slots(cfg.parts), rows, dtype=torch.float32, device=q.device)
         pdl = use_pdl(plat)
-        # the Triton kernel may compute the schedule itself (small batches); the Gluon kernels read it
-        inline_b = launch_schedule(seq_lens, cum, piece, cut, cfg.parts, cfg.sched_fixed, cfg.block_n,
-                                   elementwise_warps(plat), pdl, cfg.sched_inline and not use_gluon)
+        launch_schedule(seq_lens, cum, piece, cut, cfg.parts, cfg.sched_fixed, cfg.block_n,
+                        elementwise_warps(plat), pdl)
         pdl_kw = {"launch_pdl": True} if pdl else {}
         if use_gluon and narrow:
             decode_gluon_narrow.launch(q, kv_cache, fmt == FMT_DS_MLA, block_table, seq_lens, query_start_loc, cum,
@@ -725,16 +698,15 @@ def mla_decode(p, q, kv_cache, block_table, seq_lens, query_start_loc, softmax_s
             _decode_sched_kernel[(cfg.row_tiles, cfg.parts)](
                 *head, cum, piece, b, cfg.sched_fixed,
                 out, out.stride(0), out.stride(1), lse if lse is not None else part_l, lse_stride,
-                part_o, part_l, rows, h, scale, WRITE_LSE=lse is not None, PDL=pdl, INLINE_B=inline_b, **common,
-                **({} if inline_b else pdl_kw))  # inline: the first kernel of the chain, launched normally
+                part_o, part_l, rows, h, scale, WRITE_LSE=lse is not None, PDL=pdl, **common, **pdl_kw)
         if max_cuts(b, cfg.parts) > 0:
             block_r, block_s, block_d = pieces_combine_blocks(cfg.parts, b, rows, block_l)
             grid = (triton.cdiv(rows, block_r), max_cuts(b, cfg.parts), triton.cdiv(lora, block_d))
             _combine_pieces_kernel[grid](
                 part_o, part_l, rows, piece, cut, qsl, out, out.stride(0), out.stride(1),
-                lse if lse is not None else part_l, lse_stride, h, seq_lens, b, cfg.parts, cfg.sched_fixed,
-                L=lora, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, HAS_QSL=query_start_loc is not None,
-                WRITE_LSE=lse is not None, PDL=pdl, INLINE_B=inline_b, UNIT=cfg.block_n, num_warps=4, **pdl_kw)
+                lse if lse is not None else part_l, lse_stride, h, L=lora, BLOCK_R=block_r,
+                BLOCK_S=block_s, BLOCK_D=block_d, HAS_QSL=query_start_loc is not None,
+                WRITE_LSE=lse is not None, PDL=pdl, num_warps=4, **pdl_kw)
         return
     grid = (cfg.row_tiles, cfg.num_splits, p.num_seqs)
     if cfg.num_splits == 1:

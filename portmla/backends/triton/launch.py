@@ -93,10 +93,6 @@ class DecodeConfig:
     # cache, where the call's shapes and strides allow it (``decode_gluon.eligible``; else the
     # Triton kernel with its own tile, ``triton_tile``).
     gluon: bool = False
-    # Batches of at most ``schedule.INLINE_SEQS`` sequences on the Triton kernel: no schedule
-    # kernel; the decode and combine programs compute the schedule from ``seq_lens``
-    # (``schedule.inline_schedule``). ``PORTMLA_TRITON_INLINE_SCHED=0`` turns it off (A/B timing).
-    sched_inline: bool = True
 
 
 # Hand-set per vendor. CUDA: from the H100 tuning runs (benchmarks/results/triton_h100_notes.md).
@@ -231,8 +227,7 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     if gluon:
         sched_fixed = 4
     return DecodeConfig(block_m, block_n, warps, stages, splits, per, row_tiles, exact_ds, scheduled, parts,
-                        sched_fixed, quant_read, gluon=gluon,
-                        sched_inline=os.environ.get("PORTMLA_TRITON_INLINE_SCHED", "") != "0")
+                        sched_fixed, quant_read, gluon=gluon)
 
 
 # Raw KV tiles in flight in the narrow Gluon kernel (``decode_gluon_narrow``; ~37-41 KB each).

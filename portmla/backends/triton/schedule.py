@@ -36,11 +36,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 SCHED_CHUNK = 1024  # sequences per step of the schedule's scans (any batch size: a carry)
-# Batches of at most this many sequences skip the schedule kernel: the decode and pieces-combine
-# programs each compute the schedule from ``seq_lens`` (``inline_schedule``), which takes the
-# schedule kernel and the decode prologue's chain of dependent scratch loads (``cum``'s binary
-# search) off a small batch's call, and lets the combine find its sequence before it waits.
-INLINE_SEQS = 64
 
 
 @triton.jit
@@ -49,19 +44,6 @@ def _seq_units(seq_lens_ptr, b, num_seqs, fixed, UNIT: tl.constexpr):
     ok = b < num_seqs
     n = tl.maximum(tl.load(seq_lens_ptr + b, mask=ok, other=0), 0).to(tl.int64)
     return tl.where(ok, (n + UNIT - 1) // UNIT + fixed, 0)
-
-
-@triton.jit
-def _seq_pieces(units, ok, carry, per_part, fixed):
-    """``(incl, pieces, cut_pieces)`` of a chunk of sequences (``units`` from ``_seq_units``,
-    ``carry`` the units before it): the inclusive prefix of the units, each sequence's piece
-    count (1 when no part boundary falls inside its KV tiles) and that count where the
-    sequence is cut (0 elsewhere)."""
-    incl = carry + tl.cumsum(units, 0)
-    first = incl - units + fixed  # unit of the sequence's KV tile 0
-    tiles = units - fixed
-    pieces = tl.where(tiles > 0, (first + tiles - 1) // per_part - first // per_part + 1, 1)
-    return incl, pieces, tl.where(ok & (pieces > 1), pieces, 0)
 
 
 @triton.jit
@@ -88,8 +70,12 @@ def _schedule_kernel(seq_lens_ptr, cum_ptr, piece_ptr, cut_ptr, num_seqs, num_pa
         b = base + offs
         ok = b < num_seqs
         units = _seq_units(seq_lens_ptr, b, num_seqs, fixed, UNIT)
-        incl, pieces, cut_pieces = _seq_pieces(units, ok, carry, per_part, fixed)
+        incl = carry + tl.cumsum(units, 0)
         tl.store(cum_ptr + 1 + b, incl, mask=ok)
+        first = incl - units + fixed  # unit of the sequence's KV tile 0
+        tiles = units - fixed
+        pieces = tl.where(tiles > 0, (first + tiles - 1) // per_part - first // per_part + 1, 1)
+        cut_pieces = tl.where(ok & (pieces > 1), pieces, 0)
         slot_incl = slots + tl.cumsum(cut_pieces, 0)
         b2 = 2 * b.to(tl.int64)
         tl.store(piece_ptr + b2, tl.where(cut_pieces > 0, slot_incl - cut_pieces, -1).to(tl.int32), mask=ok)
@@ -100,40 +86,6 @@ def _schedule_kernel(seq_lens_ptr, cum_ptr, piece_ptr, cut_ptr, num_seqs, num_pa
         slots += tl.sum(cut_pieces, 0)
         cuts += tl.sum(is_cut, 0)
     tl.store(cut_ptr, cuts)
-
-
-@triton.jit
-def inline_schedule(seq_lens_ptr, num_seqs, num_parts, fixed, UNIT: tl.constexpr, BLOCK_B: tl.constexpr):
-    """The schedule of a batch of ``num_seqs <= BLOCK_B`` sequences computed in registers by the
-    program that needs it (``launch_schedule`` with ``inline``: no schedule kernel, no scratch):
-    ``(offs, incl, per_part, slot, pieces, rank)``, per sequence ``offs``: ``cum[b + 1]``, the
-    first partial slot (``piece[2 b]``, -1 when one piece), the piece count and, for a cut
-    sequence, its place in the cut list (``cut[1 + rank] = b``); the same values as
-    ``_schedule_kernel`` writes. Lanes past ``num_seqs`` hold no units, so their ``incl`` is
-    the total and their ``slot`` -1."""
-    offs = tl.arange(0, BLOCK_B)
-    ok = offs < num_seqs
-    units = _seq_units(seq_lens_ptr, offs, num_seqs, fixed, UNIT)
-    per_part = tl.maximum((tl.sum(units, 0) + num_parts - 1) // num_parts, 1)
-    incl, pieces, cut_pieces = _seq_pieces(units, ok, units.to(tl.int64) * 0, per_part, fixed)
-    is_cut = (cut_pieces > 0).to(tl.int32)
-    slot = tl.where(is_cut > 0, tl.cumsum(cut_pieces, 0) - cut_pieces, -1)
-    rank = tl.where(is_cut > 0, tl.cumsum(is_cut, 0) - is_cut, -1)
-    return offs, incl, per_part, slot, pieces, rank
-
-
-@triton.jit
-def lane(values, offs, i):
-    """``values[i]`` of a register vector (0 when ``i`` is past its lanes)."""
-    return tl.sum(tl.where(offs == i, values, 0), 0)
-
-
-@triton.jit
-def inline_seq(seq_lens_ptr, num_seqs, num_parts, fixed, b, UNIT: tl.constexpr, BLOCK_B: tl.constexpr):
-    """``(cum[b + 1], piece[2 b])`` of sequence ``b`` from ``inline_schedule``."""
-    offs, incl, per_part, slot, pieces, rank = inline_schedule(seq_lens_ptr, num_seqs, num_parts, fixed, UNIT,
-                                                               BLOCK_B)
-    return lane(incl, offs, b), lane(slot, offs, b).to(tl.int32)
 
 
 @triton.jit
@@ -169,22 +121,9 @@ def num_slots(parts: int) -> int:
     return max(1, 2 * (parts - 1))
 
 
-def inline_block(num_seqs: int) -> int:
-    """``BLOCK_B`` of ``inline_schedule`` for a batch (0: too many sequences to compute the
-    schedule in every program; the schedule kernel runs)."""
-    return max(16, triton.next_power_of_2(num_seqs)) if num_seqs <= INLINE_SEQS else 0
-
-
 def launch_schedule(seq_lens, cum, piece, cut, num_parts: int, fixed: int, unit: int, warps: int,
-                    pdl: bool = False, inline: bool = False) -> int:
-    """Launch ``_schedule_kernel``, or, with ``inline`` and a batch of at most ``INLINE_SEQS``
-    sequences, nothing: returns the ``BLOCK_B`` the decode and combine kernels then compute
-    the schedule with (``inline_schedule``), else 0."""
+                    pdl: bool = False) -> None:
     b = seq_lens.shape[0]
-    block_b = inline_block(b) if inline else 0
-    if block_b:
-        return block_b
     _schedule_kernel[(1,)](seq_lens, cum, piece, cut, b, num_parts, fixed, UNIT=unit,
                            CHUNK=min(SCHED_CHUNK, triton.next_power_of_2(max(b, 16))),
                            PDL=pdl, num_warps=warps)
-    return 0
