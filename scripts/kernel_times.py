@@ -4,7 +4,7 @@ For each row: the median of CUDA-graph replays of the whole call (as the benchma
 it) and, from torch.profiler, every kernel's mean duration and the gaps between kernels
 inside one eager call.
 
-    PYTHONPATH=. python scripts/kernel_times.py 1q1s32k:128:fixed 8q1s8k:16 32q1s4k:128
+    PYTHONPATH=. python scripts/kernel_times.py 1q1s32k:128:fixed 8q1s8k:16 32q1s4k:128 [--timeline]
 """
 
 from __future__ import annotations
@@ -21,15 +21,7 @@ from portmla.bench.specs import parse_spec
 
 
 def graph_median(fn, replays: int = 30) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g = capture(fn)
     times = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -67,12 +59,57 @@ def kernel_table(fn, calls: int = 20) -> list[tuple[str, float, int]]:
     return rows
 
 
+def capture(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def graph_timeline(fn, replays: int = 40) -> list[str]:
+    """Replays enqueued back to back as the benchmark times them: the median period between
+    replays' first kernels, and per kernel of a replay its median start and end (us after the
+    replay's first kernel started; with programmatic dependent launch a kernel starts before
+    the one it waits for ends)."""
+    g = capture(fn)
+    for _ in range(5):
+        g.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            g.replay()
+        torch.cuda.synchronize()
+    evs = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    n = len(evs) // replays
+    if n == 0:
+        return ["   (no kernel records inside graph replays)"]
+    runs = [evs[r * n:(r + 1) * n] for r in range(replays)]
+    period = statistics.median(b[0].time_range.start - a[0].time_range.start for a, b in zip(runs, runs[1:]))
+    out = [f"   period between replays {period:.1f} us, {n} kernels a replay"]
+    for i in range(n):
+        st = statistics.median(r[i].time_range.start - r[0].time_range.start for r in runs)
+        en = statistics.median(r[i].time_range.end - r[0].time_range.start for r in runs)
+        out.append(f"   {st:7.1f} -> {en:7.1f} us  {runs[0][i].name[:60]}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("rows", nargs="+", help="spec:heads[:fixed]")
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--kv-cache-dtype", default="bfloat16")
+    ap.add_argument("--timeline", action="store_true", help="also each kernel's place inside back-to-back replays")
     a = ap.parse_args()
+    if a.timeline:  # the floor: a graph of one empty kernel, timed as the rows are
+        z = torch.zeros(1, device="cuda")
+        print(f"== empty kernel: graph replay median {graph_median(lambda: z.add_(0)):.1f} us")
+        print("\n".join(graph_timeline(lambda: z.add_(0))))
     for row in a.rows:
         spec, heads, *rest = row.split(":")
         inp = build_inputs(parse_spec(spec), int(heads), a.kv_cache_dtype, 64, device="cuda",
@@ -86,6 +123,8 @@ def main() -> None:
         print(f"== {row} ({'fixed' if inp.fixed else 'varlen'}): graph replay median {med:.1f} us")
         for name, us, n in kernel_table(call):
             print(f"   {us:8.1f} us  x{n:<3d} {name}")
+        if a.timeline:
+            print("\n".join(graph_timeline(call)))
         del inp, kw
         torch.cuda.empty_cache()
 
