@@ -300,12 +300,11 @@ def _max_query_len(query_start_loc, seq_lens, block_table, p, t, nseq, given) ->
             raise ValueError(f"max_query_len={given!r} (must be an int >= 1)")
     if query_start_loc is None:
         mql = 1
-        qlens = torch.ones_like(seq_lens)
     else:
         mql = given if given is not None else max(1, t - nseq + 1)
-        qlens = query_start_loc[1:] - query_start_loc[:-1]
-    if not V.values_checkable(dev):
+    if not V.values_checkable(dev):  # (inside graph capture: no kernel of the checks is captured)
         return mql
+    qlens = torch.ones_like(seq_lens) if query_start_loc is None else query_start_loc[1:] - query_start_loc[:-1]
     if query_start_loc is not None:
         V.fail_if(query_start_loc[:1] != 0, lambda: f"query_start_loc[0]={int(query_start_loc[0])} (must be 0)")
         V.fail_if(query_start_loc[-1:] != t, lambda: f"query_start_loc[-1]={int(query_start_loc[-1])} "

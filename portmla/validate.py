@@ -95,7 +95,29 @@ def k_scale_tensor(name: str, scale, fmt: str, device: torch.device):
         raise TypeError(f"{name}={scale!r} (expected a python float or a one-element tensor)")
     if not (scale > 0 and scale < float("inf")):
         raise ValueError(f"{name}={scale} (must be finite and > 0)")
-    return torch.full((1,), float(scale), dtype=torch.float32, device=device)
+    return _scale_tensor(float(scale), torch.device(device))
+
+
+_SCALES: dict[tuple[str, int | None, float], torch.Tensor] = {}
+_MAX_SCALES = 1024
+
+
+def _scale_tensor(value: float, device: torch.device) -> torch.Tensor:
+    """A python-float scale as a one-element float32 tensor on ``device``, made once per
+    (device, value) outside graph capture and kept (read only by the kernels), so a call
+    captured after an eager one reads it instead of capturing a fill kernel into every replay;
+    inside capture or tracing an unkept value is made anew (and not kept: its memory belongs
+    to the graph)."""
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    key = (device.type, index, value)
+    t = _SCALES.get(key)
+    if t is None:
+        t = torch.full((1,), value, dtype=torch.float32, device=device)
+        if values_checkable(device) and len(_SCALES) < _MAX_SCALES:
+            _SCALES[key] = t
+    return t
 
 
 def values_checkable(device: torch.device) -> bool:

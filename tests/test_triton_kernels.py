@@ -507,6 +507,42 @@ def test_narrow_gluon_kernel_eligible_layouts():
     assert not dn.eligible(q, torch.zeros(10, 64, 528, dtype=torch.uint8), True, 64, 384, 64)  # L = 384
 
 
+@pytest.mark.parametrize("pieces,block_s", [(5, 8), (37, 8), (70, 64)])
+def test_pieces_combine_matches_float64(pieces, block_s):
+    """The pieces combine against float64 math on one cut sequence (sequence 1 of 3, two query
+    tokens, 4 heads): in one or several steps of BLOCK_S pieces (the running max rescaling the
+    sums), pieces with LSE -inf NaN-poisoned and dropped, a row no piece saw giving 0 and -inf;
+    the other sequences' output rows are left as they were."""
+    from portmla.backends.triton.combine import _combine_pieces_kernel
+
+    g = _gen(pieces)
+    h, rows, lc, first = 4, 8, 64, 2
+    pl = torch.randn(first + pieces + 1, rows, generator=g, dtype=torch.float64) * 4
+    pl[first + torch.randint(0, pieces, (rows,), generator=g), torch.arange(rows)] = float("-inf")
+    pl[first:first + pieces, 5] = float("-inf")  # row 5: no piece saw a position
+    po = torch.randn(first + pieces + 1, rows, lc, generator=g, dtype=torch.float64)
+    po[torch.isinf(pl)] = float("nan")
+    piece = torch.tensor([-1, 1, first, pieces, -1, 1], dtype=torch.int32, device=DEV)
+    cut = torch.tensor([1, 1], dtype=torch.int32, device=DEV)
+    qsl = torch.tensor([0, 1, 3, 4], dtype=torch.int32, device=DEV)
+    out = torch.full((4, h, lc), float("nan"), dtype=torch.float32, device=DEV)
+    lse = torch.full((4, h), float("nan"), dtype=torch.float32, device=DEV)
+    _combine_pieces_kernel[(rows // 2, 1, lc // 32)](
+        po.float().to(DEV), pl.float().to(DEV), rows, piece, cut, qsl, out, out.stride(0), out.stride(1), lse,
+        lse.stride(0), h, L=lc, BLOCK_R=2, BLOCK_S=block_s, BLOCK_D=32, HAS_QSL=True, WRITE_LSE=True)
+    ls, os_ = pl[first:first + pieces].float().double(), po[first:first + pieces].float().double()
+    want_lse = torch.logsumexp(ls, 0)  # [rows]
+    w = torch.exp(ls - want_lse).nan_to_num(0.0)
+    want = (w[:, :, None] * os_.nan_to_num(0.0)).sum(0)
+    want[5] = 0.0
+    got, got_lse = out.cpu().double()[1:3].reshape(rows, lc), lse.cpu().double()[1:3].reshape(rows)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    assert torch.equal(torch.isinf(got_lse), torch.isinf(want_lse)) and got_lse[5] == float("-inf")
+    fin = torch.isfinite(want_lse)
+    assert torch.allclose(got_lse[fin], want_lse[fin], atol=1e-5, rtol=1e-6)
+    assert torch.isnan(out[0]).all() and torch.isnan(out[3]).all() and torch.isnan(lse[[0, 3]]).all()
+
+
 def test_mla_decode_scheduled_same_shapes_new_lengths(monkeypatch):
     """What a CUDA graph replay does: the same call (shapes, out buffer) with new seq_lens
     contents; the schedule is recomputed on the device, so both results are right. On a GPU

@@ -75,6 +75,22 @@ def test_k_scale_required_for_fp8(device):
                       kv_cache_dtype="fp8")
 
 
+def test_float_k_scale_kept_as_one_tensor(device, monkeypatch):
+    """A python-float k_scale becomes one kept device tensor per value (so a captured call reads
+    it instead of capturing a fill kernel); under capture an unkept value is made and not kept."""
+    from portmla import validate as V
+
+    a = V.k_scale_tensor("k_scale", 0.37, "fp8", torch.device(device))
+    assert a.dtype == torch.float32 and a.shape == (1,) and float(a) == pytest.approx(0.37)
+    assert V.k_scale_tensor("k_scale", 0.37, "fp8", torch.device(device)) is a
+    assert float(V.k_scale_tensor("k_scale", 0.5, "fp8", torch.device(device))) == 0.5
+    assert V.k_scale_tensor("k_scale", 0.37, "bfloat16", torch.device(device)) is None
+    monkeypatch.setattr(V, "values_checkable", lambda dev: False)  # as inside graph capture
+    c = V.k_scale_tensor("k_scale", 0.123, "fp8", torch.device(device))
+    assert float(c) == pytest.approx(0.123) and V.k_scale_tensor("k_scale", 0.123, "fp8", torch.device(device)) is not c
+    assert V.k_scale_tensor("k_scale", 0.37, "fp8", torch.device(device)) is a
+
+
 def _write_args(device, fmt="auto", t=6, nb=4, bs=16):
     cache = torch.full((nb, bs, 576), float("nan"), dtype=torch.bfloat16, device=device)
     return (torch.randn(t, 512, device=device, dtype=torch.bfloat16),

@@ -11,8 +11,8 @@ Two layouts, one merge (``merge_partials``):
   visited (its grid is ``max_cuts(B, parts)`` entries, not ``B`` sequences); one-piece
   sequences were written by the decode kernel.
 
-A partial whose LSE is ``-inf`` (a split or piece that saw no position of that row) is not
-read, so its output rows may hold anything.
+A partial whose LSE is ``-inf`` (a split or piece that saw no position of that row) gets
+weight 0 and its values are dropped, so its output rows may hold anything (NaN included).
 """
 
 from __future__ import annotations
@@ -28,18 +28,14 @@ from .common import seq_tokens
 def merge_partials(l_base, o_base, stride_l, stride_o, n, r_ok, d_ok,
                    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """``(out, lse)`` of ``n`` partials: row ``r``'s LSE of partial ``s`` at
-    ``l_base[r] + s stride_l``, its outputs at ``o_base[r, :] + s stride_o``. ``BLOCK_S``
-    partials are read as one tile per step (the LSEs as one ``[BLOCK_R, BLOCK_S]`` load, the
-    outputs as one ``[BLOCK_R, BLOCK_S, BLOCK_D]`` tile), so many partials cost two memory
-    round trips per ``BLOCK_S`` of them, not two per partial."""
+    ``l_base[r] + s stride_l``, its outputs at ``o_base[r, :] + s stride_o``. One pass over
+    steps of ``BLOCK_S`` partials (the LSEs as one ``[BLOCK_R, BLOCK_S]`` load, the outputs as
+    one ``[BLOCK_R, BLOCK_S, BLOCK_D]`` tile, both issued together: their addresses do not
+    depend on the LSE values), with a running max rescaling the sums between steps: one memory
+    round trip per step. An output tile is read whatever its LSE; the weights of partials that
+    saw nothing (LSE ``-inf``) are 0 and ``tl.where`` drops their values, whatever they hold."""
     sp = tl.arange(0, BLOCK_S)
     m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    for s0 in range(0, n, BLOCK_S):
-        s = s0 + sp
-        s_ok = r_ok[:, None] & (s < n)[None, :]
-        ls = tl.load(l_base[:, None] + s.to(tl.int64)[None, :] * stride_l, mask=s_ok, other=float("-inf"))
-        m = tl.maximum(m, tl.max(ls, 1))
-    m_use = tl.where(m == float("-inf"), 0.0, m)
     den = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     for s0 in range(0, n, BLOCK_S):
@@ -47,15 +43,18 @@ def merge_partials(l_base, o_base, stride_l, stride_o, n, r_ok, d_ok,
         s_ok = r_ok[:, None] & (s < n)[None, :]
         s64 = s.to(tl.int64)
         ls = tl.load(l_base[:, None] + s64[None, :] * stride_l, mask=s_ok, other=float("-inf"))
+        po = tl.load(o_base[:, None, :] + s64[None, :, None] * stride_o, mask=s_ok[:, :, None] & d_ok[None, None, :],
+                     other=0.0)
+        m_new = tl.maximum(m, tl.max(ls, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)  # 0 while nothing was seen (the sums are 0 then)
         w = tl.exp(ls - m_use[:, None])  # [BLOCK_R, BLOCK_S]; 0 for empty partials
-        used = w > 0
-        po = tl.load(o_base[:, None, :] + s64[None, :, None] * stride_o,
-                     mask=used[:, :, None] & d_ok[None, None, :], other=0.0)
-        acc += tl.sum(tl.where(used[:, :, None], po * w[:, :, None], 0.0), 1)
-        den += tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.sum(tl.where((w > 0)[:, :, None], po * w[:, :, None], 0.0), 1)
+        den = den * alpha + tl.sum(w, 1)
+        m = m_new
     seen = den > 0
     out = acc / tl.where(seen, den, 1.0)[:, None]
-    return out, tl.where(seen, m_use + tl.log(tl.where(seen, den, 1.0)), float("-inf"))
+    return out, tl.where(seen, m + tl.log(tl.where(seen, den, 1.0)), float("-inf"))
 
 
 @triton.jit
@@ -96,15 +95,20 @@ def _combine_pieces_kernel(
     """One program per (BLOCK_R rows, cut-list entry, BLOCK_D columns); entries past the
     list's count (``cut[0]``) exit at once. Entry ``k`` merges sequence ``cut[1 + k]``, whose
     pieces sit in consecutive slots, in slot order. (The row blocks, a host bound of
-    ``max_query_len * H / BLOCK_R``, go on the grid axis without the 65535 limit.)"""
-    if PDL:  # launched early (programmatic dependent launch): the decode grid's writes first
-        gdc_wait()
+    ``max_query_len * H / BLOCK_R``, go on the grid axis without the 65535 limit.)
+
+    With ``PDL`` the program reads the schedule (``cut``, ``piece``) and ``query_start_loc``
+    before it waits for the decode grid: the schedule kernel finished before this grid could
+    launch (every decode program waits for it before it lets this grid launch), so only the
+    partials need the wait. Those reads skip L1 (``.cg``)."""
     k = tl.program_id(1)
-    if k < tl.load(cut_ptr):
-        b = tl.load(cut_ptr + 1 + k)
-        pieces = tl.load(piece_ptr + 2 * b.to(tl.int64) + 1)
-        first = tl.load(piece_ptr + 2 * b.to(tl.int64))
+    if k < tl.load(cut_ptr, cache_modifier=".cg"):
+        b = tl.load(cut_ptr + 1 + k, cache_modifier=".cg")
+        pieces = tl.load(piece_ptr + 2 * b.to(tl.int64) + 1, cache_modifier=".cg")
+        first = tl.load(piece_ptr + 2 * b.to(tl.int64), cache_modifier=".cg")
         t0, n_q = seq_tokens(qsl_ptr, b, HAS_QSL)
+        if PDL:  # launched early (programmatic dependent launch): the decode grid's partials from here
+            gdc_wait()
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         r_ok = rows < n_q * H
