@@ -507,7 +507,7 @@ def test_narrow_gluon_kernel_eligible_layouts():
     assert not dn.eligible(q, torch.zeros(10, 64, 528, dtype=torch.uint8), True, 64, 384, 64)  # L = 384
 
 
-@pytest.mark.parametrize("pieces,block_s", [(5, 8), (37, 8), (70, 64)])
+@pytest.mark.parametrize("pieces,block_s", [(5, 8), (37, 8), (70, 64), (130, 128)])
 def test_pieces_combine_matches_float64(pieces, block_s):
     """The pieces combine against float64 math on one cut sequence (sequence 1 of 3, two query
     tokens, 4 heads): in one or several steps of BLOCK_S pieces (the running max rescaling the
@@ -541,6 +541,23 @@ def test_pieces_combine_matches_float64(pieces, block_s):
     fin = torch.isfinite(want_lse)
     assert torch.allclose(got_lse[fin], want_lse[fin], atol=1e-5, rtol=1e-6)
     assert torch.isnan(out[0]).all() and torch.isnan(out[3]).all() and torch.isnan(lse[[0, 3]]).all()
+
+
+def test_pieces_combine_tiles():
+    """The pieces combine's tile: at most ~8192 values a program; a few sequences in many pieces
+    get one step covering their pieces (up to 128); more sequences keep the split combine's
+    shapes."""
+    from portmla.backends.triton.combine import combine_blocks, pieces_combine_blocks
+
+    for parts, seqs, rows in itertools.product((4, 66, 132, 264), (1, 3, 8, 33, 64, 128), (16, 128, 256)):
+        r, s, d = pieces_combine_blocks(parts, seqs, rows, 512)
+        assert r * s * d <= 8192 and d <= 512 and r <= rows, (parts, seqs, rows)
+        if seqs * 8 <= parts:
+            assert s >= min(128, -(-parts // seqs) + 1) and s & (s - 1) == 0
+        else:
+            assert (r, s, d) == combine_blocks(max(2, min(parts, 2 * -(-parts // seqs))), rows, 512)
+    assert pieces_combine_blocks(66, 8, 128, 512) == (1, 16, 512)
+    assert pieces_combine_blocks(66, 1, 128, 512) == (1, 128, 64)
 
 
 def test_mla_decode_scheduled_same_shapes_new_lengths(monkeypatch):

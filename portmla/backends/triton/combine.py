@@ -141,9 +141,22 @@ def combine_blocks(num_splits: int, num_heads: int, block_l: int):
 
 def pieces_combine_blocks(num_parts: int, num_seqs: int, slot_rows: int, block_l: int):
     """(BLOCK_R, BLOCK_S, BLOCK_D) of the pieces combine. The piece counts are device values;
-    the host bound is about ``2 cdiv(parts, seqs)`` for most cut sequences (each spans one or
-    two part boundaries when there are more sequences than parts; ``parts / seqs`` of them
-    when there are fewer), so the tile is sized for that many per step, in the split
-    combine's tile shapes. Not timed on a GPU yet."""
+    the host bound is about ``parts / seqs + 1`` pieces for a cut sequence when there are
+    fewer sequences than parts.
+
+    A batch of at most ``parts / 8`` sequences: a step as wide as that bound (up to 128
+    pieces), so the merge takes one memory round trip, with the columns making up ~8192 values
+    a program. H100 tile sweep (benchmarks/results/triton_h100_notes.md, session 14), bench
+    medians, fixed lengths, bf16 / fp8, us: b=1 S=32768 h=128 (66 pieces) 45.7 / 51.1 at
+    (1, 64, 128) -> 44.8 / 50.1 at (1, 128, 64); h=16 (132 / 264 pieces) 31.5 / 35.8 -> 28.0 /
+    27.2; b=8 S=8192 h=128 (9-10 pieces) 68.8 / 81.6 at (1, 32, 256) -> 64.3 / 77.5 at
+    (1, 16, 512); h=16 fp8 (34 pieces) stays at (1, 64, 128).
+
+    More sequences: each cut sequence spans one or two part boundaries, so the tile is sized
+    for ``2 cdiv(parts, seqs)`` pieces per step, in the split combine's tile shapes."""
+    if num_seqs * 8 <= num_parts:
+        block_s = min(128, triton.next_power_of_2(-(-num_parts // max(1, num_seqs)) + 1))
+        block_d = min(block_l, max(32, 8192 // block_s))
+        return max(1, min(triton.next_power_of_2(slot_rows), 8192 // (block_s * block_d))), block_s, block_d
     typical = min(num_parts, 2 * -(-num_parts // max(1, num_seqs)))
     return combine_blocks(max(2, typical), slot_rows, block_l)
