@@ -510,9 +510,9 @@ def test_narrow_gluon_kernel_eligible_layouts():
 @pytest.mark.parametrize("pieces,block_s", [(5, 8), (37, 8), (70, 64), (130, 128)])
 def test_pieces_combine_matches_float64(pieces, block_s):
     """The pieces combine against float64 math on one cut sequence (sequence 1 of 3, two query
-    tokens, 4 heads): in one or several steps of BLOCK_S pieces (the running max rescaling the
-    sums), pieces with LSE -inf NaN-poisoned and dropped, a row no piece saw giving 0 and -inf;
-    the other sequences' output rows are left as they were."""
+    tokens, 4 heads): pieces in one or several steps of BLOCK_S (both the max pass and the
+    weighted sum), pieces with LSE -inf NaN-poisoned and not read, a row no piece saw giving
+    0 and -inf; the other sequences' output rows are left as they were."""
     from portmla.backends.triton.combine import _combine_pieces_kernel
 
     g = _gen(pieces)

@@ -11,8 +11,8 @@ Two layouts, one merge (``merge_partials``):
   visited (its grid is ``max_cuts(B, parts)`` entries, not ``B`` sequences); one-piece
   sequences were written by the decode kernel.
 
-A partial whose LSE is ``-inf`` (a split or piece that saw no position of that row) gets
-weight 0 and its values are dropped, so its output rows may hold anything (NaN included).
+A partial whose LSE is ``-inf`` (a split or piece that saw no position of that row) is not
+read, so its output rows may hold anything.
 """
 
 from __future__ import annotations
@@ -28,14 +28,18 @@ from .common import seq_tokens
 def merge_partials(l_base, o_base, stride_l, stride_o, n, r_ok, d_ok,
                    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """``(out, lse)`` of ``n`` partials: row ``r``'s LSE of partial ``s`` at
-    ``l_base[r] + s stride_l``, its outputs at ``o_base[r, :] + s stride_o``. One pass over
-    steps of ``BLOCK_S`` partials (the LSEs as one ``[BLOCK_R, BLOCK_S]`` load, the outputs as
-    one ``[BLOCK_R, BLOCK_S, BLOCK_D]`` tile, both issued together: their addresses do not
-    depend on the LSE values), with a running max rescaling the sums between steps: one memory
-    round trip per step. An output tile is read whatever its LSE; the weights of partials that
-    saw nothing (LSE ``-inf``) are 0 and ``tl.where`` drops their values, whatever they hold."""
+    ``l_base[r] + s stride_l``, its outputs at ``o_base[r, :] + s stride_o``. ``BLOCK_S``
+    partials are read as one tile per step (the LSEs as one ``[BLOCK_R, BLOCK_S]`` load, the
+    outputs as one ``[BLOCK_R, BLOCK_S, BLOCK_D]`` tile), so many partials cost two memory
+    round trips per ``BLOCK_S`` of them, not two per partial."""
     sp = tl.arange(0, BLOCK_S)
     m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    for s0 in range(0, n, BLOCK_S):
+        s = s0 + sp
+        s_ok = r_ok[:, None] & (s < n)[None, :]
+        ls = tl.load(l_base[:, None] + s.to(tl.int64)[None, :] * stride_l, mask=s_ok, other=float("-inf"))
+        m = tl.maximum(m, tl.max(ls, 1))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
     den = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     for s0 in range(0, n, BLOCK_S):
@@ -43,18 +47,15 @@ def merge_partials(l_base, o_base, stride_l, stride_o, n, r_ok, d_ok,
         s_ok = r_ok[:, None] & (s < n)[None, :]
         s64 = s.to(tl.int64)
         ls = tl.load(l_base[:, None] + s64[None, :] * stride_l, mask=s_ok, other=float("-inf"))
-        po = tl.load(o_base[:, None, :] + s64[None, :, None] * stride_o, mask=s_ok[:, :, None] & d_ok[None, None, :],
-                     other=0.0)
-        m_new = tl.maximum(m, tl.max(ls, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_use)  # 0 while nothing was seen (the sums are 0 then)
         w = tl.exp(ls - m_use[:, None])  # [BLOCK_R, BLOCK_S]; 0 for empty partials
-        acc = acc * alpha[:, None] + tl.sum(tl.where((w > 0)[:, :, None], po * w[:, :, None], 0.0), 1)
-        den = den * alpha + tl.sum(w, 1)
-        m = m_new
+        used = w > 0
+        po = tl.load(o_base[:, None, :] + s64[None, :, None] * stride_o,
+                     mask=used[:, :, None] & d_ok[None, None, :], other=0.0)
+        acc += tl.sum(tl.where(used[:, :, None], po * w[:, :, None], 0.0), 1)
+        den += tl.sum(w, 1)
     seen = den > 0
     out = acc / tl.where(seen, den, 1.0)[:, None]
-    return out, tl.where(seen, m + tl.log(tl.where(seen, den, 1.0)), float("-inf"))
+    return out, tl.where(seen, m_use + tl.log(tl.where(seen, den, 1.0)), float("-inf"))
 
 
 @triton.jit
