@@ -507,8 +507,9 @@ def test_narrow_gluon_kernel_eligible_layouts():
     assert not dn.eligible(q, torch.zeros(10, 64, 528, dtype=torch.uint8), True, 64, 384, 64)  # L = 384
 
 
-@pytest.mark.parametrize("pieces,block_s", [(5, 8), (37, 8), (70, 64), (130, 128)])
-def test_pieces_combine_matches_float64(pieces, block_s):
+@pytest.mark.parametrize("pieces,block_r,block_s,block_d", [(5, 2, 8, 32), (37, 2, 8, 32), (70, 1, 64, 128),
+                                                             (130, 1, 128, 64)])
+def test_pieces_combine_matches_float64(pieces, block_r, block_s, block_d):
     """The pieces combine against float64 math on one cut sequence (sequence 1 of 3, two query
     tokens, 4 heads): pieces in one or several steps of BLOCK_S (both the max pass and the
     weighted sum), pieces with LSE -inf NaN-poisoned and not read, a row no piece saw giving
@@ -527,9 +528,9 @@ def test_pieces_combine_matches_float64(pieces, block_s):
     qsl = torch.tensor([0, 1, 3, 4], dtype=torch.int32, device=DEV)
     out = torch.full((4, h, lc), float("nan"), dtype=torch.float32, device=DEV)
     lse = torch.full((4, h), float("nan"), dtype=torch.float32, device=DEV)
-    _combine_pieces_kernel[(rows // 2, 1, lc // 32)](
+    _combine_pieces_kernel[(rows // block_r, 1, -(-lc // block_d))](
         po.float().to(DEV), pl.float().to(DEV), rows, piece, cut, qsl, out, out.stride(0), out.stride(1), lse,
-        lse.stride(0), h, L=lc, BLOCK_R=2, BLOCK_S=block_s, BLOCK_D=32, HAS_QSL=True, WRITE_LSE=True)
+        lse.stride(0), h, L=lc, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, HAS_QSL=True, WRITE_LSE=True)
     ls, os_ = pl[first:first + pieces].float().double(), po[first:first + pieces].float().double()
     want_lse = torch.logsumexp(ls, 0)  # [rows]
     w = torch.exp(ls - want_lse).nan_to_num(0.0)
@@ -553,7 +554,7 @@ def test_pieces_combine_tiles():
         r, s, d = pieces_combine_blocks(parts, seqs, rows, 512)
         assert r * s * d <= 8192 and d <= 512 and r <= rows, (parts, seqs, rows)
         if seqs * 8 <= parts:
-            assert s >= min(128, -(-parts // seqs) + 1) and s & (s - 1) == 0
+            assert r == 1 and s >= min(128, -(-parts // seqs) + 1) and s & (s - 1) == 0
         else:
             assert (r, s, d) == combine_blocks(max(2, min(parts, 2 * -(-parts // seqs))), rows, 512)
     assert pieces_combine_blocks(66, 8, 128, 512) == (1, 16, 512)
