@@ -20,8 +20,8 @@ from portmla.bench.inputs import build_inputs
 from portmla.bench.specs import parse_spec
 
 
-def graph_median(fn, replays: int = 30) -> float:
-    g = capture(fn)
+def graph_median(g, replays: int = 30) -> float:
+    """Median of ``replays`` replays of the captured call ``g``, each timed alone."""
     times = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -72,12 +72,11 @@ def capture(fn):
     return g
 
 
-def graph_timeline(fn, replays: int = 40) -> list[str]:
-    """Replays enqueued back to back as the benchmark times them: the median period between
-    replays' first kernels, and per kernel of a replay its median start and end (us after the
-    replay's first kernel started; with programmatic dependent launch a kernel starts before
-    the one it waits for ends)."""
-    g = capture(fn)
+def graph_timeline(g, replays: int = 40) -> list[str]:
+    """Replays of the captured call ``g`` enqueued back to back as the benchmark times them: the
+    median period between replays' first kernels, and per kernel of a replay its median start
+    and end (us after the replay's first kernel started; with programmatic dependent launch a
+    kernel starts before the one it waits for ends)."""
     for _ in range(5):
         g.replay()
     torch.cuda.synchronize()
@@ -108,8 +107,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.timeline:  # the floor: a graph of one empty kernel, timed as the rows are
         z = torch.zeros(1, device="cuda")
-        print(f"== empty kernel: graph replay median {graph_median(lambda: z.add_(0)):.1f} us")
-        print("\n".join(graph_timeline(lambda: z.add_(0))))
+        g = capture(lambda: z.add_(0))
+        print(f"== empty kernel: graph replay median {graph_median(g):.1f} us")
+        print("\n".join(graph_timeline(g)))
     for row in a.rows:
         spec, heads, *rest = row.split(":")
         inp = build_inputs(parse_spec(spec), int(heads), a.kv_cache_dtype, 64, device="cuda",
@@ -119,13 +119,14 @@ def main() -> None:
         def call(kw=kw):
             return pm.mla_decode(backend=a.backend, **kw)
 
-        med = graph_median(call)
+        g = capture(call)
+        med = graph_median(g)
         print(f"== {row} ({'fixed' if inp.fixed else 'varlen'}): graph replay median {med:.1f} us")
         for name, us, n in kernel_table(call):
             print(f"   {us:8.1f} us  x{n:<3d} {name}")
         if a.timeline:
-            print("\n".join(graph_timeline(call)))
-        del inp, kw
+            print("\n".join(graph_timeline(g)))
+        del inp, kw, g
         torch.cuda.empty_cache()
 
 

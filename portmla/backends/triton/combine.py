@@ -155,9 +155,9 @@ def pieces_combine_blocks(num_parts: int, num_seqs: int, slot_rows: int, block_l
 
     More sequences: each cut sequence spans one or two part boundaries, so the tile is sized
     for ``2 cdiv(parts, seqs)`` pieces per step, in the split combine's tile shapes."""
+    per_seq = triton.cdiv(num_parts, max(1, num_seqs))
     if num_seqs * 8 <= num_parts:
-        block_s = min(128, triton.next_power_of_2(-(-num_parts // max(1, num_seqs)) + 1))
+        block_s = min(128, triton.next_power_of_2(per_seq + 1))
         block_d = min(block_l, max(32, 8192 // block_s))
         return 1, block_s, block_d  # (2 rows of a 128-piece step hit a Triton 3.6 compiler assertion)
-    typical = min(num_parts, 2 * -(-num_parts // max(1, num_seqs)))
-    return combine_blocks(max(2, typical), slot_rows, block_l)
+    return combine_blocks(max(2, min(num_parts, 2 * per_seq)), slot_rows, block_l)
