@@ -53,6 +53,12 @@ def sanitize() -> None:
         check_decode(*run_both(case, single_token=False))
         case = make_decode_case([900], [1], 128, 64, fmt, dtype, "cuda")
         check_decode(*run_both(case, single_token=True))
+        if dtype == torch.bfloat16 and fmt != "fp8":
+            # 40 sequences of 128 rows: the schedule kernel and the wide pieces' merge
+            lens = [int(x) for x in torch.randint(64, 400, (40,))]
+            qlens = [1 + (i % 2) for i in range(40)]
+            case = make_decode_case(lens, qlens, 64, 64, fmt, dtype, "cuda", strided=True)
+            check_decode(*run_both(case, single_token=False))
         # 16 heads: the single-tile Hopper kernel for bf16, the quantized-cache kernel for fp8
         case = make_decode_case([500, 64, 3], [1, 2, 1], 16, 16, fmt, dtype, "cuda", strided=True)
         check_decode(*run_both(case, single_token=False))

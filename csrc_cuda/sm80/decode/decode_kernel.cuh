@@ -361,9 +361,9 @@ cudaError_t launch_decode_combine(const DecodeParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// The device schedule's merge (common/schedule.cuh): 4 warps per (cut sequence, row), one row
-// per block when the rows are few (a small batch's rows still spread over the SMs), two when
-// they are many. The grid covers the bound on cut sequences (min(num_seqs, num_parts - 1),
+// The device schedule's merge (common/schedule.cuh). Few rows: 4 warps per (cut sequence, row),
+// one row per block (a small batch's rows still spread over the SMs); many rows: the wide form
+// (mla_decode_combine_pieces_wide_kernel). The grid covers the bound on cut sequences (min(num_seqs, num_parts - 1),
 // from the schedule's list), not every sequence: the others wrote their output.
 constexpr int kPiecesRowThreads = 32 * kCombineWarpsPerRow;
 
@@ -447,6 +447,114 @@ __global__ void __launch_bounds__(kPiecesSplitThreads)
                    static_cast<int>(pr.row % p.num_heads), col4, lane == 0 && quarter == 0);
 }
 
+// The many-rows form (large batches: many cut sequences of 2-3 pieces each): one warp a row
+// (kWideRows rows at a time), lane l owning columns 8 l .. 8 l + 7 and 256 + 8 l .. 256 + 8 l + 7
+// through 16-byte loads; the row's piece LSEs read lane-parallel once, then the pieces' values
+// two at a time, all rows of the warp in flight together. Pieces are summed in order
+// (deterministic); a piece whose LSE is -inf (it saw no position of the row) adds nothing and
+// its values are not used. H100, 128q1s4k h128: 65 cut sequences x 128 rows x 2 pieces.
+constexpr int kWideRows = 2;     // rows a warp merges at once
+constexpr int kWideWarps = 8;    // warps a block
+constexpr int kWideBlockRows = kWideRows * kWideWarps;
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kWideWarps)
+    mla_decode_combine_pieces_wide_kernel(const DecodeParams p, int blocks_per_seq) {
+  const int k = static_cast<int>(blockIdx.x / blocks_per_seq);
+  if (k >= p.sched_cut[0]) return;
+  const int b = p.sched_cut[1 + k];
+  int t0, nq;
+  seq_tokens(p, b, t0, nq);
+  const int H = p.num_heads, rows = nq * H;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g0 = static_cast<int>(blockIdx.x % blocks_per_seq) * kWideBlockRows + warp * kWideRows;
+  if (g0 >= rows) return;
+  const int n = p.sched_piece[2 * b + 1];
+  const int64_t stride = p.part_rows;
+  const int64_t first = static_cast<int64_t>(p.sched_piece[2 * b]) * stride;
+  const float* lse_in[kWideRows];
+  const uint4* row_in[kWideRows];
+  bool ok[kWideRows];
+  float mx[kWideRows], total[kWideRows], acc[kWideRows][16];
+#pragma unroll
+  for (int r = 0; r < kWideRows; ++r) {
+    ok[r] = g0 + r < rows;
+    const int64_t row = first + (ok[r] ? g0 + r : g0);
+    lse_in[r] = p.part_lse + row;
+    row_in[r] = reinterpret_cast<const uint4*>(static_cast<const T*>(p.part_out) + row * kL);
+    mx[r] = -INFINITY;
+    total[r] = 0.f;
+#pragma unroll
+    for (int c = 0; c < 16; ++c) acc[r][c] = 0.f;
+  }
+  for (int i = lane; i < n; i += 32) {
+#pragma unroll
+    for (int r = 0; r < kWideRows; ++r) {
+      if (ok[r]) mx[r] = fmaxf(mx[r], __ldcg(lse_in[r] + i * stride));
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kWideRows; ++r) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], o));
+  }
+  for (int i0 = 0; i0 < n; i0 += 32) {
+    float w_lane[kWideRows];  // the weight of piece i0 + lane: 0 past n or without a maximum
+#pragma unroll
+    for (int r = 0; r < kWideRows; ++r) {
+      const bool here = ok[r] && i0 + lane < n && mx[r] != -INFINITY;
+      w_lane[r] = here ? expf(__ldcg(lse_in[r] + (i0 + lane) * stride) - mx[r]) : 0.f;
+    }
+    const int m = n - i0 < 32 ? n - i0 : 32;
+#pragma unroll 2
+    for (int j = 0; j < m; ++j) {
+      const int64_t off = static_cast<int64_t>(i0 + j) * stride * (kL / 8);
+      uint4 v[kWideRows][2];
+#pragma unroll
+      for (int r = 0; r < kWideRows; ++r) {
+        v[r][0] = ok[r] ? __ldcg(row_in[r] + off + lane) : make_uint4(0u, 0u, 0u, 0u);
+        v[r][1] = ok[r] ? __ldcg(row_in[r] + off + 32 + lane) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int r = 0; r < kWideRows; ++r) {
+        const float w = __shfl_sync(0xffffffffu, w_lane[r], j);
+        const bool used = w > 0.f;
+        total[r] += w;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float4 a = unpack4<T>(make_uint2(v[r][h].x, v[r][h].y));
+          const float4 c = unpack4<T>(make_uint2(v[r][h].z, v[r][h].w));
+          const float x[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            acc[r][8 * h + e] = used ? fmaf(w, x[e], acc[r][8 * h + e]) : acc[r][8 * h + e];
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kWideRows; ++r) {
+    if (!ok[r]) continue;
+    const int g = g0 + r, t = t0 + g / H, h = g % H;
+    const float inv = total[r] > 0.f ? 1.f / total[r] : 0.f;
+    T* o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
+           static_cast<int64_t>(h) * p.out_stride_h;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {  // 8-byte stores: the output is only 8-byte aligned
+      const float* a = &acc[r][4 * q];
+      uint2 u;
+      u.x = pack2<T>(a[0] * inv, a[1] * inv);
+      u.y = pack2<T>(a[2] * inv, a[3] * inv);
+      *reinterpret_cast<uint2*>(o + 256 * (q >> 1) + 8 * lane + 4 * (q & 1)) = u;
+    }
+    if (p.lse != nullptr && lane == 0) {
+      p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(h) * p.lse_stride_h] =
+          total[r] > 0.f ? mx[r] + logf(total[r]) : -INFINITY;
+    }
+  }
+}
+
 // Sequences a schedule of num_parts parts can cut: each part boundary cuts at most one.
 inline int max_cut_seqs(const DecodeParams& p) {
   return p.num_seqs < p.num_parts - 1 ? p.num_seqs : p.num_parts - 1;
@@ -455,28 +563,29 @@ inline int max_cut_seqs(const DecodeParams& p) {
 template <typename T>
 cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t stream) {
   const int64_t per_seq = static_cast<int64_t>(p.max_query_len) * p.num_heads;
-  const int rows_per_block = per_seq * max_cut_seqs(p) > 2048 ? 2 : 1;
-  // Many pieces a cut sequence (num_parts / cut sequences >= kSplitPieces): split over them.
-  const bool split = rows_per_block == 1 && p.num_parts >= kSplitPieces * max_cut_seqs(p);
-  const int64_t per_seq_blocks = (per_seq + rows_per_block - 1) / rows_per_block;
+  const bool many_rows = per_seq * max_cut_seqs(p) > 2048;
+  // Few rows (small batches, whose sequences the parts cut into many pieces): one row per block
+  // and the batched merge, split over the pieces when they are many (num_parts / cut sequences
+  // >= kSplitPieces; b=1 S=32768 h=128: 48.8 -> 47.5 us; with 2-3 pieces, 128q1s8k h16, the
+  // split form cost 10-14 us: H100 run at a106c19).
+  // Many rows (large batches: a cut sequence has 2-3 pieces): the wide form, kWideBlockRows rows
+  // a block (H100, same build, merge kernel 128q1s4k h128 13.4 -> 11.6 us, 32q1s4k 9.2 -> 8.0;
+  // on the 16-head rows, which take the few-rows forms, it was no faster: 6.8 -> 6.5 and
+  // 4.9 -> 6.4 us). The plain loop it replaced had 4 warps a row, 8-byte loads.
+  const bool split = !many_rows && p.num_parts >= kSplitPieces * max_cut_seqs(p);
+  const int per_block = many_rows ? kWideBlockRows : 1;
+  const int64_t per_seq_blocks = (per_seq + per_block - 1) / per_block;
   const int64_t blocks = per_seq_blocks * max_cut_seqs(p);
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   if (blocks == 0) return cudaSuccess;
-  // Few rows (small batches, whose sequences the parts cut into many pieces): one row per block
-  // and the batched merge, split over the pieces when they are many (b=1 S=32768 h=128: 48.8 ->
-  // 47.5 us; with 2-3 pieces, 128q1s8k h16, the split form cost 10-14 us: H100 run at a106c19).
-  // Many rows (large batches: a cut sequence has 2-3 pieces): two rows per block and the plain
-  // loop (H100: the batched one at 64 registers cost 128q1s8k h128's merge 18 -> 24 us).
   const unsigned grid = static_cast<unsigned>(blocks);
-  if (split) {
-    mla_decode_combine_pieces_split_kernel<T>
-        <<<grid, kPiecesSplitThreads, 0, stream>>>(p, static_cast<int>(per_seq_blocks));
-  } else if (rows_per_block == 1) {
-    mla_decode_combine_pieces_kernel<T, true>
-        <<<grid, kPiecesRowThreads, 0, stream>>>(p, static_cast<int>(per_seq_blocks));
+  const int bps = static_cast<int>(per_seq_blocks);
+  if (many_rows) {
+    mla_decode_combine_pieces_wide_kernel<T><<<grid, 32 * kWideWarps, 0, stream>>>(p, bps);
+  } else if (split) {
+    mla_decode_combine_pieces_split_kernel<T><<<grid, kPiecesSplitThreads, 0, stream>>>(p, bps);
   } else {
-    mla_decode_combine_pieces_kernel<T, false>
-        <<<grid, 2 * kPiecesRowThreads, 0, stream>>>(p, static_cast<int>(per_seq_blocks));
+    mla_decode_combine_pieces_kernel<T, true><<<grid, kPiecesRowThreads, 0, stream>>>(p, bps);
   }
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
