@@ -363,15 +363,16 @@ cudaError_t launch_decode_combine(const DecodeParams& p, cudaStream_t stream) {
 
 // The device schedule's merge (common/schedule.cuh). Few rows: 4 warps per (cut sequence, row),
 // one row per block (a small batch's rows still spread over the SMs); many rows: the wide form
-// (mla_decode_combine_pieces_wide_kernel). The grid covers the bound on cut sequences (min(num_seqs, num_parts - 1),
-// from the schedule's list), not every sequence: the others wrote their output.
+// (mla_decode_combine_pieces_wide_kernel). The grid covers the bound on cut sequences
+// (min(num_seqs, num_parts - 1), from the schedule's list), not every sequence: the others
+// wrote their output.
 constexpr int kPiecesRowThreads = 32 * kCombineWarpsPerRow;
 
 // The row a merge thread serves: row `row` of cut sequence list entry blockIdx.x /
-// blocks_per_seq (token t0 + row / H, head row % H), its n pieces' first partial row `first`.
-// false past the cut list or the sequence's rows.
+// blocks_per_seq (token t0 + row / H, head row % H), its n pieces' first partial row `first`,
+// the sequence's rows. false past the cut list or the sequence's rows.
 struct PiecesRow {
-  int t0, n;
+  int t0, n, rows;
   int64_t row, first;
 };
 
@@ -382,22 +383,20 @@ __device__ __forceinline__ bool pieces_row(const DecodeParams& p, int blocks_per
   const int b = p.sched_cut[1 + k];
   int nq;
   seq_tokens(p, b, r.t0, nq);
+  r.rows = nq * p.num_heads;
   r.row = static_cast<int64_t>(blockIdx.x % blocks_per_seq) * rows_per_block + row_in_block;
-  if (r.row >= static_cast<int64_t>(nq) * p.num_heads) return false;
+  if (r.row >= r.rows) return false;
   r.first = static_cast<int64_t>(p.sched_piece[2 * b]) * p.part_rows + r.row;
   r.n = p.sched_piece[2 * b + 1];
   return true;
 }
 
-template <typename T, bool kBatched>
-__global__ void __launch_bounds__(2 * kPiecesRowThreads)
+template <typename T>
+__global__ void __launch_bounds__(kPiecesRowThreads)
     mla_decode_combine_pieces_kernel(const DecodeParams p, int blocks_per_seq) {
   PiecesRow r;
-  if (!pieces_row(p, blocks_per_seq, blockDim.x / kPiecesRowThreads,
-                  threadIdx.x / kPiecesRowThreads, r)) {
-    return;
-  }
-  combine_row<T, kBatched>(p, r.first, p.part_rows, r.n,
+  if (!pieces_row(p, blocks_per_seq, 1, 0, r)) return;
+  combine_row<T, true>(p, r.first, p.part_rows, r.n,
                            r.t0 + static_cast<int>(r.row / p.num_heads),
                            static_cast<int>(r.row % p.num_heads),
                            static_cast<int>(threadIdx.x >> 5) % kCombineWarpsPerRow,
@@ -460,26 +459,19 @@ constexpr int kWideBlockRows = kWideRows * kWideWarps;
 template <typename T>
 __global__ void __launch_bounds__(32 * kWideWarps)
     mla_decode_combine_pieces_wide_kernel(const DecodeParams p, int blocks_per_seq) {
-  const int k = static_cast<int>(blockIdx.x / blocks_per_seq);
-  if (k >= p.sched_cut[0]) return;
-  const int b = p.sched_cut[1 + k];
-  int t0, nq;
-  seq_tokens(p, b, t0, nq);
-  const int H = p.num_heads, rows = nq * H;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g0 = static_cast<int>(blockIdx.x % blocks_per_seq) * kWideBlockRows + warp * kWideRows;
-  if (g0 >= rows) return;
-  const int n = p.sched_piece[2 * b + 1];
+  PiecesRow pr;  // the warp's first row
+  if (!pieces_row(p, blocks_per_seq, kWideBlockRows, warp * kWideRows, pr)) return;
+  const int n = pr.n;
   const int64_t stride = p.part_rows;
-  const int64_t first = static_cast<int64_t>(p.sched_piece[2 * b]) * stride;
   const float* lse_in[kWideRows];
   const uint4* row_in[kWideRows];
   bool ok[kWideRows];
   float mx[kWideRows], total[kWideRows], acc[kWideRows][16];
 #pragma unroll
   for (int r = 0; r < kWideRows; ++r) {
-    ok[r] = g0 + r < rows;
-    const int64_t row = first + (ok[r] ? g0 + r : g0);
+    ok[r] = pr.row + r < pr.rows;
+    const int64_t row = pr.first + (ok[r] ? r : 0);
     lse_in[r] = p.part_lse + row;
     row_in[r] = reinterpret_cast<const uint4*>(static_cast<const T*>(p.part_out) + row * kL);
     mx[r] = -INFINITY;
@@ -536,21 +528,14 @@ __global__ void __launch_bounds__(32 * kWideWarps)
 #pragma unroll
   for (int r = 0; r < kWideRows; ++r) {
     if (!ok[r]) continue;
-    const int g = g0 + r, t = t0 + g / H, h = g % H;
-    const float inv = total[r] > 0.f ? 1.f / total[r] : 0.f;
-    T* o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
-           static_cast<int64_t>(h) * p.out_stride_h;
+    const int g = static_cast<int>(pr.row) + r;
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {  // 8-byte stores: the output is only 8-byte aligned
-      const float* a = &acc[r][4 * q];
-      uint2 u;
-      u.x = pack2<T>(a[0] * inv, a[1] * inv);
-      u.y = pack2<T>(a[2] * inv, a[3] * inv);
-      *reinterpret_cast<uint2*>(o + 256 * (q >> 1) + 8 * lane + 4 * (q & 1)) = u;
-    }
-    if (p.lse != nullptr && lane == 0) {
-      p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(h) * p.lse_stride_h] =
-          total[r] > 0.f ? mx[r] + logf(total[r]) : -INFINITY;
+    for (int q = 0; q < 4; ++q) {  // groups 2 lane (+ 1) (+ 64): columns 8 lane (+ 4) (+ 256)
+      CombineAcc c;
+      c.acc = make_float4(acc[r][4 * q], acc[r][4 * q + 1], acc[r][4 * q + 2], acc[r][4 * q + 3]);
+      c.total = total[r];
+      combine_store<T>(p, c, mx[r], pr.t0 + g / p.num_heads, g % p.num_heads,
+                       2 * lane + (q & 1) + 64 * (q >> 1), lane == 0 && q == 0);
     }
   }
 }
@@ -585,7 +570,7 @@ cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t str
   } else if (split) {
     mla_decode_combine_pieces_split_kernel<T><<<grid, kPiecesSplitThreads, 0, stream>>>(p, bps);
   } else {
-    mla_decode_combine_pieces_kernel<T, true><<<grid, kPiecesRowThreads, 0, stream>>>(p, bps);
+    mla_decode_combine_pieces_kernel<T><<<grid, kPiecesRowThreads, 0, stream>>>(p, bps);
   }
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
