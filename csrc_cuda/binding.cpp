@@ -71,6 +71,7 @@ PYBIND11_MODULE(_cuda, m) {
       .FIELD(DecodeParams, variant)
       .FIELD(DecodeParams, num_parts)
       .FIELD(DecodeParams, sched_fixed)
+      .FIELD(DecodeParams, tail_merge)
       .PTR_FIELD(DecodeParams, int64_t*, sched_cum)
       .PTR_FIELD(DecodeParams, int32_t*, sched_piece)
       .PTR_FIELD(DecodeParams, int32_t*, sched_cut)

@@ -96,15 +96,39 @@ int main(int argc, char** argv) {
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
-  for (int i = 0; i < 3; ++i) portmla::sm90::launch_decode(p, 0);
+  // PT_TAIL=1: the decode kernel merges the pieces itself (cooperative launch), as the module
+  // does by default; else the kernel alone (its pieces left unmerged).
+  p.tail_merge = getenv("PT_TAIL") != nullptr && atoi(getenv("PT_TAIL")) == 1;
+  bool merged = false;
+  for (int i = 0; i < 3; ++i) portmla::sm90::launch_decode(p, 0, &merged);
   cudaEventRecord(e0);
-  cudaError_t err = portmla::sm90::launch_decode(p, 0);
+  cudaError_t err = portmla::sm90::launch_decode(p, 0, &merged);
+  printf("tail merge %s\n", merged ? "in the kernel" : "off");
   cudaEventRecord(e1);
   cudaEventSynchronize(e1);
   float ms = 0;
   cudaEventElapsedTime(&ms, e0, e1);
   printf("launch %s, %.1f us, last error %s\n", cudaGetErrorString(err), ms * 1000,
          cudaGetErrorString(cudaGetLastError()));
+  {  // every CTA: entry and consumers' end (globaltimer), us after the first entry
+    static unsigned long long cta[2][256][4];
+    cudaMemcpyFromSymbol(cta, portmla::sm90::g_pair_cta, sizeof(cta));
+    const int parts = std::min(p.num_parts, 256);
+    unsigned long long t0c = ~0ull;
+    for (int m = 0; m < 2; ++m)
+      for (int k = 0; k < parts; ++k) t0c = std::min(t0c, cta[m][k][0]);
+    const char* ev_names[4] = {"entry", "decode end", "past barrier", "merged"};
+    for (int ev = 0; ev < 4; ++ev) {
+      std::vector<double> v;
+      for (int m = 0; m < 2; ++m)
+        for (int k = 0; k < parts; ++k)
+          if (cta[m][k][ev]) v.push_back((cta[m][k][ev] - t0c) / 1e3);
+      if (v.empty()) continue;
+      std::sort(v.begin(), v.end());
+      printf("cta %s us: min %.2f p10 %.2f median %.2f p90 %.2f max %.2f\n", ev_names[ev], v[0],
+             v[v.size() / 10], v[v.size() / 2], v[v.size() * 9 / 10], v.back());
+    }
+  }
   static long long tr[2][64][12];
   cudaMemcpyFromSymbol(tr, portmla::sm90::g_pair_trace, sizeof(tr));
   const long long t0 = tr[0][0][0];

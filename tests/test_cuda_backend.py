@@ -119,6 +119,29 @@ def force_schedule(monkeypatch, parts, fixed):
         monkeypatch.setattr(cuda_backend, "SCHED_FIXED", dict.fromkeys(cuda_backend.SCHED_FIXED, fixed))
 
 
+def check_merge_path(monkeypatch, case, tail, single_token=True, tol=1e-2, eligible=True):
+    """``case`` against the reference with the cut sequences' pieces merged by the decode kernel
+    itself (``tail``: the default, a cooperative launch, taken where the rows to merge come to at
+    most 16 a CTA: ``eligible``) or by the merge kernel (``PORTMLA_CUDA_TAIL_MERGE=0``, or too
+    many rows); the profile of the call says which merge ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if tail:
+        monkeypatch.delenv("PORTMLA_CUDA_TAIL_MERGE", raising=False)
+    else:
+        monkeypatch.setenv("PORTMLA_CUDA_TAIL_MERGE", "0")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        got = run_both(case, single_token=single_token)
+        torch.cuda.synchronize()
+    merges = [e.name for e in prof.events()
+              if e.device_type.name == "CUDA" and "combine_pieces" in e.name]
+    check_decode(*got, tol=tol)
+    if tail and eligible:
+        assert not merges, f"a merge kernel ran: {merges[:2]}"
+    else:
+        assert merges, "no merge kernel ran (does the case cut any sequence?)"
+
+
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -16,6 +16,7 @@ from test_cuda_backend import (
     _need_cuda,
     boundary_case,
     check_decode,
+    check_merge_path,
     force_schedule,
     make_decode_case,
     run_both,
@@ -126,3 +127,28 @@ def test_hopper_not_taken_where_it_cannot_run(ran):
         case = make_decode_case([100, 7], [1, 1], 16, bs, fmt, torch.bfloat16, "cuda")
         check_decode(*run_both(case, single_token=True))
     assert not any(r.startswith("hopper") for r in ran) and len(ran) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["pair", "tile"])
+@pytest.mark.parametrize("tail", [True, False], ids=["in-kernel", "merge-kernel"])
+def test_hopper_pieces_merge_paths(monkeypatch, ran, kernel, tail):
+    """Both merges of the cut sequences' pieces: b=1 (128 rows of 66 pieces: a row a CTA, its
+    pieces split over the warps), 3 rows a CTA (warps in pairs), multi-token queries of 4
+    sequences, 150 sequences of 16 heads (up to 16 rows a CTA: each warp two rows); 150 of 128
+    heads have too many rows a CTA: the merge kernel runs either way."""
+    _need_hopper()
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
+    lens = [int(x) for x in torch.randint(1, 3000, (150,))]
+    cases = [
+        (make_decode_case([20000], [1], 128, 64, "bfloat16", torch.bfloat16, "cuda"), True, True),
+        (make_decode_case([9000, 7000, 3], [1, 1, 1], 128, 64, "float16", torch.float16, "cuda",
+                          strided=True), True, True),
+        (make_decode_case([3000, 40, 900, 1], [1, 2, 3, 1], 16, 32, "bfloat16", torch.bfloat16,
+                          "cuda"), False, True),
+        (make_decode_case(lens, [1] * 150, 16, 64, "bfloat16", torch.bfloat16, "cuda"), True, True),
+        (make_decode_case(lens, [1] * 150, 128, 64, "bfloat16", torch.bfloat16, "cuda"), True, False),
+    ]
+    for case, single, eligible in cases:
+        check_merge_path(monkeypatch, case, tail, single_token=single, eligible=eligible)
+    assert set(ran) == {"hopper" if kernel == "pair" else "hopper_tile"}

@@ -16,6 +16,7 @@ from test_cuda_backend import (
     SCHEDULES,
     check_decode,
     check_deterministic_and_graph,
+    check_merge_path,
     force_schedule,
     make_decode_case,
     rel_err,
@@ -174,3 +175,17 @@ def test_hopper_quant_deterministic_and_graph_capture(fmt, dtype):
     _need_hopper_quant()
     case = make_decode_case([700, 1500, 40], [1, 1, 1], 128, 64, fmt, dtype, "cuda")
     check_deterministic_and_graph(case, tol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,dtype", FORMAT_QUERIES, ids=lambda v: str(v).removeprefix("torch."))
+@pytest.mark.parametrize("tail", [True, False], ids=["in-kernel", "merge-kernel"])
+def test_hopper_quant_pieces_merge_paths(monkeypatch, ran, fmt, dtype, tail):
+    """The pair kernel's fp8 instantiations merging the pieces themselves or through the merge
+    kernel: b=1 (a row a CTA), 30 sequences of 40 heads (~9 rows a CTA: each warp two rows)."""
+    _need_hopper_quant()
+    lens = [int(x) for x in torch.randint(1, 3000, (30,))]
+    for case in (make_decode_case([20000], [1], 128, 64, fmt, dtype, "cuda"),
+                 make_decode_case(lens, [1] * 30, 40, 64, fmt, dtype, "cuda")):
+        check_merge_path(monkeypatch, case, tail)
+    assert set(ran) == {"hopper"}

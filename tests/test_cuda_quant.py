@@ -15,6 +15,7 @@ from test_cuda_backend import (
     _need_cuda,
     boundary_case,
     check_decode,
+    check_merge_path,
     force_schedule,
     make_decode_case,
     run_both,
@@ -120,3 +121,26 @@ def test_quant_not_taken_for_many_rows_or_when_off(monkeypatch, ran):
     case = make_decode_case([100, 7], [1, 1], 16, 64, "fp8", torch.bfloat16, "cuda")
     check_decode(*run_both(case, single_token=True))
     assert len(ran) == 2 and not any(r.startswith("quant") for r in ran), ran
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,dtype", [("fp8", torch.bfloat16), ("fp8", torch.float16),
+                                       ("fp8_ds_mla", torch.bfloat16)],
+                         ids=["fp8-bf16", "fp8-fp16", "ds-bf16"])
+@pytest.mark.parametrize("tail", [True, False], ids=["in-kernel", "merge-kernel"])
+def test_quant_pieces_merge_paths(monkeypatch, ran, fmt, dtype, tail):
+    """The quantized-cache kernel merging the pieces itself (two CTAs an SM, all resident) or
+    through the merge kernel: 8 long sequences (rows cut into ~33 pieces), multi-token queries,
+    150 sequences (runs of many rows)."""
+    _need_quant()
+    force(monkeypatch, 0, 0)
+    lens = [int(x) for x in torch.randint(1, 3000, (150,))]
+    cases = [
+        (make_decode_case([8192] * 8, [1] * 8, 16, 64, fmt, dtype, "cuda"), True),
+        (make_decode_case([5000, 3, 700], [2, 1, 3], 16, 16, fmt, dtype, "cuda", strided=True),
+         False),
+        (make_decode_case(lens, [1] * 150, 16, 64, fmt, dtype, "cuda"), True),
+    ]
+    for case, single in cases:
+        check_merge_path(monkeypatch, case, tail, single_token=single)
+    assert set(ran) == {"quant"}

@@ -56,6 +56,10 @@ struct DecodeParams {
   int q_dtype = kBF16, kv_format = kKv16;
   int q_tma = 0;  // sm_90a launcher: the Hopper kernels load Q tiles through their q_map
   int kv_tma = 0;  // sm_90a launcher: the pair kernel loads fp8 caches' raw bytes through kv_map
+  // Scheduled kernels: 1 asks the decode kernel to merge the cut sequences' pieces itself
+  // (sm80/decode/combine.cuh: tail_merge) when all of its CTAs fit on the device at once; the
+  // launcher then launches it cooperatively (grid-wide barrier) and runs no merge kernel.
+  int tail_merge = 0;
 };
 
 // concat_and_cache_mla: cache[slot] = quantize([kv_c[t] | k_pe[t]]).

@@ -119,6 +119,13 @@ def sched_fixed_key(kernel: str, kv_format: str) -> str:
     return "hopper_quant" if kernel == "hopper" and kv_format == "fp8_ds_mla" else kernel
 
 
+def tail_merge_wanted() -> int:
+    """1: the scheduled kernels merge the cut sequences' pieces themselves at their end (a
+    cooperative launch with a grid-wide barrier, where every CTA fits at once; else the merge
+    kernel runs). ``PORTMLA_CUDA_TAIL_MERGE=0``: always the merge kernel."""
+    return 0 if os.environ.get("PORTMLA_CUDA_TAIL_MERGE") == "0" else 1
+
+
 def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
     """Persistent parts of the scheduled kernels: ``per_sm`` CTAs per SM over all row tiles."""
     return max(1, min(MAX_GRID_PARTS, sms * per_sm // max(1, m_tiles)))
@@ -431,6 +438,8 @@ class CudaBackend(Backend):
             par.sched_cut = sched[2 * b + 2:].data_ptr()
             par.num_parts, par.part_rows = parts, rows
             par.sched_fixed = SCHED_FIXED[sched_fixed_key(name, p.cache.kv_format)]
+            if hasattr(par, "tail_merge"):  # a module built before it merges in-kernel: no field
+                par.tail_merge = tail_merge_wanted()
         elif splits > 1:
             partial_rows = splits * t * h
         if partial_rows:

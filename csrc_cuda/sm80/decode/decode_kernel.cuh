@@ -23,6 +23,7 @@
 #include "../../common/check.h"
 #include "../../common/numeric.cuh"
 #include "../../common/params.h"
+#include "combine.cuh"
 #include "config.h"
 #include "tile_common.cuh"
 #include "tile_kernel.cuh"
@@ -223,107 +224,6 @@ __global__ void __launch_bounds__(kThreads, 2) mla_decode_kernel(const DecodePar
   }
 }
 
-// Merge the splits of every (token, head) row by their LSE. One warp per (row, quarter of the
-// 512 columns), so even a handful of rows spreads over the SMs; each lane owns one float4.
-// Splits are visited in order (deterministic); the LSE maximum is read lane-parallel.
-// kBatched false: one LSE then one partial load per split, an empty split (LSE -inf) not read
-// (32 registers: many rows in flight, for merges of a few splits). true (a b=1 call merges 66
-// pieces a row; 64 registers): each lane turns one LSE of a run of 32 into its weight, the
-// warp broadcasts them split by split, and 8 partial-row loads are issued before any is used;
-// an empty split's slot (inside the scratch) is read but a select, not a multiply, keeps its
-// unwritten values out. H100, b=1 S=32768 h=128: merge 20.4 -> 7.6 us.
-constexpr int kCombineWarpsPerRow = 4;
-
-// A row's largest split LSE (lane-parallel reads, warp-wide result).
-__device__ __forceinline__ float combine_max_lse(const float* lse_in, int64_t stride, int n,
-                                                 int lane) {
-  float mx = -INFINITY;
-  for (int s = lane; s < n; s += 32) mx = fmaxf(mx, lse_in[s * stride]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  return mx;
-}
-
-// This lane's float4 of a row's weighted sum over splits first, first + step, .. < n (weights
-// exp(lse - mx)), and the sum of those weights. `col`: the lane's 4 partial values (T) of split
-// 0; split s's are `stride` rows further.
-struct CombineAcc {
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  float total = 0.f;
-};
-
-template <typename T, bool kBatched>
-__device__ __forceinline__ CombineAcc combine_accumulate(const float* lse_in, const uint2* col,
-                                                        int64_t stride, int n, float mx,
-                                                        int first, int step, int lane) {
-  CombineAcc r;
-  const int64_t slot4 = stride * (kL / 4);  // 4-value groups from one split's row to the next
-  if (mx == -INFINITY) return r;
-  if (!kBatched) {
-#pragma unroll 4
-    for (int s = first; s < n; s += step) {
-      const float ls = lse_in[s * stride];
-      if (ls == -INFINITY) continue;  // an empty split: its partial output is not read
-      const float w = expf(ls - mx);
-      const float4 v = unpack4<T>(col[s * slot4]);
-      r.total += w;
-      r.acc.x += w * v.x;
-      r.acc.y += w * v.y;
-      r.acc.z += w * v.z;
-      r.acc.w += w * v.w;
-    }
-    return r;
-  }
-  const int count = n > first ? (n - first + step - 1) / step : 0;  // splits first + step i
-  for (int i0 = 0; i0 < count; i0 += 32) {
-    const int mine = i0 + lane;
-    const float w_lane = mine < count ? expf(lse_in[(first + mine * step) * stride] - mx) : 0.f;
-    const int m = count - i0 < 32 ? count - i0 : 32;
-    for (int j0 = 0; j0 < m; j0 += 8) {
-      uint2 raw[8];
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        raw[k] = j0 + k < m ? col[(first + (i0 + j0 + k) * step) * slot4] : make_uint2(0u, 0u);
-      }
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const float w = __shfl_sync(0xffffffffu, w_lane, j0 + k);  // 0 past m (exp(-inf) = 0)
-        const bool used = w > 0.f;
-        const float4 v = unpack4<T>(raw[k]);
-        r.total += w;
-        r.acc.x = used ? fmaf(w, v.x, r.acc.x) : r.acc.x;
-        r.acc.y = used ? fmaf(w, v.y, r.acc.y) : r.acc.y;
-        r.acc.z = used ? fmaf(w, v.z, r.acc.z) : r.acc.z;
-        r.acc.w = used ? fmaf(w, v.w, r.acc.w) : r.acc.w;
-      }
-    }
-  }
-  return r;
-}
-
-// The merged float4 (column 4 col4 ..) of output row (t, h); the LSE by one lane.
-template <typename T>
-__device__ __forceinline__ void combine_store(const DecodeParams& p, const CombineAcc& r, float mx,
-                                              int t, int h, int col4, bool write_lse) {
-  const float inv = r.total > 0.f ? 1.f / r.total : 0.f;
-  T* o = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.out_stride_t +
-         static_cast<int64_t>(h) * p.out_stride_h;
-  uint2 v;
-  v.x = pack2<T>(r.acc.x * inv, r.acc.y * inv);
-  v.y = pack2<T>(r.acc.z * inv, r.acc.w * inv);
-  *reinterpret_cast<uint2*>(o + 4 * col4) = v;
-  if (p.lse != nullptr && write_lse) {
-    p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(h) * p.lse_stride_h] =
-        r.total > 0.f ? mx + logf(r.total) : -INFINITY;
-  }
-}
-
-// Partial row `row` of p.part_out as groups of 4 values (T).
-template <typename T>
-__device__ __forceinline__ const uint2* partial_row4(const DecodeParams& p, int64_t row) {
-  return reinterpret_cast<const uint2*>(static_cast<const T*>(p.part_out) + row * kL);
-}
-
 // One row's merge: n partial rows first_row + s * stride (outputs and LSEs) -> out row (t, h).
 template <typename T, bool kBatched>
 __device__ __forceinline__ void combine_row(const DecodeParams& p, int64_t first_row,
@@ -367,29 +267,6 @@ cudaError_t launch_decode_combine(const DecodeParams& p, cudaStream_t stream) {
 // (min(num_seqs, num_parts - 1), from the schedule's list), not every sequence: the others
 // wrote their output.
 constexpr int kPiecesRowThreads = 32 * kCombineWarpsPerRow;
-
-// The row a merge thread serves: row `row` of cut sequence list entry blockIdx.x /
-// blocks_per_seq (token t0 + row / H, head row % H), its n pieces' first partial row `first`,
-// the sequence's rows. false past the cut list or the sequence's rows.
-struct PiecesRow {
-  int t0, n, rows;
-  int64_t row, first;
-};
-
-__device__ __forceinline__ bool pieces_row(const DecodeParams& p, int blocks_per_seq,
-                                           int rows_per_block, int row_in_block, PiecesRow& r) {
-  const int k = static_cast<int>(blockIdx.x / blocks_per_seq);
-  if (k >= p.sched_cut[0]) return false;
-  const int b = p.sched_cut[1 + k];
-  int nq;
-  seq_tokens(p, b, r.t0, nq);
-  r.rows = nq * p.num_heads;
-  r.row = static_cast<int64_t>(blockIdx.x % blocks_per_seq) * rows_per_block + row_in_block;
-  if (r.row >= r.rows) return false;
-  r.first = static_cast<int64_t>(p.sched_piece[2 * b]) * p.part_rows + r.row;
-  r.n = p.sched_piece[2 * b + 1];
-  return true;
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kPiecesRowThreads)
@@ -446,97 +323,28 @@ __global__ void __launch_bounds__(kPiecesSplitThreads)
                    static_cast<int>(pr.row % p.num_heads), col4, lane == 0 && quarter == 0);
 }
 
-// The many-rows form (large batches: many cut sequences of 2-3 pieces each): one warp a row
-// (kWideRows rows at a time), lane l owning columns 8 l .. 8 l + 7 and 256 + 8 l .. 256 + 8 l + 7
-// through 16-byte loads; the row's piece LSEs read lane-parallel once, then the pieces' values
-// two at a time, all rows of the warp in flight together. Pieces are summed in order
-// (deterministic); a piece whose LSE is -inf (it saw no position of the row) adds nothing and
-// its values are not used. H100, 128q1s4k h128: 65 cut sequences x 128 rows x 2 pieces.
-constexpr int kWideRows = 2;     // rows a warp merges at once
-constexpr int kWideWarps = 8;    // warps a block
+// The many-rows form (large batches: many cut sequences of 2-3 pieces each): one warp merges
+// kWideRows rows at a time (rows_accumulate, two pieces of each in flight). H100, 128q1s4k
+// h128: 65 cut sequences x 128 rows x 2 pieces.
+constexpr int kWideWarps = 8;  // warps a block
 constexpr int kWideBlockRows = kWideRows * kWideWarps;
 
 template <typename T>
 __global__ void __launch_bounds__(32 * kWideWarps)
     mla_decode_combine_pieces_wide_kernel(const DecodeParams p, int blocks_per_seq) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  PiecesRow pr;  // the warp's first row
-  if (!pieces_row(p, blocks_per_seq, kWideBlockRows, warp * kWideRows, pr)) return;
-  const int n = pr.n;
-  const int64_t stride = p.part_rows;
-  const float* lse_in[kWideRows];
-  const uint4* row_in[kWideRows];
+  PiecesRow pr[kWideRows];
   bool ok[kWideRows];
-  float mx[kWideRows], total[kWideRows], acc[kWideRows][16];
 #pragma unroll
   for (int r = 0; r < kWideRows; ++r) {
-    ok[r] = pr.row + r < pr.rows;
-    const int64_t row = pr.first + (ok[r] ? r : 0);
-    lse_in[r] = p.part_lse + row;
-    row_in[r] = reinterpret_cast<const uint4*>(static_cast<const T*>(p.part_out) + row * kL);
-    mx[r] = -INFINITY;
-    total[r] = 0.f;
-#pragma unroll
-    for (int c = 0; c < 16; ++c) acc[r][c] = 0.f;
+    ok[r] = pieces_row(p, blocks_per_seq, kWideBlockRows, warp * kWideRows + r, pr[r]);
   }
-  for (int i = lane; i < n; i += 32) {
-#pragma unroll
-    for (int r = 0; r < kWideRows; ++r) {
-      if (ok[r]) mx[r] = fmaxf(mx[r], __ldcg(lse_in[r] + i * stride));
-    }
-  }
+  if (!ok[0]) return;
+  RowsAcc<kWideRows> a;
+  rows_accumulate<T, kWideRows, 2>(p, pr, ok, 0, 1, lane, a);
 #pragma unroll
   for (int r = 0; r < kWideRows; ++r) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], o));
-  }
-  for (int i0 = 0; i0 < n; i0 += 32) {
-    float w_lane[kWideRows];  // the weight of piece i0 + lane: 0 past n or without a maximum
-#pragma unroll
-    for (int r = 0; r < kWideRows; ++r) {
-      const bool here = ok[r] && i0 + lane < n && mx[r] != -INFINITY;
-      w_lane[r] = here ? expf(__ldcg(lse_in[r] + (i0 + lane) * stride) - mx[r]) : 0.f;
-    }
-    const int m = n - i0 < 32 ? n - i0 : 32;
-#pragma unroll 2
-    for (int j = 0; j < m; ++j) {
-      const int64_t off = static_cast<int64_t>(i0 + j) * stride * (kL / 8);
-      uint4 v[kWideRows][2];
-#pragma unroll
-      for (int r = 0; r < kWideRows; ++r) {
-        v[r][0] = ok[r] ? __ldcg(row_in[r] + off + lane) : make_uint4(0u, 0u, 0u, 0u);
-        v[r][1] = ok[r] ? __ldcg(row_in[r] + off + 32 + lane) : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int r = 0; r < kWideRows; ++r) {
-        const float w = __shfl_sync(0xffffffffu, w_lane[r], j);
-        const bool used = w > 0.f;
-        total[r] += w;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float4 a = unpack4<T>(make_uint2(v[r][h].x, v[r][h].y));
-          const float4 c = unpack4<T>(make_uint2(v[r][h].z, v[r][h].w));
-          const float x[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            acc[r][8 * h + e] = used ? fmaf(w, x[e], acc[r][8 * h + e]) : acc[r][8 * h + e];
-          }
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < kWideRows; ++r) {
-    if (!ok[r]) continue;
-    const int g = static_cast<int>(pr.row) + r;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {  // groups 2 lane (+ 1) (+ 64): columns 8 lane (+ 4) (+ 256)
-      CombineAcc c;
-      c.acc = make_float4(acc[r][4 * q], acc[r][4 * q + 1], acc[r][4 * q + 2], acc[r][4 * q + 3]);
-      c.total = total[r];
-      combine_store<T>(p, c, mx[r], pr.t0 + g / p.num_heads, g % p.num_heads,
-                       2 * lane + (q & 1) + 64 * (q >> 1), lane == 0 && q == 0);
-    }
+    if (ok[r]) rows_store<T, kWideRows>(p, pr[r], r, a, lane);
   }
 }
 

@@ -2,6 +2,7 @@
 // 16 rows per CTA, two cp.async stages (two CTAs per SM where shared memory allows), on the
 // device schedule.
 #include "../../common/check.h"
+#include "../../common/persistent_launch.h"
 #include "quant_kernel.cuh"
 #include "quant_launch.h"
 
@@ -10,14 +11,15 @@ namespace sm80 {
 namespace {
 
 template <typename T, int FMT>
-cudaError_t run(const DecodeParams& p, cudaStream_t stream) {
-  auto kernel = mla_decode_quant_kernel<T, FMT>;
+cudaError_t run(const DecodeParams& p, cudaStream_t stream, bool* merged) {
+  constexpr auto kernel = mla_decode_quant_kernel<T, FMT>;
   constexpr int smem = quant::Layout<FMT, quant::kQStages>::kBytes;
   PORTMLA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int m_tiles = (p.max_query_len * p.num_heads + quant::kQM - 1) / quant::kQM;
   dim3 grid(m_tiles, p.num_parts);  // persistent: each CTA walks its part's segments
-  kernel<<<grid, quant::kQThreads, smem, stream>>>(p);
+  PORTMLA_RETURN_IF_ERROR(
+      launch_persistent<kernel>(grid, quant::kQThreads, smem, stream, p, merged));
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }
@@ -29,7 +31,8 @@ int quant_smem_bytes(int kv_format) {
                                : quant::Layout<kKvFp8, quant::kQStages>::kBytes;
 }
 
-cudaError_t launch_decode_quant(const DecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_decode_quant(const DecodeParams& p, cudaStream_t stream, bool* merged) {
+  if (merged != nullptr) *merged = false;
   if ((p.kv_format != kKvFp8 && p.kv_format != kKvDsMla) || p.num_parts < 1 ||
       p.num_parts > 65535 || p.sched_cum == nullptr || p.sched_piece == nullptr ||
       (p.token_stride % 16) || (p.page_stride % 16) ||
@@ -39,9 +42,11 @@ cudaError_t launch_decode_quant(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
   const bool bf16 = p.q_dtype == kBF16;
   if (p.kv_format == kKvFp8) {
-    return bf16 ? run<__nv_bfloat16, kKvFp8>(p, stream) : run<__half, kKvFp8>(p, stream);
+    return bf16 ? run<__nv_bfloat16, kKvFp8>(p, stream, merged)
+                : run<__half, kKvFp8>(p, stream, merged);
   }
-  return bf16 ? run<__nv_bfloat16, kKvDsMla>(p, stream) : run<__half, kKvDsMla>(p, stream);
+  return bf16 ? run<__nv_bfloat16, kKvDsMla>(p, stream, merged)
+              : run<__half, kKvDsMla>(p, stream, merged);
 }
 
 }  // namespace sm80

@@ -11,7 +11,8 @@
 namespace portmla {
 namespace {
 
-// Device schedule -> decode (persistent parts) -> merge of the sequences cut into pieces.
+// Device schedule -> decode (persistent parts) -> merge of the sequences cut into pieces (by the
+// decode kernel itself when it could take p.tail_merge, else by a merge kernel).
 template <class Decode>
 cudaError_t run_scheduled(const DecodeParams& p, cudaStream_t stream, Decode decode) {
   if (p.num_parts < 1 || !p.part_out || !p.part_lse ||
@@ -21,8 +22,9 @@ cudaError_t run_scheduled(const DecodeParams& p, cudaStream_t stream, Decode dec
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
   // Small batches: the decode kernel computes the schedule itself (common/schedule.cuh).
   if (!sched_inline(p)) PORTMLA_RETURN_IF_ERROR(launch_decode_schedule(p, stream));
-  PORTMLA_RETURN_IF_ERROR(decode(p, stream));
-  if (p.num_parts == 1) return cudaSuccess;  // nothing is ever cut
+  bool merged = false;
+  PORTMLA_RETURN_IF_ERROR(decode(p, stream, &merged));
+  if (p.num_parts == 1 || merged) return cudaSuccess;  // nothing is ever cut, or merged
   return p.q_dtype == kBF16 ? sm80::launch_decode_combine_pieces<__nv_bfloat16>(p, stream)
                             : sm80::launch_decode_combine_pieces<__half>(p, stream);
 }

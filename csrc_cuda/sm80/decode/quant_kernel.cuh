@@ -39,11 +39,14 @@
 
 #include <cuda_runtime.h>
 
+#include <cooperative_groups.h>
+
 #include <cstdint>
 
 #include "../../common/numeric.cuh"
 #include "../../common/params.h"
 #include "../../common/schedule.cuh"
+#include "combine.cuh"
 #include "config.h"
 #include "tile_common.cuh"
 
@@ -557,6 +560,16 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
         }
       }
     }
+  }
+  if (p.tail_merge) {  // cooperative launch: every CTA's partials are stored past the barrier
+    static_assert(kQThreads / 32 * kTailScratchFloats * 4 <= STAGES * Lay::kStage,
+                  "the tail merge's scratch fits the KV stages");
+    cp_async_wait<0>();
+    TailWork tw;
+    tail_prepare<kQThreads / 32>(p, sched, w, lane, tw);
+    cooperative_groups::this_grid().sync();
+    tail_merge<T, kQThreads / 32, 4, 2>(p, sched, tw, reinterpret_cast<float*>(smem + Lay::kKv), w,
+                                        lane, [] { __syncthreads(); });
   }
 }
 

@@ -105,36 +105,39 @@ bool encode_q_map(const DecodeParams& p, CUtensorMap* map) {
   return encode_3d(q_type(p), p.q, dims, strides, box, map);
 }
 
-cudaError_t run(const DecodeParams& p, cudaStream_t stream, RunKernel tile, RunKernel pair) {
+cudaError_t run(const DecodeParams& p, cudaStream_t stream, bool* merged, RunKernel tile,
+                RunKernel pair) {
   CUtensorMap map, q_map{};
   PORTMLA_RETURN_IF_ERROR(encode_kv_map(p, &map));
   DecodeParams pq = p;
   pq.q_tma = encode_q_map(p, &q_map) ? 1 : 0;
-  return (p.variant == sm80::kHopperPair ? pair : tile)(map, q_map, pq, stream);
+  return (p.variant == sm80::kHopperPair ? pair : tile)(map, q_map, pq, stream, merged);
 }
 
 // fp8 / fp8_ds_mla: the pair kernel's producer loads raw entries through TMA boxes of bytes
 // (kv_tma) where the block size and strides allow, else copies them with cp.async; fp8 on
 // fp16 operands (bf16 or fp16 queries), fp8_ds_mla on bf16.
-cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream) {
+cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream, bool* merged) {
   const CUtensorMap unused{};
   CUtensorMap map{};
   DecodeParams pq = p;
   pq.q_tma = 0;  // the queries are scaled per row as they load (fp8) or taken as is
   pq.kv_tma = encode_raw_map(p, &map) ? 1 : 0;
   if (p.kv_format == kKvDsMla) {
-    return run_instance<__nv_bfloat16, kKvDsMla, __nv_bfloat16, true>(map, unused, pq, stream);
+    return run_instance<__nv_bfloat16, kKvDsMla, __nv_bfloat16, true>(map, unused, pq, stream,
+                                                                      merged);
   }
   return p.q_dtype == kBF16
-             ? run_instance<__half, kKvFp8, __nv_bfloat16, true>(map, unused, pq, stream)
-             : run_instance<__half, kKvFp8, __half, true>(map, unused, pq, stream);
+             ? run_instance<__half, kKvFp8, __nv_bfloat16, true>(map, unused, pq, stream, merged)
+             : run_instance<__half, kKvFp8, __half, true>(map, unused, pq, stream, merged);
 }
 
 }  // namespace
 
 int decode_smem_bytes(bool pair) { return pair ? kPairSmemBytes : kSmemBytes; }
 
-cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, bool* merged) {
+  if (merged != nullptr) *merged = false;
   if (p.kv_format == kKvFp8 || p.kv_format == kKvDsMla) {
     // Raw entries through TMA boxes of bytes, or 16-byte cp.async for block sizes the boxes
     // do not tile: any block size, strides in bytes. fp8: bf16 or fp16 queries; fp8_ds_mla: bf16.
@@ -146,7 +149,7 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
       return cudaErrorInvalidValue;
     }
     if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
-    return run_quantized(p, stream);
+    return run_quantized(p, stream, merged);
   }
   if (p.kv_format != kKv16 || !block_size_ok(p.block_size) || p.num_blocks < 1 ||
       (p.token_stride * 2) % 16 || (p.page_stride * 2) % 16 ||
@@ -157,10 +160,10 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
   switch (p.q_dtype) {
     case kBF16:
-      return run(p, stream, run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, false>,
+      return run(p, stream, merged, run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, false>,
                  run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, true>);
     case kFP16:
-      return run(p, stream, run_instance<__half, kKv16, __half, false>,
+      return run(p, stream, merged, run_instance<__half, kKv16, __half, false>,
                  run_instance<__half, kKv16, __half, true>);
     default:
       return cudaErrorInvalidValue;

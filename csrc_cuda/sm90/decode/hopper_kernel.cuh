@@ -25,11 +25,14 @@
 
 #include <cuda_runtime.h>
 
+#include <cooperative_groups.h>
+
 #include <cstdint>
 
 #include "../../common/numeric.cuh"
 #include "../../common/params.h"
 #include "../../common/schedule.cuh"
+#include "../../sm80/decode/combine.cuh"
 #include "../../sm80/decode/config.h"
 #include "../../sm80/decode/tile_common.cuh"
 #include "hopper_ptx.cuh"
@@ -44,6 +47,8 @@ constexpr int kThreads = 256;           // two consumer warpgroups
 constexpr int kChunk = 64 * 128;        // bytes of one 64-row x 128-byte swizzled chunk
 constexpr int kChunks = sm80::kD / 64;  // 9 per 576-wide row block
 constexpr int kTileBytes = kChunks * kChunk;
+static_assert(kThreads / 32 * sm80::kTailScratchFloats * 4 <= kTileBytes,
+              "the tail merge's scratch fits a KV stage");
 
 struct alignas(1024) Smem {
   unsigned char q[kTileBytes];
@@ -513,6 +518,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     share_row_sums(l_run, sm.red, wg, r0, lane);
     __syncthreads();
     store_rows<T>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane);
+  }
+  if (p.tail_merge) {  // cooperative launch: every CTA's partials are stored past the barrier
+    sm80::TailWork tw;
+    sm80::tail_prepare<kThreads / 32>(p, sm.sched, tid >> 5, lane, tw);
+    cooperative_groups::this_grid().sync();
+    sm80::tail_merge<T, kThreads / 32, 8, 4>(p, sm.sched, tw, reinterpret_cast<float*>(sm.kv[0]),
+                                             tid >> 5, lane, [] { __syncthreads(); });
   }
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel

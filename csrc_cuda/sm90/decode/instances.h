@@ -15,13 +15,13 @@ namespace sm90 {
 // kernel mla_decode_hopper_kernel<T> (FMT kKv16, TQ T). Instantiated: single-tile bf16 / fp16;
 // pair bf16 / fp16 caches, fp8 on fp16 operands with bf16 / fp16 queries, fp8_ds_mla on bf16.
 // `map`: the TMA map of the cache (16-bit; fp8 / fp8_ds_mla as bytes when p.kv_tma, else
-// unused), `q_map`: the queries' (used when p.q_tma).
+// unused), `q_map`: the queries' (used when p.q_tma). merged: as launch_decode's.
 template <typename T, int FMT, typename TQ, bool kPair>
 cudaError_t run_instance(const CUtensorMap& map, const CUtensorMap& q_map, const DecodeParams& p,
-                         cudaStream_t stream);
+                         cudaStream_t stream, bool* merged);
 
 using RunKernel = cudaError_t (*)(const CUtensorMap& map, const CUtensorMap& q_map,
-                                  const DecodeParams& p, cudaStream_t stream);
+                                  const DecodeParams& p, cudaStream_t stream, bool* merged);
 
 }  // namespace sm90
 }  // namespace portmla

@@ -11,12 +11,13 @@ namespace sm90 {
 // Shared memory of the pair / single-tile kernel (bytes, including alignment slack).
 int decode_smem_bytes(bool pair);
 
-// The decode kernel only, on the schedule in p.sched_cum / p.sched_piece (the caller runs
-// launch_decode_schedule before and the pieces' merge after).
+// The decode kernel, on the schedule in p.sched_cum / p.sched_piece (the caller runs
+// launch_decode_schedule before). *merged (when given): whether the kernel merged the pieces
+// itself (p.tail_merge granted), else the caller runs the pieces' merge after.
 // cudaErrorInvalidValue for what the kernel does not take (non-16-bit formats, block sizes
 // other than 16, 32, 64 * k, unaligned strides); the driver's TMA encoder missing:
 // cudaErrorNotSupported. Compiled only when PORTMLA_HAVE_SM90A (CuTe headers found).
-cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream);
+cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, bool* merged = nullptr);
 
 }  // namespace sm90
 }  // namespace portmla

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "../../common/check.h"
+#include "../../common/persistent_launch.h"
 #include "instances.h"
 #include "launch.h"
 #include "pair_kernel.cuh"
@@ -21,14 +22,15 @@ constexpr auto kernel_of() {
 
 template <typename T, int FMT, typename TQ, bool kPair>
 cudaError_t run_instance(const CUtensorMap& map, const CUtensorMap& q_map, const DecodeParams& p,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, bool* merged) {
   const int smem = decode_smem_bytes(kPair);
-  const auto kernel = kernel_of<T, FMT, TQ, kPair>();
+  constexpr auto kernel = kernel_of<T, FMT, TQ, kPair>();
   PORTMLA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
   dim3 grid(m_tiles, p.num_parts);  // persistent: each CTA walks its part's segments
-  kernel<<<grid, kPair ? kPairThreads : kThreads, smem, stream>>>(map, q_map, p);
+  PORTMLA_RETURN_IF_ERROR(launch_persistent<kernel>(grid, kPair ? kPairThreads : kThreads, smem,
+                                                    stream, p, merged, map, q_map));
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;
 }

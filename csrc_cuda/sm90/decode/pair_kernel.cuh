@@ -76,7 +76,19 @@ __device__ long long g_pair_span_clk[3][8][8];
     }                                                                                         \
   } while (0)
 #define PAIR_SPAN(ev) PAIR_SPAN_SEG(0, ev)
+// Every CTA's entry (ev 0), its consumers' end (1), past the tail merge's grid barrier (2), its
+// tail merge done (3) (thread 0): launch skew and tail.
+__device__ unsigned long long g_pair_cta[2][256][4];
+#define PAIR_CTA(ev)                                                                          \
+  do {                                                                                        \
+    if (threadIdx.x == 0 && blockIdx.y < 256) {                                               \
+      unsigned long long t;                                                                   \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));                                   \
+      g_pair_cta[blockIdx.x & 1][blockIdx.y][ev] = t;                                         \
+    }                                                                                         \
+  } while (0)
 #else
+#define PAIR_CTA(ev)
 #define PAIR_TRACE(ev)
 #define PAIR_SPAN(ev)
 #define PAIR_SPAN_SEG(sg, ev)
@@ -100,6 +112,7 @@ constexpr int kHandC = 2;  // P_a at m_b ready (WG0 arrives, WG1 waits)
 constexpr int kHandR = 3;  // both warpgroups' row sums in red (both arrive and wait)
 constexpr int kHandF = 4;  // red read (both arrive; waited before the next segment's writes)
 constexpr int kBarQ = 5;   // the segment's Q loaded (256 consumer threads, bar.sync)
+constexpr int kBarTail = 6;  // the consumers inside the tail merge (sm80::tail_merge)
 static_assert(sizeof(PairSmem::hand) == (kHandF + 1) * sizeof(uint64_t), "one mbarrier each");
 constexpr int kBarOwn0 = 3;  // warpgroup-local barriers after zeroing V rows
 constexpr int kRope = kChunks - 1;
@@ -234,6 +247,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   const int part = blockIdx.y, m_tile = blockIdx.x;
   const int H = p.num_heads;
   PAIR_SPAN(0);
+  PAIR_CTA(0);
 
   if (tid == 0) {
     if (FMT == kKv16 || p.kv_tma) tma_prefetch_desc(&kv_map);
@@ -509,6 +523,17 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     mbar_arrive(&sm.hand[kHandF]);
     PAIR_SPAN_SEG(segs, 4);  // this segment's epilogue done
     ++segs;
+  }
+  PAIR_CTA(1);
+  if (p.tail_merge) {  // cooperative launch; the producer warpgroup has exited
+    sm80::TailWork tw;
+    sm80::tail_prepare<kThreads / 32>(p, sm.sched, tid >> 5, lane, tw);
+    cooperative_groups::this_grid().sync();
+    PAIR_CTA(2);
+    sm80::tail_merge<TQ, kThreads / 32, 8, 4>(p, sm.sched, tw, reinterpret_cast<float*>(sm.kv[0]),
+                                              tid >> 5, lane,
+                                              [] { named_barrier(kBarTail, kThreads); });
+    PAIR_CTA(3);
   }
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel

@@ -1,0 +1,78 @@
+// Launch of a persistent scheduled decode kernel, cooperatively when it merges the pieces
+// itself (DecodeParams::tail_merge: a grid-wide barrier needs every CTA resident at once, which
+// a cooperative launch guarantees and checks). Host code only.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <utility>
+
+#include "params.h"
+
+namespace portmla {
+
+// Whether `ctas` CTAs of kKernel (threads, dynamic shared memory smem) fit on the current
+// device at once, and the device takes cooperative launches. The occupancy is computed once
+// per kernel and device (a kernel's block shape and shared memory never change).
+template <auto kKernel>
+bool all_resident(int threads, int smem, int64_t ctas) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> fits[kMaxDevices];  // 0 unknown, else CTAs the device holds + 1
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
+  if (fits[dev].load(std::memory_order_relaxed) == 0) {
+    int sms = 0, coop = 0, per_sm = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, threads, smem) !=
+            cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    fits[dev].store(1 + (coop ? sms * per_sm : 0), std::memory_order_relaxed);
+  }
+  return ctas <= fits[dev].load(std::memory_order_relaxed) - 1;
+}
+
+// Rows of cut sequences a CTA may merge at the end (sm80/decode/combine.cuh: tail_merge) up to
+// which the kernel merges them itself: one round of its 8 warps, two rows each. H100 A/B (graph
+// replays, same build, two rounds): the 16-head rows gain 1-3 us (128q1s8k 447.1 -> 443.8-444.0
+// us, 15.5 rows a CTA; 64q1s32k 819.8-820.3 -> 818.4-819.2; fp8 128q1s8k 249.1-251.3 ->
+// 247.6-248.4), b=1 / b=8 are even (one row a CTA: the grid barrier's ~2 us and the merge's
+// ~4.8 us against the merge kernel's launch gap and 5.4 us), the 128-head large batches (63 rows
+// a CTA) lose 7-20 us (128q1s4k 311.2-311.7 -> 319.0-319.2): the merge kernel's 64 warps an SM
+// keep more loads in flight than a decode CTA's 8.
+constexpr int64_t kTailMaxRowsPerCta = 16;
+
+// Launches kKernel<<<grid, threads, smem, stream>>>(args..., p') where p' is p with tail_merge
+// set when it was asked for, some sequence can be cut (num_parts > 1), the rows to merge come
+// to at most kTailMaxRowsPerCta a CTA and the grid fits at once (then cooperatively); *merged
+// says whether the kernel merges the pieces itself (no merge kernel to run). merged == nullptr:
+// never.
+template <auto kKernel, typename... Args>
+cudaError_t launch_persistent(dim3 grid, int threads, int smem, cudaStream_t stream,
+                              const DecodeParams& p, bool* merged, Args&&... args) {
+  DecodeParams pl = p;
+  const int64_t ctas = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+  const int64_t max_cut = p.num_seqs < p.num_parts - 1 ? p.num_seqs : p.num_parts - 1;
+  pl.tail_merge = merged != nullptr && p.tail_merge && p.num_parts > 1 &&
+                  max_cut * p.part_rows <= kTailMaxRowsPerCta * ctas &&
+                  all_resident<kKernel>(threads, smem, ctas);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = pl.tail_merge ? attr : nullptr;
+  cfg.numAttrs = pl.tail_merge ? 1 : 0;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, kKernel, std::forward<Args>(args)..., pl);
+  if (merged != nullptr) *merged = e == cudaSuccess && pl.tail_merge;
+  return e;
+}
+
+}  // namespace portmla
