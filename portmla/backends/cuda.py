@@ -24,7 +24,9 @@ Kernels (see ``csrc_cuda/NOTES.md``):
 * Split-KV: the Hopper and quantized-cache kernels are persistent and split the work by a
   schedule computed on the device from ``seq_lens`` each call; the generic kernels by a
   host plan from shapes only. Both merge pieces by LSE; deterministic; no host reads
-  (CUDA-graph safe).
+  (CUDA-graph safe). The persistent kernels merge them themselves (a cooperative launch with a
+  grid-wide barrier) when the rows to merge come to at most 16 a CTA, else a merge kernel runs;
+  ``PORTMLA_CUDA_TAIL_MERGE=0``: always the merge kernel.
 * ``concat_and_cache_mla`` / ``gather_cache``: every format, any block size.
 
 The module is a table of launch functions taking plain structs; this file validates what
