@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "params.h"
+#include "schedule.cuh"
 
 namespace portmla {
 
@@ -56,9 +57,8 @@ cudaError_t launch_persistent(dim3 grid, int threads, int smem, cudaStream_t str
                               const DecodeParams& p, bool* merged, Args&&... args) {
   DecodeParams pl = p;
   const int64_t ctas = static_cast<int64_t>(grid.x) * grid.y * grid.z;
-  const int64_t max_cut = p.num_seqs < p.num_parts - 1 ? p.num_seqs : p.num_parts - 1;
   pl.tail_merge = merged != nullptr && p.tail_merge && p.num_parts > 1 &&
-                  max_cut * p.part_rows <= kTailMaxRowsPerCta * ctas &&
+                  sched_max_cut(p) * p.part_rows <= kTailMaxRowsPerCta * ctas &&
                   all_resident<kKernel>(threads, smem, ctas);
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeCooperative;

@@ -50,6 +50,11 @@ __host__ __device__ __forceinline__ int64_t sched_pieces(int64_t first, int64_t 
   return n > 0 ? (first + n - 1) / per_part - first / per_part + 1 : 1;
 }
 
+// Sequences a schedule of num_parts parts can cut: each part boundary cuts at most one.
+__host__ __device__ __forceinline__ int sched_max_cut(const DecodeParams& p) {
+  return p.num_seqs < p.num_parts - 1 ? p.num_seqs : p.num_parts - 1;
+}
+
 // Up to this many sequences the decode kernels compute the schedule themselves.
 constexpr int kSchedInlineSeqs = 32;
 __host__ __device__ __forceinline__ bool sched_inline(const DecodeParams& p) {

@@ -2,6 +2,7 @@
 // the pieces' merge a scheduled decode kernel runs itself at its end (tail_merge).
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -117,35 +118,27 @@ __device__ __forceinline__ const uint2* partial_row4(const DecodeParams& p, int6
 }
 
 // A row of a cut sequence (common/schedule.cuh): token t0 + row / H, head row % H; its n
-// pieces' first partial row `first` (the next ones p.part_rows further). The schedule is read
-// through L2: inside a decode kernel (tail_merge) it was written by another CTA.
+// pieces' first partial row `first` (the next ones p.part_rows further).
 struct PiecesRow {
   int t0, n;
   int64_t row, first;
 };
 
-// Row `row` of the k-th cut sequence; false past the cut list or the sequence's rows.
-__device__ __forceinline__ bool pieces_row_at(const DecodeParams& p, int k, int64_t row,
-                                              PiecesRow& r) {
-  if (k >= __ldcg(p.sched_cut)) return false;
-  const int b = __ldcg(p.sched_cut + 1 + k);
-  int nq;
-  seq_tokens(p, b, r.t0, nq);
-  if (row >= static_cast<int64_t>(nq) * p.num_heads) return false;
-  r.row = row;
-  r.first = static_cast<int64_t>(__ldcg(p.sched_piece + 2 * b)) * p.part_rows + row;
-  r.n = __ldcg(p.sched_piece + 2 * b + 1);
-  return true;
-}
-
 // The row a merge kernel's thread serves: row (blockIdx.x % blocks_per_seq) * rows_per_block +
-// row_in_block of cut sequence blockIdx.x / blocks_per_seq.
+// row_in_block of cut sequence list entry blockIdx.x / blocks_per_seq; false past the cut list
+// or the sequence's rows.
 __device__ __forceinline__ bool pieces_row(const DecodeParams& p, int blocks_per_seq,
                                            int rows_per_block, int row_in_block, PiecesRow& r) {
-  return pieces_row_at(p, static_cast<int>(blockIdx.x / blocks_per_seq),
-                       static_cast<int64_t>(blockIdx.x % blocks_per_seq) * rows_per_block +
-                           row_in_block,
-                       r);
+  const int k = static_cast<int>(blockIdx.x / blocks_per_seq);
+  if (k >= p.sched_cut[0]) return false;
+  const int b = p.sched_cut[1 + k];
+  int nq;
+  seq_tokens(p, b, r.t0, nq);
+  r.row = static_cast<int64_t>(blockIdx.x % blocks_per_seq) * rows_per_block + row_in_block;
+  if (r.row >= static_cast<int64_t>(nq) * p.num_heads) return false;
+  r.first = static_cast<int64_t>(p.sched_piece[2 * b]) * p.part_rows + r.row;
+  r.n = p.sched_piece[2 * b + 1];
+  return true;
 }
 
 // One warp merges kRows rows (any cut sequences; `ok`: which rows exist) over their pieces
@@ -155,7 +148,7 @@ __device__ __forceinline__ bool pieces_row(const DecodeParams& p, int blocks_per
 // of up to kBatch pieces), the next kBatch after those are summed. Pieces are summed in order
 // (deterministic); a piece whose LSE is -inf (it saw no position of the row) adds nothing and
 // its values are not used. `mx`: the largest LSE of the pieces summed (the sums are relative
-// to it).
+// to it). The many-rows merge kernel (decode_kernel.cuh) and tail_merge use it.
 template <int kRows>
 struct RowsAcc {
   float mx[kRows], total[kRows], acc[kRows][16];
@@ -274,8 +267,7 @@ __device__ __forceinline__ void rows_store(const DecodeParams& p, const PiecesRo
 // many pieces): `split` = kWarps / run warps share a row, warp g of them summing its pieces g,
 // g + split, .. (up to 8 in flight), and the first adds the others' sums in warp order (through
 // shared memory). Longer runs: each warp merges kWideRows rows at a time (4 pieces of each in
-// flight). Use: tail_prepare, the grid-wide barrier, tail_merge.
-// Merge kernel for many rows (decode_kernel.cuh) and tail share rows_accumulate.
+// flight). A kernel calls merge_pieces_at_end (tail_prepare, the grid-wide barrier, tail_merge).
 constexpr int kWideRows = 2;
 constexpr int kTailStride = 19;                      // floats a lane in the scratch (odd: no bank conflicts)
 constexpr int kTailScratchFloats = 32 * kTailStride;  // a warp's share of the scratch
@@ -337,8 +329,7 @@ struct TailWork {
 template <int kWarps>
 __device__ __forceinline__ void tail_prepare(const DecodeParams& p, const SchedTable& t, int warp,
                                              int lane, TailWork& w) {
-  const int64_t max_cut = p.num_seqs < p.num_parts - 1 ? p.num_seqs : p.num_parts - 1;
-  const int64_t rows = max_cut * p.part_rows;
+  const int64_t rows = static_cast<int64_t>(sched_max_cut(p)) * p.part_rows;
   const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y;
   const int64_t run = (rows + ctas - 1) / ctas;
   w.lo = (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * run;
@@ -405,6 +396,20 @@ __device__ __forceinline__ void tail_merge(const DecodeParams& p, const SchedTab
       if (w.ok[r]) rows_store<T, kWideRows>(p, w.pr[r], r, a, lane);
     }
   }
+}
+
+// A scheduled decode kernel's end when p.tail_merge (cooperative launch): every CTA looks up its
+// rows, waits for every CTA's partials at the grid-wide barrier (past_barrier(): a trace hook),
+// then merges. Called by every thread still running.
+template <typename T, int kWarps, int kBatch, int kRowsBatch, class CtaSync, class Hook>
+__device__ __forceinline__ void merge_pieces_at_end(const DecodeParams& p, const SchedTable& t,
+                                                    float* scratch, int warp, int lane,
+                                                    CtaSync cta_sync, Hook past_barrier) {
+  TailWork w;
+  tail_prepare<kWarps>(p, t, warp, lane, w);
+  cooperative_groups::this_grid().sync();
+  past_barrier();
+  tail_merge<T, kWarps, kBatch, kRowsBatch>(p, t, w, scratch, warp, lane, cta_sync);
 }
 
 }  // namespace sm80

@@ -348,15 +348,10 @@ __global__ void __launch_bounds__(32 * kWideWarps)
   }
 }
 
-// Sequences a schedule of num_parts parts can cut: each part boundary cuts at most one.
-inline int max_cut_seqs(const DecodeParams& p) {
-  return p.num_seqs < p.num_parts - 1 ? p.num_seqs : p.num_parts - 1;
-}
-
 template <typename T>
 cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t stream) {
   const int64_t per_seq = static_cast<int64_t>(p.max_query_len) * p.num_heads;
-  const bool many_rows = per_seq * max_cut_seqs(p) > 2048;
+  const bool many_rows = per_seq * sched_max_cut(p) > 2048;
   // Few rows (small batches, whose sequences the parts cut into many pieces): one row per block
   // and the batched merge, split over the pieces when they are many (num_parts / cut sequences
   // >= kSplitPieces; b=1 S=32768 h=128: 48.8 -> 47.5 us; with 2-3 pieces, 128q1s8k h16, the
@@ -365,10 +360,10 @@ cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t str
   // a block (H100, same build, merge kernel 128q1s4k h128 13.4 -> 11.6 us, 32q1s4k 9.2 -> 8.0;
   // on the 16-head rows, which take the few-rows forms, it was no faster: 6.8 -> 6.5 and
   // 4.9 -> 6.4 us). The plain loop it replaced had 4 warps a row, 8-byte loads.
-  const bool split = !many_rows && p.num_parts >= kSplitPieces * max_cut_seqs(p);
+  const bool split = !many_rows && p.num_parts >= kSplitPieces * sched_max_cut(p);
   const int per_block = many_rows ? kWideBlockRows : 1;
   const int64_t per_seq_blocks = (per_seq + per_block - 1) / per_block;
-  const int64_t blocks = per_seq_blocks * max_cut_seqs(p);
+  const int64_t blocks = per_seq_blocks * sched_max_cut(p);
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   if (blocks == 0) return cudaSuccess;
   const unsigned grid = static_cast<unsigned>(blocks);

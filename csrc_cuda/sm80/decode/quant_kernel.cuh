@@ -39,8 +39,6 @@
 
 #include <cuda_runtime.h>
 
-#include <cooperative_groups.h>
-
 #include <cstdint>
 
 #include "../../common/numeric.cuh"
@@ -561,15 +559,12 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
       }
     }
   }
-  if (p.tail_merge) {  // cooperative launch: every CTA's partials are stored past the barrier
+  if (p.tail_merge) {  // cooperative launch
     static_assert(kQThreads / 32 * kTailScratchFloats * 4 <= STAGES * Lay::kStage,
                   "the tail merge's scratch fits the KV stages");
     cp_async_wait<0>();
-    TailWork tw;
-    tail_prepare<kQThreads / 32>(p, sched, w, lane, tw);
-    cooperative_groups::this_grid().sync();
-    tail_merge<T, kQThreads / 32, 4, 2>(p, sched, tw, reinterpret_cast<float*>(smem + Lay::kKv), w,
-                                        lane, [] { __syncthreads(); });
+    merge_pieces_at_end<T, kQThreads / 32, 4, 2>(p, sched, reinterpret_cast<float*>(smem + Lay::kKv),
+                                                 w, lane, [] { __syncthreads(); }, [] {});
   }
 }
 

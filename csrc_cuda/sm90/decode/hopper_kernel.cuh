@@ -25,8 +25,6 @@
 
 #include <cuda_runtime.h>
 
-#include <cooperative_groups.h>
-
 #include <cstdint>
 
 #include "../../common/numeric.cuh"
@@ -519,12 +517,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     store_rows<T>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane);
   }
-  if (p.tail_merge) {  // cooperative launch: every CTA's partials are stored past the barrier
-    sm80::TailWork tw;
-    sm80::tail_prepare<kThreads / 32>(p, sm.sched, tid >> 5, lane, tw);
-    cooperative_groups::this_grid().sync();
-    sm80::tail_merge<T, kThreads / 32, 8, 4>(p, sm.sched, tw, reinterpret_cast<float*>(sm.kv[0]),
-                                             tid >> 5, lane, [] { __syncthreads(); });
+  if (p.tail_merge) {  // cooperative launch
+    sm80::merge_pieces_at_end<T, kThreads / 32, 8, 4>(p, sm.sched, reinterpret_cast<float*>(sm.kv[0]),
+                                                      tid >> 5, lane, [] { __syncthreads(); }, [] {});
   }
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel

@@ -526,13 +526,9 @@ __global__ void __launch_bounds__(kPairThreads, 1)
   }
   PAIR_CTA(1);
   if (p.tail_merge) {  // cooperative launch; the producer warpgroup has exited
-    sm80::TailWork tw;
-    sm80::tail_prepare<kThreads / 32>(p, sm.sched, tid >> 5, lane, tw);
-    cooperative_groups::this_grid().sync();
-    PAIR_CTA(2);
-    sm80::tail_merge<TQ, kThreads / 32, 8, 4>(p, sm.sched, tw, reinterpret_cast<float*>(sm.kv[0]),
-                                              tid >> 5, lane,
-                                              [] { named_barrier(kBarTail, kThreads); });
+    sm80::merge_pieces_at_end<TQ, kThreads / 32, 8, 4>(
+        p, sm.sched, reinterpret_cast<float*>(sm.kv[0]), tid >> 5, lane,
+        [] { named_barrier(kBarTail, kThreads); }, [] { PAIR_CTA(2); });
     PAIR_CTA(3);
   }
 #else
