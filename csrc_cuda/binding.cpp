@@ -159,6 +159,7 @@ PYBIND11_MODULE(_cuda, m) {
     // HOPPER_QUANT_FORMATS; the fp8 entry 0 keeps the generic planner off it)
     v["hopper"] = py::make_tuple(int(sm80::kHopperPair), 64, 64, sm90::decode_smem_bytes(true), 0, 256);
     v["hopper_tile"] = py::make_tuple(int(sm80::kHopper), 64, 64, sm90::decode_smem_bytes(false), 0, 256);
+    v["hopper_narrow"] = py::make_tuple(int(sm80::kHopperNarrow), 16, 64, sm90::narrow_smem_bytes(), 0, 128);
 #endif
     m.attr("DECODE_VARIANTS") = v;
   }

@@ -59,8 +59,13 @@ def sanitize() -> None:
             qlens = [1 + (i % 2) for i in range(40)]
             case = make_decode_case(lens, qlens, 64, 64, fmt, dtype, "cuda", strided=True)
             check_decode(*run_both(case, single_token=False))
-        # 16 heads: the single-tile Hopper kernel for bf16, the quantized-cache kernel for fp8
+        # 16 heads: the single-tile Hopper kernel for bf16 (32 rows a sequence), the quantized-cache
+        # kernel for fp8
         case = make_decode_case([500, 64, 3], [1, 2, 1], 16, 16, fmt, dtype, "cuda", strided=True)
+        check_decode(*run_both(case, single_token=False))
+        # 8 heads x 2 tokens (16 rows a sequence): the narrow Hopper kernel for bf16
+        case = make_decode_case([500, 64, 3, 2000], [2, 1, 2, 1], 8, 64, fmt, dtype, "cuda",
+                                strided=True)
         check_decode(*run_both(case, single_token=False))
         kv_c = torch.randn(9, L, device="cuda", dtype=dtype)
         k_pe = torch.randn(9, R, device="cuda", dtype=dtype)

@@ -22,9 +22,11 @@ from test_cuda_backend import (
     run_both,
 )
 
+import portmla as pm
 from portmla.backends import cuda as cuda_backend
 
 REQUIRED = os.environ.get("PORTMLA_REQUIRE_HOPPER") == "1"
+KERNELS = {"pair": "hopper", "tile": "hopper_tile", "narrow": "hopper_narrow"}  # env -> variant
 
 
 def _need_hopper():
@@ -34,8 +36,8 @@ def _need_hopper():
     missing = None
     if cap != (9, 0):
         missing = f"device capability {cap} (the Hopper kernel is sm_90a code)"
-    elif "hopper" not in mod.DECODE_VARIANTS:
-        missing = f"portmla._cuda built without it: {mod.HOPPER_NOT_BUILT}"
+    elif not set(KERNELS.values()) <= set(mod.DECODE_VARIANTS):
+        missing = f"portmla._cuda built without it: {getattr(mod, 'HOPPER_NOT_BUILT', None) or 'an older build'}"
     if missing:
         if REQUIRED:
             pytest.fail(f"PORTMLA_REQUIRE_HOPPER=1 but {missing}")
@@ -54,10 +56,10 @@ CASES = [  # heads, seq lens, query lens, strided cache
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"parts{s[0] or 'auto'}-fixed{s[1] or 'auto'}")
-@pytest.mark.parametrize("kernel", ["pair", "tile"])
+@pytest.mark.parametrize("kernel", list(KERNELS))
 def test_hopper_decode(monkeypatch, ran, block_size, dtype, schedule, kernel):
     _need_hopper()
-    want = "hopper" if kernel == "pair" else "hopper_tile"
+    want = KERNELS[kernel]
     monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
     force_schedule(monkeypatch, *schedule)
     fmt = "bfloat16" if dtype == torch.bfloat16 else "float16"
@@ -68,18 +70,18 @@ def test_hopper_decode(monkeypatch, ran, block_size, dtype, schedule, kernel):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["pair", "tile"])
+@pytest.mark.parametrize("kernel", list(KERNELS))
 def test_hopper_one_long_sequence(monkeypatch, ran, kernel):
     """b = 1: the planner's parts (66 on an H100 at 128 heads) all take a piece of it."""
     _need_hopper()
     monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
     case = make_decode_case([20000], [1], 128, 64, "bfloat16", torch.bfloat16, "cuda")
     check_decode(*run_both(case, single_token=True), tol=1e-2)
-    assert set(ran) == {"hopper" if kernel == "pair" else "hopper_tile"}
+    assert set(ran) == {KERNELS[kernel]}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["pair", "tile"])
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("heads", [32, 64, 96])
 def test_hopper_query_layouts(monkeypatch, ran, kernel, heads):
     """Q tiles through TMA (32 heads: boxes of 2 tokens x 32 heads; 64: one token's heads) or
@@ -94,11 +96,11 @@ def test_hopper_query_layouts(monkeypatch, ran, kernel, heads):
     case["q"] = padded[..., :576]
     assert case["q"].stride(1) == 584
     check_decode(*run_both(case, single_token=False), tol=1e-2)
-    assert set(ran) == {"hopper" if kernel == "pair" else "hopper_tile"}
+    assert set(ran) == {KERNELS[kernel]}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["pair", "tile"])
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("seqs", [32, 33])
 def test_hopper_schedule_either_side_of_inline(monkeypatch, ran, kernel, seqs):
     """40 parts cut sequences into pieces on both sides of the in-kernel schedule's bound (the
@@ -107,7 +109,7 @@ def test_hopper_schedule_either_side_of_inline(monkeypatch, ran, kernel, seqs):
     monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
     force_schedule(monkeypatch, 40, 3)
     check_decode(*run_both(boundary_case(seqs, 64, "bfloat16"), single_token=False), tol=1e-2)
-    assert set(ran) == {"hopper" if kernel == "pair" else "hopper_tile"}
+    assert set(ran) == {KERNELS[kernel]}
 
 
 @pytest.mark.gpu
@@ -130,13 +132,13 @@ def test_hopper_not_taken_where_it_cannot_run(ran):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["pair", "tile"])
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("tail", [True, False], ids=["in-kernel", "merge-kernel"])
 def test_hopper_pieces_merge_paths(monkeypatch, ran, kernel, tail):
     """Both merges of the cut sequences' pieces: b=1 (128 rows of 66 pieces: a row a CTA, its
     pieces split over the warps), 3 rows a CTA (warps in pairs), multi-token queries of 4
     sequences, 150 sequences of 16 heads (up to 16 rows a CTA: each warp two rows); 150 of 128
-    heads have too many rows a CTA: the merge kernel runs either way."""
+    heads have too many rows a CTA for the 64-row kernels: the merge kernel runs there."""
     _need_hopper()
     monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
     lens = [int(x) for x in torch.randint(1, 3000, (150,))]
@@ -147,8 +149,32 @@ def test_hopper_pieces_merge_paths(monkeypatch, ran, kernel, tail):
         (make_decode_case([3000, 40, 900, 1], [1, 2, 3, 1], 16, 32, "bfloat16", torch.bfloat16,
                           "cuda"), False, True),
         (make_decode_case(lens, [1] * 150, 16, 64, "bfloat16", torch.bfloat16, "cuda"), True, True),
-        (make_decode_case(lens, [1] * 150, 128, 64, "bfloat16", torch.bfloat16, "cuda"), True, False),
+        # 15 rows a CTA for the narrow kernel (128 CTAs of 16 rows, 15 cut sequences)
+        (make_decode_case(lens, [1] * 150, 128, 64, "bfloat16", torch.bfloat16, "cuda"), True,
+         kernel == "narrow"),
     ]
     for case, single, eligible in cases:
         check_merge_path(monkeypatch, case, tail, single_token=single, eligible=eligible)
-    assert set(ran) == {"hopper" if kernel == "pair" else "hopper_tile"}
+    assert set(ran) == {KERNELS[kernel]}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stride", [516, 520], ids=["4-byte-rows", "16-byte-rows"])
+def test_hopper_narrow_output_layouts(monkeypatch, ran, stride):
+    """The narrow kernel's staged output rows into a padded output tensor: a head stride of 516
+    elements (rows 8-byte but not 16-byte aligned: 4-byte stores) or 520 (16-byte stores); the
+    padding stays NaN, multi-token queries cut over several parts."""
+    _need_hopper()
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", "narrow")
+    force_schedule(monkeypatch, 40, 3)
+    kw = dict(make_decode_case([2000, 33, 640, 1], [1, 3, 2, 1], 8, 32, "bfloat16", torch.bfloat16,
+                               "cuda"))
+    scale = 576 ** -0.5
+    ref_out, ref_lse = pm.mla_decode(softmax_scale=scale, return_lse=True, backend="reference", **kw)
+    buf = torch.full((ref_out.shape[0], 8, stride), float("nan"), dtype=ref_out.dtype,
+                     device=ref_out.device)
+    got_out, got_lse = pm.mla_decode(softmax_scale=scale, return_lse=True, backend="cuda",
+                                     out=buf[..., :512], **kw)
+    check_decode(ref_out, ref_lse, got_out, got_lse, tol=1e-2)
+    assert torch.isnan(buf[..., 512:]).all()
+    assert set(ran) == {"hopper_narrow"}

@@ -154,6 +154,38 @@ def test_cuda_hopper_routing_and_kernels_report(monkeypatch, fmt, block_size, ho
     assert "PORTMLA_CUDA_HOPPER=0" in cuda_backend.CudaBackend().kernels(_h100())[0]
 
 
+class _FakeThreeHopperModule(_FakeCudaModule):
+    DECODE_VARIANTS = {**_FakeCudaModule.DECODE_VARIANTS,
+                       "hopper_tile": (3, 64, 64, 231424, 0, 256),
+                       "hopper_narrow": (6, 16, 64, 168960, 0, 128)}
+
+
+@pytest.mark.parametrize("heads,s_q,env,want", [
+    (16, 1, None, "hopper_narrow"), (8, 2, None, "hopper_narrow"),  # <= 16 rows a sequence
+    (32, 1, None, "hopper_tile"), (16, 2, None, "hopper_tile"),    # 17..32 rows
+    (128, 1, None, "hopper"),
+    (16, 1, "tile", "hopper_tile"), (16, 1, "pair", "hopper"), (128, 1, "narrow", "hopper_narrow")])
+def test_cuda_hopper_kernel_by_rows(monkeypatch, heads, s_q, env, want):
+    """The three 16-bit Hopper kernels by rows per sequence (query tokens x heads), the env
+    forcing one; the narrow kernel's 16-row tiles give 132 / row tiles parts; probe names it."""
+    from portmla.backends import cuda as cuda_backend
+
+    if env is None:
+        monkeypatch.delenv("PORTMLA_CUDA_HOPPER", raising=False)
+    else:
+        monkeypatch.setenv("PORTMLA_CUDA_HOPPER", env)
+    p = _problem(platform=_h100(), block_size=64)
+    p = dataclasses.replace(p, num_heads=heads, max_query_len=s_q)
+    assert cuda_backend.CudaBackend.decode_variant(p, _FakeThreeHopperModule)[0] == want
+    plan = cuda_backend.CudaBackend().plan_decode(p, _FakeThreeHopperModule)
+    bm = _FakeThreeHopperModule.DECODE_VARIANTS[want][1]
+    assert plan[0] == want and plan[2:] == (1, 0, 132 // -(-heads * s_q // bm))
+    # an older build without the narrow kernel: the single-tile one
+    assert cuda_backend.CudaBackend.decode_variant(p, _FakeCudaModule)[0] == "hopper"
+    monkeypatch.setattr(cuda_backend, "load_module", lambda: (_FakeThreeHopperModule, None))
+    assert "16-row transposed tiles at or below 16" in cuda_backend.CudaBackend().kernels(_h100())[0]
+
+
 class _FakeQuantModule(_FakeCudaModule):
     DECODE_VARIANTS = {**_FakeCudaModule.DECODE_VARIANTS, "quant": (5, 16, 64, 0, 113600, 256)}
     DECODE_QUANT_SMEM = {"fp8": 96448, "fp8_ds_mla": 113600}

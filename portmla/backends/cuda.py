@@ -6,8 +6,10 @@ Kernels (see ``csrc_cuda/NOTES.md``):
   multiple of 64: the Hopper kernels (TMA tile loads, wgmma for both products, 64 rows per
   CTA): the pair kernel (a producer warpgroup; each consumer warpgroup takes the scores of
   one of two KV tiles) above ``HOPPER_TILE_MAX_ROWS`` rows per sequence, the single-tile
-  kernel at or below; ``PORTMLA_CUDA_HOPPER=pair`` / ``tile`` forces one, ``0`` uses the
-  generic kernels instead.
+  kernel at or below, the narrow kernel (16 rows per CTA, both products transposed so the KV
+  tile is wgmma's M side) at or below ``HOPPER_NARROW_MAX_ROWS``;
+  ``PORTMLA_CUDA_HOPPER=pair`` / ``tile`` / ``narrow`` forces one, ``0`` uses the generic
+  kernels instead.
 * ``mla_decode`` on sm_90 with an fp8 / fp8_ds_mla cache and more than
   ``HOPPER_QUANT_MIN_ROWS`` (token, head) rows per sequence, any block size: the pair kernel,
   its producer warpgroup copying the raw entries into the stages (cp.async) and the consumer
@@ -71,7 +73,7 @@ MAX_GRID_Y = 65535
 # 64q1s16k 770.5 vs 745.0 at 08759cd). Per-tensor fp8 takes the 16-bit caches' value since its
 # raw entries come through TMA (08759cd sweep, 3 vs 6: 128q1s4k 369.5 vs 362.0, 128q1s8k 654.3
 # vs 645.8, 64q1s16k 646.9 vs 640.8, 32q1s4k 111.4 vs 109.8; it was 3 while copied).
-SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "quant": 2, "hopper_quant": 3}
+SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "hopper_narrow": 3, "quant": 2, "hopper_quant": 3}
 MAX_GRID_PARTS = 65535
 QUANT_FORMATS = ("fp8", "fp8_ds_mla")
 # Rows per sequence (query tokens x heads) served by the quantized kernel (16 a CTA): up to 32 it
@@ -95,19 +97,25 @@ def hopper_unusable(mod, platform: Platform) -> str | None:
 
 
 HOPPER_TILE_MAX_ROWS = 32  # rows per sequence up to which the single-tile kernel is faster
+HOPPER_NARROW_MAX_ROWS = 16  # rows per sequence up to which the narrow kernel is faster
+_HOPPER_FORCE = {"pair": "hopper", "tile": "hopper_tile", "narrow": "hopper_narrow"}
 
 
 def hopper_kernel_name(mod, rows: int) -> str:
     """``DECODE_VARIANTS`` key of the Hopper kernel for ``rows`` (query tokens x heads) per
     sequence: ``hopper`` (KV tiles in pairs, one per consumer warpgroup, a TMA producer
-    warpgroup; compute-bound shapes) or ``hopper_tile`` (one tile at a time, both warpgroups
-    on it; faster where few rows make the call memory-bound, H100-measured).
-    ``PORTMLA_CUDA_HOPPER=pair`` / ``tile`` forces one."""
-    if "hopper_tile" not in mod.DECODE_VARIANTS:
+    warpgroup; compute-bound shapes), ``hopper_tile`` (one tile at a time, both warpgroups
+    on it) or ``hopper_narrow`` (16 rows a CTA, the products transposed: a quarter of the
+    tensor work where few rows make the call memory-bound), H100-measured.
+    ``PORTMLA_CUDA_HOPPER=pair`` / ``tile`` / ``narrow`` forces one (where built)."""
+    have = mod.DECODE_VARIANTS
+    forced = _HOPPER_FORCE.get(os.environ.get("PORTMLA_CUDA_HOPPER", ""))
+    if forced in have:
+        return forced
+    if "hopper_narrow" in have and rows <= HOPPER_NARROW_MAX_ROWS:
+        return "hopper_narrow"
+    if "hopper_tile" not in have:
         return "hopper"
-    force = os.environ.get("PORTMLA_CUDA_HOPPER")
-    if force in ("pair", "tile"):
-        return "hopper" if force == "pair" else "hopper_tile"
     return "hopper_tile" if rows <= HOPPER_TILE_MAX_ROWS else "hopper"
 
 
@@ -269,7 +277,9 @@ class CudaBackend(Backend):
               f"takes the fewer rows)",) if qfmts else ()
         return (f"mla_decode: sm_90a Hopper kernels (TMA + wgmma) for {fmts} caches with block "
                 f"size 16, 32 or a multiple of 64: tile pairs with a producer warpgroup above "
-                f"{HOPPER_TILE_MAX_ROWS} (token, head) rows per sequence, single tiles at or below",
+                f"{HOPPER_TILE_MAX_ROWS} (token, head) rows per sequence, single tiles at or below"
+                + (f", 16-row transposed tiles at or below {HOPPER_NARROW_MAX_ROWS}"
+                   if "hopper_narrow" in mod.DECODE_VARIANTS else ""),
                 *hq, *quant, generic + " for the other formats and block sizes", cache_ops)
 
     def reasons(self, p: Problem) -> list[Reason]:
@@ -347,7 +357,7 @@ class CudaBackend(Backend):
         rows = p.max_query_len * p.num_heads
         if hopper_quant_kernel_name(mod, p) is not None:
             hopper = mod.DECODE_VARIANTS["hopper"]
-            return "hopper", hopper[0], hopper[2], hopper[3]
+            return "hopper", hopper[0], hopper[1], hopper[3]
         if quant_kernel_name(mod, p) is not None:
             code, bm = mod.DECODE_VARIANTS["quant"][:2]
             return "quant", code, bm, mod.DECODE_QUANT_SMEM[p.cache.kv_format]
@@ -356,7 +366,7 @@ class CudaBackend(Backend):
             name = hopper_kernel_name(mod, rows)
             hopper = mod.DECODE_VARIANTS[name]
             if not have or have >= hopper[3]:
-                return name, hopper[0], hopper[2], hopper[3]
+                return name, hopper[0], hopper[1], hopper[3]
         want = "narrow" if rows <= NARROW_MAX_ROWS else "wide"
         code, bm, _, smem16, smem8, _ = mod.DECODE_VARIANTS[want]
         smem = smem8 if fp8 else smem16

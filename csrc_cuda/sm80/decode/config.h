@@ -25,13 +25,15 @@ constexpr int decode_smem_bytes() {
   return (kBM * kSRow + 2 * kBN * kSRow + kBM * kPRow) * 2 + 4 * kBM * (int)sizeof(float);
 }
 
-// kHopper (one KV tile at a time) / kHopperPair (tile pairs, one per warpgroup):
-// csrc_cuda/sm90/decode (sm_90a, 16-bit caches), dispatched by dispatch.cu.
+// kHopper (one KV tile at a time) / kHopperPair (tile pairs, one per warpgroup) /
+// kHopperNarrow (16 rows a CTA, the products transposed): csrc_cuda/sm90/decode (sm_90a, 16-bit
+// caches; the pair kernel fp8 / fp8_ds_mla too), dispatched by dispatch.cu.
 // kQuant: quant_kernel.cuh, fp8 / fp8_ds_mla caches with 16 rows per CTA, raw e4m3 in shared
 // memory, two CTAs per SM (sm80+; used on sm_89+).
 constexpr int kQuantRows = 16, kQuantTokens = 64, kQuantThreads = 256;  // the kQuant shapes
 enum DecodeVariant : int {
-  kLegacy = 0, kNarrow = 1, kWide = 2, kHopper = 3, kHopperPair = 4, kQuant = 5
+  kLegacy = 0, kNarrow = 1, kWide = 2, kHopper = 3, kHopperPair = 4, kQuant = 5,
+  kHopperNarrow = 6
 };
 
 // Tile kernel shape. 8 warps. S = Q K^T: warp (wr = w % WR, wt = w / WR) computes rows 16 wr..

@@ -10,6 +10,7 @@
 #include "../../common/check.h"
 #include "instances.h"
 #include "launch.h"
+#include "narrow_kernel.cuh"
 #include "pair_kernel.cuh"
 
 namespace portmla {
@@ -106,10 +107,14 @@ bool encode_q_map(const DecodeParams& p, CUtensorMap* map) {
 }
 
 cudaError_t run(const DecodeParams& p, cudaStream_t stream, bool* merged, RunKernel tile,
-                RunKernel pair) {
+                RunKernel pair, RunKernel narrow) {
   CUtensorMap map, q_map{};
   PORTMLA_RETURN_IF_ERROR(encode_kv_map(p, &map));
   DecodeParams pq = p;
+  if (p.variant == sm80::kHopperNarrow) {  // loads its 16 rows itself
+    pq.q_tma = 0;
+    return narrow(map, q_map, pq, stream, merged);
+  }
   pq.q_tma = encode_q_map(p, &q_map) ? 1 : 0;
   return (p.variant == sm80::kHopperPair ? pair : tile)(map, q_map, pq, stream, merged);
 }
@@ -135,6 +140,7 @@ cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream, bool* merg
 }  // namespace
 
 int decode_smem_bytes(bool pair) { return pair ? kPairSmemBytes : kSmemBytes; }
+int narrow_smem_bytes() { return kNarrowSmemBytes; }
 
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, bool* merged) {
   if (merged != nullptr) *merged = false;
@@ -161,10 +167,11 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, bool* merg
   switch (p.q_dtype) {
     case kBF16:
       return run(p, stream, merged, run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, false>,
-                 run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, true>);
+                 run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, true>,
+                 run_narrow<__nv_bfloat16>);
     case kFP16:
       return run(p, stream, merged, run_instance<__half, kKv16, __half, false>,
-                 run_instance<__half, kKv16, __half, true>);
+                 run_instance<__half, kKv16, __half, true>, run_narrow<__half>);
     default:
       return cudaErrorInvalidValue;
   }

@@ -179,19 +179,24 @@ using cute::SM90::GMMA::Major;
 
 // Shapes of the decode kernels: S (m64 n32 or n64, both operands K-major) and O (m64 n256, A
 // K-major from shared memory or from registers, B MN-major), for bf16 and fp16 inputs, fp32
-// accumulators.
+// accumulators; the narrow kernel's transposed products: SNarrow (S^T = K Q^T, m64 n16, both
+// K-major) and ONarrow (O^T = V^T P^T, m64 n16, A = V^T MN-major, B = P K-major).
 template <typename T> struct Gmma;
 template <> struct Gmma<__nv_bfloat16> {
   using S = cute::SM90::GMMA::MMA_64x32x16_F32BF16BF16_SS<Major::K, Major::K>;
   using S64 = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<Major::K, Major::K>;
   using O = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<Major::K, Major::MN>;
   using ORs = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_RS<Major::K, Major::MN>;
+  using SNarrow = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<Major::K, Major::K>;
+  using ONarrow = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<Major::MN, Major::K>;
 };
 template <> struct Gmma<__half> {
   using S = cute::SM90::GMMA::MMA_64x32x16_F32F16F16_SS<Major::K, Major::K>;
   using S64 = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_SS<Major::K, Major::K>;
   using O = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<Major::K, Major::MN>;
   using ORs = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_RS<Major::K, Major::MN>;
+  using SNarrow = cute::SM90::GMMA::MMA_64x16x16_F32F16F16_SS<Major::K, Major::K>;
+  using ONarrow = cute::SM90::GMMA::MMA_64x16x16_F32F16F16_SS<Major::MN, Major::K>;
 };
 
 template <class Atom, int N>

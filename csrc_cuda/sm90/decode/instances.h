@@ -20,6 +20,12 @@ template <typename T, int FMT, typename TQ, bool kPair>
 cudaError_t run_instance(const CUtensorMap& map, const CUtensorMap& q_map, const DecodeParams& p,
                          cudaStream_t stream, bool* merged);
 
+// The narrow kernel mla_decode_hopper_narrow_kernel<T> (16-bit caches, 16 rows a CTA; q_map
+// unused).
+template <typename T>
+cudaError_t run_narrow(const CUtensorMap& map, const CUtensorMap& q_map, const DecodeParams& p,
+                       cudaStream_t stream, bool* merged);
+
 using RunKernel = cudaError_t (*)(const CUtensorMap& map, const CUtensorMap& q_map,
                                   const DecodeParams& p, cudaStream_t stream, bool* merged);
 

@@ -10,6 +10,8 @@ namespace sm90 {
 
 // Shared memory of the pair / single-tile kernel (bytes, including alignment slack).
 int decode_smem_bytes(bool pair);
+// The narrow kernel's (16 rows a CTA, 16-bit caches).
+int narrow_smem_bytes();
 
 // The decode kernel, on the schedule in p.sched_cum / p.sched_piece (the caller runs
 // launch_decode_schedule before). *merged (when given): whether the kernel merged the pieces

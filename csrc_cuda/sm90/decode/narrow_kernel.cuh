@@ -1,0 +1,341 @@
+// Hopper (sm_90a) decode for few rows per sequence (16-head TP8 shards: memory-bound) and 16-bit
+// caches: both products transposed, so the KV tile is wgmma's M side and the 16 query rows
+// its N side.
+//
+// The single-tile kernel (hopper_kernel.cuh) puts the query rows on M, which is 64 on wgmma:
+// with 16 rows three quarters of its tensor work and of its Q tile (72 KB of 229) are padding,
+// and at 16 heads its per-tile work (~2.5 us of tensor time at full rate) came close to the
+// tile's HBM time (~3.2 us at 3 TB/s), so a stage was refilled late. Here, per KV tile of 64
+// positions (one warpgroup, 128 threads):
+//   S^T  [64 positions x 16 rows] = K Q^T: m64 n16, 36 k-steps, A = the KV tile (K-major), B =
+//        the Q rows (16 x 576, K-major)
+//   max  column maxima: 8 lanes of a quad column, then the 4 warps through shared memory
+//   P^T  exp2 of the scaled scores -> a 16 x 64 swizzled P chunk ([row][position])
+//   O^T  [512 x 16] += V^T P^T: 8 m64 tiles (one per 64-channel chunk of V, read MN-major),
+//        4 k-steps each, B = P (K-major)
+// Thread 0 issues the TMA loads of tile i + 2 once tile i is done (two stages, as the
+// single-tile kernel; the tile's tensor work is a quarter of that kernel's).
+// Shared memory: two KV stages (9 chunks of 64 positions x 128 bytes each), Q (9 chunks of 16
+// rows x 128 bytes), P (one such chunk), all 128-byte swizzled = 167,936 bytes + row data.
+// The epilogue stages the 16 output rows (normalised, T) over Q and stores them a 16-byte piece
+// a thread (rows of 1 KB: whole sectors).
+#pragma once
+
+#include "hopper_kernel.cuh"
+
+namespace portmla {
+namespace sm90 {
+
+constexpr int kNM = 16;                // rows per CTA (wgmma N)
+constexpr int kNThreads = 128;         // one warpgroup
+constexpr int kNChunk = kNM * 128;     // bytes of a 16-row x 128-byte swizzled chunk (Q, P)
+constexpr int kNOutPitch = 2 * sm80::kL + 16;  // bytes of a staged output row (conflict-free)
+static_assert(kNM * kNOutPitch <= kChunks * kNChunk, "the staged output fits over Q");
+static_assert(kNThreads / 32 * sm80::kTailScratchFloats * 4 <= kTileBytes,
+              "the tail merge's scratch fits a KV stage");
+
+struct alignas(1024) NarrowSmem {
+  unsigned char kv[kStages][kTileBytes];
+  unsigned char q[kChunks * kNChunk];  // Q rows; the epilogue's staged output rows
+  unsigned char p[kNChunk];
+  float red[4][kNM];  // per-warp column maxima, then column sums
+  uint64_t full[kStages];
+  SchedTable sched;
+};
+constexpr int kNarrowSmemBytes = static_cast<int>(sizeof(NarrowSmem)) + 1024;
+static_assert(kNarrowSmemBytes <= 227 * 1024, "more than an sm_90 CTA may have");
+
+// Byte offset of 16-bit element (row r < 16, column c) in a stack of 16-row swizzled chunks.
+__device__ __forceinline__ uint32_t swz16(int r, int c) {
+  const int cc = c & 63;
+  return static_cast<uint32_t>((c >> 6) * kNChunk + r * 128 +
+                               ((((cc >> 3) ^ (r & 7)) << 4) | ((cc & 7) << 1)));
+}
+
+// Rows m0 .. m0 + 16 of sequence s's rows and the positions of its segment (segment_rows with
+// 16-row tiles).
+__device__ __forceinline__ bool narrow_rows(const DecodeParams& p, const Segment& s, int m_tile,
+                                            sm80::CtaRows& c) {
+  if (!sm80::seq_rows<kNM>(p, c, m_tile, s.b)) return false;
+  const int kv_end = c.kv_hi;
+  c.kv_lo = s.tile_lo * kBN;
+  c.kv_hi = static_cast<int>(
+      min(static_cast<int64_t>(kv_end), static_cast<int64_t>(s.tile_hi) * kBN));
+  if (c.kv_hi < c.kv_lo) c.kv_hi = c.kv_lo;
+  return true;
+}
+
+// The CTA's 16 query rows -> the swizzled Q chunks (rows past the sequence's rows zero), by the
+// 128 threads: cp.async issued and committed here, waited for by wait_q_narrow.
+template <typename T>
+__device__ __forceinline__ void issue_q_narrow(const DecodeParams& p, const sm80::CtaRows& c,
+                                               unsigned char* dst, int tid) {
+  const T* q = static_cast<const T*>(p.q);
+  const int H = p.num_heads;
+  for (int i = tid; i < kNM * (sm80::kD / 8); i += kNThreads) {
+    const int r = i / (sm80::kD / 8), col = (i % (sm80::kD / 8)) * 8;
+    const int g = c.m0 + r;
+    unsigned char* d = dst + swz16(r, col);
+    if (g < c.rows) {
+      cp_async16(d, q + static_cast<int64_t>(c.t0 + g / H) * p.q_stride_t +
+                        static_cast<int64_t>(g % H) * p.q_stride_h + col);
+    } else {
+      *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
+    }
+  }
+  cp_async_commit();
+}
+
+// Waits for this thread's Q copies (issue_q_narrow) and makes them visible to wgmma (after the
+// caller's barrier).
+__device__ __forceinline__ void wait_q_narrow() {
+  cp_async_wait<0>();
+  fence_proxy_async_smem();
+}
+
+// Column e (0..3) of this thread in the m64 n16 accumulator layout: rows 2j, 2j + 1, 8 + 2j,
+// 9 + 2j of the CTA; value i of a fragment is column col_of(i & 1 | (i >> 2) << 1), position
+// 16 w + g + 8 ((i >> 1) & 1).
+__device__ __forceinline__ int narrow_col(int e, int lane) { return 2 * (lane & 3) + (e & 1) + 8 * (e >> 1); }
+__device__ __forceinline__ int narrow_e(int i) { return (i & 1) | ((i >> 2) << 1); }
+
+template <typename T>
+__global__ void __launch_bounds__(kNThreads, 1)
+    mla_decode_hopper_narrow_kernel(const __grid_constant__ CUtensorMap kv_map,
+                                    const __grid_constant__ CUtensorMap q_map,
+                                    const DecodeParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using G = Gmma<T>;
+  extern __shared__ unsigned char smem_raw[];
+  NarrowSmem& sm = smem_aligned_1024<NarrowSmem>(smem_raw);
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g8 = lane >> 2;
+  const int part = blockIdx.y, m_tile = blockIdx.x;
+  const int H = p.num_heads;
+  (void)q_map;
+
+  if (tid == 0) {
+    tma_prefetch_desc(&kv_map);
+    for (int s = 0; s < kStages; ++s) mbar_init(&sm.full[s], 1);
+    mbar_init_fence();
+  }
+  sched_fill_cta(p, sm.sched, w, lane);
+  __syncthreads();
+
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const uint64_t q_desc = gmma_desc_sw128(sm.q, 16, 1024);
+  const uint64_t p_desc = gmma_desc_sw128(sm.p, 16, 1024);
+  // 16-byte output stores where the output rows allow them (partial rows always do).
+  const bool out16 = (reinterpret_cast<uintptr_t>(p.out) % 16 == 0) && p.out_stride_t % 8 == 0 &&
+                     p.out_stride_h % 8 == 0;
+
+  PartWalker walk;
+  walk.init(p, sm.sched, part);
+  Segment seg;
+  int g0 = 0;  // tiles of the earlier segments: tile g uses stage g % 2, phase (g / 2) % 2
+  while (walk.next(p, sm.sched, seg)) {
+    sm80::CtaRows c;
+    if (!narrow_rows(p, seg, m_tile, c)) continue;  // the same for every thread
+    const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
+    const TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
+                        p.block_size, min(p.block_size, kBN), c.kv_hi};
+    if (tid == 0) {  // both stages are free: the last tile ended with a CTA barrier
+      for (int s = 0; s < kStages && s < n_tiles; ++s) {
+        ld.issue(sm.kv[(g0 + s) & (kStages - 1)], &sm.full[(g0 + s) & (kStages - 1)],
+                 c.kv_lo + s * kBN);
+      }
+    }
+    issue_q_narrow<T>(p, c, sm.q, tid);
+    wait_q_narrow();
+    __syncthreads();
+
+    int last[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) last[e] = c.last_pos(c.m0 + narrow_col(e, lane), H);
+    float m_run[4], l_run[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      m_run[e] = -INFINITY;
+      l_run[e] = 0.f;
+    }
+    float o[8][8];
+#pragma unroll
+    for (int ch = 0; ch < 8; ++ch)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[ch][i] = 0.f;
+
+    for (int it = 0; it < n_tiles; ++it) {
+      const int g = g0 + it, st = g & (kStages - 1);
+      const int tile_start = c.kv_lo + it * kBN;
+      unsigned char* kv = sm.kv[st];
+      mbar_wait(&sm.full[st], (g / kStages) & 1);
+
+      // S^T = K Q^T over 576 = 9 chunks x 4 k-steps.
+      float s[8];
+      {
+        const uint64_t k_desc = gmma_desc_sw128(kv, 16, 1024);
+        fence_regs(s);
+        wgmma_fence();
+#pragma unroll
+        for (int kc = 0; kc < 4 * kChunks; ++kc) {
+          gmma<typename G::SNarrow>(desc_add(k_desc, (kc >> 2) * kChunk + (kc & 3) * 32),
+                                    desc_add(q_desc, (kc >> 2) * kNChunk + (kc & 3) * 32), s,
+                                    kc != 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s);
+      }
+
+      // Mask, scale to base 2, column maxima over the tile's positions.
+      float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int e = narrow_e(i);
+        const int pos = tile_start + 16 * w + g8 + 8 * ((i >> 1) & 1);
+        const bool ok = pos < c.kv_hi && pos <= last[e];
+        s[i] = ok ? s[i] * scale_log2 : -INFINITY;
+        mx[e] = fmaxf(mx[e], s[i]);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+#pragma unroll
+        for (int o2 = 4; o2 < 32; o2 <<= 1) mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xffffffffu, mx[e], o2));
+      }
+      if (g8 == 0) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sm.red[w][narrow_col(e, lane)] = mx[e];
+      }
+      named_barrier(1, kNThreads);
+      float alpha[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = narrow_col(e, lane);
+        const float mt = fmaxf(fmaxf(sm.red[0][col], sm.red[1][col]), fmaxf(sm.red[2][col], sm.red[3][col]));
+        const float m_new = fmaxf(m_run[e], mt);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: no NaN
+        alpha[e] = exp2f(m_run[e] - m_use);
+        m_run[e] = m_new;
+        mx[e] = m_use;
+      }
+      float sum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int e = narrow_e(i);
+        s[i] = exp2f(s[i] - mx[e]);
+        sum[e] += s[i];
+        const int pos = 16 * w + g8 + 8 * ((i >> 1) & 1);
+        *reinterpret_cast<T*>(sm.p + swz16(narrow_col(e, lane), pos)) = from_float<T>(s[i]);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) l_run[e] = l_run[e] * alpha[e] + sum[e];
+#pragma unroll
+      for (int ch = 0; ch < 8; ++ch)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) o[ch][i] *= alpha[narrow_e(i)];
+      // A tile past the segment's end: zero its V rows there (NaN * 0 = NaN in P V).
+      const int valid = c.kv_hi - tile_start;
+      if (valid < kBN) zero_v_rows(kv, valid, tid, kNThreads);
+      fence_proxy_async_smem();
+      named_barrier(1, kNThreads);  // P and the zeroed rows visible; red[] read by every warp
+
+      // O^T += V^T P^T: 8 chunks x 4 k-steps of 16 positions.
+      {
+        const uint64_t v_desc = gmma_desc_sw128(kv, kChunk, 1024);
+#pragma unroll
+        for (int ch = 0; ch < 8; ++ch) fence_regs(o[ch]);
+        wgmma_fence();
+#pragma unroll
+        for (int ch = 0; ch < 8; ++ch) {
+#pragma unroll
+          for (int ks = 0; ks < 4; ++ks) {
+            gmma<typename G::ONarrow>(desc_add(v_desc, ch * kChunk + ks * 16 * 128),
+                                      desc_add(p_desc, ks * 32), o[ch], true);
+          }
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int ch = 0; ch < 8; ++ch) fence_regs(o[ch]);
+      }
+      __syncthreads();  // the stage and P are free
+      if (tid == 0 && it + kStages < n_tiles) {
+        ld.issue(kv, &sm.full[st], tile_start + kStages * kBN);
+      }
+    }
+    g0 += n_tiles;
+
+    // Column sums: over the 8 lanes of a column, then the 4 warps (red[]'s maxima were last
+    // read before the last tile's second barrier).
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+#pragma unroll
+      for (int o2 = 4; o2 < 32; o2 <<= 1) l_run[e] += __shfl_xor_sync(0xffffffffu, l_run[e], o2);
+    }
+    if (g8 == 0) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sm.red[w][narrow_col(e, lane)] = l_run[e];
+    }
+    __syncthreads();
+    const int64_t prow0 = seg.slot < 0 ? -1 : static_cast<int64_t>(seg.slot) * p.part_rows;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = narrow_col(e, lane), gr = c.m0 + col;
+      const float l = sm.red[0][col] + sm.red[1][col] + sm.red[2][col] + sm.red[3][col];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      // Staged output row `col`: channels 64 ch + 16 w + g8 (+ 8).
+#pragma unroll
+      for (int ch = 0; ch < 8; ++ch) {
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2) {
+          const int i = (e & 1) | (h2 << 1) | ((e >> 1) << 2);
+          const int chan = 64 * ch + 16 * w + g8 + 8 * h2;
+          *reinterpret_cast<T*>(sm.q + col * kNOutPitch + 2 * chan) = from_float<T>(o[ch][i] * inv);
+        }
+      }
+      if (w == 0 && g8 == 0 && gr < c.rows) {
+        const float m = m_run[e] == -INFINITY ? 0.f : m_run[e];
+        const float lse = l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
+        const int t = c.t0 + gr / H, hh = gr % H;
+        if (prow0 >= 0) {
+          p.part_lse[prow0 + gr] = lse;
+        } else if (p.lse != nullptr) {
+          p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(hh) * p.lse_stride_h] = lse;
+        }
+      }
+    }
+    __syncthreads();
+    // The staged rows -> the output (or the partial rows), 16 bytes a thread and store.
+    const int n_rows = min(kNM, c.rows - c.m0);
+    for (int idx = tid; idx < n_rows * (sm80::kL / 8); idx += kNThreads) {
+      const int r = idx / (sm80::kL / 8), piece = idx % (sm80::kL / 8);
+      const int gr = c.m0 + r;
+      const uint4 v = *reinterpret_cast<const uint4*>(sm.q + r * kNOutPitch + 16 * piece);
+      if (prow0 >= 0) {
+        *reinterpret_cast<uint4*>(static_cast<T*>(p.part_out) + (prow0 + gr) * sm80::kL + 8 * piece) = v;
+      } else {
+        T* dst = static_cast<T*>(p.out) + static_cast<int64_t>(c.t0 + gr / H) * p.out_stride_t +
+                 static_cast<int64_t>(gr % H) * p.out_stride_h + 8 * piece;
+        if (out16) {
+          *reinterpret_cast<uint4*>(dst) = v;
+        } else {
+          uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+          d[0] = v.x;
+          d[1] = v.y;
+          d[2] = v.z;
+          d[3] = v.w;
+        }
+      }
+    }
+    __syncthreads();  // the staged rows are read before the next segment's Q lands there
+  }
+  if (p.tail_merge) {  // cooperative launch
+    sm80::merge_pieces_at_end<T, kNThreads / 32, 8, 4>(p, sm.sched, reinterpret_cast<float*>(sm.kv[0]),
+                                                       w, lane, [] { __syncthreads(); }, [] {});
+  }
+#else
+  __trap();  // built without sm_90a device code: the launcher never selects this kernel
+#endif
+}
+
+}  // namespace sm90
+}  // namespace portmla
