@@ -90,17 +90,18 @@ __device__ __forceinline__ void load_q_tma(const CUtensorMap* map, const DecodeP
   mbar_wait(bar, phase);
 }
 
-// Q rows m0 .. m0 + 64 of the CTA -> swizzled chunks at `dst` (rows past the sequence's rows
-// are zero) by threads 0 .. kThreads - 1; visible to wgmma after the caller's barrier.
-template <typename T>
-__device__ __forceinline__ void load_q(const DecodeParams& p, const sm80::CtaRows& c,
-                                       unsigned char* dst, int tid) {
+// Q rows m0 .. m0 + kRows of the CTA -> swizzled chunks at `dst` (`at(row, column)`: the byte
+// offset; rows past the sequence's rows are zero) by threads 0 .. kN - 1: cp.async issued and
+// committed; the caller waits (cp_async_wait<0>, fence_proxy_async_smem, a barrier).
+template <typename T, int kRows, int kN, class At>
+__device__ __forceinline__ void issue_q_rows(const DecodeParams& p, const sm80::CtaRows& c,
+                                             unsigned char* dst, int tid, At at) {
   const T* q = static_cast<const T*>(p.q);
   const int H = p.num_heads;
-  for (int i = tid; i < kBM * (sm80::kD / 8); i += kThreads) {
+  for (int i = tid; i < kRows * (sm80::kD / 8); i += kN) {
     const int r = i / (sm80::kD / 8), col = (i % (sm80::kD / 8)) * 8;
     const int g = c.m0 + r;
-    unsigned char* d = dst + swz(r, col);
+    unsigned char* d = dst + at(r, col);
     if (g < c.rows) {
       cp_async16(d, q + static_cast<int64_t>(c.t0 + g / H) * p.q_stride_t +
                         static_cast<int64_t>(g % H) * p.q_stride_h + col);
@@ -109,6 +110,13 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, const sm80::CtaRow
     }
   }
   cp_async_commit();
+}
+
+// The 64 rows of the CTA, waited for: visible to wgmma after the caller's barrier.
+template <typename T>
+__device__ __forceinline__ void load_q(const DecodeParams& p, const sm80::CtaRows& c,
+                                       unsigned char* dst, int tid) {
+  issue_q_rows<T, kBM, kThreads>(p, c, dst, tid, [](int r, int col) { return swz(r, col); });
   cp_async_wait<0>();
   fence_proxy_async_smem();
 }
@@ -151,12 +159,13 @@ __device__ __forceinline__ void load_q_pow2(const DecodeParams& p, const sm80::C
   fence_proxy_async_smem();
 }
 
-// Row tile m_tile of segment s: its sequence's rows and the positions of the segment's tiles
-// they may see (kv_lo == kv_hi: none, the epilogue writes the empty result). false: the
+// Row tile m_tile (of BM rows) of segment s: its sequence's rows and the positions of the
+// segment's tiles they may see (kv_lo == kv_hi: none, the epilogue writes the empty result). false: the
 // sequence has no rows in this tile (nothing to compute or write).
+template <int BM = kBM>
 __device__ __forceinline__ bool segment_rows(const DecodeParams& p, const Segment& s, int m_tile,
                                              sm80::CtaRows& c) {
-  if (!sm80::seq_rows<kBM>(p, c, m_tile, s.b)) return false;
+  if (!sm80::seq_rows<BM>(p, c, m_tile, s.b)) return false;
   const int kv_end = c.kv_hi;
   c.kv_lo = s.tile_lo * kBN;
   c.kv_hi = static_cast<int>(

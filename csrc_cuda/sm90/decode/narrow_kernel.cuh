@@ -52,50 +52,9 @@ __device__ __forceinline__ uint32_t swz16(int r, int c) {
                                ((((cc >> 3) ^ (r & 7)) << 4) | ((cc & 7) << 1)));
 }
 
-// Rows m0 .. m0 + 16 of sequence s's rows and the positions of its segment (segment_rows with
-// 16-row tiles).
-__device__ __forceinline__ bool narrow_rows(const DecodeParams& p, const Segment& s, int m_tile,
-                                            sm80::CtaRows& c) {
-  if (!sm80::seq_rows<kNM>(p, c, m_tile, s.b)) return false;
-  const int kv_end = c.kv_hi;
-  c.kv_lo = s.tile_lo * kBN;
-  c.kv_hi = static_cast<int>(
-      min(static_cast<int64_t>(kv_end), static_cast<int64_t>(s.tile_hi) * kBN));
-  if (c.kv_hi < c.kv_lo) c.kv_hi = c.kv_lo;
-  return true;
-}
-
-// The CTA's 16 query rows -> the swizzled Q chunks (rows past the sequence's rows zero), by the
-// 128 threads: cp.async issued and committed here, waited for by wait_q_narrow.
-template <typename T>
-__device__ __forceinline__ void issue_q_narrow(const DecodeParams& p, const sm80::CtaRows& c,
-                                               unsigned char* dst, int tid) {
-  const T* q = static_cast<const T*>(p.q);
-  const int H = p.num_heads;
-  for (int i = tid; i < kNM * (sm80::kD / 8); i += kNThreads) {
-    const int r = i / (sm80::kD / 8), col = (i % (sm80::kD / 8)) * 8;
-    const int g = c.m0 + r;
-    unsigned char* d = dst + swz16(r, col);
-    if (g < c.rows) {
-      cp_async16(d, q + static_cast<int64_t>(c.t0 + g / H) * p.q_stride_t +
-                        static_cast<int64_t>(g % H) * p.q_stride_h + col);
-    } else {
-      *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
-    }
-  }
-  cp_async_commit();
-}
-
-// Waits for this thread's Q copies (issue_q_narrow) and makes them visible to wgmma (after the
-// caller's barrier).
-__device__ __forceinline__ void wait_q_narrow() {
-  cp_async_wait<0>();
-  fence_proxy_async_smem();
-}
-
-// Column e (0..3) of this thread in the m64 n16 accumulator layout: rows 2j, 2j + 1, 8 + 2j,
-// 9 + 2j of the CTA; value i of a fragment is column col_of(i & 1 | (i >> 2) << 1), position
-// 16 w + g + 8 ((i >> 1) & 1).
+// The m64 n16 accumulator layout: this thread's column e (0..3) is CTA row
+// narrow_col(e, lane) (2j, 2j + 1, 8 + 2j, 9 + 2j); value i of a fragment lies in column
+// narrow_e(i), at position (or channel) 16 w + g + 8 ((i >> 1) & 1) of the m64 tile.
 __device__ __forceinline__ int narrow_col(int e, int lane) { return 2 * (lane & 3) + (e & 1) + 8 * (e >> 1); }
 __device__ __forceinline__ int narrow_e(int i) { return (i & 1) | ((i >> 2) << 1); }
 
@@ -134,7 +93,7 @@ __global__ void __launch_bounds__(kNThreads, 1)
   int g0 = 0;  // tiles of the earlier segments: tile g uses stage g % 2, phase (g / 2) % 2
   while (walk.next(p, sm.sched, seg)) {
     sm80::CtaRows c;
-    if (!narrow_rows(p, seg, m_tile, c)) continue;  // the same for every thread
+    if (!segment_rows<kNM>(p, seg, m_tile, c)) continue;  // the same for every thread
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
                         p.block_size, min(p.block_size, kBN), c.kv_hi};
@@ -144,8 +103,9 @@ __global__ void __launch_bounds__(kNThreads, 1)
                  c.kv_lo + s * kBN);
       }
     }
-    issue_q_narrow<T>(p, c, sm.q, tid);
-    wait_q_narrow();
+    issue_q_rows<T, kNM, kNThreads>(p, c, sm.q, tid, [](int r, int col) { return swz16(r, col); });
+    cp_async_wait<0>();
+    fence_proxy_async_smem();
     __syncthreads();
 
     int last[4];
