@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "check.h"
 #include "params.h"
 #include "schedule.cuh"
 
@@ -38,7 +39,8 @@ bool all_resident(int threads, int smem, int64_t ctas) {
 }
 
 // Rows of cut sequences a CTA may merge at the end (sm80/decode/combine.cuh: tail_merge) up to
-// which the kernel merges them itself: one round of its 8 warps, two rows each. H100 A/B (graph
+// which the kernel merges them itself: one round of an 8-warp kernel's warps, two rows each (two
+// rounds for the narrow Hopper kernel's 4 warps). H100 A/B (graph
 // replays, same build, two rounds): the 16-head rows gain 1-3 us (128q1s8k 447.1 -> 443.8-444.0
 // us, 15.5 rows a CTA; 64q1s32k 819.8-820.3 -> 818.4-819.2; fp8 128q1s8k 249.1-251.3 ->
 // 247.6-248.4), b=1 / b=8 are even (one row a CTA: the grid barrier's ~2 us and the merge's
@@ -73,6 +75,22 @@ cudaError_t launch_persistent(dim3 grid, int threads, int smem, cudaStream_t str
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kKernel, std::forward<Args>(args)..., pl);
   if (merged != nullptr) *merged = e == cudaSuccess && pl.tail_merge;
   return e;
+}
+
+// A scheduled decode kernel over its whole grid: rows_per_cta rows of a sequence a CTA (row
+// tiles on x), p.num_parts parts (y; each CTA walks its part's segments), `smem` bytes of
+// dynamic shared memory opted in to; launched by launch_persistent with args..., p'.
+template <auto kKernel, typename... Args>
+cudaError_t launch_scheduled(int rows_per_cta, int threads, int smem, cudaStream_t stream,
+                            const DecodeParams& p, bool* merged, Args&&... args) {
+  PORTMLA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int m_tiles = (p.max_query_len * p.num_heads + rows_per_cta - 1) / rows_per_cta;
+  PORTMLA_RETURN_IF_ERROR(launch_persistent<kKernel>(dim3(m_tiles, p.num_parts), threads, smem,
+                                                     stream, p, merged,
+                                                     std::forward<Args>(args)...));
+  PORTMLA_CHECK_LAUNCH();
+  return cudaSuccess;
 }
 
 }  // namespace portmla

@@ -1,7 +1,6 @@
 // Launcher of the quantized-cache decode kernel (quant_kernel.cuh): fp8 / fp8_ds_mla caches,
 // 16 rows per CTA, two cp.async stages (two CTAs per SM where shared memory allows), on the
 // device schedule.
-#include "../../common/check.h"
 #include "../../common/persistent_launch.h"
 #include "quant_kernel.cuh"
 #include "quant_launch.h"
@@ -12,16 +11,8 @@ namespace {
 
 template <typename T, int FMT>
 cudaError_t run(const DecodeParams& p, cudaStream_t stream, bool* merged) {
-  constexpr auto kernel = mla_decode_quant_kernel<T, FMT>;
-  constexpr int smem = quant::Layout<FMT, quant::kQStages>::kBytes;
-  PORTMLA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const int m_tiles = (p.max_query_len * p.num_heads + quant::kQM - 1) / quant::kQM;
-  dim3 grid(m_tiles, p.num_parts);  // persistent: each CTA walks its part's segments
-  PORTMLA_RETURN_IF_ERROR(
-      launch_persistent<kernel>(grid, quant::kQThreads, smem, stream, p, merged));
-  PORTMLA_CHECK_LAUNCH();
-  return cudaSuccess;
+  return launch_scheduled<mla_decode_quant_kernel<T, FMT>>(
+      quant::kQM, quant::kQThreads, quant::Layout<FMT, quant::kQStages>::kBytes, stream, p, merged);
 }
 
 }  // namespace

@@ -534,8 +534,6 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
 #pragma unroll
       for (int ww = 0; ww < 8; ++ww) l += sRed[r * 8 + ww];
       const float inv = l > 0.f ? osc / l : 0.f;
-      const float m = m_run[h2] == -INFINITY ? 0.f : m_run[h2];
-      const float lse = l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
       const int t = c.t0 + gr / H, hh = gr % H;
       const int64_t prow = seg.slot < 0 ? -1 : static_cast<int64_t>(seg.slot) * p.part_rows + gr;
 #pragma unroll
@@ -550,13 +548,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
                             : static_cast<T*>(p.part_out) + prow * kL + col;
           *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(v0, v1), pack2<T>(v2, v3));
         }
-      if (w == 0 && j == 0) {
-        if (prow >= 0) {
-          p.part_lse[prow] = lse;
-        } else if (p.lse != nullptr) {
-          p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(hh) * p.lse_stride_h] = lse;
-        }
-      }
+      if (w == 0 && j == 0) store_row_lse(p, prow, t, hh, row_lse(m_run[h2], l));
     }
   }
   if (p.tail_merge) {  // cooperative launch

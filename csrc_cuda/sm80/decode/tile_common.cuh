@@ -267,6 +267,23 @@ __device__ __forceinline__ void scale_rows(float (&acc)[NT][4], int h2, float al
   }
 }
 
+// A row's natural-log LSE from its base-2 running maximum m and row sum l (-inf: the row saw no
+// position).
+__device__ __forceinline__ float row_lse(float m, float l) {
+  return l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
+}
+
+// Row (token t, head h)'s LSE into p.lse (when the caller asked for it), or partial row
+// part_row's (>= 0) into p.part_lse.
+__device__ __forceinline__ void store_row_lse(const DecodeParams& p, int64_t part_row, int t,
+                                              int h, float lse) {
+  if (part_row >= 0) {
+    p.part_lse[part_row] = lse;
+  } else if (p.lse != nullptr) {
+    p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(h) * p.lse_stride_h] = lse;
+  }
+}
+
 // Epilogue of one row (token t, head h): fragment row h2 of NT accumulator tiles, columns
 // col + 8 nt (+1), divided by the row sum l (times out_scale); m is the row's running max
 // (base 2). part_row < 0: T output (and LSE if asked); else the partial (T) + partial LSE
@@ -279,6 +296,8 @@ __device__ __forceinline__ void store_out_row_at(const DecodeParams& p, const fl
                                                  int64_t part_row, int t, int h, int col,
                                                  bool lse_writer) {
   const float inv = l > 0.f ? out_scale / l : 0.f;
+  // row_lse's and store_row_lse's work written out: through the helpers ptxas moved two spills
+  // of the fp8 pair kernel into its HGMMA span (nvcc 13.0).
   const float lse = l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
   T* o;
   if (part_row < 0) {

@@ -1,7 +1,6 @@
 // The definition behind instances.h (included by the instantiating sources only).
 #pragma once
 
-#include "../../common/check.h"
 #include "../../common/persistent_launch.h"
 #include "instances.h"
 #include "launch.h"
@@ -24,30 +23,15 @@ constexpr auto kernel_of() {
 template <typename T, int FMT, typename TQ, bool kPair>
 cudaError_t run_instance(const CUtensorMap& map, const CUtensorMap& q_map, const DecodeParams& p,
                          cudaStream_t stream, bool* merged) {
-  const int smem = decode_smem_bytes(kPair);
-  constexpr auto kernel = kernel_of<T, FMT, TQ, kPair>();
-  PORTMLA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const int m_tiles = (p.max_query_len * p.num_heads + kBM - 1) / kBM;
-  dim3 grid(m_tiles, p.num_parts);  // persistent: each CTA walks its part's segments
-  PORTMLA_RETURN_IF_ERROR(launch_persistent<kernel>(grid, kPair ? kPairThreads : kThreads, smem,
-                                                    stream, p, merged, map, q_map));
-  PORTMLA_CHECK_LAUNCH();
-  return cudaSuccess;
+  return launch_scheduled<kernel_of<T, FMT, TQ, kPair>()>(
+      kBM, kPair ? kPairThreads : kThreads, decode_smem_bytes(kPair), stream, p, merged, map, q_map);
 }
 
 template <typename T>
 cudaError_t run_narrow(const CUtensorMap& map, const CUtensorMap& q_map, const DecodeParams& p,
                        cudaStream_t stream, bool* merged) {
-  constexpr auto kernel = mla_decode_hopper_narrow_kernel<T>;
-  PORTMLA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kNarrowSmemBytes));
-  const int m_tiles = (p.max_query_len * p.num_heads + kNM - 1) / kNM;
-  dim3 grid(m_tiles, p.num_parts);  // persistent: each CTA walks its part's segments
-  PORTMLA_RETURN_IF_ERROR(launch_persistent<kernel>(grid, kNThreads, kNarrowSmemBytes, stream, p,
-                                                    merged, map, q_map));
-  PORTMLA_CHECK_LAUNCH();
-  return cudaSuccess;
+  return launch_scheduled<mla_decode_hopper_narrow_kernel<T>>(kNM, kNThreads, kNarrowSmemBytes,
+                                                              stream, p, merged, map, q_map);
 }
 
 }  // namespace sm90

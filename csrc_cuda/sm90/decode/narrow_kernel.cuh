@@ -237,30 +237,26 @@ __global__ void __launch_bounds__(kNThreads, 1)
     }
     __syncthreads();
     const int64_t prow0 = seg.slot < 0 ? -1 : static_cast<int64_t>(seg.slot) * p.part_rows;
+    float inv[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int col = narrow_col(e, lane), gr = c.m0 + col;
       const float l = sm.red[0][col] + sm.red[1][col] + sm.red[2][col] + sm.red[3][col];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      // Staged output row `col`: channels 64 ch + 16 w + g8 (+ 8).
-#pragma unroll
-      for (int ch = 0; ch < 8; ++ch) {
-#pragma unroll
-        for (int h2 = 0; h2 < 2; ++h2) {
-          const int i = (e & 1) | (h2 << 1) | ((e >> 1) << 2);
-          const int chan = 64 * ch + 16 * w + g8 + 8 * h2;
-          *reinterpret_cast<T*>(sm.q + col * kNOutPitch + 2 * chan) = from_float<T>(o[ch][i] * inv);
-        }
-      }
+      inv[e] = l > 0.f ? 1.f / l : 0.f;
       if (w == 0 && g8 == 0 && gr < c.rows) {
-        const float m = m_run[e] == -INFINITY ? 0.f : m_run[e];
-        const float lse = l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
-        const int t = c.t0 + gr / H, hh = gr % H;
-        if (prow0 >= 0) {
-          p.part_lse[prow0 + gr] = lse;
-        } else if (p.lse != nullptr) {
-          p.lse[static_cast<int64_t>(t) * p.lse_stride_t + static_cast<int64_t>(hh) * p.lse_stride_h] = lse;
-        }
+        sm80::store_row_lse(p, prow0 < 0 ? -1 : prow0 + gr, c.t0 + gr / H, gr % H,
+                            sm80::row_lse(m_run[e], l));
+      }
+    }
+    // Staged output rows: value i of chunk ch's fragment is row narrow_col(narrow_e(i)),
+    // channel 64 ch + 16 w + g8 + 8 ((i >> 1) & 1).
+#pragma unroll
+    for (int ch = 0; ch < 8; ++ch) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int e = narrow_e(i), chan = 64 * ch + 16 * w + g8 + 8 * ((i >> 1) & 1);
+        *reinterpret_cast<T*>(sm.q + narrow_col(e, lane) * kNOutPitch + 2 * chan) =
+            from_float<T>(o[ch][i] * inv[e]);
       }
     }
     __syncthreads();
