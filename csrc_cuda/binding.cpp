@@ -160,6 +160,9 @@ PYBIND11_MODULE(_cuda, m) {
     v["hopper"] = py::make_tuple(int(sm80::kHopperPair), 64, 64, sm90::decode_smem_bytes(true), 0, 256);
     v["hopper_tile"] = py::make_tuple(int(sm80::kHopper), 64, 64, sm90::decode_smem_bytes(false), 0, 256);
     v["hopper_narrow"] = py::make_tuple(int(sm80::kHopperNarrow), 16, 64, sm90::narrow_smem_bytes(), 0, 128);
+    // fp8 / fp8_ds_mla only; the fp8 entry is fp8_ds_mla's, the larger (two CTAs an SM)
+    v["hopper_narrow_quant"] = py::make_tuple(int(sm80::kHopperNarrowQuant), 16, 64, 0,
+                                              sm90::narrow_quant_smem_bytes(kKvDsMla), 128);
 #endif
     m.attr("DECODE_VARIANTS") = v;
   }

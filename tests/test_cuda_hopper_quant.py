@@ -154,13 +154,14 @@ def test_hopper_quant_one_long_sequence(ran, fmt):
 @pytest.mark.gpu
 def test_hopper_quant_default_route(ran):
     """The planner's own choices: many rows -> the pair kernel (fp8: bf16 or fp16 queries;
-    fp8_ds_mla: bf16); few rows, or fp16 queries with fp8_ds_mla -> the quantized-cache kernel."""
+    fp8_ds_mla: bf16); 16 rows -> the narrow kernel's quantized form; fp16 queries with
+    fp8_ds_mla -> the quantized-cache kernel."""
     _need_hopper_quant()
     lens = [int(x) for x in torch.randint(1, 3000, (40,))]
     want = []
     for fmt in FORMATS:
         for heads, dtype, kernel in ((128, torch.bfloat16, "hopper"), (64, torch.bfloat16, "hopper"),
-                                     (16, torch.bfloat16, "quant"),
+                                     (16, torch.bfloat16, "hopper_narrow_quant"),
                                      (128, torch.float16, "hopper" if fmt == "fp8" else "quant")):
             case = make_decode_case(lens, [1] * 40, heads, 64, fmt, dtype, "cuda")
             check_decode(*run_both(case, single_token=True), tol=1e-2)

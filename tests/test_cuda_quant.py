@@ -7,6 +7,8 @@ then a module built without the kernel FAILS. Every case asserts that the kernel
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from test_cuda_backend import (
@@ -82,9 +84,10 @@ def test_quant_ds_scales_spread(monkeypatch, ran):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["fp8", "fp8_ds_mla"])
-def test_quant_one_long_sequence(ran, fmt):
+def test_quant_one_long_sequence(monkeypatch, ran, fmt):
     """b = 1: every part takes a piece of it (the pieces' merge over ~264 partials)."""
     _need_quant()
+    force(monkeypatch, 0, 0)
     case = make_decode_case([40000], [1], 16, 64, fmt, torch.bfloat16, "cuda")
     check_decode(*run_both(case, single_token=True), tol=1e-2)
     assert set(ran) == {"quant"}
@@ -103,13 +106,17 @@ def test_quant_schedule_either_side_of_inline(monkeypatch, ran, fmt, seqs):
 
 @pytest.mark.gpu
 def test_quant_large_batch_default_route(ran):
-    """The planner's own choice for 16-head fp8 decode is the quantized kernel."""
+    """The planner's own choice for 16-head fp8 decode is the quantized kernel, except on sm_90
+    where the narrow Hopper kernel's quantized form takes it (tests/test_cuda_hopper_narrow_quant.py)."""
     _need_quant()
+    mod, _ = cuda_backend.load_module()
+    hopper = torch.cuda.get_device_capability() == (9, 0) and "hopper_narrow_quant" in mod.DECODE_VARIANTS \
+        and os.environ.get("PORTMLA_CUDA_HOPPER") != "0"
     lens = [int(x) for x in torch.randint(1, 3000, (150,))]
     for fmt in ("fp8", "fp8_ds_mla"):
         case = make_decode_case(lens, [1] * 150, 16, 64, fmt, torch.bfloat16, "cuda")
         check_decode(*run_both(case, single_token=True), tol=1e-2)
-    assert set(ran) == {"quant"}
+    assert set(ran) == {"hopper_narrow_quant" if hopper else "quant"}
 
 
 @pytest.mark.gpu

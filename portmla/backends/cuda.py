@@ -73,7 +73,8 @@ MAX_GRID_Y = 65535
 # 64q1s16k 770.5 vs 745.0 at 08759cd). Per-tensor fp8 takes the 16-bit caches' value since its
 # raw entries come through TMA (08759cd sweep, 3 vs 6: 128q1s4k 369.5 vs 362.0, 128q1s8k 654.3
 # vs 645.8, 64q1s16k 646.9 vs 640.8, 32q1s4k 111.4 vs 109.8; it was 3 while copied).
-SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "hopper_narrow": 3, "quant": 2, "hopper_quant": 3}
+SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "hopper_narrow": 3, "quant": 2, "hopper_quant": 3,
+               "hopper_narrow_quant": 2}
 MAX_GRID_PARTS = 65535
 QUANT_FORMATS = ("fp8", "fp8_ds_mla")
 # Rows per sequence (query tokens x heads) served by the quantized kernel (16 a CTA): up to 32 it
@@ -170,6 +171,25 @@ def hopper_quant_kernel_name(mod, p: DecodeProblem) -> str | None:
         return None
     have = p.platform.shared_memory_per_block
     return "hopper" if not have or have >= mod.DECODE_VARIANTS["hopper"][3] else None
+
+
+def hopper_narrow_quant_name(mod, p: DecodeProblem) -> str | None:
+    """``hopper_narrow_quant`` where the narrow kernel's quantized-cache form serves ``p``: sm_90
+    with the Hopper kernels usable, a module that has it, an fp8 cache with bf16 / fp16 queries
+    or fp8_ds_mla with bf16, a block size its TMA boxes take (16, 32, 64 k), at most
+    ``HOPPER_NARROW_MAX_ROWS`` rows per sequence (any count with ``PORTMLA_CUDA_HOPPER=narrow``)."""
+    if "hopper_narrow_quant" not in mod.DECODE_VARIANTS or p.cache.kv_format not in QUANT_FORMATS \
+            or hopper_unusable(mod, p.platform) is not None \
+            or not hopper_block_size_ok(p.cache.block_size):
+        return None
+    if p.q_dtype != torch.bfloat16 and not (p.q_dtype == torch.float16 and p.cache.kv_format == "fp8"):
+        return None
+    force = os.environ.get("PORTMLA_CUDA_HOPPER")
+    if force in ("pair", "tile") or \
+            (force != "narrow" and p.max_query_len * p.num_heads > HOPPER_NARROW_MAX_ROWS):
+        return None
+    have = p.platform.shared_memory_per_block
+    return "hopper_narrow_quant" if not have or have >= mod.DECODE_VARIANTS["hopper_narrow_quant"][4] else None
 
 
 def quant_kernel_name(mod, p: DecodeProblem) -> str | None:
@@ -355,6 +375,9 @@ class CudaBackend(Backend):
         fp8 = p.cache.kv_format not in _FORMAT_TORCH
         have = p.platform.shared_memory_per_block
         rows = p.max_query_len * p.num_heads
+        if hopper_narrow_quant_name(mod, p) is not None:
+            code, bm, _, _, smem, _ = mod.DECODE_VARIANTS["hopper_narrow_quant"]
+            return "hopper_narrow_quant", code, bm, smem
         if hopper_quant_kernel_name(mod, p) is not None:
             hopper = mod.DECODE_VARIANTS["hopper"]
             return "hopper", hopper[0], hopper[1], hopper[3]
@@ -393,8 +416,8 @@ class CudaBackend(Backend):
         rows_tiles = -(-p.max_query_len * p.num_heads // bm)
         have = p.platform.shared_memory_per_block or smem
         per_sm = max(1, min(2, (have + 1024) // (smem + 1024)))
-        if name in SCHED_FIXED:  # the Hopper kernels: one CTA per SM
-            per_sm = per_sm if name == "quant" else 1
+        if name in SCHED_FIXED:  # the Hopper kernels: one CTA per SM (the quantized-cache ones two)
+            per_sm = per_sm if name in ("quant", "hopper_narrow_quant") else 1
             return name, code, 1, 0, sched_parts(rows_tiles, max(1, p.platform.num_compute_units), per_sm)
         slots = per_sm * max(1, p.platform.num_compute_units)
         max_kv = p.max_blocks_per_seq * p.cache.block_size

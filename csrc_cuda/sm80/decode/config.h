@@ -28,12 +28,14 @@ constexpr int decode_smem_bytes() {
 // kHopper (one KV tile at a time) / kHopperPair (tile pairs, one per warpgroup) /
 // kHopperNarrow (16 rows a CTA, the products transposed): csrc_cuda/sm90/decode (sm_90a, 16-bit
 // caches; the pair kernel fp8 / fp8_ds_mla too), dispatched by dispatch.cu.
+// kHopperNarrowQuant: the narrow kernel's layout for fp8 / fp8_ds_mla caches (raw e4m3 in the
+// stages, both KV operands from registers), two CTAs per SM.
 // kQuant: quant_kernel.cuh, fp8 / fp8_ds_mla caches with 16 rows per CTA, raw e4m3 in shared
 // memory, two CTAs per SM (sm80+; used on sm_89+).
 constexpr int kQuantRows = 16, kQuantTokens = 64, kQuantThreads = 256;  // the kQuant shapes
 enum DecodeVariant : int {
   kLegacy = 0, kNarrow = 1, kWide = 2, kHopper = 3, kHopperPair = 4, kQuant = 5,
-  kHopperNarrow = 6
+  kHopperNarrow = 6, kHopperNarrowQuant = 7
 };
 
 // Tile kernel shape. 8 warps. S = Q K^T: warp (wr = w % WR, wt = w / WR) computes rows 16 wr..

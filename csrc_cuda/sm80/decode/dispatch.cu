@@ -40,7 +40,7 @@ cudaError_t launch_mla_decode(const DecodeParams& p, cudaStream_t stream) {
   const bool bf16 = p.q_dtype == kBF16;
   if (!bf16 && p.q_dtype != kFP16) return cudaErrorInvalidValue;
   if (p.variant == sm80::kHopper || p.variant == sm80::kHopperPair ||
-      p.variant == sm80::kHopperNarrow) {
+      p.variant == sm80::kHopperNarrow || p.variant == sm80::kHopperNarrowQuant) {
 #if defined(PORTMLA_HAVE_SM90A)
     return run_scheduled(p, stream, sm90::launch_decode);
 #else

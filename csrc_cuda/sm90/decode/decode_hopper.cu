@@ -11,6 +11,7 @@
 #include "instances.h"
 #include "launch.h"
 #include "narrow_kernel.cuh"
+#include "narrow_quant_kernel.cuh"
 #include "pair_kernel.cuh"
 
 namespace portmla {
@@ -38,16 +39,16 @@ EncodeTiled encode_fn() {
 }
 
 // A 3-D tensor of `type` at `base` (dims innermost first, the two outer strides in bytes),
-// boxes of `box`, 128-byte swizzle: the layout of the kernels' chunks. Boxes reaching past
-// the innermost dim are zero-filled there.
+// boxes of `box`, 128-byte swizzle (the layout of the kernels' chunks) unless told otherwise.
+// Boxes reaching past the innermost dim are zero-filled there.
 bool encode_3d(CUtensorMapDataType type, const void* base, const cuuint64_t (&dims)[3],
-               const cuuint64_t (&strides)[2], const cuuint32_t (&box)[3], CUtensorMap* map) {
+               const cuuint64_t (&strides)[2], const cuuint32_t (&box)[3], CUtensorMap* map,
+               CUtensorMapSwizzle swizzle = CU_TENSOR_MAP_SWIZZLE_128B) {
   EncodeTiled fn = encode_fn();
   const cuuint32_t elem[3] = {1, 1, 1};
   return fn != nullptr &&
          fn(map, type, 3, const_cast<void*>(base), dims, strides, box, elem,
-            CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
@@ -85,6 +86,24 @@ bool encode_raw_map(const DecodeParams& p, CUtensorMap* map) {
   const cuuint32_t box[3] = {128, static_cast<cuuint32_t>(p.block_size < kBN ? p.block_size : kBN),
                              1};
   return encode_3d(CU_TENSOR_MAP_DATA_TYPE_UINT8, p.kv_cache, dims, strides, box, map);
+}
+
+// The narrow quantized kernel's tail boxes: entry bytes 512 .. 512 + NQLayout::kTail (fp8: the
+// e4m3 RoPE; fp8_ds_mla: the tile scales and the bf16 RoPE) x min(block_size, 64) positions x 1
+// page, unswizzled (rows of 64 / 144 bytes: conflict-free 16-byte reads of 8 rows).
+bool encode_tail_map(const DecodeParams& p, CUtensorMap* map) {
+  if (!block_size_ok(p.block_size) || p.num_blocks < 1) return false;
+  const bool ds = p.kv_format == kKvDsMla;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(ds ? 656 : 576),
+                              static_cast<cuuint64_t>(p.block_size),
+                              static_cast<cuuint64_t>(p.num_blocks)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(p.token_stride),
+                                 static_cast<cuuint64_t>(p.page_stride)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(ds ? NQLayout<kKvDsMla>::kTail
+                                                        : NQLayout<kKvFp8>::kTail),
+                             static_cast<cuuint32_t>(p.block_size < kBN ? p.block_size : kBN), 1};
+  return encode_3d(CU_TENSOR_MAP_DATA_TYPE_UINT8, p.kv_cache, dims, strides, box, map,
+                   CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
 // The queries as [num_tokens][num_heads][576], boxes of 64 columns x min(H, 64) heads x
@@ -137,10 +156,26 @@ cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream, bool* merg
              : run_instance<__half, kKvFp8, __half, true>(map, unused, pq, stream, merged);
 }
 
+// fp8 / fp8_ds_mla with 16 rows a CTA: the narrow quantized kernel (raw boxes through TMA only:
+// block sizes 16, 32, 64 k; 16-byte strides).
+cudaError_t run_narrow_quantized(const DecodeParams& p, cudaStream_t stream, bool* merged) {
+  CUtensorMap map{}, tail{};
+  if (encode_fn() == nullptr) return cudaErrorNotSupported;
+  if (!encode_raw_map(p, &map) || !encode_tail_map(p, &tail)) return cudaErrorInvalidValue;
+  if (p.kv_format == kKvDsMla) {
+    return run_narrow_quant<__nv_bfloat16, kKvDsMla>(map, tail, p, stream, merged);
+  }
+  return p.q_dtype == kBF16 ? run_narrow_quant<__nv_bfloat16, kKvFp8>(map, tail, p, stream, merged)
+                            : run_narrow_quant<__half, kKvFp8>(map, tail, p, stream, merged);
+}
+
 }  // namespace
 
 int decode_smem_bytes(bool pair) { return pair ? kPairSmemBytes : kSmemBytes; }
 int narrow_smem_bytes() { return kNarrowSmemBytes; }
+int narrow_quant_smem_bytes(int kv_format) {
+  return kv_format == kKvDsMla ? narrow_quant_smem_bytes<kKvDsMla>() : narrow_quant_smem_bytes<kKvFp8>();
+}
 
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, bool* merged) {
   if (merged != nullptr) *merged = false;
@@ -148,14 +183,16 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, bool* merg
     // Raw entries through TMA boxes of bytes, or 16-byte cp.async for block sizes the boxes
     // do not tile: any block size, strides in bytes. fp8: bf16 or fp16 queries; fp8_ds_mla: bf16.
     const bool q_ok = p.q_dtype == kBF16 || (p.q_dtype == kFP16 && p.kv_format == kKvFp8);
-    if (p.variant != sm80::kHopperPair || !q_ok || p.block_size < 1 ||
+    const bool narrow = p.variant == sm80::kHopperNarrowQuant;
+    if ((p.variant != sm80::kHopperPair && !narrow) || !q_ok || p.block_size < 1 ||
+        (narrow && !block_size_ok(p.block_size)) ||
         p.token_stride % 16 || p.page_stride % 16 || reinterpret_cast<uintptr_t>(p.kv_cache) % 16 ||
         (p.kv_format == kKvFp8 && p.k_scale == nullptr) || p.num_parts < 1 ||
         p.num_parts > 65535 || p.sched_cum == nullptr || p.sched_piece == nullptr) {
       return cudaErrorInvalidValue;
     }
     if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
-    return run_quantized(p, stream, merged);
+    return narrow ? run_narrow_quantized(p, stream, merged) : run_quantized(p, stream, merged);
   }
   if (p.kv_format != kKv16 || !block_size_ok(p.block_size) || p.num_blocks < 1 ||
       (p.token_stride * 2) % 16 || (p.page_stride * 2) % 16 ||

@@ -26,6 +26,13 @@ template <typename T>
 cudaError_t run_narrow(const CUtensorMap& map, const CUtensorMap& q_map, const DecodeParams& p,
                        cudaStream_t stream, bool* merged);
 
+// The narrow kernel for quantized caches mla_decode_hopper_narrow_quant_kernel<TQ, FMT> (fp8 with
+// bf16 / fp16 queries, fp8_ds_mla with bf16): `map` the raw entries' latent bytes (boxes of 128
+// bytes, 128-byte swizzle), `tail_map` their bytes from 512 on (RoPE; fp8_ds_mla: scales first).
+template <typename TQ, int FMT>
+cudaError_t run_narrow_quant(const CUtensorMap& map, const CUtensorMap& tail_map,
+                             const DecodeParams& p, cudaStream_t stream, bool* merged);
+
 using RunKernel = cudaError_t (*)(const CUtensorMap& map, const CUtensorMap& q_map,
                                   const DecodeParams& p, cudaStream_t stream, bool* merged);
 

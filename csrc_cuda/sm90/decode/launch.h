@@ -12,6 +12,8 @@ namespace sm90 {
 int decode_smem_bytes(bool pair);
 // The narrow kernel's (16 rows a CTA, 16-bit caches).
 int narrow_smem_bytes();
+// The narrow quantized kernel's with a kv_format (kKvFp8 / kKvDsMla) cache.
+int narrow_quant_smem_bytes(int kv_format);
 
 // The decode kernel, on the schedule in p.sched_cum / p.sched_piece (the caller runs
 // launch_decode_schedule before). *merged (when given): whether the kernel merged the pieces

@@ -5,6 +5,7 @@
 #include "instances.h"
 #include "launch.h"
 #include "narrow_kernel.cuh"
+#include "narrow_quant_kernel.cuh"
 #include "pair_kernel.cuh"
 
 namespace portmla {
@@ -32,6 +33,13 @@ cudaError_t run_narrow(const CUtensorMap& map, const CUtensorMap& q_map, const D
                        cudaStream_t stream, bool* merged) {
   return launch_scheduled<mla_decode_hopper_narrow_kernel<T>>(kNM, kNThreads, kNarrowSmemBytes,
                                                               stream, p, merged, map, q_map);
+}
+
+template <typename TQ, int FMT>
+cudaError_t run_narrow_quant(const CUtensorMap& map, const CUtensorMap& tail_map,
+                             const DecodeParams& p, cudaStream_t stream, bool* merged) {
+  return launch_scheduled<mla_decode_hopper_narrow_quant_kernel<TQ, FMT>>(
+      kNM, kNThreads, narrow_quant_smem_bytes<FMT>(), stream, p, merged, map, tail_map);
 }
 
 }  // namespace sm90

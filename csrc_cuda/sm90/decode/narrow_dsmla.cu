@@ -1,0 +1,8 @@
+// One template instantiation per file so the build runs in parallel.
+#include "launch_kernel.cuh"
+
+namespace portmla {
+namespace sm90 {
+template cudaError_t run_narrow_quant<__nv_bfloat16, kKvDsMla>(const CUtensorMap&, const CUtensorMap&, const DecodeParams&, cudaStream_t, bool*);
+}  // namespace sm90
+}  // namespace portmla
