@@ -60,10 +60,11 @@ def sanitize() -> None:
             case = make_decode_case(lens, qlens, 64, 64, fmt, dtype, "cuda", strided=True)
             check_decode(*run_both(case, single_token=False))
         # 16 heads: the single-tile Hopper kernel for bf16 (32 rows a sequence), the quantized-cache
-        # kernel for fp8
+        # kernel for fp8 formats
         case = make_decode_case([500, 64, 3], [1, 2, 1], 16, 16, fmt, dtype, "cuda", strided=True)
         check_decode(*run_both(case, single_token=False))
-        # 8 heads x 2 tokens (16 rows a sequence): the narrow Hopper kernel for bf16
+        # 8 heads x 2 tokens (16 rows a sequence): the narrow Hopper kernel for bf16, its quantized
+        # form for fp8 (bf16 / fp16 queries) and fp8_ds_mla (bf16; fp16 queries: the quantized kernel)
         case = make_decode_case([500, 64, 3, 2000], [2, 1, 2, 1], 8, 64, fmt, dtype, "cuda",
                                 strided=True)
         check_decode(*run_both(case, single_token=False))

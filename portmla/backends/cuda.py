@@ -16,8 +16,13 @@ Kernels (see ``csrc_cuda/NOTES.md``):
   warpgroups expanding them in place to 16-bit before their wgmma: fp8 e4m3 -> fp16, exact,
   with bf16 or fp16 queries scaled per row into fp16 by a power of two; fp8_ds_mla values times
   their tile scale, rounded once to bf16, bf16 queries.
+* ``mla_decode`` on sm_90 with an fp8 / fp8_ds_mla cache, at most ``HOPPER_NARROW_MAX_ROWS``
+  rows per sequence and block size 16, 32 or a multiple of 64: the narrow kernel's quantized form
+  (raw e4m3 entries through TMA, both KV operands converted to fp16 in registers for wgmma, two
+  CTAs per SM; fp8 with bf16 / fp16 queries, fp8_ds_mla with bf16);
+  ``PORTMLA_CUDA_HOPPER=narrow`` forces it for any row count.
 * ``mla_decode`` with an fp8 / fp8_ds_mla cache and at most ``QUANT_MAX_ROWS`` (token, head)
-  rows per sequence on sm_89+: the quantized-cache kernel (raw e4m3 bytes in shared memory,
+  rows per sequence on sm_89+ (the calls the kernels above do not take): the quantized-cache kernel (raw e4m3 bytes in shared memory,
   converted to fp16 in registers at the mma fragment load; 16 rows per CTA, two CTAs per SM);
   ``PORTMLA_CUDA_QUANT=0`` uses the generic kernels instead.
 * ``mla_decode`` elsewhere: generic sm80+ kernels (mma.sync m16n8k16 + cp.async), 16 or 64
@@ -73,8 +78,11 @@ MAX_GRID_Y = 65535
 # 64q1s16k 770.5 vs 745.0 at 08759cd). Per-tensor fp8 takes the 16-bit caches' value since its
 # raw entries come through TMA (08759cd sweep, 3 vs 6: 128q1s4k 369.5 vs 362.0, 128q1s8k 654.3
 # vs 645.8, 64q1s16k 646.9 vs 640.8, 32q1s4k 111.4 vs 109.8; it was 3 while copied).
+# "hopper_narrow_quant": 4 (H100 sweep at 9bbb840, fixed cost 2 / 3 / 4 / 6: fp8_ds_mla 128q1s8k
+# fixed 277.5 / 277.2 / 273.5 / 274.2 us, 64q1s32k fixed 511.2 / 507.4 / 506.1 / 507.3, fp8 8q1s8k
+# 34.0 / 32.8 / 33.5 / 33.4, 128q1s8k varlen 250.8 / 249.1 / 249.3 / 252.5).
 SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "hopper_narrow": 3, "quant": 2, "hopper_quant": 3,
-               "hopper_narrow_quant": 2}
+               "hopper_narrow_quant": 4}
 MAX_GRID_PARTS = 65535
 QUANT_FORMATS = ("fp8", "fp8_ds_mla")
 # Rows per sequence (query tokens x heads) served by the quantized kernel (16 a CTA): up to 32 it
@@ -291,6 +299,10 @@ class CudaBackend(Backend):
         fmts = "/".join(HOPPER_FORMATS)
         qfmts = getattr(mod, "HOPPER_QUANT_FORMATS", ())
         with_q = ", ".join(f"{f} with {'/'.join(hopper_quant_query_dtypes(mod, f))} queries" for f in qfmts)
+        nq = (f"mla_decode: sm_90a narrow kernel for fp8 (bf16/fp16 queries) / fp8_ds_mla (bf16 "
+              f"queries) caches with at most {HOPPER_NARROW_MAX_ROWS} (token, head) rows per sequence "
+              f"and block size 16, 32 or a multiple of 64 (raw e4m3 through TMA, converted in "
+              f"registers for wgmma)",) if "hopper_narrow_quant" in mod.DECODE_VARIANTS else ()
         hq = (f"mla_decode: sm_90a pair kernel for {'/'.join(qfmts)} caches ({with_q}) and more than "
               f"{HOPPER_QUANT_MIN_ROWS} (token, head) rows per sequence, any block size (raw entries "
               f"copied in, expanded to 16-bit for wgmma; the quantized-cache kernel "
@@ -300,7 +312,7 @@ class CudaBackend(Backend):
                 f"{HOPPER_TILE_MAX_ROWS} (token, head) rows per sequence, single tiles at or below"
                 + (f", 16-row transposed tiles at or below {HOPPER_NARROW_MAX_ROWS}"
                    if "hopper_narrow" in mod.DECODE_VARIANTS else ""),
-                *hq, *quant, generic + " for the other formats and block sizes", cache_ops)
+                *nq, *hq, *quant, generic + " for the other formats and block sizes", cache_ops)
 
     def reasons(self, p: Problem) -> list[Reason]:
         out = super().reasons(p)
@@ -362,6 +374,9 @@ class CudaBackend(Backend):
     def decode_variant(p: DecodeProblem, mod) -> tuple[str, int, int, int]:
         """``(name, code, rows per CTA, shared memory)`` of the kernel that runs ``p``.
 
+        sm_90 with an fp8 / fp8_ds_mla cache, queries it takes (bf16; fp16 too with fp8), a
+        block size its TMA boxes take and at most ``HOPPER_NARROW_MAX_ROWS`` rows: the narrow
+        kernel's quantized form.
         sm_90 with an fp8 / fp8_ds_mla cache, queries it takes (bf16; fp16 too with fp8) and
         more than ``HOPPER_QUANT_MIN_ROWS`` rows: the pair kernel (raw entries expanded in
         place, any block size).

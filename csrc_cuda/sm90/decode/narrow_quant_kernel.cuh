@@ -340,15 +340,15 @@ __global__ void __launch_bounds__(kNThreads, 2)
       // converting box b + 1 while box b's k-steps run.
       uint32_t a[2][32];
       float s[8];
-      float acc[5][8];  // one accumulator a box (fp8_ds_mla: a scale tile) and the RoPE's
+      float acc[kDs ? 5 : 1][8];  // fp8_ds_mla: one a scale tile, one for the RoPE
 #pragma unroll
-      for (int x = 0; x < 5; ++x)
+      for (int x = 0; x < (kDs ? 5 : 1); ++x)
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[x][i] = 0.f;
       nq_k_box(kv, 0, r0, jq, a[0]);
 #pragma unroll
       for (int b = 0; b < 5; ++b) {
-        float(&d)[8] = acc[b];  // independent chains: the boxes' k-steps overlap
+        float(&d)[8] = acc[kDs ? b : 0];
         fence_regs(d);
         wgmma_fence();
 #pragma unroll
@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
       }
       wgmma_wait<0>();
 #pragma unroll
-      for (int x = 0; x < 5; ++x) fence_regs(acc[x]);
+      for (int x = 0; x < (kDs ? 5 : 1); ++x) fence_regs(acc[x]);
       fence_regs(a[0]);
       fence_regs(a[1]);
 
@@ -396,9 +396,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
         }
       } else {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          s[i] = (acc[0][i] + acc[1][i] + acc[2][i] + acc[3][i] + acc[4][i]) * qinv[narrow_e(i)];
-        }
+        for (int i = 0; i < 8; ++i) s[i] = acc[0][i] * qinv[narrow_e(i)];
       }
 
       // Mask, scale to base 2, column maxima over the tile's positions.
