@@ -58,6 +58,69 @@ __device__ __forceinline__ uint32_t swz16(int r, int c) {
 __device__ __forceinline__ int narrow_col(int e, int lane) { return 2 * (lane & 3) + (e & 1) + 8 * (e >> 1); }
 __device__ __forceinline__ int narrow_e(int i) { return (i & 1) | ((i >> 2) << 1); }
 
+// The end of a segment, shared by the narrow kernels. Column sums over the 8 lanes of a column,
+// then the 4 warps through red[] (whose maxima were last read before the last tile's second
+// barrier); lane 0 of warp 0's quads stores the rows' LSEs; inv[e]: osc / the sum of this
+// thread's column e (0 for an empty row).
+__device__ __forceinline__ void narrow_row_sums(const DecodeParams& p, const sm80::CtaRows& c,
+                                                int64_t prow0, float (&red)[4][kNM],
+                                                const float (&m_run)[4], float (&l_run)[4],
+                                                float osc, float (&inv)[4], int w, int lane) {
+  const int H = p.num_heads, g8 = lane >> 2;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+#pragma unroll
+    for (int o2 = 4; o2 < 32; o2 <<= 1) l_run[e] += __shfl_xor_sync(0xffffffffu, l_run[e], o2);
+  }
+  if (g8 == 0) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[w][narrow_col(e, lane)] = l_run[e];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int col = narrow_col(e, lane), gr = c.m0 + col;
+    const float l = red[0][col] + red[1][col] + red[2][col] + red[3][col];
+    inv[e] = l > 0.f ? osc / l : 0.f;
+    if (w == 0 && g8 == 0 && gr < c.rows) {
+      sm80::store_row_lse(p, prow0 < 0 ? -1 : prow0 + gr, c.t0 + gr / H, gr % H,
+                          sm80::row_lse(m_run[e], l));
+    }
+  }
+}
+
+// The 16 staged output rows (`staged`, kNOutPitch bytes apart) -> the output (or the partial
+// rows when prow0 >= 0), 16 bytes a thread (4-byte stores where the output rows are not 16-byte
+// aligned: out16 false), then a CTA barrier (the staging area is Q's).
+template <typename T>
+__device__ __forceinline__ void narrow_store_rows(const DecodeParams& p, const sm80::CtaRows& c,
+                                                  int64_t prow0, const unsigned char* staged,
+                                                  bool out16, int tid) {
+  const int H = p.num_heads;
+  const int n_rows = min(kNM, c.rows - c.m0);
+  for (int idx = tid; idx < n_rows * (sm80::kL / 8); idx += kNThreads) {
+    const int r = idx / (sm80::kL / 8), piece = idx % (sm80::kL / 8);
+    const int gr = c.m0 + r;
+    const uint4 v = *reinterpret_cast<const uint4*>(staged + r * kNOutPitch + 16 * piece);
+    if (prow0 >= 0) {
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.part_out) + (prow0 + gr) * sm80::kL + 8 * piece) = v;
+    } else {
+      T* dst = static_cast<T*>(p.out) + static_cast<int64_t>(c.t0 + gr / H) * p.out_stride_t +
+               static_cast<int64_t>(gr % H) * p.out_stride_h + 8 * piece;
+      if (out16) {
+        *reinterpret_cast<uint4*>(dst) = v;
+      } else {
+        uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+        d[0] = v.x;
+        d[1] = v.y;
+        d[2] = v.z;
+        d[3] = v.w;
+      }
+    }
+  }
+  __syncthreads();  // the staged rows are read before the next segment's Q lands there
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kNThreads, 1)
     mla_decode_hopper_narrow_kernel(const __grid_constant__ CUtensorMap kv_map,
@@ -224,30 +287,9 @@ __global__ void __launch_bounds__(kNThreads, 1)
     }
     g0 += n_tiles;
 
-    // Column sums: over the 8 lanes of a column, then the 4 warps (red[]'s maxima were last
-    // read before the last tile's second barrier).
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-#pragma unroll
-      for (int o2 = 4; o2 < 32; o2 <<= 1) l_run[e] += __shfl_xor_sync(0xffffffffu, l_run[e], o2);
-    }
-    if (g8 == 0) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sm.red[w][narrow_col(e, lane)] = l_run[e];
-    }
-    __syncthreads();
     const int64_t prow0 = seg.slot < 0 ? -1 : static_cast<int64_t>(seg.slot) * p.part_rows;
     float inv[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int col = narrow_col(e, lane), gr = c.m0 + col;
-      const float l = sm.red[0][col] + sm.red[1][col] + sm.red[2][col] + sm.red[3][col];
-      inv[e] = l > 0.f ? 1.f / l : 0.f;
-      if (w == 0 && g8 == 0 && gr < c.rows) {
-        sm80::store_row_lse(p, prow0 < 0 ? -1 : prow0 + gr, c.t0 + gr / H, gr % H,
-                            sm80::row_lse(m_run[e], l));
-      }
-    }
+    narrow_row_sums(p, c, prow0, sm.red, m_run, l_run, 1.f, inv, w, lane);
     // Staged output rows: value i of chunk ch's fragment is row narrow_col(narrow_e(i)),
     // channel 64 ch + 16 w + g8 + 8 ((i >> 1) & 1).
 #pragma unroll
@@ -260,29 +302,7 @@ __global__ void __launch_bounds__(kNThreads, 1)
       }
     }
     __syncthreads();
-    // The staged rows -> the output (or the partial rows), 16 bytes a thread and store.
-    const int n_rows = min(kNM, c.rows - c.m0);
-    for (int idx = tid; idx < n_rows * (sm80::kL / 8); idx += kNThreads) {
-      const int r = idx / (sm80::kL / 8), piece = idx % (sm80::kL / 8);
-      const int gr = c.m0 + r;
-      const uint4 v = *reinterpret_cast<const uint4*>(sm.q + r * kNOutPitch + 16 * piece);
-      if (prow0 >= 0) {
-        *reinterpret_cast<uint4*>(static_cast<T*>(p.part_out) + (prow0 + gr) * sm80::kL + 8 * piece) = v;
-      } else {
-        T* dst = static_cast<T*>(p.out) + static_cast<int64_t>(c.t0 + gr / H) * p.out_stride_t +
-                 static_cast<int64_t>(gr % H) * p.out_stride_h + 8 * piece;
-        if (out16) {
-          *reinterpret_cast<uint4*>(dst) = v;
-        } else {
-          uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-          d[0] = v.x;
-          d[1] = v.y;
-          d[2] = v.z;
-          d[3] = v.w;
-        }
-      }
-    }
-    __syncthreads();  // the staged rows are read before the next segment's Q lands there
+    narrow_store_rows<T>(p, c, prow0, sm.q, out16, tid);
   }
   if (p.tail_merge) {  // cooperative launch
     sm80::merge_pieces_at_end<T, kNThreads / 32, 8, 4>(p, sm.sched, reinterpret_cast<float*>(sm.kv[0]),

@@ -518,30 +518,9 @@ __global__ void __launch_bounds__(kNThreads, 2)
     }
     g0 += n_tiles;
 
-    // Column sums: over the 8 lanes of a column, then the 4 warps.
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-#pragma unroll
-      for (int o2 = 4; o2 < 32; o2 <<= 1) l_run[e] += __shfl_xor_sync(0xffffffffu, l_run[e], o2);
-    }
-    if (g8 == 0) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sm.red[w][narrow_col(e, lane)] = l_run[e];
-    }
-    __syncthreads();
     const int64_t prow0 = seg.slot < 0 ? -1 : static_cast<int64_t>(seg.slot) * p.part_rows;
-    const float osc = kDs ? 1.f / pw_prev : out_scale;
     float inv[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int col = narrow_col(e, lane), gr = c.m0 + col;
-      const float l = sm.red[0][col] + sm.red[1][col] + sm.red[2][col] + sm.red[3][col];
-      inv[e] = l > 0.f ? osc / l : 0.f;
-      if (w == 0 && g8 == 0 && gr < c.rows) {
-        sm80::store_row_lse(p, prow0 < 0 ? -1 : prow0 + gr, c.t0 + gr / H, gr % H,
-                            sm80::row_lse(m_run[e], l));
-      }
-    }
+    narrow_row_sums(p, c, prow0, sm.red, m_run, l_run, kDs ? 1.f / pw_prev : out_scale, inv, w, lane);
     // Staged output rows (over Q): value i of m-tile t is row narrow_col(narrow_e(i)), channel
     // 8 (r0 + 8 ((i >> 1) & 1)) + t.
 #pragma unroll
@@ -554,28 +533,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
       }
     }
     __syncthreads();
-    const int n_rows = min(kNM, c.rows - c.m0);
-    for (int idx = tid; idx < n_rows * (sm80::kL / 8); idx += kNThreads) {
-      const int r = idx / (sm80::kL / 8), piece = idx % (sm80::kL / 8);
-      const int gr = c.m0 + r;
-      const uint4 v = *reinterpret_cast<const uint4*>(sm.q + r * kNOutPitch + 16 * piece);
-      if (prow0 >= 0) {
-        *reinterpret_cast<uint4*>(static_cast<TQ*>(p.part_out) + (prow0 + gr) * sm80::kL + 8 * piece) = v;
-      } else {
-        TQ* dst = static_cast<TQ*>(p.out) + static_cast<int64_t>(c.t0 + gr / H) * p.out_stride_t +
-                  static_cast<int64_t>(gr % H) * p.out_stride_h + 8 * piece;
-        if (out16) {
-          *reinterpret_cast<uint4*>(dst) = v;
-        } else {
-          uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-          d[0] = v.x;
-          d[1] = v.y;
-          d[2] = v.z;
-          d[3] = v.w;
-        }
-      }
-    }
-    __syncthreads();  // the staged rows are read before the next segment's Q lands there
+    narrow_store_rows<TQ>(p, c, prow0, sm.q, out16, tid);
   }
   if (p.tail_merge) {  // cooperative launch
     sm80::merge_pieces_at_end<TQ, kNThreads / 32, 8, 4>(p, sm.sched, reinterpret_cast<float*>(sm.kv[0]),
