@@ -58,6 +58,57 @@ __device__ __forceinline__ uint32_t swz16(int r, int c) {
 __device__ __forceinline__ int narrow_col(int e, int lane) { return 2 * (lane & 3) + (e & 1) + 8 * (e >> 1); }
 __device__ __forceinline__ int narrow_e(int i) { return (i & 1) | ((i >> 2) << 1); }
 
+// Online softmax over a tile's columns (query rows), shared by the narrow kernels. Before the
+// barrier: this thread's partial column maxima `mx` (of its masked, base-2 scores) over the 8
+// lanes of a column (g8 = lane / 4), published to red[w].
+__device__ __forceinline__ void narrow_publish_max(float (&mx)[4], float (&red)[4][kNM], int w,
+                                                   int lane, int g8) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+#pragma unroll
+    for (int o2 = 4; o2 < 32; o2 <<= 1) mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xffffffffu, mx[e], o2));
+  }
+  if (g8 == 0) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[w][narrow_col(e, lane)] = mx[e];
+  }
+}
+
+// After it: the tile's column maxima from the 4 warps' red[], the running maxima, the factor
+// `alpha` the running sums and the output take, and in mx[e] the maximum the scores are taken
+// against.
+__device__ __forceinline__ void narrow_update_max(const float (&red)[4][kNM], float (&m_run)[4],
+                                                  float (&mx)[4], float (&alpha)[4], int lane) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int col = narrow_col(e, lane);
+    const float mt = fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col]));
+    const float m_new = fmaxf(m_run[e], mt);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: no NaN
+    alpha[e] = exp2f(m_run[e] - m_use);
+    m_run[e] = m_new;
+    mx[e] = m_use;
+  }
+}
+
+// P^T = exp2(s - mx) as TP into the 16 x 64 P chunk (value i: row narrow_col(narrow_e(i)),
+// position r0 + 8 ((i >> 1) & 1)); l_run = l_run * alpha + the tile's column sums.
+template <typename TP>
+__device__ __forceinline__ void narrow_write_p(float (&s)[8], const float (&mx)[4],
+                                               const float (&alpha)[4], float (&l_run)[4],
+                                               unsigned char* p, int r0, int lane) {
+  float sum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int e = narrow_e(i);
+    s[i] = exp2f(s[i] - mx[e]);
+    sum[e] += s[i];
+    *reinterpret_cast<TP*>(p + swz16(narrow_col(e, lane), r0 + 8 * ((i >> 1) & 1))) = from_float<TP>(s[i]);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) l_run[e] = l_run[e] * alpha[e] + sum[e];
+}
+
 // The end of a segment, shared by the narrow kernels. Column sums over the 8 lanes of a column,
 // then the 4 warps through red[] (whose maxima were last read before the last tile's second
 // barrier); lane 0 of warp 0's quads stores the rows' LSEs; inv[e]: osc / the sum of this
@@ -219,38 +270,11 @@ __global__ void __launch_bounds__(kNThreads, 1)
         s[i] = ok ? s[i] * scale_log2 : -INFINITY;
         mx[e] = fmaxf(mx[e], s[i]);
       }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-#pragma unroll
-        for (int o2 = 4; o2 < 32; o2 <<= 1) mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xffffffffu, mx[e], o2));
-      }
-      if (g8 == 0) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) sm.red[w][narrow_col(e, lane)] = mx[e];
-      }
+      narrow_publish_max(mx, sm.red, w, lane, g8);
       named_barrier(1, kNThreads);
       float alpha[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = narrow_col(e, lane);
-        const float mt = fmaxf(fmaxf(sm.red[0][col], sm.red[1][col]), fmaxf(sm.red[2][col], sm.red[3][col]));
-        const float m_new = fmaxf(m_run[e], mt);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: no NaN
-        alpha[e] = exp2f(m_run[e] - m_use);
-        m_run[e] = m_new;
-        mx[e] = m_use;
-      }
-      float sum[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int e = narrow_e(i);
-        s[i] = exp2f(s[i] - mx[e]);
-        sum[e] += s[i];
-        const int pos = 16 * w + g8 + 8 * ((i >> 1) & 1);
-        *reinterpret_cast<T*>(sm.p + swz16(narrow_col(e, lane), pos)) = from_float<T>(s[i]);
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) l_run[e] = l_run[e] * alpha[e] + sum[e];
+      narrow_update_max(sm.red, m_run, mx, alpha, lane);
+      narrow_write_p<T>(s, mx, alpha, l_run, sm.p, 16 * w + g8, lane);
 #pragma unroll
       for (int ch = 0; ch < 8; ++ch)
 #pragma unroll

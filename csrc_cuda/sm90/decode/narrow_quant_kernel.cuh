@@ -409,15 +409,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
         s[i] = ok ? s[i] * scale_log2 : -INFINITY;
         mx[e] = fmaxf(mx[e], s[i]);
       }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-#pragma unroll
-        for (int o2 = 4; o2 < 32; o2 <<= 1) mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xffffffffu, mx[e], o2));
-      }
-      if (g8 == 0) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) sm.red[w][narrow_col(e, lane)] = mx[e];
-      }
+      narrow_publish_max(mx, sm.red, w, lane, g8);
       // fp8_ds_mla: the tile's largest scale of scale tile w (positions past the end count 0).
       float pw = 1.f;
       if constexpr (kDs) {
@@ -433,27 +425,8 @@ __global__ void __launch_bounds__(kNThreads, 2)
       }
       named_barrier(1, kNThreads);
       float alpha[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = narrow_col(e, lane);
-        const float mt = fmaxf(fmaxf(sm.red[0][col], sm.red[1][col]), fmaxf(sm.red[2][col], sm.red[3][col]));
-        const float m_new = fmaxf(m_run[e], mt);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: no NaN
-        alpha[e] = exp2f(m_run[e] - m_use);
-        m_run[e] = m_new;
-        mx[e] = m_use;
-      }
-      float sum[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int e = narrow_e(i);
-        s[i] = exp2f(s[i] - mx[e]);
-        sum[e] += s[i];
-        const int pos = r0 + 8 * ((i >> 1) & 1);
-        *reinterpret_cast<__half*>(sm.p + swz16(narrow_col(e, lane), pos)) = __float2half_rn(s[i]);
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) l_run[e] = l_run[e] * alpha[e] + sum[e];
+      narrow_update_max(sm.red, m_run, mx, alpha, lane);
+      narrow_write_p<__half>(s, mx, alpha, l_run, sm.p, r0, lane);
       const float ratio = kDs ? pw / pw_prev : 1.f;  // exact: powers of two
       pw_prev = pw;
 #pragma unroll
