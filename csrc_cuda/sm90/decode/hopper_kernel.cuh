@@ -189,15 +189,32 @@ struct TileLoader {
   }
 
   __device__ __forceinline__ void issue(unsigned char* dst, uint64_t* bar, int tile_start) const {
+    int pg[4];
+    pages(tile_start, pg);
+    issue_pages(dst, bar, tile_start, pg);
+  }
+
+  // The pages of the tile at `tile_start` (read a tile ahead of issue_pages in the loops, so
+  // that the issuing thread never waits on the block table there).
+  __device__ __forceinline__ void pages(int tile_start, int (&pg)[4]) const {
+    const int n = pieces(tile_start);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) pg[k] = k < n ? bt[(tile_start + k * rows) / block_size] : 0;
+  }
+
+  // issue() with the pages from pages().
+  __device__ __forceinline__ void issue_pages(unsigned char* dst, uint64_t* bar, int tile_start,
+                                              const int (&pg)[4]) const {
     const int n = pieces(tile_start);
     mbar_arrive_expect_tx(bar, static_cast<uint32_t>(n * kChunks * rows * 128));
-    for (int k = 0; k < n; ++k) {
-      const int pos = tile_start + k * rows;
-      const int page = bt[pos / block_size];
-      const int in_page = pos % block_size;
 #pragma unroll
-      for (int ch = 0; ch < kChunks; ++ch) {
-        tma_load_3d(dst + ch * kChunk + k * rows * 128, map, bar, ch * 64, in_page, page);
+    for (int k = 0; k < 4; ++k) {
+      if (k < n) {
+        const int in_page = (tile_start + k * rows) % block_size;
+#pragma unroll
+        for (int ch = 0; ch < kChunks; ++ch) {
+          tma_load_3d(dst + ch * kChunk + k * rows * 128, map, bar, ch * 64, in_page, pg[k]);
+        }
       }
     }
   }
@@ -428,6 +445,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int g = g0 + it, st = g & (kStages - 1);
       const int tile_start = c.kv_lo + it * kBN;
       unsigned char* kv = sm.kv[st];
+      const bool refill = it + kStages < n_tiles;  // this stage takes tile it + 2 after it
+      int pages_next[4];  // thread 0: the pages of tile it + 2, read a tile before its issue
+      if (tid == 0 && refill) ld.pages(tile_start + kStages * kBN, pages_next);
       mbar_wait(&sm.full[st], (g / kStages) & 1);
 
       // S[:, 32 wg ..] = Q K^T over 576 = 9 chunks x 4 k-steps.
@@ -514,9 +534,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       // Both warpgroups are done with this stage and with P: refill the stage.
       __syncthreads();
-      if (tid == 0 && it + kStages < n_tiles) {
-        ld.issue(kv, &sm.full[st], tile_start + kStages * kBN);
-      }
+      if (tid == 0 && refill) ld.issue_pages(kv, &sm.full[st], tile_start + kStages * kBN, pages_next);
     }
     g0 += n_tiles;
 

@@ -22,6 +22,7 @@
 #pragma once
 
 #include "hopper_kernel.cuh"
+#include "narrow_trace.cuh"
 
 namespace portmla {
 namespace sm90 {
@@ -186,6 +187,8 @@ __global__ void __launch_bounds__(kNThreads, 1)
   const int H = p.num_heads;
   (void)q_map;
 
+  NT_DECL;
+  NT_EV(0);
   if (tid == 0) {
     tma_prefetch_desc(&kv_map);
     for (int s = 0; s < kStages; ++s) mbar_init(&sm.full[s], 1);
@@ -193,6 +196,7 @@ __global__ void __launch_bounds__(kNThreads, 1)
   }
   sched_fill_cta(p, sm.sched, w, lane);
   __syncthreads();
+  NT_EV(1);
 
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   const uint64_t q_desc = gmma_desc_sw128(sm.q, 16, 1024);
@@ -208,19 +212,30 @@ __global__ void __launch_bounds__(kNThreads, 1)
   while (walk.next(p, sm.sched, seg)) {
     sm80::CtaRows c;
     if (!segment_rows<kNM>(p, seg, m_tile, c)) continue;  // the same for every thread
+    NT_SEG(0);
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
                         p.block_size, min(p.block_size, kBN), c.kv_hi};
-    if (tid == 0) {  // both stages are free: the last tile ended with a CTA barrier
+    // Warp 0 issues the tiles' boxes (lane 0) with pages read a tile before the issue.
+    auto issue = [&](int st, int start, int pages, int slot) {
+      issue_boxes_warp(ld, sm.kv[st], &sm.full[st], start, kChunks,
+                       [](int j, int& col, int& ch) {
+                         ch = j;
+                         col = 64 * j;
+                       },
+                       pages, slot, lane);
+    };
+    if (w == 0) {  // both stages are free: the last tile ended with a CTA barrier
+      const int pages = prefetch_pages(ld, c.kv_lo, c.kv_lo + kBN, lane);
       for (int s = 0; s < kStages && s < n_tiles; ++s) {
-        ld.issue(sm.kv[(g0 + s) & (kStages - 1)], &sm.full[(g0 + s) & (kStages - 1)],
-                 c.kv_lo + s * kBN);
+        issue((g0 + s) & (kStages - 1), c.kv_lo + s * kBN, pages, 4 * s);
       }
     }
     issue_q_rows<T, kNM, kNThreads>(p, c, sm.q, tid, [](int r, int col) { return swz16(r, col); });
     cp_async_wait<0>();
     fence_proxy_async_smem();
     __syncthreads();
+    NT_SEG(1);
 
     int last[4];
 #pragma unroll
@@ -241,7 +256,12 @@ __global__ void __launch_bounds__(kNThreads, 1)
       const int g = g0 + it, st = g & (kStages - 1);
       const int tile_start = c.kv_lo + it * kBN;
       unsigned char* kv = sm.kv[st];
+      const bool refill = it + kStages < n_tiles;  // this stage takes tile it + 2 after it
+      int pages_next[4];  // thread 0: the pages of tile it + 2, read a tile before its issue
+      if (tid == 0 && refill) ld.pages(tile_start + kStages * kBN, pages_next);
+      NT_WAIT_BEGIN();
       mbar_wait(&sm.full[st], (g / kStages) & 1);
+      NT_WAIT_END(it == 0);
 
       // S^T = K Q^T over 576 = 9 chunks x 4 k-steps.
       float s[8];
@@ -305,11 +325,10 @@ __global__ void __launch_bounds__(kNThreads, 1)
         for (int ch = 0; ch < 8; ++ch) fence_regs(o[ch]);
       }
       __syncthreads();  // the stage and P are free
-      if (tid == 0 && it + kStages < n_tiles) {
-        ld.issue(kv, &sm.full[st], tile_start + kStages * kBN);
-      }
+      if (tid == 0 && refill) ld.issue_pages(kv, &sm.full[st], tile_start + kStages * kBN, pages_next);
     }
     g0 += n_tiles;
+    NT_SEG(3);
 
     const int64_t prow0 = seg.slot < 0 ? -1 : static_cast<int64_t>(seg.slot) * p.part_rows;
     float inv[4];
@@ -327,10 +346,15 @@ __global__ void __launch_bounds__(kNThreads, 1)
     }
     __syncthreads();
     narrow_store_rows<T>(p, c, prow0, sm.q, out16, tid);
+    NT_SEG(4);
+    NT_SEG_END();
   }
+  NT_EV(27);
+  NT_FINISH();
   if (p.tail_merge) {  // cooperative launch
     sm80::merge_pieces_at_end<T, kNThreads / 32, 8, 4>(p, sm.sched, reinterpret_cast<float*>(sm.kv[0]),
-                                                       w, lane, [] { __syncthreads(); }, [] {});
+                                                       w, lane, [] { __syncthreads(); }, [] { NT_EV(28); });
+    NT_EV(29);
   }
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel

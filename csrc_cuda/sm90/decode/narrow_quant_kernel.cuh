@@ -256,6 +256,8 @@ __global__ void __launch_bounds__(kNThreads, 2)
   const int H = p.num_heads;
   const int r0 = 16 * w + g8;  // this thread's fragment rows r0, r0 + 8
 
+  NT_DECL;
+  NT_EV(0);
   if (tid == 0) {
     tma_prefetch_desc(&kv_map);
     tma_prefetch_desc(&tail_map);
@@ -264,6 +266,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
   }
   sched_fill_cta(p, sm.sched, w, lane);
   __syncthreads();
+  NT_EV(1);
 
   float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   float out_scale = 1.f;
@@ -285,31 +288,47 @@ __global__ void __launch_bounds__(kNThreads, 2)
   while (walk.next(p, sm.sched, seg)) {
     sm80::CtaRows c;
     if (!segment_rows<kNM>(p, seg, m_tile, c)) continue;  // the same for every thread
+    NT_SEG(0);
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const int32_t* bt = p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride;
-    // Thread 0: the boxes of the tile at `start` (those holding positions < kv_hi).
-    auto issue = [&](int st, int start) {
+    // Warp 0, lane k: the page of box k of the tile at `start` (-1 past the boxes holding
+    // positions < kv_hi). Read a tile before its issue, so the issue never waits on it.
+    auto tile_pages = [&](int start) {
+      const int pos = start + lane * box_rows;
+      return lane * box_rows < kBN && pos < c.kv_hi ? bt[pos / p.block_size] : -1;
+    };
+    // Warp 0 (every lane; `pages` from tile_pages): the boxes of the tile at `start` into stage
+    // st. Lane 0 issues.
+    auto issue = [&](int st, int start, int pages) {
       const int left = c.kv_hi - start;
       const int n = min(kBN / box_rows, (left + box_rows - 1) / box_rows);
       unsigned char* dst = sm.kv[st];
-      mbar_arrive_expect_tx(&sm.full[st], static_cast<uint32_t>(n * box_rows * (4 * 128 + Lay::kTail)));
+      if (lane == 0) {
+        mbar_arrive_expect_tx(&sm.full[st], static_cast<uint32_t>(n * box_rows * (4 * 128 + Lay::kTail)));
+      }
       for (int k = 0; k < n; ++k) {
-        const int pos = start + k * box_rows;
-        const int page = bt[pos / p.block_size], in_page = pos % p.block_size;
+        const int page = __shfl_sync(0xffffffffu, pages, k);
+        if (lane == 0) {
+          const int in_page = (start + k * box_rows) % p.block_size;
 #pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          tma_load_3d(dst + b * kChunk + k * box_rows * 128, &kv_map, &sm.full[st], 128 * b, in_page, page);
+          for (int b = 0; b < 4; ++b) {
+            tma_load_3d(dst + b * kChunk + k * box_rows * 128, &kv_map, &sm.full[st], 128 * b, in_page, page);
+          }
+          tma_load_3d(dst + kNQLatent + k * box_rows * Lay::kTail, &tail_map, &sm.full[st], sm80::kL,
+                      in_page, page);
         }
-        tma_load_3d(dst + kNQLatent + k * box_rows * Lay::kTail, &tail_map, &sm.full[st], sm80::kL,
-                    in_page, page);
       }
     };
-    if (tid == 0) {  // both stages are free: the last tile's loads were read before a barrier
-      for (int s = 0; s < kNQStages && s < n_tiles; ++s) issue((g0 + s) & 1, c.kv_lo + s * kBN);
+    if (w == 0) {  // both stages are free: the last tile's loads were read before a barrier
+      const int pages0 = tile_pages(c.kv_lo), pages1 = tile_pages(c.kv_lo + kBN);
+      for (int s = 0; s < kNQStages && s < n_tiles; ++s) {
+        issue((g0 + s) & 1, c.kv_lo + s * kBN, s == 0 ? pages0 : pages1);
+      }
     }
     nq_load_q<TQ, FMT>(p, c, sm.q, sm.qinv, tid);
     fence_proxy_async_smem();
     __syncthreads();
+    NT_SEG(1);
 
     int last[4];
     float qinv[4], m_run[4], l_run[4];
@@ -334,7 +353,11 @@ __global__ void __launch_bounds__(kNThreads, 2)
       const int valid = c.kv_hi - tile_start;  // positions of this tile in the segment
       const unsigned char* kv = sm.kv[st];
       const unsigned char* tail = kv + kNQLatent;
+      const bool refill = it + kNQStages < n_tiles;  // this stage takes tile it + 2 after it
+      const int pages_next = w == 0 && refill ? tile_pages(tile_start + kNQStages * kBN) : -1;
+      NT_WAIT_BEGIN();
       mbar_wait(&sm.full[st], (g >> 1) & 1);
+      NT_WAIT_END(it == 0);
 
       // ---- S^T = K Q^T: four latent boxes (8 k-steps each) and the RoPE (4), A from registers,
       // converting box b + 1 while box b's k-steps run.
@@ -482,7 +505,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
         }
       }
       named_barrier(1, kNThreads);  // every thread has read the stage's bytes
-      if (tid == 0 && it + kNQStages < n_tiles) issue(st, tile_start + kNQStages * kBN);
+      if (w == 0 && refill) issue(st, tile_start + kNQStages * kBN, pages_next);
       wgmma_wait<0>();
 #pragma unroll
       for (int t = 0; t < 8; ++t) fence_regs(o[t]);
@@ -490,6 +513,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
       fence_regs(a[1]);
     }
     g0 += n_tiles;
+    NT_SEG(3);
 
     const int64_t prow0 = seg.slot < 0 ? -1 : static_cast<int64_t>(seg.slot) * p.part_rows;
     float inv[4];
@@ -507,10 +531,15 @@ __global__ void __launch_bounds__(kNThreads, 2)
     }
     __syncthreads();
     narrow_store_rows<TQ>(p, c, prow0, sm.q, out16, tid);
+    NT_SEG(4);
+    NT_SEG_END();
   }
+  NT_EV(27);
+  NT_FINISH();
   if (p.tail_merge) {  // cooperative launch
     sm80::merge_pieces_at_end<TQ, kNThreads / 32, 8, 4>(p, sm.sched, reinterpret_cast<float*>(sm.kv[0]),
-                                                        w, lane, [] { __syncthreads(); }, [] {});
+                                                        w, lane, [] { __syncthreads(); }, [] { NT_EV(28); });
+    NT_EV(29);
   }
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
