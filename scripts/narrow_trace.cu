@@ -268,6 +268,35 @@ int main(int argc, char** argv) {
     const double slope = (n * sxy - sx * sy) / (n * sxx - sx * sx);
     printf("loop left ~ %.3f us a tile x tiles + %.2f\n", slope, (sy - slope * sx) / n);
   }
+  if (quant) {  // CTA 0's warps within its tiles (narrow_trace.cuh: NT_WARP), cycles
+    static long long w[portmla::sm90::kNtWTiles][6][4];
+    cudaMemcpyFromSymbol(w, portmla::sm90::g_ntw, sizeof(w));
+    const char* names[6] = {"top", "data", "S issue", "S done", "P visible", "end"};
+    double lag[6][4] = {}, span[6] = {};
+    int n = 0;
+    for (int t = 0; t + 1 < portmla::sm90::kNtWTiles; ++t) {
+      if (!w[t][0][0] || !w[t + 1][0][0]) continue;
+      ++n;
+      for (int e = 0; e < 6; ++e) {
+        long long lo = w[t][e][0];
+        for (int q = 1; q < 4; ++q) lo = std::min(lo, w[t][e][q]);
+        for (int q = 0; q < 4; ++q) lag[e][q] += w[t][e][q] - lo;
+        const long long from = e == 0 ? w[t][5][0] - (w[t + 1][0][0] - w[t][0][0]) : w[t][e - 1][0];
+        span[e] += w[t][e][0] - from;
+      }
+    }
+    if (n) {
+      printf("CTA 0, %d tiles: mean cycles since the previous event (warp 0) and each warp's lag behind the first warp there\n", n);
+      for (int e = 0; e < 6; ++e) {
+        printf("  %-10s %7.0f | lag w0 %5.0f w1 %5.0f w2 %5.0f w3 %5.0f\n", names[e], e ? span[e] / n : 0.0,
+               lag[e][0] / n, lag[e][1] / n, lag[e][2] / n, lag[e][3] / n);
+      }
+      double tile = 0;
+      for (int t = 0; t + 1 < portmla::sm90::kNtWTiles; ++t)
+        if (w[t][0][0] && w[t + 1][0][0]) tile += w[t + 1][0][0] - w[t][0][0];
+      printf("  tile (top to top) %.0f cycles\n", tile / n);
+    }
+  }
   // The 8 latest CTAs.
   std::vector<int> order(ctas);
   for (int k = 0; k < ctas; ++k) order[k] = k;

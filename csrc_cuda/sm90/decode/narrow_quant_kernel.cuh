@@ -353,11 +353,13 @@ __global__ void __launch_bounds__(kNThreads, 2)
       const int valid = c.kv_hi - tile_start;  // positions of this tile in the segment
       const unsigned char* kv = sm.kv[st];
       const unsigned char* tail = kv + kNQLatent;
+      NT_WARP(0, g);
       const bool refill = it + kNQStages < n_tiles;  // this stage takes tile it + 2 after it
       const int pages_next = w == 0 && refill ? tile_pages(tile_start + kNQStages * kBN) : -1;
       NT_WAIT_BEGIN();
       mbar_wait(&sm.full[st], (g >> 1) & 1);
       NT_WAIT_END(it == 0);
+      NT_WARP(1, g);
 
       // ---- S^T = K Q^T: four latent boxes (8 k-steps each) and the RoPE (4), A from registers,
       // converting box b + 1 while box b's k-steps run.
@@ -373,6 +375,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
       for (int b = 0; b < 5; ++b) {
         float(&d)[8] = acc[kDs ? b : 0];
         fence_regs(d);
+        if (b == 0) NT_WARP(2, g);
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < (b < 4 ? 8 : 4); ++k) {
@@ -396,6 +399,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
         }
       }
       wgmma_wait<0>();
+      NT_WARP(3, g);
 #pragma unroll
       for (int x = 0; x < (kDs ? 5 : 1); ++x) fence_regs(acc[x]);
       fence_regs(a[0]);
@@ -458,6 +462,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
         for (int i = 0; i < 8; ++i) o[t][i] *= alpha[narrow_e(i)] * ratio;
       fence_proxy_async_smem();
       named_barrier(1, kNThreads);  // P visible to wgmma; red[] read by every warp
+      NT_WARP(4, g);
 
       // ---- O^T += V^T P^T: k-step ks converts while k-step ks - 1 runs.
       auto v_step = [&](int ks, uint32_t(&av)[32]) {
@@ -511,6 +516,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
       for (int t = 0; t < 8; ++t) fence_regs(o[t]);
       fence_regs(a[0]);
       fence_regs(a[1]);
+      NT_WARP(5, g);
     }
     g0 += n_tiles;
     NT_SEG(3);

@@ -23,9 +23,19 @@ __device__ __forceinline__ unsigned long long nt_now() {
   return t;
 }
 __device__ __forceinline__ int nt_cta() { return blockIdx.y * gridDim.x + blockIdx.x; }
+constexpr int kNtW0 = 8, kNtWTiles = 32;
+__device__ long long g_ntw[kNtWTiles][6][4];
 }  // namespace sm90
 }  // namespace portmla
 
+// Per warp (lane 0) of CTA 0, global tiles kNtW0 .. kNtW0 + kNtWTiles - 1: clock64 at the tile
+// events NT_WARP(e) (e < 6): where the warps of the warpgroup drift apart within a tile.
+#define NT_WARP(e, g)                                                                         \
+  do {                                                                                        \
+    if (blockIdx.x == 0 && blockIdx.y == 0 && (threadIdx.x & 31) == 0 && (g) >= kNtW0 &&     \
+        (g) < kNtW0 + kNtWTiles)                                                              \
+      g_ntw[(g) - kNtW0][e][threadIdx.x >> 5] = clock64();                                    \
+  } while (0)
 #define NT_DECL                                                 \
   int nt_seg = 0, nt_tiles = 0;                                 \
   unsigned long long nt_wait = 0;                               \
@@ -57,6 +67,7 @@ __device__ __forceinline__ int nt_cta() { return blockIdx.y * gridDim.x + blockI
     }                                                                                        \
   } while (0)
 #else
+#define NT_WARP(e, g)
 #define NT_DECL
 #define NT_EV(ev)
 #define NT_SEG(e)
