@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 
 #include "../csrc_cuda/sm90/decode/instances.h"
+#include "trace_params.h"
 
 // decode_hopper.cu names the pair / single-tile launchers too (declared before it uses them);
 // this tool never runs them.
@@ -128,44 +129,17 @@ int main(int argc, char** argv) {
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   portmla::DecodeParams p;
-  p.q = d_q;
-  p.q_stride_t = H * D;
-  p.q_stride_h = D;
+  trace_params(p, d_q, d_out, d_bt, d_lens, B, H, pages_per_seq, n_pages, sms * (quant ? 2 : 1),
+               argc > 4 ? atoi(argv[4]) : (quant ? 4 : 3));  // parts: backends/cuda.py per_sm; SCHED_FIXED
   p.kv_cache = d_cache;
   p.page_stride = quant ? BS * entry : BS * D;  // bytes for the quantized formats, else elements
   p.token_stride = quant ? entry : D;
   if (quant) {
     p.kv_format = ds ? portmla::kKvDsMla : portmla::kKvFp8;
-    if (fp8) {
-      float ks = 0.02f, *d_ks;
-      cudaMalloc(&d_ks, 4);
-      cudaMemcpy(d_ks, &ks, 4, cudaMemcpyHostToDevice);
-      p.k_scale = d_ks;
-    }
+    if (fp8) p.k_scale = trace_k_scale(0.02f);
   }
-  p.num_blocks = n_pages;
-  p.block_size = BS;
-  p.block_table = d_bt;
-  p.bt_stride = pages_per_seq;
-  p.seq_lens = d_lens;
-  p.out = d_out;
-  p.out_stride_t = H * 512;
-  p.out_stride_h = 512;
-  p.num_tokens = B;
-  p.num_seqs = B;
-  p.num_heads = H;
-  p.softmax_scale = 0.0417f;
   p.variant = quant ? portmla::sm80::kHopperNarrowQuant : portmla::sm80::kHopperNarrow;
-  p.num_parts = sms * (quant ? 2 : 1);  // backends/cuda.py: per_sm 2 for the quantized form
-  p.sched_fixed = argc > 4 ? atoi(argv[4]) : (quant ? 4 : 3);  // SCHED_FIXED
-  p.part_rows = H;
   p.tail_merge = argc > 5 ? atoi(argv[5]) : 1;
-  const int slots = 2 * (p.num_parts - 1);
-  cudaMalloc(&p.sched_cum, (2 * B + 2) * 8);
-  p.sched_piece = reinterpret_cast<int32_t*>(p.sched_cum + B + 2);
-  cudaMalloc(&p.part_out, static_cast<size_t>(slots) * H * 512 * 2);
-  cudaMalloc(&p.part_lse, static_cast<size_t>(slots) * H * 4);
-  cudaMalloc(&p.sched_cut, (1 + B) * 4);
 
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);

@@ -23,6 +23,7 @@
 #include "../csrc_cuda/sm90/decode/pair_fp8_fp16q.cu"
 #include "../csrc_cuda/sm90/decode/tile_bf16.cu"
 #include "../csrc_cuda/sm90/decode/tile_fp16.cu"
+#include "trace_params.h"
 
 int main(int argc, char** argv) {
   const int B = argc > 3 ? atoi(argv[3]) : 128, H = 128, S = argc > 1 ? atoi(argv[1]) : 4096;
@@ -53,41 +54,16 @@ int main(int argc, char** argv) {
   cudaMemcpy(d_bt, bt.data(), bt.size() * 4, cudaMemcpyHostToDevice);
   cudaMemcpy(d_lens, lens.data(), B * 4, cudaMemcpyHostToDevice);
   portmla::DecodeParams p;
-  p.q = d_q;
-  p.q_stride_t = H * D;
-  p.q_stride_h = D;
+  trace_params(p, d_q, d_out, d_bt, d_lens, B, H, pages_per_seq, B * pages_per_seq,
+               66 /* 132 SMs / 2 row tiles */, argc > 4 ? atoi(argv[4]) : 6 /* SCHED_FIXED["hopper"] */);
   p.kv_cache = d_cache;
   p.page_stride = BS * D;  // elements (bytes for fp8)
   p.token_stride = D;
   if (fp8) {
-    float ks = 0.02f, *d_ks;
-    cudaMalloc(&d_ks, 4);
-    cudaMemcpy(d_ks, &ks, 4, cudaMemcpyHostToDevice);
     p.kv_format = portmla::kKvFp8;
-    p.k_scale = d_ks;
+    p.k_scale = trace_k_scale(0.02f);
   }
-  p.num_blocks = B * pages_per_seq;
-  p.block_size = BS;
-  p.block_table = d_bt;
-  p.bt_stride = pages_per_seq;
-  p.seq_lens = d_lens;
-  p.out = d_out;
-  p.out_stride_t = H * 512;
-  p.out_stride_h = 512;
-  p.num_tokens = B;
-  p.num_seqs = B;
-  p.num_heads = H;
-  p.softmax_scale = 0.0417f;
   p.variant = portmla::sm80::kHopperPair;
-  p.num_parts = 66;  // 132 SMs / 2 row tiles
-  p.sched_fixed = argc > 4 ? atoi(argv[4]) : 6;  // SCHED_FIXED["hopper"]
-  p.part_rows = H;
-  const int slots = 2 * (p.num_parts - 1);
-  cudaMalloc(&p.sched_cum, (2 * B + 2) * 8);
-  p.sched_piece = reinterpret_cast<int32_t*>(p.sched_cum + B + 2);
-  cudaMalloc(&p.part_out, static_cast<size_t>(slots) * H * 512 * 4);
-  cudaMalloc(&p.part_lse, static_cast<size_t>(slots) * H * 4);
-  cudaMalloc(&p.sched_cut, (1 + B) * 4);
   const cudaError_t serr = portmla::launch_decode_schedule(p, 0);
   if (serr != cudaSuccess) {
     printf("schedule: %s\n", cudaGetErrorString(serr));
