@@ -52,6 +52,28 @@ __device__ __forceinline__ float2 fp8x2_e4m3_to_float2(uint16_t v) {
   return __half22float2(__half2(h));
 }
 
+// Two e4m3fn bytes (bits 16..31 of w, the lower byte first) -> fp16x2, exact. sm_89+: one cvt
+// of the register's upper half, which ptxas reads in place (F2FP .. R.H1); `w >> 16` first
+// cost a shift for every such pair (9-12 % of the narrow quantized kernel's instructions).
+__device__ __forceinline__ uint32_t e4m3x2_hi_to_h2(uint32_t w) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint32_t r;
+  asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %1;\n cvt.rn.f16x2.e4m3x2 %0, h;\n}\n" : "=r"(r) : "r"(w));
+  return r;
+#else
+  const __half2_raw h =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> 16), __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+#endif
+}
+
+// Two e4m3fn bytes (bits 0..15 of w, the lower byte first) -> fp16x2, exact.
+__device__ __forceinline__ uint32_t e4m3x2_lo_to_h2(uint32_t w) {
+  const __half2_raw h =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xffffu), __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+
 // Powers of two (s, 1/s) with amax * s in [2^14, 2^15): a bf16 / fp16 row times s is
 // exact in fp16 (down to 2^-28 amax, fp16's subnormals).
 __device__ __forceinline__ void pow2_row_scale(float amax, float& s, float& inv) {

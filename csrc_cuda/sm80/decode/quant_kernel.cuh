@@ -332,7 +332,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
             ldmatrix_x4(r, base + Lay::kNope + nope_off(tok, 8 * kq + 4 * h + (lane >> 3)));
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-              mma_16816<__half>(acc[nt], qf[4 * h + i], e4m3x2_to_h2(r[i]), e4m3x2_to_h2(r[i] >> 16));
+              mma_16816<__half>(acc[nt], qf[4 * h + i], e4m3x2_to_h2(r[i]), e4m3x2_hi_to_h2(r[i]));
             }
           }
         }
@@ -341,7 +341,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
           ldmatrix_x4(r, base + Lay::kRope + rope_off<FMT>(32 * th + 8 * (lane >> 3) + (lane & 7), kq));
 #pragma unroll
           for (int nt = 0; nt < 4; ++nt) {
-            mma_16816<__half>(acc[nt], qf[8], e4m3x2_to_h2(r[nt]), e4m3x2_to_h2(r[nt] >> 16));
+            mma_16816<__half>(acc[nt], qf[8], e4m3x2_to_h2(r[nt]), e4m3x2_hi_to_h2(r[nt]));
           }
         } else {
           // latent partial times the tokens' scale of tile kq and Q's row factor, then the bf16
@@ -502,7 +502,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
           for (int h = 0; h < 2; ++h) {
             const uint32_t lo = byte_perm(r[2 * h], 0x3120), hi = byte_perm(r[2 * h + 1], 0x3120);
             mma_16816<__half>(o[x][2 * h], pa, e4m3x2_to_h2(lo), e4m3x2_to_h2(hi));
-            mma_16816<__half>(o[x][2 * h + 1], pa, e4m3x2_to_h2(lo >> 16), e4m3x2_to_h2(hi >> 16));
+            mma_16816<__half>(o[x][2 * h + 1], pa, e4m3x2_hi_to_h2(lo), e4m3x2_hi_to_h2(hi));
           }
         }
       }

@@ -89,8 +89,8 @@ __device__ __forceinline__ uint32_t prmt2(uint32_t a, uint32_t b, uint32_t sel) 
   asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
   return r;
 }
-__device__ __forceinline__ uint32_t h2lo(uint32_t v) { return sm80::quant::e4m3x2_to_h2(v); }
-__device__ __forceinline__ uint32_t h2hi(uint32_t v) { return sm80::quant::e4m3x2_to_h2(v >> 16); }
+__device__ __forceinline__ uint32_t h2lo(uint32_t v) { return e4m3x2_lo_to_h2(v); }
+__device__ __forceinline__ uint32_t h2hi(uint32_t v) { return e4m3x2_hi_to_h2(v); }
 
 // S^T A fragments of latent box b (k-steps 8b .. 8b + 7): a[4k + {0, 1, 2, 3}] = (row r0: e0 e1,
 // row r0 + 8: e0 e1, row r0: e2 e3, row r0 + 8: e2 e3) of k-step k.

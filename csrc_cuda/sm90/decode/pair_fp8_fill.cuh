@@ -77,16 +77,13 @@ template <typename T, bool kScaled>
 __device__ __forceinline__ void e4m3x4_to(uint32_t w, float sc, uint32_t& lo, uint32_t& hi) {
   if constexpr (std::is_same<T, __half>::value) {
     static_assert(!kScaled, "fp16 stages hold unscaled e4m3 values");
-    const __half2_raw a =
-        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xffffu), __NV_E4M3);
-    const __half2_raw b =
-        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> 16), __NV_E4M3);
-    lo = static_cast<uint32_t>(a.x) | (static_cast<uint32_t>(a.y) << 16);
-    hi = static_cast<uint32_t>(b.x) | (static_cast<uint32_t>(b.y) << 16);
+    lo = e4m3x2_lo_to_h2(w);
+    hi = e4m3x2_hi_to_h2(w);
     return;
   }
-  float2 a = fp8x2_e4m3_to_float2(static_cast<uint16_t>(w & 0xffffu));
-  float2 b = fp8x2_e4m3_to_float2(static_cast<uint16_t>(w >> 16));
+  const uint32_t hl = e4m3x2_lo_to_h2(w), hh = e4m3x2_hi_to_h2(w);
+  float2 a = __half22float2(*reinterpret_cast<const __half2*>(&hl));
+  float2 b = __half22float2(*reinterpret_cast<const __half2*>(&hh));
   if constexpr (kScaled) {
     a.x *= sc;
     a.y *= sc;
