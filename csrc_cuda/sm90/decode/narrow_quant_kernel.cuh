@@ -25,7 +25,8 @@
 //       that brings the tile's largest into [0.5, 1); O rescaled exactly when it changes).
 // Stages: the four 128-byte-swizzled latent boxes [64][128] (the raw map) and a tail box
 // [64][64 (fp8 RoPE) or 144 (fp8_ds_mla scales + bf16 RoPE)] (unswizzled map); two stages,
-// thread 0 issues tile i + 2 once every thread has read tile i's bytes. Positions past the
+// warp 0 issues tile i + 2 (lane 0; its pages read a tile ahead by the warp's lanes) once every
+// thread has read tile i's bytes. Positions past the
 // segment's end are masked out of S^T and zeroed in the V fragments (unused slots may hold NaN).
 #pragma once
 
