@@ -3,9 +3,9 @@
 // where a call's time goes besides streaming the cache (launch skew, segment starts, data
 // waits, the end skew, the pieces' merge).
 //   nt S B bf16|fp8|ds [sched_fixed] [tail_merge 0|1]
-// GPU machine:
-//   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a \
-//     -DPORTMLA_HAVE_SM90A=1 -DPORTMLA_NARROW_TRACE -Icsrc_cuda -I$PORTMLA_CUTLASS_INCLUDE \
+// Built with one nvcc command (flags listed over three lines):
+//   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a
+//     -DPORTMLA_HAVE_SM90A=1 -DPORTMLA_NARROW_TRACE -Icsrc_cuda -I$PORTMLA_CUTLASS_INCLUDE
 //     scripts/narrow_trace.cu -o nt
 #include <algorithm>
 #include <cmath>

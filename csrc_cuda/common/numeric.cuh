@@ -83,6 +83,15 @@ __device__ __forceinline__ void pow2_row_scale(float amax, float& s, float& inv)
   inv = __int_as_float((127 - k) << 23);
 }
 
+// pow2_row_scale of a row spread over kLanes consecutive lanes (`amax`: this lane's part of the
+// row's largest magnitude).
+template <int kLanes>
+__device__ __forceinline__ void pow2_row_scale_lanes(float amax, float& s, float& inv) {
+#pragma unroll
+  for (int o = 1; o < kLanes; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  pow2_row_scale(amax, s, inv);
+}
+
 // Largest magnitude of the 8 T values (bf16 / fp16) in a 16-byte word.
 template <typename T>
 __device__ __forceinline__ float amax8(const uint4& v) {

@@ -209,10 +209,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
     // Q rows -> fp16, scaled per row by a power of two (fp8_ds_mla: the RoPE part stays T).
     {
       const int r = tid >> 4, l16 = tid & 15, gr = c.m0 + r;
-      const T* q = static_cast<const T*>(p.q) +
-                   (gr < c.rows ? static_cast<int64_t>(c.t0 + gr / H) * p.q_stride_t +
-                                      static_cast<int64_t>(gr % H) * p.q_stride_h
-                                : 0);
+      const T* q = static_cast<const T*>(p.q) + (gr < c.rows ? c.q_offset(p, gr) : 0);
       uint4 v[5];
       float amax = 0.f;
 #pragma unroll
@@ -222,10 +219,8 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
         if (ch < kD / 8 && gr < c.rows) v[i] = *reinterpret_cast<const uint4*>(q + ch * 8);
         if (ch < kD / 8 && (!kDs || ch < kL / 8)) amax = fmaxf(amax, amax8<T>(v[i]));
       }
-#pragma unroll
-      for (int o = 1; o < 16; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
       float qs, qinv;
-      pow2_row_scale(amax, qs, qinv);
+      pow2_row_scale_lanes<16>(amax, qs, qinv);
 #pragma unroll
       for (int i = 0; i < 5; ++i) {
         const int ch = l16 + 16 * i;

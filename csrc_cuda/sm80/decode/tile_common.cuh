@@ -48,6 +48,11 @@ struct CtaRows {
   __device__ __forceinline__ int last_pos(int g, int H) const {
     return g < rows ? seq_len - nq + g / H : INT32_MAX;
   }
+  // Element offset of row g's query (token t0 + g / H, head g % H) in p.q.
+  __device__ __forceinline__ int64_t q_offset(const DecodeParams& p, int g) const {
+    return static_cast<int64_t>(t0 + g / p.num_heads) * p.q_stride_t +
+           static_cast<int64_t>(g % p.num_heads) * p.q_stride_h;
+  }
 };
 
 // Fills c for row tile m_tile of sequence b with every position its rows may see
@@ -108,14 +113,12 @@ template <typename T, int BM, int THREADS>
 __device__ __forceinline__ void load_q_tile(const DecodeParams& p, const CtaRows& c, T* sQ,
                                             int tid) {
   const T* q = static_cast<const T*>(p.q);
-  const int H = p.num_heads;
   for (int i = tid; i < BM * kChunks16; i += THREADS) {
     const int r = i / kChunks16, ch = i % kChunks16;
     const int g = c.m0 + r;
     T* dst = sQ + r * kSRow + ch * 8;
     if (g < c.rows) {
-      const T* src = q + static_cast<int64_t>(c.t0 + g / H) * p.q_stride_t +
-                     static_cast<int64_t>(g % H) * p.q_stride_h + ch * 8;
+      const T* src = q + c.q_offset(p, g) + ch * 8;
       cp_async16(dst, src);
     } else {
       *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);

@@ -97,14 +97,12 @@ template <typename T, int kRows, int kN, class At>
 __device__ __forceinline__ void issue_q_rows(const DecodeParams& p, const sm80::CtaRows& c,
                                              unsigned char* dst, int tid, At at) {
   const T* q = static_cast<const T*>(p.q);
-  const int H = p.num_heads;
   for (int i = tid; i < kRows * (sm80::kD / 8); i += kN) {
     const int r = i / (sm80::kD / 8), col = (i % (sm80::kD / 8)) * 8;
     const int g = c.m0 + r;
     unsigned char* d = dst + at(r, col);
     if (g < c.rows) {
-      cp_async16(d, q + static_cast<int64_t>(c.t0 + g / H) * p.q_stride_t +
-                        static_cast<int64_t>(g % H) * p.q_stride_h + col);
+      cp_async16(d, q + c.q_offset(p, g) + col);
     } else {
       *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
     }
@@ -130,15 +128,12 @@ __device__ __forceinline__ void load_q_pow2(const DecodeParams& p, const sm80::C
                                             unsigned char* dst, float* q_inv, int tid) {
   constexpr int kPer = sm80::kD / 8 / 8;  // chunks a thread
   const TQ* q = static_cast<const TQ*>(p.q);
-  const int H = p.num_heads, l8 = tid & 7;
+  const int l8 = tid & 7;
 #pragma unroll 1
   for (int r = tid >> 3; r < kBM; r += kThreads / 8) {
     const int g = c.m0 + r;
     const bool live = g < c.rows;
-    const uint4* row = reinterpret_cast<const uint4*>(
-        q + (live ? static_cast<int64_t>(c.t0 + g / H) * p.q_stride_t +
-                        static_cast<int64_t>(g % H) * p.q_stride_h
-                  : 0));
+    const uint4* row = reinterpret_cast<const uint4*>(q + (live ? c.q_offset(p, g) : 0));
     uint4 v[kPer];
     float amax = 0.f;
 #pragma unroll
@@ -146,10 +141,8 @@ __device__ __forceinline__ void load_q_pow2(const DecodeParams& p, const sm80::C
       v[i] = live ? __ldg(row + l8 + 8 * i) : make_uint4(0, 0, 0, 0);
       amax = fmaxf(amax, amax8<TQ>(v[i]));
     }
-#pragma unroll
-    for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     float sc, inv;
-    pow2_row_scale(amax, sc, inv);
+    pow2_row_scale_lanes<8>(amax, sc, inv);
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       *reinterpret_cast<uint4*>(dst + swz(r, 8 * (l8 + 8 * i))) = scale8_to_half<TQ>(v[i], sc);

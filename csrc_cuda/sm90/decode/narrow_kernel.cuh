@@ -173,6 +173,39 @@ __device__ __forceinline__ void narrow_store_rows(const DecodeParams& p, const s
   __syncthreads();  // the staged rows are read before the next segment's Q lands there
 }
 
+// A segment's normalised output (fragment t's value i: row narrow_col(narrow_e(i)), channel
+// chan(t, i), times inv of its column) staged over Q, then stored (narrow_store_rows).
+template <typename T, class Chan>
+__device__ __forceinline__ void narrow_finish_rows(const DecodeParams& p, const sm80::CtaRows& c,
+                                                   int64_t prow0, const float (&o)[8][8],
+                                                   const float (&inv)[4], unsigned char* staged,
+                                                   bool out16, int tid, int lane, Chan chan) {
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int e = narrow_e(i);
+      *reinterpret_cast<T*>(staged + narrow_col(e, lane) * kNOutPitch + 2 * chan(t, i)) =
+          from_float<T>(o[t][i] * inv[e]);
+    }
+  }
+  __syncthreads();
+  narrow_store_rows<T>(p, c, prow0, staged, out16, tid);
+}
+
+// The pieces' merge at the end of a narrow kernel (cooperative launch when p.tail_merge);
+// `scratch`: a free KV stage.
+template <typename T>
+__device__ __forceinline__ void narrow_tail_merge(const DecodeParams& p, const SchedTable& t,
+                                                  unsigned char* scratch, int w, int lane) {
+  if (p.tail_merge) {
+    sm80::merge_pieces_at_end<T, kNThreads / 32, 8, 4>(p, t, reinterpret_cast<float*>(scratch), w,
+                                                       lane, [] { __syncthreads(); },
+                                                       [] { NT_EV(28); });
+    NT_EV(29);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kNThreads, 1)
     mla_decode_hopper_narrow_kernel(const __grid_constant__ CUtensorMap kv_map,
@@ -333,29 +366,16 @@ __global__ void __launch_bounds__(kNThreads, 1)
     const int64_t prow0 = seg.slot < 0 ? -1 : static_cast<int64_t>(seg.slot) * p.part_rows;
     float inv[4];
     narrow_row_sums(p, c, prow0, sm.red, m_run, l_run, 1.f, inv, w, lane);
-    // Staged output rows: value i of chunk ch's fragment is row narrow_col(narrow_e(i)),
-    // channel 64 ch + 16 w + g8 + 8 ((i >> 1) & 1).
-#pragma unroll
-    for (int ch = 0; ch < 8; ++ch) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int e = narrow_e(i), chan = 64 * ch + 16 * w + g8 + 8 * ((i >> 1) & 1);
-        *reinterpret_cast<T*>(sm.q + narrow_col(e, lane) * kNOutPitch + 2 * chan) =
-            from_float<T>(o[ch][i] * inv[e]);
-      }
-    }
-    __syncthreads();
-    narrow_store_rows<T>(p, c, prow0, sm.q, out16, tid);
+    // Chunk ch's fragment value i is channel 64 ch + 16 w + g8 + 8 ((i >> 1) & 1).
+    narrow_finish_rows<T>(p, c, prow0, o, inv, sm.q, out16, tid, lane, [&](int ch, int i) {
+      return 64 * ch + 16 * w + g8 + 8 * ((i >> 1) & 1);
+    });
     NT_SEG(4);
     NT_SEG_END();
   }
   NT_EV(27);
   NT_FINISH();
-  if (p.tail_merge) {  // cooperative launch
-    sm80::merge_pieces_at_end<T, kNThreads / 32, 8, 4>(p, sm.sched, reinterpret_cast<float*>(sm.kv[0]),
-                                                       w, lane, [] { __syncthreads(); }, [] { NT_EV(28); });
-    NT_EV(29);
-  }
+  narrow_tail_merge<T>(p, sm.sched, sm.kv[0], w, lane);
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
 #endif

@@ -196,11 +196,8 @@ template <typename TQ, int FMT>
 __device__ __forceinline__ void nq_load_q(const DecodeParams& p, const sm80::CtaRows& c,
                                           unsigned char* dst, float* qinv, int tid) {
   constexpr bool kDs = FMT == kKvDsMla;
-  const int r = tid >> 3, l8 = tid & 7, gr = c.m0 + r, H = p.num_heads;
-  const TQ* q = static_cast<const TQ*>(p.q) +
-                (gr < c.rows ? static_cast<int64_t>(c.t0 + gr / H) * p.q_stride_t +
-                                   static_cast<int64_t>(gr % H) * p.q_stride_h
-                             : 0);
+  const int r = tid >> 3, l8 = tid & 7, gr = c.m0 + r;
+  const TQ* q = static_cast<const TQ*>(p.q) + (gr < c.rows ? c.q_offset(p, gr) : 0);
   uint4 v[9];
   float amax = 0.f;
 #pragma unroll
@@ -209,10 +206,8 @@ __device__ __forceinline__ void nq_load_q(const DecodeParams& p, const sm80::Cta
     v[i] = gr < c.rows ? *reinterpret_cast<const uint4*>(q + ch * 8) : make_uint4(0, 0, 0, 0);
     if (!kDs || ch < sm80::kL / 8) amax = fmaxf(amax, amax8<TQ>(v[i]));
   }
-#pragma unroll
-  for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   float qs, qi;
-  pow2_row_scale(amax, qs, qi);
+  pow2_row_scale_lanes<8>(amax, qs, qi);
 #pragma unroll
   for (int i = 0; i < 9; ++i) {
     const int ch = l8 + 8 * i;
@@ -525,29 +520,15 @@ __global__ void __launch_bounds__(kNThreads, 2)
     const int64_t prow0 = seg.slot < 0 ? -1 : static_cast<int64_t>(seg.slot) * p.part_rows;
     float inv[4];
     narrow_row_sums(p, c, prow0, sm.red, m_run, l_run, kDs ? 1.f / pw_prev : out_scale, inv, w, lane);
-    // Staged output rows (over Q): value i of m-tile t is row narrow_col(narrow_e(i)), channel
-    // 8 (r0 + 8 ((i >> 1) & 1)) + t.
-#pragma unroll
-    for (int t = 0; t < 8; ++t) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int e = narrow_e(i), chan = 8 * (r0 + 8 * ((i >> 1) & 1)) + t;
-        *reinterpret_cast<TQ*>(sm.q + narrow_col(e, lane) * kNOutPitch + 2 * chan) =
-            from_float<TQ>(o[t][i] * inv[e]);
-      }
-    }
-    __syncthreads();
-    narrow_store_rows<TQ>(p, c, prow0, sm.q, out16, tid);
+    // M-tile t's fragment value i is channel 8 (r0 + 8 ((i >> 1) & 1)) + t.
+    narrow_finish_rows<TQ>(p, c, prow0, o, inv, sm.q, out16, tid, lane,
+                           [&](int t, int i) { return 8 * (r0 + 8 * ((i >> 1) & 1)) + t; });
     NT_SEG(4);
     NT_SEG_END();
   }
   NT_EV(27);
   NT_FINISH();
-  if (p.tail_merge) {  // cooperative launch
-    sm80::merge_pieces_at_end<TQ, kNThreads / 32, 8, 4>(p, sm.sched, reinterpret_cast<float*>(sm.kv[0]),
-                                                        w, lane, [] { __syncthreads(); }, [] { NT_EV(28); });
-    NT_EV(29);
-  }
+  narrow_tail_merge<TQ>(p, sm.sched, sm.kv[0], w, lane);
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
 #endif
