@@ -141,6 +141,12 @@ __device__ __forceinline__ void narrow_row_sums(const DecodeParams& p, const sm8
   }
 }
 
+// Whether the output rows allow 16-byte stores (partial rows always do): narrow_store_rows' out16.
+__device__ __forceinline__ bool narrow_out16(const DecodeParams& p) {
+  return (reinterpret_cast<uintptr_t>(p.out) % 16 == 0) && p.out_stride_t % 8 == 0 &&
+         p.out_stride_h % 8 == 0;
+}
+
 // The 16 staged output rows (`staged`, kNOutPitch bytes apart) -> the output (or the partial
 // rows when prow0 >= 0), 16 bytes a thread (4-byte stores where the output rows are not 16-byte
 // aligned: out16 false), then a CTA barrier (the staging area is Q's).
@@ -234,9 +240,7 @@ __global__ void __launch_bounds__(kNThreads, 1)
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   const uint64_t q_desc = gmma_desc_sw128(sm.q, 16, 1024);
   const uint64_t p_desc = gmma_desc_sw128(sm.p, 16, 1024);
-  // 16-byte output stores where the output rows allow them (partial rows always do).
-  const bool out16 = (reinterpret_cast<uintptr_t>(p.out) % 16 == 0) && p.out_stride_t % 8 == 0 &&
-                     p.out_stride_h % 8 == 0;
+  const bool out16 = narrow_out16(p);
 
   PartWalker walk;
   walk.init(p, sm.sched, part);

@@ -273,8 +273,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
   }
   const uint64_t q_desc = gmma_desc_sw128(sm.q, 16, 1024);
   const uint64_t p_desc = gmma_desc_sw128(sm.p, 16, 1024);
-  const bool out16 = (reinterpret_cast<uintptr_t>(p.out) % 16 == 0) && p.out_stride_t % 8 == 0 &&
-                     p.out_stride_h % 8 == 0;
+  const bool out16 = narrow_out16(p);
   const int box_rows = min(p.block_size, kBN);
 
   PartWalker walk;
