@@ -72,6 +72,7 @@ PYBIND11_MODULE(_cuda, m) {
       .FIELD(DecodeParams, num_parts)
       .FIELD(DecodeParams, sched_fixed)
       .FIELD(DecodeParams, tail_merge)
+      .PTR_FIELD(DecodeParams, int32_t*, sched_arrive)
       .PTR_FIELD(DecodeParams, int64_t*, sched_cum)
       .PTR_FIELD(DecodeParams, int32_t*, sched_piece)
       .PTR_FIELD(DecodeParams, int32_t*, sched_cut)
@@ -128,6 +129,9 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("mla_decode", [](const DecodeParams& p, std::uintptr_t stream) {
     check(launch_mla_decode(p, as_stream(stream)), "mla_decode");
   }, py::arg("params"), py::arg("stream"));
+  // 0: the last scheduled decode call's cut sequences were merged by the merge kernel (or none
+  // was cut), 1: by its CTAs after a grid-wide barrier, 2: each by the CTA of its last piece.
+  m.def("last_tail_merge", &last_tail_merge);
   m.def("concat_and_cache_mla", [](const CacheWriteParams& p, std::uintptr_t stream) {
     check(launch_concat_and_cache_mla(p, as_stream(stream)), "concat_and_cache_mla");
   }, py::arg("params"), py::arg("stream"));

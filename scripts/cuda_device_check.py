@@ -44,6 +44,8 @@ ANCHORS = [_anchor(*row) for row in anchors.ROWS]
 def sanitize() -> None:
     from test_cuda_backend import check_decode, make_decode_case, run_both
 
+    from portmla.backends import cuda as cuda_backend
+
     # bf16 / fp8 / fp8_ds_mla with bf16 queries and fp8 with fp16 queries: the first two cases
     # (72 and 128 rows a sequence) run the pair kernel (fp8 formats: raw copies expanded by the consumers),
     # fp16 fp8_ds_mla the quantized kernel throughout.
@@ -68,6 +70,17 @@ def sanitize() -> None:
         case = make_decode_case([500, 64, 3, 2000], [2, 1, 2, 1], 8, 64, fmt, dtype, "cuda",
                                 strided=True)
         check_decode(*run_both(case, single_token=False))
+        # the same kernels with 40 sequences: the schedule kernel and the merge of each cut
+        # sequence by the CTA that stores its last piece (piece counters, no grid barrier), on
+        # 24 parts (racecheck's time grows with the CTAs)
+        lens = [int(x) for x in torch.randint(2, 400, (40,))]
+        case = make_decode_case(lens, [1 + (i % 2) for i in range(40)], 8, 64, fmt, dtype, "cuda")
+        parts = cuda_backend.sched_parts
+        cuda_backend.sched_parts = lambda *a: 24
+        try:
+            check_decode(*run_both(case, single_token=False))
+        finally:
+            cuda_backend.sched_parts = parts
         kv_c = torch.randn(9, L, device="cuda", dtype=dtype)
         k_pe = torch.randn(9, R, device="cuda", dtype=dtype)
         cache = pm.allocate_kv_cache(4, 16, fmt, dtype, "cuda")

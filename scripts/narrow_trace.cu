@@ -2,7 +2,7 @@
 // S positions, 16 heads, one query token, block 64, fixed lengths, pages in a scattered order:
 // where a call's time goes besides streaming the cache (launch skew, segment starts, data
 // waits, the end skew, the pieces' merge).
-//   nt S B bf16|fp8|ds [sched_fixed] [tail_merge 0|1]
+//   nt S B bf16|fp8|ds [sched_fixed] [tail_merge 0|1|2]  (params.h TailMerge; 1: the default)
 // Built with one nvcc command (flags listed over three lines):
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a
 //     -DPORTMLA_HAVE_SM90A=1 -DPORTMLA_NARROW_TRACE -Icsrc_cuda -I$PORTMLA_CUTLASS_INCLUDE
@@ -139,7 +139,11 @@ int main(int argc, char** argv) {
     if (fp8) p.k_scale = trace_k_scale(0.02f);
   }
   p.variant = quant ? portmla::sm80::kHopperNarrowQuant : portmla::sm80::kHopperNarrow;
-  p.tail_merge = argc > 5 ? atoi(argv[5]) : 1;
+  const int mode = argc > 5 ? atoi(argv[5]) : 1;
+  p.tail_merge = mode != 0;
+  if (mode == 2) {  // the last-piece merge: its counters (one a sequence: 16 rows)
+    cudaMalloc(&p.sched_arrive, B * sizeof(int32_t));
+  }
 
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
@@ -185,8 +189,8 @@ int main(int argc, char** argv) {
     entry_t.push_back(us(k, 0));
     sched_t.push_back(us(k, 1));
     loop_end.push_back(us(k, 27));
+    if (merged && mode == 1) past_bar.push_back(us(k, 28));
     if (merged) {
-      past_bar.push_back(us(k, 28));
       merged_t.push_back(us(k, 29));
     }
     tiles_v.push_back(tiles);
@@ -211,10 +215,8 @@ int main(int argc, char** argv) {
   show("first Q ready", first_q);
   show("first data landed", first_data);
   show("decode loop left", loop_end);
-  if (merged) {
-    show("past the grid barrier", past_bar);
-    show("merged", merged_t);
-  }
+  if (merged && mode == 1) show("past the grid barrier", past_bar);
+  if (merged) show("merged", merged_t);
   show("tiles a CTA", tiles_v);
   show("segments a CTA", segs_v);
   show("data waits a CTA, us (base clock)", wait_us);

@@ -119,24 +119,42 @@ def force_schedule(monkeypatch, parts, fixed):
         monkeypatch.setattr(cuda_backend, "SCHED_FIXED", dict.fromkeys(cuda_backend.SCHED_FIXED, fixed))
 
 
-def check_merge_path(monkeypatch, case, tail, single_token=True, tol=1e-2, eligible=True):
-    """``case`` against the reference with the cut sequences' pieces merged by the decode kernel
-    itself (``tail``: the default, a cooperative launch, taken where the rows to merge come to at
-    most 16 a CTA: ``eligible``) or by the merge kernel (``PORTMLA_CUDA_TAIL_MERGE=0``, or too
-    many rows); the profile of the call says which merge ran."""
+# How check_merge_path asks for the pieces' merge (PORTMLA_CUDA_TAIL_MERGE): the default (in the
+# decode kernel, the launcher's pick), the grid-barrier merge only, the merge kernel.
+TAILS = ["in-kernel", "barrier", "merge-kernel"]
+_TAIL_ENV = {"in-kernel": None, "barrier": "barrier", "merge-kernel": "0"}
+_TAIL_MODES = {0: "merge kernel", 1: "grid barrier", 2: "last piece"}  # params.h TailMerge
+
+
+def check_merge_path(monkeypatch, case, tail, single_token=True, tol=1e-2, eligible=True,
+                     arrive=False):
+    """``case`` against the reference with the cut sequences' pieces merged the way ``tail``
+    (TAILS) asks, and the module's record of the launch says the merge that ran: ``arrive``
+    (a narrow Hopper kernel with the schedule kernel) takes the last-piece merge by default;
+    otherwise the grid-barrier merge where the rows to merge come to at most 16 a CTA
+    (``eligible``), else the merge kernel (which the profile of the call must show)."""
     from torch.profiler import ProfilerActivity, profile
 
-    if tail:
+    from portmla.backends.cuda import load_module
+
+    env = _TAIL_ENV[tail]
+    if env is None:
         monkeypatch.delenv("PORTMLA_CUDA_TAIL_MERGE", raising=False)
     else:
-        monkeypatch.setenv("PORTMLA_CUDA_TAIL_MERGE", "0")
+        monkeypatch.setenv("PORTMLA_CUDA_TAIL_MERGE", env)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         got = run_both(case, single_token=single_token)
         torch.cuda.synchronize()
     merges = [e.name for e in prof.events()
               if e.device_type.name == "CUDA" and "combine_pieces" in e.name]
     check_decode(*got, tol=tol)
-    if tail and eligible:
+    if tail == "merge-kernel":
+        want = 0
+    else:
+        want = 2 if arrive and tail == "in-kernel" else (1 if eligible else 0)
+    took = load_module()[0].last_tail_merge()
+    assert took == want, f"merged by the {_TAIL_MODES[took]}, expected the {_TAIL_MODES[want]}"
+    if want:
         assert not merges, f"a merge kernel ran: {merges[:2]}"
     else:
         assert merges, "no merge kernel ran (does the case cut any sequence?)"
@@ -253,15 +271,20 @@ def test_decode_no_split_large_batch():
 
 
 @pytest.mark.gpu
-def test_decode_deterministic_and_graph_capture():
+@pytest.mark.parametrize("seqs", [3, 40])
+def test_decode_deterministic_and_graph_capture(seqs):
+    """16 heads: on an H100 the narrow kernel, its schedule in the kernel (3 sequences) or from
+    the schedule kernel with the last-piece merge's counters (40)."""
     _need_cuda()
-    case = make_decode_case([700, 1500, 40], [1, 1, 1], 16, 64, "bfloat16", torch.bfloat16, "cuda")
+    lens = [700, 1500, 40] if seqs == 3 else [int(x) for x in torch.randint(1, 3000, (seqs,))]
+    case = make_decode_case(lens, [1] * seqs, 16, 64, "bfloat16", torch.bfloat16, "cuda")
     check_deterministic_and_graph(case, tol=2e-2)
 
 
 def check_deterministic_and_graph(case, tol):
-    """Two runs of ``case`` (three sequences, single-token) bitwise equal; a captured graph
-    replayed after seq_lens changed to [600, 1400, 39] matches the reference within ``tol``."""
+    """Two runs of ``case`` (single-token) bitwise equal; a graph captured once and replayed
+    twice over shorter seq_lens (its schedule, split and counters from each replay's lengths)
+    matches the reference within ``tol`` each time."""
     kw = dict(case, query_start_loc=None, softmax_scale=0.04, backend="cuda")
     a = pm.mla_decode(**kw)
     b = pm.mla_decode(**kw)
@@ -275,11 +298,15 @@ def check_deterministic_and_graph(case, tol):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         pm.mla_decode(out=out, **kw)
-    case["seq_lens"].copy_(torch.tensor([600, 1400, 39], dtype=torch.int32))
-    g.replay()
-    torch.cuda.synchronize()
-    ref = pm.mla_decode(**dict(kw, backend="reference"))
-    assert rel_err(out, ref) < tol
+    lens = case["seq_lens"].clone()
+    for cut in (8, 3):  # positions dropped: lens - lens / cut - (b % 5), at least 1
+        new = lens - lens // cut - torch.arange(len(lens), dtype=lens.dtype, device=lens.device) % 5
+        case["seq_lens"].copy_(new.clamp_min(1))
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = pm.mla_decode(**dict(kw, backend="reference"))
+        assert rel_err(out, ref) < tol, f"replay with lens - lens / {cut}"
 
 
 @pytest.mark.gpu

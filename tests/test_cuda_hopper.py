@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_cuda_backend import (
     SCHEDULES,
+    TAILS,
     _need_cuda,
     boundary_case,
     check_decode,
@@ -135,28 +136,35 @@ def test_hopper_not_taken_where_it_cannot_run(ran):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", list(KERNELS))
-@pytest.mark.parametrize("tail", [True, False], ids=["in-kernel", "merge-kernel"])
+@pytest.mark.parametrize("tail", TAILS)
 def test_hopper_pieces_merge_paths(monkeypatch, ran, kernel, tail):
-    """Both merges of the cut sequences' pieces: b=1 (128 rows of 66 pieces: a row a CTA, its
+    """The merges of the cut sequences' pieces: b=1 (128 rows of 66 pieces: a row a CTA, its
     pieces split over the warps), 3 rows a CTA (warps in pairs), multi-token queries of 4
     sequences, 150 sequences of 16 heads (up to 16 rows a CTA: each warp two rows); 150 of 128
-    heads have too many rows a CTA for the 64-row kernels: the merge kernel runs there."""
+    heads have too many rows a CTA for the 64-row kernels: the merge kernel runs there. With
+    more than 32 sequences the narrow kernel merges each cut sequence by its last piece: also
+    40 sequences of 1-3 tokens (row tiles 1-2 of the one-token sequences have no piece)."""
     _need_hopper()
     monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
+    narrow = kernel == "narrow"
     lens = [int(x) for x in torch.randint(1, 3000, (150,))]
+    qlens = [int(x) for x in torch.randint(1, 4, (40,))]
     cases = [
-        (make_decode_case([20000], [1], 128, 64, "bfloat16", torch.bfloat16, "cuda"), True, True),
+        (make_decode_case([20000], [1], 128, 64, "bfloat16", torch.bfloat16, "cuda"), True, True, False),
         (make_decode_case([9000, 7000, 3], [1, 1, 1], 128, 64, "float16", torch.float16, "cuda",
-                          strided=True), True, True),
+                          strided=True), True, True, False),
         (make_decode_case([3000, 40, 900, 1], [1, 2, 3, 1], 16, 32, "bfloat16", torch.bfloat16,
-                          "cuda"), False, True),
-        (make_decode_case(lens, [1] * 150, 16, 64, "bfloat16", torch.bfloat16, "cuda"), True, True),
+                          "cuda"), False, True, False),
+        (make_decode_case(lens, [1] * 150, 16, 64, "bfloat16", torch.bfloat16, "cuda"), True, True, narrow),
         # 15 rows a CTA for the narrow kernel (128 CTAs of 16 rows, 15 cut sequences)
         (make_decode_case(lens, [1] * 150, 128, 64, "bfloat16", torch.bfloat16, "cuda"), True,
-         kernel == "narrow"),
+         narrow, narrow),
+        (make_decode_case(lens[:40], qlens, 16, 64, "float16", torch.float16, "cuda", strided=True),
+         False, True, narrow),
     ]
-    for case, single, eligible in cases:
-        check_merge_path(monkeypatch, case, tail, single_token=single, eligible=eligible)
+    for case, single, eligible, arrive in cases:
+        check_merge_path(monkeypatch, case, tail, single_token=single, eligible=eligible,
+                         arrive=arrive)
     assert set(ran) == {KERNELS[kernel]}
 
 

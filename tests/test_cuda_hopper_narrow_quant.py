@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_cuda_backend import (
     SCHEDULES,
+    TAILS,
     boundary_case,
     check_decode,
     check_deterministic_and_graph,
@@ -151,23 +152,32 @@ def test_narrow_quant_default_route(ran):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt,dtype", FORMAT_QUERIES, ids=IDS)
-def test_narrow_quant_deterministic_and_graph_capture(fmt, dtype):
-    """Bitwise equal runs; a captured graph replayed over changed seq_lens."""
+@pytest.mark.parametrize("seqs", [3, 40])
+def test_narrow_quant_deterministic_and_graph_capture(fmt, dtype, seqs):
+    """Bitwise equal runs; a captured graph replayed over changed seq_lens (40 sequences: the
+    last-piece merge's counters zeroed by each replay's schedule kernel)."""
     _need_narrow_quant()
-    case = make_decode_case([700, 1500, 40], [1, 1, 1], 16, 64, fmt, dtype, "cuda")
+    lens = [700, 1500, 40] if seqs == 3 else [int(x) for x in torch.randint(1, 3000, (seqs,))]
+    case = make_decode_case(lens, [1] * seqs, 16, 64, fmt, dtype, "cuda")
     check_deterministic_and_graph(case, tol=1e-2)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt,dtype", FORMAT_QUERIES, ids=IDS)
-@pytest.mark.parametrize("tail", [True, False], ids=["in-kernel", "merge-kernel"])
+@pytest.mark.parametrize("tail", TAILS)
 def test_narrow_quant_pieces_merge_paths(monkeypatch, ran, fmt, dtype, tail):
-    """The kernel merging the pieces itself (cooperative launch) or through the merge kernel:
-    b=1 and 8 long sequences (rows cut into many pieces), 150 varlen sequences."""
+    """The kernel merging the pieces itself (cooperative launch: b=1 and 8 long sequences, rows
+    cut into many pieces; by each cut sequence's last piece: 150 varlen sequences, 40 of 1-3
+    tokens at 8 heads, forced here past HOPPER_NARROW_MAX_ROWS: row tile 1 of the one-token
+    sequences has no piece) or through the merge kernel."""
     _need_narrow_quant()
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", "narrow")
     lens = [int(x) for x in torch.randint(1, 3000, (150,))]
-    for case in (make_decode_case([20000], [1], 16, 64, fmt, dtype, "cuda"),
-                 make_decode_case([8192] * 8, [1] * 8, 16, 64, fmt, dtype, "cuda"),
-                 make_decode_case(lens, [1] * 150, 16, 64, fmt, dtype, "cuda")):
-        check_merge_path(monkeypatch, case, tail)
+    qlens = [int(x) for x in torch.randint(1, 4, (40,))]
+    for case, single, arrive in (
+            (make_decode_case([20000], [1], 16, 64, fmt, dtype, "cuda"), True, False),
+            (make_decode_case([8192] * 8, [1] * 8, 16, 64, fmt, dtype, "cuda"), True, False),
+            (make_decode_case(lens, [1] * 150, 16, 64, fmt, dtype, "cuda"), True, True),
+            (make_decode_case(lens[:40], qlens, 8, 64, fmt, dtype, "cuda", strided=True), False, True)):
+        check_merge_path(monkeypatch, case, tail, single_token=single, arrive=arrive)
     assert set(ran) == {NQ}

@@ -56,10 +56,23 @@ struct DecodeParams {
   int q_dtype = kBF16, kv_format = kKv16;
   int q_tma = 0;  // sm_90a launcher: the Hopper kernels load Q tiles through their q_map
   int kv_tma = 0;  // sm_90a launcher: the pair kernel loads fp8 caches' raw bytes through kv_map
-  // Scheduled kernels: 1 asks the decode kernel to merge the cut sequences' pieces itself
-  // (sm80/decode/combine.cuh: tail_merge) when all of its CTAs fit on the device at once; the
-  // launcher then launches it cooperatively (grid-wide barrier) and runs no merge kernel.
+  // Scheduled kernels: 1 asks the decode kernel to merge the cut sequences' pieces itself; the
+  // launcher (common/persistent_launch.h) passes the kernel the way it takes (TailMerge), else 0
+  // and runs the merge kernel after.
   int tail_merge = 0;
+  // Piece counters of the last-piece merge (kTailArrive), one per sequence and 16-row tile:
+  // [num_seqs x ceil(max_query_len num_heads / 16)] int32, zeroed by the schedule kernel on every
+  // call. Null: that merge is not taken.
+  int32_t* sched_arrive = nullptr;
+};
+
+// DecodeParams::tail_merge as the kernel receives it.
+enum TailMerge : int {
+  kTailOff = 0,      // the merge kernel runs after the decode kernel (or nothing is cut)
+  kTailBarrier = 1,  // every CTA merges a share of the rows after a grid-wide barrier
+                     // (cooperative launch; sm80/decode/combine.cuh: merge_pieces_at_end)
+  kTailArrive = 2,   // the CTA that stores a row tile's last piece merges its pieces (counters in
+                     // sched_arrive; no barrier; the narrow Hopper kernels, schedule kernel runs)
 };
 
 // concat_and_cache_mla: cache[slot] = quantize([kv_c[t] | k_pe[t]]).
@@ -103,5 +116,7 @@ struct GatherParams {
 cudaError_t launch_mla_decode(const DecodeParams& p, cudaStream_t stream);
 cudaError_t launch_concat_and_cache_mla(const CacheWriteParams& p, cudaStream_t stream);
 cudaError_t launch_gather_cache(const GatherParams& p, cudaStream_t stream);
+// The TailMerge the last scheduled decode launch in this process took (tests read it).
+int last_tail_merge();
 
 }  // namespace portmla

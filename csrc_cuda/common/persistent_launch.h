@@ -49,19 +49,29 @@ bool all_resident(int threads, int smem, int64_t ctas) {
 // keep more loads in flight than a decode CTA's 8.
 constexpr int64_t kTailMaxRowsPerCta = 16;
 
+// The TailMerge of the last launch_persistent (last_tail_merge(): a test hook).
+inline std::atomic<int> g_last_tail_merge{kTailOff};
+
 // Launches kKernel<<<grid, threads, smem, stream>>>(args..., p') where p' is p with tail_merge
-// set when it was asked for, some sequence can be cut (num_parts > 1), the rows to merge come
-// to at most kTailMaxRowsPerCta a CTA and the grid fits at once (then cooperatively); *merged
-// says whether the kernel merges the pieces itself (no merge kernel to run). merged == nullptr:
-// never.
+// set to the merge the kernel runs itself when one was asked for (p.tail_merge) and some
+// sequence can be cut (num_parts > 1); *merged says whether it does (no merge kernel to run).
+// merged == nullptr: never. kTailArrive where the kernel takes it (`arrive`), the schedule kernel
+// ran (it zeroes the counters: not sched_inline) and p.sched_arrive is given; else kTailBarrier
+// where the rows to merge come to at most kTailMaxRowsPerCta a CTA and the grid fits at once
+// (then cooperatively).
 template <auto kKernel, typename... Args>
 cudaError_t launch_persistent(dim3 grid, int threads, int smem, cudaStream_t stream,
-                              const DecodeParams& p, bool* merged, Args&&... args) {
+                              const DecodeParams& p, bool* merged, bool arrive, Args&&... args) {
   DecodeParams pl = p;
   const int64_t ctas = static_cast<int64_t>(grid.x) * grid.y * grid.z;
-  pl.tail_merge = merged != nullptr && p.tail_merge && p.num_parts > 1 &&
-                  sched_max_cut(p) * p.part_rows <= kTailMaxRowsPerCta * ctas &&
-                  all_resident<kKernel>(threads, smem, ctas);
+  const bool wanted = merged != nullptr && p.tail_merge && p.num_parts > 1;
+  pl.tail_merge = kTailOff;
+  if (wanted && arrive && !sched_inline(p) && p.sched_arrive != nullptr) {
+    pl.tail_merge = kTailArrive;
+  } else if (wanted && sched_max_cut(p) * p.part_rows <= kTailMaxRowsPerCta * ctas &&
+             all_resident<kKernel>(threads, smem, ctas)) {
+    pl.tail_merge = kTailBarrier;
+  }
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeCooperative;
   attr[0].val.cooperative = 1;
@@ -70,24 +80,27 @@ cudaError_t launch_persistent(dim3 grid, int threads, int smem, cudaStream_t str
   cfg.blockDim = dim3(threads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cfg.attrs = pl.tail_merge ? attr : nullptr;
-  cfg.numAttrs = pl.tail_merge ? 1 : 0;
+  cfg.attrs = pl.tail_merge == kTailBarrier ? attr : nullptr;
+  cfg.numAttrs = pl.tail_merge == kTailBarrier ? 1 : 0;
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kKernel, std::forward<Args>(args)..., pl);
-  if (merged != nullptr) *merged = e == cudaSuccess && pl.tail_merge;
+  const int took = e == cudaSuccess ? pl.tail_merge : kTailOff;
+  g_last_tail_merge.store(took, std::memory_order_relaxed);
+  if (merged != nullptr) *merged = took != kTailOff;
   return e;
 }
 
 // A scheduled decode kernel over its whole grid: rows_per_cta rows of a sequence a CTA (row
 // tiles on x), p.num_parts parts (y; each CTA walks its part's segments), `smem` bytes of
-// dynamic shared memory opted in to; launched by launch_persistent with args..., p'.
+// dynamic shared memory opted in to; launched by launch_persistent with args..., p'
+// (`arrive`: the kernel takes kTailArrive).
 template <auto kKernel, typename... Args>
 cudaError_t launch_scheduled(int rows_per_cta, int threads, int smem, cudaStream_t stream,
-                            const DecodeParams& p, bool* merged, Args&&... args) {
+                            const DecodeParams& p, bool* merged, bool arrive, Args&&... args) {
   PORTMLA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int m_tiles = (p.max_query_len * p.num_heads + rows_per_cta - 1) / rows_per_cta;
   PORTMLA_RETURN_IF_ERROR(launch_persistent<kKernel>(dim3(m_tiles, p.num_parts), threads, smem,
-                                                     stream, p, merged,
+                                                     stream, p, merged, arrive,
                                                      std::forward<Args>(args)...));
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;

@@ -31,9 +31,11 @@ Kernels (see ``csrc_cuda/NOTES.md``):
 * Split-KV: the Hopper and quantized-cache kernels are persistent and split the work by a
   schedule computed on the device from ``seq_lens`` each call; the generic kernels by a
   host plan from shapes only. Both merge pieces by LSE; deterministic; no host reads
-  (CUDA-graph safe). The persistent kernels merge them themselves (a cooperative launch with a
-  grid-wide barrier) when the rows to merge come to at most 16 a CTA, else a merge kernel runs;
-  ``PORTMLA_CUDA_TAIL_MERGE=0``: always the merge kernel.
+  (CUDA-graph safe). The persistent kernels merge them themselves: the narrow Hopper kernels
+  with more than 32 sequences each cut sequence by the CTA that stores its last piece (piece
+  counters, no barrier); otherwise a cooperative launch with a grid-wide barrier when the rows
+  to merge come to at most 16 a CTA, else a merge kernel runs. ``PORTMLA_CUDA_TAIL_MERGE=0``:
+  always the merge kernel; ``=barrier``: never the last-piece merge.
 * ``concat_and_cache_mla`` / ``gather_cache``: every format, any block size.
 
 The module is a table of launch functions taking plain structs; this file validates what
@@ -139,10 +141,17 @@ def sched_fixed_key(kernel: str, kv_format: str) -> str:
 
 
 def tail_merge_wanted() -> int:
-    """1: the scheduled kernels merge the cut sequences' pieces themselves at their end (a
-    cooperative launch with a grid-wide barrier, where every CTA fits at once; else the merge
-    kernel runs). ``PORTMLA_CUDA_TAIL_MERGE=0``: always the merge kernel."""
+    """1: the scheduled kernels merge the cut sequences' pieces themselves (the launcher picks
+    how: csrc_cuda/common/params.h ``TailMerge``; where none applies the merge kernel runs).
+    ``PORTMLA_CUDA_TAIL_MERGE=0``: always the merge kernel."""
     return 0 if os.environ.get("PORTMLA_CUDA_TAIL_MERGE") == "0" else 1
+
+
+def tail_arrive_wanted() -> bool:
+    """Whether the call passes the piece counters of the last-piece merge (the narrow Hopper
+    kernels with the schedule kernel: each cut sequence merged by the CTA that stores its last
+    piece, no grid barrier). ``PORTMLA_CUDA_TAIL_MERGE=barrier``: not (the grid-barrier merge)."""
+    return os.environ.get("PORTMLA_CUDA_TAIL_MERGE") not in ("0", "barrier")
 
 
 def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
@@ -483,9 +492,15 @@ class CudaBackend(Backend):
             rows = p.max_query_len * h
             partial_rows = max(1, 2 * (parts - 1)) * rows
             cuts = 1 + min(b, parts - 1)  # count + cut sequences (int32)
-            sched = torch.empty(2 * b + 2 + (cuts + 1) // 2, dtype=torch.int64, device=q.device)
+            # the last-piece merge's counters (int32): a sequence's 16-row tiles, zeroed by the
+            # schedule kernel (csrc_cuda/common/params.h: sched_arrive)
+            arrive = b * -(-rows // 16) if tail_arrive_wanted() and hasattr(par, "sched_arrive") else 0
+            head = 2 * b + 2 + (cuts + 1) // 2
+            sched = torch.empty(head + (arrive + 1) // 2, dtype=torch.int64, device=q.device)
             par.sched_cum, par.sched_piece = sched.data_ptr(), sched[b + 2:].data_ptr()
             par.sched_cut = sched[2 * b + 2:].data_ptr()
+            if arrive:
+                par.sched_arrive = sched[head:].data_ptr()
             par.num_parts, par.part_rows = parts, rows
             par.sched_fixed = SCHED_FIXED[sched_fixed_key(name, p.cache.kv_format)]
             if hasattr(par, "tail_merge"):  # a module built before it merges in-kernel: no field

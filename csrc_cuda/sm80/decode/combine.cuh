@@ -258,7 +258,37 @@ __device__ __forceinline__ void rows_store(const DecodeParams& p, const PiecesRo
   }
 }
 
-// ---- The pieces' merge run by a scheduled decode kernel itself (p.tail_merge: a cooperative
+// The pieces' merge of one row tile of a cut sequence b by the CTA that stored its last piece
+// (p.tail_merge == kTailArrive): rows c.m0 .. c.m0 + kTileRows - 1 below c.rows, warp w those
+// at w + kWarps i, kBatch pieces of each of its rows in flight, pieces summed in order
+// (deterministic). Reads the schedule only.
+template <typename T, int kWarps, int kTileRows, int kBatch>
+__device__ __forceinline__ void merge_tile_rows(const DecodeParams& p, const SchedTable& t, int b,
+                                                const CtaRows& c, int warp, int lane) {
+  constexpr int kRows = kTileRows / kWarps;
+  static_assert(kRows * kWarps == kTileRows, "whole rows a warp");
+  const int n = sched_piece_at(p, t, 2 * b + 1);
+  const int64_t base = static_cast<int64_t>(sched_piece_at(p, t, 2 * b)) * p.part_rows;
+  PiecesRow pr[kRows];
+  bool ok[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int g = c.m0 + warp + kWarps * r;
+    ok[r] = g < c.rows;
+    pr[r].t0 = c.t0;
+    pr[r].n = n;
+    pr[r].row = g;
+    pr[r].first = base + g;
+  }
+  RowsAcc<kRows> a;
+  rows_accumulate<T, kRows, kBatch>(p, pr, ok, 0, 1, lane, a);
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    if (ok[r]) rows_store<T, kRows>(p, pr[r], r, a, lane);
+  }
+}
+
+// ---- The pieces' merge run by a scheduled decode kernel itself (kTailBarrier: a cooperative
 // launch) instead of a merge kernel after it: no launch and no gap between the kernels, the
 // merge spread over every CTA, and what each CTA merges looked up while it waits for the others.
 // The rows of the cut sequences (cut list entry k, row j as k * part_rows + j, over the bound

@@ -1,6 +1,7 @@
 // launch_mla_decode: picks the instantiation for (q dtype, cache format) and checks the call;
 // the scheduled variants (the sm_90a Hopper kernels, the quantized-cache kernel) run the device
 // schedule, the decode kernel and the pieces' merge.
+#include "../../common/persistent_launch.h"
 #include "../../common/schedule.cuh"
 #include "decode_kernel.cuh"
 #include "quant_launch.h"
@@ -31,7 +32,10 @@ cudaError_t run_scheduled(const DecodeParams& p, cudaStream_t stream, Decode dec
 
 }  // namespace
 
+int last_tail_merge() { return g_last_tail_merge.load(std::memory_order_relaxed); }
+
 cudaError_t launch_mla_decode(const DecodeParams& p, cudaStream_t stream) {
+  g_last_tail_merge.store(kTailOff, std::memory_order_relaxed);  // set again by a scheduled launch
   if (p.kv_lora_rank != sm80::kL || p.rope_dim != sm80::kR || p.num_splits < 1 ||
       p.max_query_len < 1 || p.block_size < 1 || (p.num_splits > 1 && (!p.part_out || !p.part_lse)) ||
       (p.kv_format == kKvFp8 && p.k_scale == nullptr)) {

@@ -546,7 +546,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
       if (w == 0 && j == 0) store_row_lse(p, prow, t, hh, row_lse(m_run[h2], l));
     }
   }
-  if (p.tail_merge) {  // cooperative launch
+  if (p.tail_merge == kTailBarrier) {  // cooperative launch
     static_assert(kQThreads / 32 * kTailScratchFloats * 4 <= STAGES * Lay::kStage,
                   "the tail merge's scratch fits the KV stages");
     cp_async_wait<0>();

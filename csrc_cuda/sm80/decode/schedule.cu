@@ -1,6 +1,7 @@
 // decode_schedule_kernel: the device-side split schedule of common/schedule.cuh, one block.
 // Two block-wide scans over the sequences: units before each sequence, then the partial slots
 // of the sequences that part boundaries cut. 64-bit unit counts (long sequences x big batches).
+// It also zeroes the last-piece merge's counters (DecodeParams::sched_arrive) when given.
 #include "../../common/check.h"
 #include "../../common/schedule.cuh"
 
@@ -36,6 +37,11 @@ __device__ int64_t block_scan(int64_t v, int64_t* warp_sums, int64_t* total) {
 __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const DecodeParams p) {
   __shared__ int64_t warp_sums[32];
   const int B = p.num_seqs, F = p.sched_fixed;
+  if (p.sched_arrive != nullptr) {  // the last-piece merge's counters (params.h: kTailArrive)
+    const int64_t n = static_cast<int64_t>(B) * ((static_cast<int64_t>(p.max_query_len) *
+                                                 p.num_heads + 15) / 16);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) p.sched_arrive[i] = 0;
+  }
   int64_t carry = 0, total = 0;
   if (threadIdx.x == 0) p.sched_cum[0] = 0;
   for (int base = 0; base < B; base += blockDim.x) {

@@ -537,7 +537,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     store_rows<T>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane);
   }
-  if (p.tail_merge) {  // cooperative launch
+  if (p.tail_merge == kTailBarrier) {  // cooperative launch
     sm80::merge_pieces_at_end<T, kThreads / 32, 8, 4>(p, sm.sched, reinterpret_cast<float*>(sm.kv[0]),
                                                       tid >> 5, lane, [] { __syncthreads(); }, [] {});
   }

@@ -25,21 +25,22 @@ template <typename T, int FMT, typename TQ, bool kPair>
 cudaError_t run_instance(const CUtensorMap& map, const CUtensorMap& q_map, const DecodeParams& p,
                          cudaStream_t stream, bool* merged) {
   return launch_scheduled<kernel_of<T, FMT, TQ, kPair>()>(
-      kBM, kPair ? kPairThreads : kThreads, decode_smem_bytes(kPair), stream, p, merged, map, q_map);
+      kBM, kPair ? kPairThreads : kThreads, decode_smem_bytes(kPair), stream, p, merged, false, map,
+      q_map);
 }
 
 template <typename T>
 cudaError_t run_narrow(const CUtensorMap& map, const CUtensorMap& q_map, const DecodeParams& p,
                        cudaStream_t stream, bool* merged) {
   return launch_scheduled<mla_decode_hopper_narrow_kernel<T>>(kNM, kNThreads, kNarrowSmemBytes,
-                                                              stream, p, merged, map, q_map);
+                                                              stream, p, merged, true, map, q_map);
 }
 
 template <typename TQ, int FMT>
 cudaError_t run_narrow_quant(const CUtensorMap& map, const CUtensorMap& tail_map,
                              const DecodeParams& p, cudaStream_t stream, bool* merged) {
   return launch_scheduled<mla_decode_hopper_narrow_quant_kernel<TQ, FMT>>(
-      kNM, kNThreads, narrow_quant_smem_bytes<FMT>(), stream, p, merged, map, tail_map);
+      kNM, kNThreads, narrow_quant_smem_bytes<FMT>(), stream, p, merged, true, map, tail_map);
 }
 
 }  // namespace sm90

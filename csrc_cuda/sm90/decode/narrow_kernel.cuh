@@ -199,12 +199,73 @@ __device__ __forceinline__ void narrow_finish_rows(const DecodeParams& p, const 
   narrow_store_rows<T>(p, c, prow0, staged, out16, tid);
 }
 
-// The pieces' merge at the end of a narrow kernel (cooperative launch when p.tail_merge);
+// kTailArrive (params.h): the pieces' merge of each row tile of a cut sequence by the CTA that
+// stores its last piece, with no grid barrier. A stored piece is counted in by one thread
+// (fence, then the count: a grid barrier's arrival, the rows stored before a CTA barrier) at
+// the next segment's start once its loads are issued, or after the loop: counted at the
+// segment's end by thread 0, the fence and the atomic's round trip held up the next segment's
+// loads (H100: fixed-length rows 2-3 us slower). The CTA that counts a row tile's last piece
+// merges the pieces after its own loop (narrow_arrive_merge; a merge inside the loop cost the
+// 16-bit kernel's HGMMA loop its uniform registers, 134 R2UR). A part holds at most two pieces
+// of cut sequences (its first and its last segment).
+constexpr int kArriveThread = kNThreads - 32;  // warp 3's lane 0 (warp 0 issues the loads)
+
+struct ArriveList {
+  int pending = -1;      // the cut sequence of a stored piece not counted yet (every thread)
+  int b0 = -1, b1 = -1;  // kArriveThread: sequences whose last piece this CTA stored
+};
+
+// At a segment's end, after its rows are stored (every thread).
+__device__ __forceinline__ void narrow_piece_stored(const DecodeParams& p, const Segment& seg,
+                                                    ArriveList& a) {
+  if (p.tail_merge == kTailArrive && seg.slot >= 0) a.pending = seg.b;
+}
+
+// The pending piece counted in (every thread; after a CTA barrier that follows its store).
+__device__ __forceinline__ void narrow_arrive(const DecodeParams& p, const SchedTable& t, int tid,
+                                              ArriveList& a) {
+  const int b = a.pending;
+  if (b < 0) return;
+  a.pending = -1;
+  if (tid != kArriveThread) return;
+  __threadfence();  // the CTA's partial rows (stored before a CTA barrier) before the count
+  int* count = p.sched_arrive + static_cast<int64_t>(b) * gridDim.x + blockIdx.x;
+  if (atomicAdd(count, 1) == sched_piece_at(p, t, 2 * b + 1) - 1) {
+    if (a.b0 < 0) a.b0 = b;
+    else a.b1 = b;
+  }
+}
+
+// After the segment loop (every thread): the last piece counted in, then the merges that fell
+// to this CTA (`list`: two ints of shared memory free by then).
+template <typename T>
+__device__ __forceinline__ void narrow_arrive_merge(const DecodeParams& p, const SchedTable& t,
+                                                    ArriveList& mine, int* list, int w,
+                                                    int lane, int tid) {
+  if (p.tail_merge != kTailArrive) return;
+  narrow_arrive(p, t, tid, mine);  // the last segment's piece
+  if (tid == kArriveThread) {
+    __threadfence();  // the other pieces' rows are read after the counts that saw them stored
+    list[0] = mine.b0;
+    list[1] = mine.b1;
+  }
+  __syncthreads();
+  for (int k = 0; k < 2; ++k) {
+    const int b = list[k];
+    sm80::CtaRows c;
+    if (b >= 0 && sm80::seq_rows<kNM>(p, c, blockIdx.x, b)) {
+      sm80::merge_tile_rows<T, kNThreads / 32, kNM, 2>(p, t, b, c, w, lane);
+    }
+  }
+  NT_EV(29);
+}
+
+// The pieces' merge at the end of a narrow kernel with kTailBarrier (cooperative launch);
 // `scratch`: a free KV stage.
 template <typename T>
 __device__ __forceinline__ void narrow_tail_merge(const DecodeParams& p, const SchedTable& t,
                                                   unsigned char* scratch, int w, int lane) {
-  if (p.tail_merge) {
+  if (p.tail_merge == kTailBarrier) {
     sm80::merge_pieces_at_end<T, kNThreads / 32, 8, 4>(p, t, reinterpret_cast<float*>(scratch), w,
                                                        lane, [] { __syncthreads(); },
                                                        [] { NT_EV(28); });
@@ -245,6 +306,7 @@ __global__ void __launch_bounds__(kNThreads, 1)
   PartWalker walk;
   walk.init(p, sm.sched, part);
   Segment seg;
+  ArriveList arrived;
   int g0 = 0;  // tiles of the earlier segments: tile g uses stage g % 2, phase (g / 2) % 2
   while (walk.next(p, sm.sched, seg)) {
     sm80::CtaRows c;
@@ -269,6 +331,7 @@ __global__ void __launch_bounds__(kNThreads, 1)
       }
     }
     issue_q_rows<T, kNM, kNThreads>(p, c, sm.q, tid, [](int r, int col) { return swz16(r, col); });
+    narrow_arrive(p, sm.sched, tid, arrived);  // the previous segment's piece
     cp_async_wait<0>();
     fence_proxy_async_smem();
     __syncthreads();
@@ -374,10 +437,12 @@ __global__ void __launch_bounds__(kNThreads, 1)
     narrow_finish_rows<T>(p, c, prow0, o, inv, sm.q, out16, tid, lane, [&](int ch, int i) {
       return 64 * ch + 16 * w + g8 + 8 * ((i >> 1) & 1);
     });
+    narrow_piece_stored(p, seg, arrived);
     NT_SEG(4);
     NT_SEG_END();
   }
   NT_EV(27);
+  narrow_arrive_merge<T>(p, sm.sched, arrived, reinterpret_cast<int*>(sm.red), w, lane, tid);
   NT_FINISH();
   narrow_tail_merge<T>(p, sm.sched, sm.kv[0], w, lane);
 #else

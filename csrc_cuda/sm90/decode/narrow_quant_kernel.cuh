@@ -279,6 +279,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
   PartWalker walk;
   walk.init(p, sm.sched, part);
   Segment seg;
+  ArriveList arrived;
   int g0 = 0;  // tiles of the earlier segments: tile g uses stage g % 2, phase (g / 2) % 2
   while (walk.next(p, sm.sched, seg)) {
     sm80::CtaRows c;
@@ -320,6 +321,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
         issue((g0 + s) & 1, c.kv_lo + s * kBN, s == 0 ? pages0 : pages1);
       }
     }
+    narrow_arrive(p, sm.sched, tid, arrived);  // the previous segment's piece
     nq_load_q<TQ, FMT>(p, c, sm.q, sm.qinv, tid);
     fence_proxy_async_smem();
     __syncthreads();
@@ -522,10 +524,12 @@ __global__ void __launch_bounds__(kNThreads, 2)
     // M-tile t's fragment value i is channel 8 (r0 + 8 ((i >> 1) & 1)) + t.
     narrow_finish_rows<TQ>(p, c, prow0, o, inv, sm.q, out16, tid, lane,
                            [&](int t, int i) { return 8 * (r0 + 8 * ((i >> 1) & 1)) + t; });
+    narrow_piece_stored(p, seg, arrived);
     NT_SEG(4);
     NT_SEG_END();
   }
   NT_EV(27);
+  narrow_arrive_merge<TQ>(p, sm.sched, arrived, reinterpret_cast<int*>(sm.red), w, lane, tid);
   NT_FINISH();
   narrow_tail_merge<TQ>(p, sm.sched, sm.kv[0], w, lane);
 #else

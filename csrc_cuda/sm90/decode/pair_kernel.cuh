@@ -525,7 +525,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     ++segs;
   }
   PAIR_CTA(1);
-  if (p.tail_merge) {  // cooperative launch; the producer warpgroup has exited
+  if (p.tail_merge == kTailBarrier) {  // cooperative launch; the producer warpgroup has exited
     sm80::merge_pieces_at_end<TQ, kThreads / 32, 8, 4>(
         p, sm.sched, reinterpret_cast<float*>(sm.kv[0]), tid >> 5, lane,
         [] { named_barrier(kBarTail, kThreads); }, [] { PAIR_CTA(2); });
