@@ -103,13 +103,6 @@ __device__ __forceinline__ int rope_off(int t, int c) {
   else return t * 64 + ((c ^ ((t >> 1) & 3)) << 4);
 }
 
-// Two e4m3 bytes (low 16 bits of v, low byte first) -> fp16x2 (exact; one cvt on sm_89+).
-__device__ __forceinline__ uint32_t e4m3x2_to_h2(uint32_t v) {
-  const __half2_raw h =
-      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v & 0xffffu), __NV_E4M3);
-  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
-}
-
 __device__ __forceinline__ uint32_t byte_perm(uint32_t x, uint32_t sel) {
   uint32_t r;
   asm("prmt.b32 %0, %1, 0, %2;\n" : "=r"(r) : "r"(x), "r"(sel));
@@ -327,7 +320,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
             ldmatrix_x4(r, base + Lay::kNope + nope_off(tok, 8 * kq + 4 * h + (lane >> 3)));
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-              mma_16816<__half>(acc[nt], qf[4 * h + i], e4m3x2_to_h2(r[i]), e4m3x2_hi_to_h2(r[i]));
+              mma_16816<__half>(acc[nt], qf[4 * h + i], e4m3x2_lo_to_h2(r[i]), e4m3x2_hi_to_h2(r[i]));
             }
           }
         }
@@ -336,7 +329,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
           ldmatrix_x4(r, base + Lay::kRope + rope_off<FMT>(32 * th + 8 * (lane >> 3) + (lane & 7), kq));
 #pragma unroll
           for (int nt = 0; nt < 4; ++nt) {
-            mma_16816<__half>(acc[nt], qf[8], e4m3x2_to_h2(r[nt]), e4m3x2_hi_to_h2(r[nt]));
+            mma_16816<__half>(acc[nt], qf[8], e4m3x2_lo_to_h2(r[nt]), e4m3x2_hi_to_h2(r[nt]));
           }
         } else {
           // latent partial times the tokens' scale of tile kq and Q's row factor, then the bf16
@@ -496,7 +489,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const uint32_t lo = byte_perm(r[2 * h], 0x3120), hi = byte_perm(r[2 * h + 1], 0x3120);
-            mma_16816<__half>(o[x][2 * h], pa, e4m3x2_to_h2(lo), e4m3x2_to_h2(hi));
+            mma_16816<__half>(o[x][2 * h], pa, e4m3x2_lo_to_h2(lo), e4m3x2_lo_to_h2(hi));
             mma_16816<__half>(o[x][2 * h + 1], pa, e4m3x2_hi_to_h2(lo), e4m3x2_hi_to_h2(hi));
           }
         }

@@ -205,7 +205,7 @@ __device__ __forceinline__ void narrow_finish_rows(const DecodeParams& p, const 
 // the next segment's start once its loads are issued, or after the loop: counted at the
 // segment's end by thread 0, the fence and the atomic's round trip held up the next segment's
 // loads (H100: fixed-length rows 2-3 us slower). The CTA that counts a row tile's last piece
-// merges the pieces after its own loop (narrow_arrive_merge; a merge inside the loop cost the
+// merges the pieces after its own loop (narrow_merge_at_end; a merge inside the loop cost the
 // 16-bit kernel's HGMMA loop its uniform registers, 134 R2UR). A part holds at most two pieces
 // of cut sequences (its first and its last segment).
 constexpr int kArriveThread = kNThreads - 32;  // warp 3's lane 0 (warp 0 issues the loads)
@@ -236,36 +236,33 @@ __device__ __forceinline__ void narrow_arrive(const DecodeParams& p, const Sched
   }
 }
 
-// After the segment loop (every thread): the last piece counted in, then the merges that fell
-// to this CTA (`list`: two ints of shared memory free by then).
+// The pieces' merge at the end of a narrow kernel, after its segment loop (every thread).
+// kTailArrive: the last segment's piece counted in, then the row tiles whose last piece this CTA
+// counted (their list in two ints of `red`, free by then). kTailBarrier (cooperative launch):
+// sm80::merge_pieces_at_end, `scratch` a free KV stage.
 template <typename T>
-__device__ __forceinline__ void narrow_arrive_merge(const DecodeParams& p, const SchedTable& t,
-                                                    ArriveList& mine, int* list, int w,
-                                                    int lane, int tid) {
-  if (p.tail_merge != kTailArrive) return;
-  narrow_arrive(p, t, tid, mine);  // the last segment's piece
-  if (tid == kArriveThread) {
-    __threadfence();  // the other pieces' rows are read after the counts that saw them stored
-    list[0] = mine.b0;
-    list[1] = mine.b1;
-  }
-  __syncthreads();
-  for (int k = 0; k < 2; ++k) {
-    const int b = list[k];
-    sm80::CtaRows c;
-    if (b >= 0 && sm80::seq_rows<kNM>(p, c, blockIdx.x, b)) {
-      sm80::merge_tile_rows<T, kNThreads / 32, kNM, 2>(p, t, b, c, w, lane);
+__device__ __forceinline__ void narrow_merge_at_end(const DecodeParams& p, const SchedTable& t,
+                                                    ArriveList& mine, float (&red)[4][kNM],
+                                                    unsigned char* scratch, int w, int lane,
+                                                    int tid) {
+  if (p.tail_merge == kTailArrive) {
+    int* list = reinterpret_cast<int*>(&red[0][0]);
+    narrow_arrive(p, t, tid, mine);
+    if (tid == kArriveThread) {
+      __threadfence();  // the other pieces' rows are read after the counts that saw them stored
+      list[0] = mine.b0;
+      list[1] = mine.b1;
     }
-  }
-  NT_EV(29);
-}
-
-// The pieces' merge at the end of a narrow kernel with kTailBarrier (cooperative launch);
-// `scratch`: a free KV stage.
-template <typename T>
-__device__ __forceinline__ void narrow_tail_merge(const DecodeParams& p, const SchedTable& t,
-                                                  unsigned char* scratch, int w, int lane) {
-  if (p.tail_merge == kTailBarrier) {
+    __syncthreads();
+    for (int k = 0; k < 2; ++k) {
+      const int b = list[k];
+      sm80::CtaRows c;
+      if (b >= 0 && sm80::seq_rows<kNM>(p, c, blockIdx.x, b)) {
+        sm80::merge_tile_rows<T, kNThreads / 32, kNM, 2>(p, t, b, c, w, lane);
+      }
+    }
+    NT_EV(29);
+  } else if (p.tail_merge == kTailBarrier) {
     sm80::merge_pieces_at_end<T, kNThreads / 32, 8, 4>(p, t, reinterpret_cast<float*>(scratch), w,
                                                        lane, [] { __syncthreads(); },
                                                        [] { NT_EV(28); });
@@ -442,9 +439,8 @@ __global__ void __launch_bounds__(kNThreads, 1)
     NT_SEG_END();
   }
   NT_EV(27);
-  narrow_arrive_merge<T>(p, sm.sched, arrived, reinterpret_cast<int*>(sm.red), w, lane, tid);
   NT_FINISH();
-  narrow_tail_merge<T>(p, sm.sched, sm.kv[0], w, lane);
+  narrow_merge_at_end<T>(p, sm.sched, arrived, sm.red, sm.kv[0], w, lane, tid);
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
 #endif

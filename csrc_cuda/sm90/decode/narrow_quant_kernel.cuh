@@ -30,7 +30,7 @@
 // segment's end are masked out of S^T and zeroed in the V fragments (unused slots may hold NaN).
 #pragma once
 
-#include "../../sm80/decode/quant_kernel.cuh"  // e4m3x2_to_h2, pow2_normaliser
+#include "../../sm80/decode/quant_kernel.cuh"  // pow2_normaliser
 #include "narrow_kernel.cuh"
 
 namespace portmla {
@@ -529,9 +529,8 @@ __global__ void __launch_bounds__(kNThreads, 2)
     NT_SEG_END();
   }
   NT_EV(27);
-  narrow_arrive_merge<TQ>(p, sm.sched, arrived, reinterpret_cast<int*>(sm.red), w, lane, tid);
   NT_FINISH();
-  narrow_tail_merge<TQ>(p, sm.sched, sm.kv[0], w, lane);
+  narrow_merge_at_end<TQ>(p, sm.sched, arrived, sm.red, sm.kv[0], w, lane, tid);
 #else
   __trap();  // built without sm_90a device code: the launcher never selects this kernel
 #endif
