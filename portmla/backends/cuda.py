@@ -147,6 +147,11 @@ def tail_merge_wanted() -> int:
     return 0 if os.environ.get("PORTMLA_CUDA_TAIL_MERGE") == "0" else 1
 
 
+# The variants whose launcher takes the last-piece merge (csrc_cuda/sm90/decode/launch_kernel.cuh:
+# run_narrow / run_narrow_quant pass `arrive`).
+TAIL_ARRIVE_VARIANTS = ("hopper_narrow", "hopper_narrow_quant")
+
+
 def tail_arrive_wanted() -> bool:
     """Whether the call passes the piece counters of the last-piece merge (the narrow Hopper
     kernels with the schedule kernel: each cut sequence merged by the CTA that stores its last
@@ -493,8 +498,10 @@ class CudaBackend(Backend):
             partial_rows = max(1, 2 * (parts - 1)) * rows
             cuts = 1 + min(b, parts - 1)  # count + cut sequences (int32)
             # the last-piece merge's counters (int32): a sequence's 16-row tiles, zeroed by the
-            # schedule kernel (csrc_cuda/common/params.h: sched_arrive)
-            arrive = b * -(-rows // 16) if tail_arrive_wanted() and hasattr(par, "sched_arrive") else 0
+            # schedule kernel (csrc_cuda/common/params.h: sched_arrive); only the kernels that
+            # take that merge get them (no zeroing work in the other kernels' calls)
+            arrive = b * -(-rows // 16) if (name in TAIL_ARRIVE_VARIANTS and tail_arrive_wanted()
+                                            and hasattr(par, "sched_arrive")) else 0
             head = 2 * b + 2 + (cuts + 1) // 2
             sched = torch.empty(head + (arrive + 1) // 2, dtype=torch.int64, device=q.device)
             par.sched_cum, par.sched_piece = sched.data_ptr(), sched[b + 2:].data_ptr()
