@@ -136,6 +136,23 @@ def test_hopper_not_taken_where_it_cannot_run(ran):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("hint", list(cuda_backend.KV_L2_HINTS))
+def test_hopper_kv_l2_hints(monkeypatch, ran, kernel, hint):
+    """Every L2 eviction priority of the KV tile loads (PORTMLA_CUDA_KV_L2) gives the reference's
+    result: grids of one row tile (16 heads x 1 token, evict_first under ``auto``) and of several
+    (128 heads, 16 heads x 1-3 tokens), 40 sequences (the schedule kernel, the last-piece merge)."""
+    _need_hopper()
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
+    monkeypatch.setenv("PORTMLA_CUDA_KV_L2", hint)
+    lens = [int(x) for x in torch.randint(1, 3000, (40,))]
+    for heads, lens_, qlens, strided in CASES[:2] + [(16, lens, [1] * 40, True)]:
+        case = make_decode_case(lens_, qlens, heads, 64, "bfloat16", torch.bfloat16, "cuda", strided=strided)
+        check_decode(*run_both(case, single_token=False), tol=1e-2)
+    assert set(ran) == {KERNELS[kernel]}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("tail", TAILS)
 def test_hopper_pieces_merge_paths(monkeypatch, ran, kernel, tail):
     """The merges of the cut sequences' pieces: b=1 (128 rows of 66 pieces: a row a CTA, its

@@ -66,6 +66,22 @@ def test_narrow_quant_decode(monkeypatch, ran, block_size, fmt, dtype, schedule)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt,dtype", FORMAT_QUERIES, ids=IDS)
+@pytest.mark.parametrize("hint", list(cuda_backend.KV_L2_HINTS))
+def test_narrow_quant_kv_l2_hints(monkeypatch, ran, fmt, dtype, hint):
+    """Every L2 eviction priority of the KV tile loads (PORTMLA_CUDA_KV_L2): one row tile (16
+    heads x 1 token, 40 sequences: the schedule kernel and the last-piece merge) and several."""
+    _need_narrow_quant()
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", "narrow")
+    monkeypatch.setenv("PORTMLA_CUDA_KV_L2", hint)
+    lens = [int(x) for x in torch.randint(1, 3000, (40,))]
+    for heads, lens_, qlens, strided in [(16, lens, [1] * 40, True), CASES[0]]:
+        case = make_decode_case(lens_, qlens, heads, 64, fmt, dtype, "cuda", strided=strided)
+        check_decode(*run_both(case, single_token=False), tol=1e-2)
+    assert set(ran) == {NQ}
+
+
+@pytest.mark.gpu
 def test_narrow_quant_ds_scales_spread(ran):
     """fp8_ds_mla tile scales spread over 4 decades between tokens (inside every KV tile): the
     scores take each position's scale in fp32, the V fragments it in fp16 times a power of two

@@ -299,3 +299,18 @@ def test_cuda_sched_fixed_per_kernel_and_format():
     assert key("hopper_tile", "fp8") == "hopper_tile" and key("quant", "fp8") == "quant"
     fixed = cuda_backend.SCHED_FIXED
     assert fixed["hopper_quant"] < fixed["hopper"] and all(v >= 1 for v in fixed.values())
+
+
+def test_cuda_kv_l2_hint_env(monkeypatch):
+    """PORTMLA_CUDA_KV_L2 maps to csrc_cuda/common/params.h's KvL2Hint (auto = 0 by default);
+    a value outside the set is refused with the name, the value and the allowed ones."""
+    from portmla.backends import cuda as cuda_backend
+
+    monkeypatch.delenv("PORTMLA_CUDA_KV_L2", raising=False)
+    assert cuda_backend.kv_l2_hint() == 0
+    for name, code in (("auto", 0), ("none", 1), ("first", 2), ("last", 3), ("last-tile", 4)):
+        monkeypatch.setenv("PORTMLA_CUDA_KV_L2", name)
+        assert cuda_backend.kv_l2_hint() == code
+    monkeypatch.setenv("PORTMLA_CUDA_KV_L2", "evict_first")
+    with pytest.raises(ValueError, match=r"PORTMLA_CUDA_KV_L2='evict_first'.*auto, none, first"):
+        cuda_backend.kv_l2_hint()

@@ -147,6 +147,21 @@ def tail_merge_wanted() -> int:
     return 0 if os.environ.get("PORTMLA_CUDA_TAIL_MERGE") == "0" else 1
 
 
+# PORTMLA_CUDA_KV_L2 -> DecodeParams::kv_l2_hint (csrc_cuda/common/params.h: KvL2Hint).
+KV_L2_HINTS = {"auto": 0, "none": 1, "first": 2, "last": 3, "last-tile": 4}
+
+
+def kv_l2_hint() -> int:
+    """The L2 eviction priority of the Hopper kernels' KV tile loads. ``auto`` (the default):
+    evict_first where the grid has one row tile (each KV tile read by one CTA), the plain load
+    where several row tiles read each tile (they meet in L2). The others force one form for every call: ``none``,
+    ``first``, ``last``, ``last-tile`` (evict_first for the last row tile's CTAs only)."""
+    v = os.environ.get("PORTMLA_CUDA_KV_L2", "auto")
+    if v not in KV_L2_HINTS:
+        raise ValueError(f"PORTMLA_CUDA_KV_L2={v!r}: expected one of {', '.join(KV_L2_HINTS)}")
+    return KV_L2_HINTS[v]
+
+
 # The variants whose launcher takes the last-piece merge (csrc_cuda/sm90/decode/launch_kernel.cuh:
 # run_narrow / run_narrow_quant pass `arrive`).
 TAIL_ARRIVE_VARIANTS = ("hopper_narrow", "hopper_narrow_quant")
@@ -524,6 +539,8 @@ class CudaBackend(Backend):
         par.kv_lora_rank, par.rope_dim = c.kv_lora_rank, c.rope_dim
         par.softmax_scale = float(softmax_scale)
         par.q_dtype, par.kv_format = _DTYPE_CODE[q.dtype], _FORMAT_CODE[c.kv_format]
+        if hasattr(par, "kv_l2_hint"):  # a module built before the hint: no field
+            par.kv_l2_hint = kv_l2_hint()
         with torch.cuda.device(q.device):
             mod.mla_decode(par, self._stream(q.device))
         if out_k is not out:

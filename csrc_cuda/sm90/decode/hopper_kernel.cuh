@@ -174,6 +174,7 @@ struct TileLoader {
   int block_size;
   int rows;    // rows per TMA box: min(block_size, 64)
   int kv_hi;
+  uint64_t l2_pol;  // kv_l2_policy(p.kv_l2_hint, m_tile)
 
   // TMA boxes (of `rows` positions) of the tile at `tile_start` that hold positions < kv_hi.
   __device__ __forceinline__ int pieces(int tile_start) const {
@@ -206,7 +207,8 @@ struct TileLoader {
         const int in_page = (tile_start + k * rows) % block_size;
 #pragma unroll
         for (int ch = 0; ch < kChunks; ++ch) {
-          tma_load_3d(dst + ch * kChunk + k * rows * 128, map, bar, ch * 64, in_page, pg[k]);
+          tma_load_3d(dst + ch * kChunk + k * rows * 128, map, bar, ch * 64, in_page, pg[k],
+                      l2_pol);
         }
       }
     }
@@ -241,7 +243,8 @@ __device__ __forceinline__ void issue_boxes_warp(const TileLoader& ld, unsigned 
       for (int j = 0; j < n; ++j) {
         int col, ch;
         box(j, col, ch);
-        tma_load_3d(dst + ch * kChunk + k * ld.rows * 128, ld.map, bar, col, in_page, page);
+        tma_load_3d(dst + ch * kChunk + k * ld.rows * 128, ld.map, bar, col, in_page, page,
+                    ld.l2_pol);
       }
     }
   }
@@ -413,7 +416,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (!segment_rows(p, seg, m_tile, c)) continue;  // the same for every thread
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
-                        p.block_size, min(p.block_size, kBN), c.kv_hi};
+                        p.block_size, min(p.block_size, kBN), c.kv_hi,
+                        kv_l2_policy(p.kv_l2_hint, m_tile)};
     if (tid == 0) {  // Q and both stages are free: the last tile ended with a CTA barrier
       if (p.q_tma) issue_q_tma(&q_map, p, c, sm.q, &sm.q_full);
       for (int s = 0; s < kStages && s < n_tiles; ++s) {

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <utility>
 
+#include "../../common/params.h"
+
 #include <cute/arch/mma_sm90_desc.hpp>
 #include <cute/arch/mma_sm90_gmma.hpp>
 
@@ -83,6 +85,35 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(smem_u32(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+// The L2 eviction policy of the KV tiles' loads for row tile m_tile of gridDim.x
+// (DecodeParams::kv_l2_hint, KvL2Hint); 0: the plain load.
+__device__ __forceinline__ uint64_t kv_l2_policy(int hint, int m_tile) {
+  const int rows = static_cast<int>(gridDim.x);
+  const bool first = hint == kL2First || (hint == kL2Auto && rows == 1) ||
+                     (hint == kL2LastTile && m_tile == rows - 1);
+  uint64_t pol = 0;
+  if (first) {
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+  } else if (hint == kL2Last) {
+    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(pol));
+  }
+  return pol;
+}
+
+// tma_load_3d with an L2 eviction policy from kv_l2_policy (0: the plain load).
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                            int c0, int c1, int c2, uint64_t pol) {
+  if (pol == 0) {
+    tma_load_3d(dst, map, bar, c0, c1, c2);
+    return;
+  }
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".L2::cache_hint [%0], [%1, {%3, %4, %5}], [%2], %6;\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2), "l"(pol)
       : "memory");
 }
 

@@ -287,6 +287,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
     NT_SEG(0);
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const int32_t* bt = p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride;
+    const uint64_t l2_pol = kv_l2_policy(p.kv_l2_hint, m_tile);
     // Warp 0, lane k: the page of box k of the tile at `start` (-1 past the boxes holding
     // positions < kv_hi). Read a tile before its issue, so the issue never waits on it.
     auto tile_pages = [&](int start) {
@@ -308,10 +309,11 @@ __global__ void __launch_bounds__(kNThreads, 2)
           const int in_page = (start + k * box_rows) % p.block_size;
 #pragma unroll
           for (int b = 0; b < 4; ++b) {
-            tma_load_3d(dst + b * kChunk + k * box_rows * 128, &kv_map, &sm.full[st], 128 * b, in_page, page);
+            tma_load_3d(dst + b * kChunk + k * box_rows * 128, &kv_map, &sm.full[st], 128 * b,
+                        in_page, page, l2_pol);
           }
           tma_load_3d(dst + kNQLatent + k * box_rows * Lay::kTail, &tail_map, &sm.full[st], sm80::kL,
-                      in_page, page);
+                      in_page, page, l2_pol);
         }
       }
     };
