@@ -166,6 +166,7 @@ def test_hopper_pieces_merge_paths(monkeypatch, ran, kernel, tail):
     narrow = kernel == "narrow"
     lens = [int(x) for x in torch.randint(1, 3000, (150,))]
     qlens = [int(x) for x in torch.randint(1, 4, (40,))]
+    lens40 = [max(n, k) for n, k in zip(lens, qlens)]  # a sequence holds its query tokens
     cases = [
         (make_decode_case([20000], [1], 128, 64, "bfloat16", torch.bfloat16, "cuda"), True, True, False),
         (make_decode_case([9000, 7000, 3], [1, 1, 1], 128, 64, "float16", torch.float16, "cuda",
@@ -176,7 +177,7 @@ def test_hopper_pieces_merge_paths(monkeypatch, ran, kernel, tail):
         # 15 rows a CTA for the narrow kernel (128 CTAs of 16 rows, 15 cut sequences)
         (make_decode_case(lens, [1] * 150, 128, 64, "bfloat16", torch.bfloat16, "cuda"), True,
          narrow, narrow),
-        (make_decode_case(lens[:40], qlens, 16, 64, "float16", torch.float16, "cuda", strided=True),
+        (make_decode_case(lens40, qlens, 16, 64, "float16", torch.float16, "cuda", strided=True),
          False, True, narrow),
     ]
     for case, single, eligible, arrive in cases:
