@@ -308,7 +308,7 @@ def test_cuda_kv_l2_hint_env(monkeypatch):
 
     monkeypatch.delenv("PORTMLA_CUDA_KV_L2", raising=False)
     assert cuda_backend.kv_l2_hint() == 0
-    for name, code in (("auto", 0), ("none", 1), ("first", 2), ("last", 3), ("last-tile", 4)):
+    for name, code in (("auto", 0), ("none", 1), ("first", 2), ("last", 3)):
         monkeypatch.setenv("PORTMLA_CUDA_KV_L2", name)
         assert cuda_backend.kv_l2_hint() == code
     monkeypatch.setenv("PORTMLA_CUDA_KV_L2", "evict_first")

@@ -70,13 +70,14 @@ struct DecodeParams {
 
 // DecodeParams::kv_l2_hint. A KV tile that only one CTA reads (one row tile a sequence) is dead
 // in L2 once loaded: evict_first leaves L2 to the tiles still in flight (H100, 16 heads: 2-3.5 %
-// faster). Where several row tiles read each tile through L2 (128 heads) it cost up to 11 %.
+// faster). Where several row tiles read each tile through L2 (128 heads) it cost up to 11 %, and
+// evict_first for the last row tile only up to 10 %. Sequences that share pages (a common
+// prefix) read them once each: there the plain load may keep them in L2 between the readers.
 enum KvL2Hint : int {
   kL2Auto = 0,      // evict_first when the grid has one row tile, else the plain load
   kL2None = 1,      // the plain load
   kL2First = 2,     // evict_first
   kL2Last = 3,      // evict_last
-  kL2LastTile = 4,  // evict_first for the last row tile's CTAs only, else the plain load
 };
 
 // DecodeParams::tail_merge as the kernel receives it.

@@ -148,14 +148,15 @@ def tail_merge_wanted() -> int:
 
 
 # PORTMLA_CUDA_KV_L2 -> DecodeParams::kv_l2_hint (csrc_cuda/common/params.h: KvL2Hint).
-KV_L2_HINTS = {"auto": 0, "none": 1, "first": 2, "last": 3, "last-tile": 4}
+KV_L2_HINTS = {"auto": 0, "none": 1, "first": 2, "last": 3}
 
 
 def kv_l2_hint() -> int:
     """The L2 eviction priority of the Hopper kernels' KV tile loads. ``auto`` (the default):
     evict_first where the grid has one row tile (each KV tile read by one CTA), the plain load
-    where several row tiles read each tile (they meet in L2). The others force one form for every call: ``none``,
-    ``first``, ``last``, ``last-tile`` (evict_first for the last row tile's CTAs only)."""
+    where several row tiles read each tile (they meet in L2). ``none``, ``first`` and ``last``
+    force one form for every call (A/Bs; ``none`` where sequences of a batch share prefix pages,
+    which the plain load may keep in L2 between their readers)."""
     v = os.environ.get("PORTMLA_CUDA_KV_L2", "auto")
     if v not in KV_L2_HINTS:
         raise ValueError(f"PORTMLA_CUDA_KV_L2={v!r}: expected one of {', '.join(KV_L2_HINTS)}")

@@ -174,7 +174,7 @@ struct TileLoader {
   int block_size;
   int rows;    // rows per TMA box: min(block_size, 64)
   int kv_hi;
-  uint64_t l2_pol;  // kv_l2_policy(p.kv_l2_hint, m_tile)
+  uint64_t l2_pol;  // kv_l2_policy(p.kv_l2_hint)
 
   // TMA boxes (of `rows` positions) of the tile at `tile_start` that hold positions < kv_hi.
   __device__ __forceinline__ int pieces(int tile_start) const {
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
                         p.block_size, min(p.block_size, kBN), c.kv_hi,
-                        kv_l2_policy(p.kv_l2_hint, m_tile)};
+                        kv_l2_policy(p.kv_l2_hint)};
     if (tid == 0) {  // Q and both stages are free: the last tile ended with a CTA barrier
       if (p.q_tma) issue_q_tma(&q_map, p, c, sm.q, &sm.q_full);
       for (int s = 0; s < kStages && s < n_tiles; ++s) {

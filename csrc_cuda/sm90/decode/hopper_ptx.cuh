@@ -88,12 +88,10 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
-// The L2 eviction policy of the KV tiles' loads for row tile m_tile of gridDim.x
-// (DecodeParams::kv_l2_hint, KvL2Hint); 0: the plain load.
-__device__ __forceinline__ uint64_t kv_l2_policy(int hint, int m_tile) {
-  const int rows = static_cast<int>(gridDim.x);
-  const bool first = hint == kL2First || (hint == kL2Auto && rows == 1) ||
-                     (hint == kL2LastTile && m_tile == rows - 1);
+// The L2 eviction policy of the KV tiles' loads (DecodeParams::kv_l2_hint, KvL2Hint; the grid's
+// x dimension is its row tiles); 0: the plain load.
+__device__ __forceinline__ uint64_t kv_l2_policy(int hint) {
+  const bool first = hint == kL2First || (hint == kL2Auto && gridDim.x == 1);
   uint64_t pol = 0;
   if (first) {
     asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));

@@ -312,7 +312,7 @@ __global__ void __launch_bounds__(kNThreads, 1)
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const TileLoader ld{&kv_map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
                         p.block_size, min(p.block_size, kBN), c.kv_hi,
-                        kv_l2_policy(p.kv_l2_hint, m_tile)};
+                        kv_l2_policy(p.kv_l2_hint)};
     // Warp 0 issues the tiles' boxes (lane 0) with pages read a tile before the issue.
     auto issue = [&](int st, int start, int pages, int slot) {
       issue_boxes_warp(ld, sm.kv[st], &sm.full[st], start, kChunks,

@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
     NT_SEG(0);
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const int32_t* bt = p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride;
-    const uint64_t l2_pol = kv_l2_policy(p.kv_l2_hint, m_tile);
+    const uint64_t l2_pol = kv_l2_policy(p.kv_l2_hint);
     // Warp 0, lane k: the page of box k of the tile at `start` (-1 past the boxes holding
     // positions < kv_hi). Read a tile before its issue, so the issue never waits on it.
     auto tile_pages = [&](int start) {
