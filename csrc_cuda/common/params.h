@@ -68,16 +68,18 @@ struct DecodeParams {
   int kv_l2_hint = 0;
 };
 
-// DecodeParams::kv_l2_hint. A KV tile that only one CTA reads (one row tile a sequence) is dead
-// in L2 once loaded: evict_first leaves L2 to the tiles still in flight (H100, 16 heads: 2-3.5 %
-// faster). Where several row tiles read each tile through L2 (128 heads) it cost up to 11 %, and
-// evict_first for the last row tile only up to 10 %. Sequences that share pages (a common
-// prefix) read them once each: there the plain load may keep them in L2 between the readers.
+// DecodeParams::kv_l2_hint: the L2 eviction priority of the KV tiles' TMA loads in the narrow
+// and single-tile Hopper kernels (the pair kernel always loads plainly). A KV tile that only one
+// CTA reads (one row tile a sequence) is dead in L2 once loaded: evict_first leaves L2 to the
+// tiles still in flight (H100, 16 heads: 1.5-3 % faster). Where several row tiles read each tile
+// through L2 (128 heads) evict_first cost up to 11 %, and on the last row tile only up to 10 %.
+// Sequences that share pages (a common prefix) read them once each: there kL2None may keep them
+// in L2 between the readers.
 enum KvL2Hint : int {
-  kL2Auto = 0,      // evict_first when the grid has one row tile, else the plain load
-  kL2None = 1,      // the plain load
-  kL2First = 2,     // evict_first
-  kL2Last = 3,      // evict_last
+  kL2Auto = 0,   // evict_first when the grid has one row tile, else evict_normal
+  kL2None = 1,   // evict_normal (the default priority)
+  kL2First = 2,  // evict_first
+  kL2Last = 3,   // evict_last
 };
 
 // DecodeParams::tail_merge as the kernel receives it.

@@ -168,13 +168,27 @@ __device__ __forceinline__ bool segment_rows(const DecodeParams& p, const Segmen
 }
 
 // Tile loads: issued by one thread. Positions [tile_start, min(tile_start + 64, kv_hi)).
-struct TileLoader {
+// kHint: every box loaded with the L2 policy l2_pol (kv_l2_policy; no branch on it at the
+// issue); else the plain load (the pair kernel: a runtime choice between the two forms made its
+// producer warp 1-3 % slower, and it never takes evict_first at 128 heads).
+template <bool kHint>
+struct TileLoaderT {
   const CUtensorMap* map;
   const int32_t* bt;  // this sequence's block-table row
   int block_size;
   int rows;    // rows per TMA box: min(block_size, 64)
   int kv_hi;
-  uint64_t l2_pol;  // kv_l2_policy(p.kv_l2_hint)
+  uint64_t l2_pol;  // kHint: kv_l2_policy(p.kv_l2_hint); else unused
+
+  // One box of the tile.
+  __device__ __forceinline__ void load(unsigned char* dst, uint64_t* bar, int col, int in_page,
+                                       int page) const {
+    if constexpr (kHint) {
+      tma_load_3d_hint(dst, map, bar, col, in_page, page, l2_pol);
+    } else {
+      tma_load_3d(dst, map, bar, col, in_page, page);
+    }
+  }
 
   // TMA boxes (of `rows` positions) of the tile at `tile_start` that hold positions < kv_hi.
   __device__ __forceinline__ int pieces(int tile_start) const {
@@ -207,19 +221,20 @@ struct TileLoader {
         const int in_page = (tile_start + k * rows) % block_size;
 #pragma unroll
         for (int ch = 0; ch < kChunks; ++ch) {
-          tma_load_3d(dst + ch * kChunk + k * rows * 128, map, bar, ch * 64, in_page, pg[k],
-                      l2_pol);
+          load(dst + ch * kChunk + k * rows * 128, bar, ch * 64, in_page, pg[k]);
         }
       }
     }
   }
 };
+using TileLoader = TileLoaderT<true>;
+using PlainTileLoader = TileLoaderT<false>;
 
 // Warp-wide block-table prefetch for two tiles: lane j < 8 returns the page of piece j % 4
 // of the tile starting at (j < 4 ? start0 : start1), 0 where there is none. Loaded early,
 // read at issue time through issue_part_warp's shuffles, so the TMA issue never waits on it.
-__device__ __forceinline__ int prefetch_pages(const TileLoader& ld, int start0, int start1,
-                                              int lane) {
+template <class Loader>
+__device__ __forceinline__ int prefetch_pages(const Loader& ld, int start0, int start1, int lane) {
   const int start = lane < 4 ? start0 : start1, k = lane & 3;
   const int pos = start + k * ld.rows;
   return lane < 8 && pos < ld.kv_hi && k * ld.rows < kBN ? ld.bt[pos / ld.block_size] : 0;
@@ -228,8 +243,8 @@ __device__ __forceinline__ int prefetch_pages(const TileLoader& ld, int start0, 
 // TMA boxes of a tile (n of them, `box(j, col, ch)`: box j's first column and its chunk),
 // loaded by a whole warp with the pages from prefetch_pages (`slot` 0: its first tile, 4: its
 // second); completes `bar` once. Lane 0 issues.
-template <class Box>
-__device__ __forceinline__ void issue_boxes_warp(const TileLoader& ld, unsigned char* dst,
+template <class Loader, class Box>
+__device__ __forceinline__ void issue_boxes_warp(const Loader& ld, unsigned char* dst,
                                                  uint64_t* bar, int tile_start, int n, Box box,
                                                  int pages, int slot, int lane) {
   const int pieces = ld.pieces(tile_start);
@@ -243,8 +258,7 @@ __device__ __forceinline__ void issue_boxes_warp(const TileLoader& ld, unsigned 
       for (int j = 0; j < n; ++j) {
         int col, ch;
         box(j, col, ch);
-        tma_load_3d(dst + ch * kChunk + k * ld.rows * 128, ld.map, bar, col, in_page, page,
-                    ld.l2_pol);
+        ld.load(dst + ch * kChunk + k * ld.rows * 128, bar, col, in_page, page);
       }
     }
   }
@@ -252,7 +266,7 @@ __device__ __forceinline__ void issue_boxes_warp(const TileLoader& ld, unsigned 
 
 // One part of a 16-bit tile: the 4 latent chunks from `c0` (columns 64 c0 ..), plus the rope
 // chunk 8 when `rope`.
-__device__ __forceinline__ void issue_part_warp(const TileLoader& ld, unsigned char* dst,
+__device__ __forceinline__ void issue_part_warp(const PlainTileLoader& ld, unsigned char* dst,
                                                 uint64_t* bar, int tile_start, int c0, bool rope,
                                                 int pages, int slot, int lane) {
   issue_boxes_warp(ld, dst, bar, tile_start, rope ? 5 : 4,
@@ -273,7 +287,7 @@ __device__ __forceinline__ bool prefetches_l2(int m_tile) { return m_tile == 0; 
 // whole warp (pages from prefetch_pages, `slot` as in issue_boxes_warp); lane 0 issues.
 // Nothing when the tile does not exist.
 template <class Col>
-__device__ __forceinline__ void prefetch_boxes_l2(const TileLoader& ld, int tile_start, int n,
+__device__ __forceinline__ void prefetch_boxes_l2(const PlainTileLoader& ld, int tile_start, int n,
                                                   Col col, int pages, int slot, int lane) {
   const int pieces = ld.pieces(tile_start);
   for (int k = 0; k < pieces; ++k) {
@@ -286,8 +300,8 @@ __device__ __forceinline__ void prefetch_boxes_l2(const TileLoader& ld, int tile
 }
 
 // A whole 16-bit tile: its 9 chunks.
-__device__ __forceinline__ void prefetch_tile_l2(const TileLoader& ld, int tile_start, int pages,
-                                                 int slot, int lane) {
+__device__ __forceinline__ void prefetch_tile_l2(const PlainTileLoader& ld, int tile_start,
+                                                 int pages, int slot, int lane) {
   prefetch_boxes_l2(ld, tile_start, kChunks, [](int j) { return 64 * j; }, pages, slot, lane);
 }
 

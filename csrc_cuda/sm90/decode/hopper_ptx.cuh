@@ -89,25 +89,23 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
 }
 
 // The L2 eviction policy of the KV tiles' loads (DecodeParams::kv_l2_hint, KvL2Hint; the grid's
-// x dimension is its row tiles); 0: the plain load.
+// x dimension is its row tiles): evict_first, evict_last, or evict_normal (the default
+// priority).
 __device__ __forceinline__ uint64_t kv_l2_policy(int hint) {
-  const bool first = hint == kL2First || (hint == kL2Auto && gridDim.x == 1);
-  uint64_t pol = 0;
-  if (first) {
+  uint64_t pol;
+  if (hint == kL2First || (hint == kL2Auto && gridDim.x == 1)) {
     asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
   } else if (hint == kL2Last) {
     asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(pol));
+  } else {
+    asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(pol));
   }
   return pol;
 }
 
-// tma_load_3d with an L2 eviction policy from kv_l2_policy (0: the plain load).
-__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar,
-                                            int c0, int c1, int c2, uint64_t pol) {
-  if (pol == 0) {
-    tma_load_3d(dst, map, bar, c0, c1, c2);
-    return;
-  }
+// tma_load_3d with an L2 eviction policy from kv_l2_policy.
+__device__ __forceinline__ void tma_load_3d_hint(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                                 int c0, int c1, int c2, uint64_t pol) {
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
       ".L2::cache_hint [%0], [%1, {%3, %4, %5}], [%2], %6;\n" ::"r"(smem_u32(dst)),

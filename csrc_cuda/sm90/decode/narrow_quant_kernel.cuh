@@ -309,11 +309,11 @@ __global__ void __launch_bounds__(kNThreads, 2)
           const int in_page = (start + k * box_rows) % p.block_size;
 #pragma unroll
           for (int b = 0; b < 4; ++b) {
-            tma_load_3d(dst + b * kChunk + k * box_rows * 128, &kv_map, &sm.full[st], 128 * b,
-                        in_page, page, l2_pol);
+            tma_load_3d_hint(dst + b * kChunk + k * box_rows * 128, &kv_map, &sm.full[st], 128 * b,
+                             in_page, page, l2_pol);
           }
-          tma_load_3d(dst + kNQLatent + k * box_rows * Lay::kTail, &tail_map, &sm.full[st], sm80::kL,
-                      in_page, page, l2_pol);
+          tma_load_3d_hint(dst + kNQLatent + k * box_rows * Lay::kTail, &tail_map, &sm.full[st],
+                           sm80::kL, in_page, page, l2_pol);
         }
       }
     };

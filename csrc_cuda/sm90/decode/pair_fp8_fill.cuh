@@ -356,7 +356,7 @@ struct RawBoxes {
 
 // One part of a tile through TMA by a whole warp (issue_boxes_warp).
 template <int FMT>
-__device__ __forceinline__ void issue_part_raw(const TileLoader& ld, unsigned char* dst,
+__device__ __forceinline__ void issue_part_raw(const PlainTileLoader& ld, unsigned char* dst,
                                                uint64_t* bar, int tile_start, int half, int pages,
                                                int slot, int lane) {
   issue_boxes_warp(ld, dst, bar, tile_start, RawBoxes<FMT>::count(half),
@@ -367,7 +367,7 @@ __device__ __forceinline__ void issue_part_raw(const TileLoader& ld, unsigned ch
 // L2 prefetch of a whole tile's raw entries: boxes at bytes 0, 128, .. 512 (fp8_ds_mla: and
 // 528, its RoPE's last bytes).
 template <int FMT>
-__device__ __forceinline__ void prefetch_raw_l2(const TileLoader& ld, int tile_start, int pages,
+__device__ __forceinline__ void prefetch_raw_l2(const PlainTileLoader& ld, int tile_start, int pages,
                                                 int slot, int lane) {
   prefetch_boxes_l2(ld, tile_start, FMT == kKvDsMla ? 6 : 5,
                     [](int j) { return j < 5 ? 128 * j : 528; }, pages, slot, lane);

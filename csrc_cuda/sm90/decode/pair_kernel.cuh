@@ -183,7 +183,7 @@ __device__ __forceinline__ void produce_tma(const CUtensorMap* map, const Decode
     sm80::CtaRows c;
     if (!segment_rows(p, seg, m_tile, c)) continue;
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
-    const TileLoader ld{map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
+    const PlainTileLoader ld{map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
                         p.block_size, min(p.block_size, kBN), c.kv_hi, 0};
     int pages = prefetch_pages(ld, c.kv_lo, c.kv_lo + kBN, lane);
     PAIR_SPAN(1);
