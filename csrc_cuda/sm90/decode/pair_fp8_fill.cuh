@@ -367,8 +367,8 @@ __device__ __forceinline__ void issue_part_raw(const PlainTileLoader& ld, unsign
 // L2 prefetch of a whole tile's raw entries: boxes at bytes 0, 128, .. 512 (fp8_ds_mla: and
 // 528, its RoPE's last bytes).
 template <int FMT>
-__device__ __forceinline__ void prefetch_raw_l2(const PlainTileLoader& ld, int tile_start, int pages,
-                                                int slot, int lane) {
+__device__ __forceinline__ void prefetch_raw_l2(const PlainTileLoader& ld, int tile_start,
+                                                int pages, int slot, int lane) {
   prefetch_boxes_l2(ld, tile_start, FMT == kKvDsMla ? 6 : 5,
                     [](int j) { return j < 5 ? 128 * j : 528; }, pages, slot, lane);
 }

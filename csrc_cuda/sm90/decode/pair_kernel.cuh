@@ -184,7 +184,7 @@ __device__ __forceinline__ void produce_tma(const CUtensorMap* map, const Decode
     if (!segment_rows(p, seg, m_tile, c)) continue;
     const int n_tiles = (c.kv_hi - c.kv_lo + kBN - 1) / kBN;
     const PlainTileLoader ld{map, p.block_table + static_cast<int64_t>(seg.b) * p.bt_stride,
-                        p.block_size, min(p.block_size, kBN), c.kv_hi, 0};
+                             p.block_size, min(p.block_size, kBN), c.kv_hi, 0};
     int pages = prefetch_pages(ld, c.kv_lo, c.kv_lo + kBN, lane);
     PAIR_SPAN(1);
     for (int ta = 0; ta < n_tiles; ta += 2) {
