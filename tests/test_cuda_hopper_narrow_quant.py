@@ -21,7 +21,7 @@ from test_cuda_backend import (
     make_decode_case,
     run_both,
 )
-from test_cuda_hopper import REQUIRED, _need_hopper, check_pdl_and_part_starts, pdl_case
+from test_cuda_hopper import REQUIRED, _need_hopper
 from test_cuda_hopper_quant import _pages_to_far_end
 
 from portmla.backends import cuda as cuda_backend
@@ -78,19 +78,6 @@ def test_narrow_quant_kv_l2_hints(monkeypatch, ran, fmt, dtype, hint):
     for heads, lens_, qlens, strided in [(16, lens, [1] * 40, True), CASES[0]]:
         case = make_decode_case(lens_, qlens, heads, 64, fmt, dtype, "cuda", strided=strided)
         check_decode(*run_both(case, single_token=False), tol=1e-2)
-    assert set(ran) == {NQ}
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("fmt,dtype", FORMAT_QUERIES, ids=IDS)
-def test_narrow_quant_pdl_and_part_starts(monkeypatch, ran, fmt, dtype):
-    """The schedule kernel's part starts and the programmatic dependent launch (PORTMLA_CUDA_PDL
-    0 / 1 bitwise equal, both against the reference): 40 sequences with empty ones over 120
-    forced parts at 16 heads, and at 40 heads (three row tiles)."""
-    _need_narrow_quant()
-    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", "narrow")
-    force_schedule(monkeypatch, 120, 1)
-    check_pdl_and_part_starts(monkeypatch, [pdl_case(h, fmt, dtype) for h in (16, 40)])
     assert set(ran) == {NQ}
 
 

@@ -301,23 +301,6 @@ def test_cuda_sched_fixed_per_kernel_and_format():
     assert fixed["hopper_quant"] < fixed["hopper"] and all(v >= 1 for v in fixed.values())
 
 
-def test_cuda_pdl_env(monkeypatch):
-    """PORTMLA_CUDA_PDL: on by default from sm_90 (the launch attribute needs it), off below and
-    without a capability whatever the env says; a value other than 0 / 1 is refused by name."""
-    from portmla.backends import cuda as cuda_backend
-
-    monkeypatch.delenv("PORTMLA_CUDA_PDL", raising=False)
-    assert cuda_backend.pdl_wanted((9, 0)) == 1 and cuda_backend.pdl_wanted((10, 0)) == 1
-    assert cuda_backend.pdl_wanted((8, 9)) == 0 and cuda_backend.pdl_wanted(None) == 0
-    monkeypatch.setenv("PORTMLA_CUDA_PDL", "0")
-    assert cuda_backend.pdl_wanted((9, 0)) == 0
-    monkeypatch.setenv("PORTMLA_CUDA_PDL", "1")
-    assert cuda_backend.pdl_wanted((8, 0)) == 0 and cuda_backend.pdl_wanted((9, 0)) == 1
-    monkeypatch.setenv("PORTMLA_CUDA_PDL", "on")
-    with pytest.raises(ValueError, match=r"PORTMLA_CUDA_PDL='on'.*0 or 1"):
-        cuda_backend.pdl_wanted((9, 0))
-
-
 def test_cuda_kv_l2_hint_env(monkeypatch):
     """PORTMLA_CUDA_KV_L2 maps to csrc_cuda/common/params.h's KvL2Hint (auto = 0 by default);
     a value outside the set is refused with the name, the value and the allowed ones."""

@@ -50,10 +50,6 @@ struct DecodeParams {
   int64_t* sched_cum = nullptr;    // [num_seqs + 2] scratch: cost prefix, then tiles per part
   int32_t* sched_piece = nullptr;  // [2 num_seqs] scratch: first partial slot (-1: one piece), pieces
   int32_t* sched_cut = nullptr;    // [1 + min(num_seqs, num_parts - 1)]: count, cut sequences
-  // [num_parts] scratch: each part's first sequence, written by the schedule kernel so that a
-  // decode CTA starts its walk with one load instead of a binary search over sched_cum (a chain
-  // of ~log2(num_seqs) dependent global loads before its first KV tile). Null: the search.
-  int32_t* sched_first = nullptr;
   int64_t part_rows = 0;  // rows per partial slot (>= max_query_len * num_heads); 2 (num_parts - 1) slots
   int kv_lora_rank = 512, rope_dim = 64;
   float softmax_scale = 1.f;
@@ -70,10 +66,6 @@ struct DecodeParams {
   int32_t* sched_arrive = nullptr;
   // sm_90a kernels: the L2 eviction priority of the KV tiles' TMA loads (KvL2Hint).
   int kv_l2_hint = 0;
-  // 1: the decode kernel is launched as a programmatic dependent of the schedule kernel (sm_90+,
-  // only when that kernel runs): its CTAs set up their barriers while the schedule is computed
-  // and wait for it (griddepcontrol.wait) before their first read of the scratch.
-  int pdl = 0;
 };
 
 // DecodeParams::kv_l2_hint: the L2 eviction priority of the KV tiles' TMA loads in the narrow

@@ -73,21 +73,15 @@ cudaError_t launch_persistent(dim3 grid, int threads, int smem, cudaStream_t str
     pl.tail_merge = kTailBarrier;
   }
   cudaLaunchAttribute attr[1];
-  int num_attrs = 0;
-  if (pl.tail_merge == kTailBarrier) {
-    attr[num_attrs].id = cudaLaunchAttributeCooperative;
-    attr[num_attrs++].val.cooperative = 1;
-  } else if (p.pdl && !sched_inline(p)) {  // after the schedule kernel (DecodeParams::pdl)
-    attr[num_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[num_attrs++].val.programmaticStreamSerializationAllowed = 1;
-  }
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cfg.attrs = num_attrs ? attr : nullptr;
-  cfg.numAttrs = num_attrs;
+  cfg.attrs = pl.tail_merge == kTailBarrier ? attr : nullptr;
+  cfg.numAttrs = pl.tail_merge == kTailBarrier ? 1 : 0;
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kKernel, std::forward<Args>(args)..., pl);
   const int took = e == cudaSuccess ? pl.tail_merge : kTailOff;
   g_last_tail_merge.store(took, std::memory_order_relaxed);

@@ -55,20 +55,6 @@ __host__ __device__ __forceinline__ int sched_max_cut(const DecodeParams& p) {
   return p.num_seqs < p.num_parts - 1 ? p.num_seqs : p.num_parts - 1;
 }
 
-// Programmatic dependent launch (DecodeParams::pdl; sm_90+, no-ops below and when the kernel
-// was launched without it). The schedule kernel lets the decode kernel launch at once; a decode
-// thread waits for the schedule kernel's completion and its writes before reading the scratch.
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // Up to this many sequences the decode kernels compute the schedule themselves.
 constexpr int kSchedInlineSeqs = 32;
 __host__ __device__ __forceinline__ bool sched_inline(const DecodeParams& p) {
@@ -159,12 +145,7 @@ struct PartWalker {
 
   __device__ __forceinline__ void init(const DecodeParams& p, const SchedTable& t, int part_) {
     part = part_;
-    if (!sched_inline(p)) pdl_wait();  // the schedule kernel's scratch (DecodeParams::pdl)
     per_part = sched_cum_at(p, t, p.num_seqs + 1);
-    if (!sched_inline(p) && p.sched_first != nullptr) {  // one load, beside per_part's
-      b = p.sched_first[part];
-      return;
-    }
     const int64_t lo = part * per_part;
     int l = 0, r = p.num_seqs;  // the first sequence whose units reach past lo
     while (l < r) {

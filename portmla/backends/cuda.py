@@ -163,16 +163,6 @@ def kv_l2_hint() -> int:
     return KV_L2_HINTS[v]
 
 
-def pdl_wanted(capability) -> int:
-    """1: the scheduled decode kernel is launched as a programmatic dependent of the schedule
-    kernel (sm_90+; csrc_cuda/common/params.h ``pdl``). ``PORTMLA_CUDA_PDL`` = 0 / 1 forces it
-    off / on (on below sm_90 is still off: the launch attribute needs sm_90)."""
-    v = os.environ.get("PORTMLA_CUDA_PDL", "1")
-    if v not in ("0", "1"):
-        raise ValueError(f"PORTMLA_CUDA_PDL={v!r}: expected 0 or 1")
-    return int(v == "1" and capability is not None and tuple(capability) >= (9, 0))
-
-
 # The variants whose launcher takes the last-piece merge (csrc_cuda/sm90/decode/launch_kernel.cuh:
 # run_narrow / run_narrow_quant pass `arrive`).
 TAIL_ARRIVE_VARIANTS = ("hopper_narrow", "hopper_narrow_quant")
@@ -528,14 +518,10 @@ class CudaBackend(Backend):
             # take that merge get them (no zeroing work in the other kernels' calls)
             arrive = b * -(-rows // 16) if (name in TAIL_ARRIVE_VARIANTS and tail_arrive_wanted()
                                             and hasattr(par, "sched_arrive")) else 0
-            first = parts if hasattr(par, "sched_first") else 0  # each part's first sequence
-            head = 2 * b + 2 + (cuts + 1) // 2 + (first + 1) // 2
+            head = 2 * b + 2 + (cuts + 1) // 2
             sched = torch.empty(head + (arrive + 1) // 2, dtype=torch.int64, device=q.device)
             par.sched_cum, par.sched_piece = sched.data_ptr(), sched[b + 2:].data_ptr()
             par.sched_cut = sched[2 * b + 2:].data_ptr()
-            if first:
-                par.sched_first = sched[2 * b + 2 + (cuts + 1) // 2:].data_ptr()
-                par.pdl = pdl_wanted(p.platform.capability)
             if arrive:
                 par.sched_arrive = sched[head:].data_ptr()
             par.num_parts, par.part_rows = parts, rows

@@ -36,7 +36,6 @@ __device__ int64_t block_scan(int64_t v, int64_t* warp_sums, int64_t* total) {
 
 __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const DecodeParams p) {
   __shared__ int64_t warp_sums[32];
-  pdl_launch_dependents();  // the decode CTAs may start their setup now (DecodeParams::pdl)
   const int B = p.num_seqs, F = p.sched_fixed;
   if (p.sched_arrive != nullptr) {  // the last-piece merge's counters (params.h: kTailArrive)
     const int64_t n = static_cast<int64_t>(B) * ((static_cast<int64_t>(p.max_query_len) *
@@ -52,7 +51,7 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
     if (b < B) p.sched_cum[b + 1] = carry + incl;
     carry += total;
   }
-  const int64_t units = carry, per_part = sched_per_part(units, p.num_parts);
+  const int64_t per_part = sched_per_part(carry, p.num_parts);
   if (threadIdx.x == 0) p.sched_cum[B + 1] = per_part;
   __syncthreads();  // sched_cum (global) is read back by other threads below
   carry = 0;
@@ -61,15 +60,8 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
     const int b = base + threadIdx.x;
     int64_t pieces = 1;
     if (b < B) {
-      const int64_t c0 = p.sched_cum[b], c1 = p.sched_cum[b + 1];
-      const int64_t first = c0 + F;
-      pieces = sched_pieces(first, c1 - first, per_part);
-      if (p.sched_first != nullptr) {  // the parts whose first unit lies in this sequence
-        const int64_t k_hi = (c1 + per_part - 1) / per_part;
-        for (int64_t k = (c0 + per_part - 1) / per_part; k < k_hi && k < p.num_parts; ++k) {
-          p.sched_first[k] = b;
-        }
-      }
+      const int64_t first = p.sched_cum[b] + F;
+      pieces = sched_pieces(first, p.sched_cum[b + 1] - first, per_part);
     }
     const bool cut = b < B && pieces > 1;
     const int64_t v = cut ? pieces : 0;
@@ -85,12 +77,6 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
     cuts += cut_total;
   }
   if (threadIdx.x == 0) p.sched_cut[0] = static_cast<int32_t>(cuts);
-  if (p.sched_first != nullptr) {  // parts past the last unit: no sequence
-    for (int64_t k = (units + per_part - 1) / per_part + threadIdx.x; k < p.num_parts;
-         k += blockDim.x) {
-      p.sched_first[k] = B;
-    }
-  }
 }
 
 }  // namespace
