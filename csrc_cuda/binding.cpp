@@ -72,6 +72,7 @@ PYBIND11_MODULE(_cuda, m) {
       .FIELD(DecodeParams, num_parts)
       .FIELD(DecodeParams, sched_fixed)
       .FIELD(DecodeParams, tail_merge)
+      .FIELD(DecodeParams, tail_count)
       .FIELD(DecodeParams, kv_l2_hint)
       .PTR_FIELD(DecodeParams, int32_t*, sched_arrive)
       .PTR_FIELD(DecodeParams, int64_t*, sched_cum)

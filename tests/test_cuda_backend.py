@@ -123,16 +123,18 @@ def force_schedule(monkeypatch, parts, fixed):
 # decode kernel, the launcher's pick), the grid-barrier merge only, the merge kernel.
 TAILS = ["in-kernel", "barrier", "merge-kernel"]
 _TAIL_ENV = {"in-kernel": None, "barrier": "barrier", "merge-kernel": "0"}
-_TAIL_MODES = {0: "merge kernel", 1: "grid barrier", 2: "last piece"}  # params.h TailMerge
+_TAIL_MODES = {0: "merge kernel", 1: "grid barrier", 2: "last piece",  # params.h TailMerge
+               3: "counted pieces' merge kernel"}
 
 
 def check_merge_path(monkeypatch, case, tail, single_token=True, tol=1e-2, eligible=True,
-                     arrive=False):
+                     arrive=False, counted=False):
     """``case`` against the reference with the cut sequences' pieces merged the way ``tail``
     (TAILS) asks, and the module's record of the launch says the merge that ran: ``arrive``
     (a narrow Hopper kernel with the schedule kernel) takes the last-piece merge by default;
     otherwise the grid-barrier merge where the rows to merge come to at most 16 a CTA
-    (``eligible``), else the merge kernel (which the profile of the call must show)."""
+    (``eligible``), else the merge kernel (which the profile of the call must show), polling
+    the pieces' counts of the 16-bit pair kernel by default where ``counted``."""
     from torch.profiler import ProfilerActivity, profile
 
     from portmla.backends.cuda import load_module
@@ -152,9 +154,10 @@ def check_merge_path(monkeypatch, case, tail, single_token=True, tol=1e-2, eligi
         want = 0
     else:
         want = 2 if arrive and tail == "in-kernel" else (1 if eligible else 0)
+        want = 3 if want == 0 and counted and tail == "in-kernel" else want
     took = load_module()[0].last_tail_merge()
     assert took == want, f"merged by the {_TAIL_MODES[took]}, expected the {_TAIL_MODES[want]}"
-    if want:
+    if want in (1, 2):
         assert not merges, f"a merge kernel ran: {merges[:2]}"
     else:
         assert merges, "no merge kernel ran (does the case cut any sequence?)"

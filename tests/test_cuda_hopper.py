@@ -17,6 +17,7 @@ from test_cuda_backend import (
     _need_cuda,
     boundary_case,
     check_decode,
+    check_deterministic_and_graph,
     check_merge_path,
     force_schedule,
     make_decode_case,
@@ -180,10 +181,46 @@ def test_hopper_pieces_merge_paths(monkeypatch, ran, kernel, tail):
         (make_decode_case(lens40, qlens, 16, 64, "float16", torch.float16, "cuda", strided=True),
          False, True, narrow),
     ]
-    for case, single, eligible, arrive in cases:
+    for i, (case, single, eligible, arrive) in enumerate(cases):
         check_merge_path(monkeypatch, case, tail, single_token=single, eligible=eligible,
-                         arrive=arrive)
+                         arrive=arrive, counted=kernel == "pair" and i == 4)
     assert set(ran) == {KERNELS[kernel]}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)],
+                         ids=["bf16", "fp16"])
+def test_hopper_counted_pieces_merge(monkeypatch, ran, fmt, dtype):
+    """The pair kernel counts the pieces it stores and the merge kernel, launched as its
+    programmatic dependent, merges each 64-row tile of a cut sequence once its count is full
+    (kTailCount): 128 heads x 1-3 tokens over 40 sequences (empty ones too) with the planner's
+    parts and with 120 forced parts (a grid of 240-720 CTAs, more than the GPU holds at once:
+    the merge grid launches only once every decode CTA has started); against the reference,
+    bitwise equal to the plain merge kernel (PORTMLA_CUDA_PIECE_COUNT=0) and run to run; a
+    graph replayed over shorter lengths (the counters zeroed again by each replay's schedule)."""
+    _need_hopper()
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", "pair")
+    lens = [int(x) for x in torch.randint(1, 3000, (40,))]
+    lens[::7] = [0] * len(lens[::7])
+    qlens = [min(n, int(k)) for n, k in zip(lens, torch.randint(1, 4, (40,)))]
+    lens = [max(n, k) for n, k in zip(lens, qlens)]
+    case = make_decode_case(lens, qlens, 128, 64, fmt, dtype, "cuda", strided=True)
+    for parts in (None, 120):
+        if parts:
+            force_schedule(monkeypatch, parts, 1)
+        got = []
+        for count in ("1", "0"):
+            monkeypatch.setenv("PORTMLA_CUDA_PIECE_COUNT", count)
+            check_merge_path(monkeypatch, case, "in-kernel", single_token=False, eligible=False,
+                             counted=count == "1")
+            scale = 576 ** -0.5
+            got.append(pm.mla_decode(softmax_scale=scale, return_lse=True, backend="cuda", **case))
+        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), \
+            "counted and plain merges differ"
+    monkeypatch.setenv("PORTMLA_CUDA_PIECE_COUNT", "1")
+    single = make_decode_case([max(n, 1) for n in lens], [1] * 40, 128, 64, fmt, dtype, "cuda")
+    check_deterministic_and_graph(single, tol=2e-2)
+    assert set(ran) == {"hopper"}
 
 
 @pytest.mark.gpu

@@ -64,6 +64,8 @@ struct DecodeParams {
   // [num_seqs x ceil(max_query_len num_heads / 16)] int32, zeroed by the schedule kernel on every
   // call. Null: that merge is not taken.
   int32_t* sched_arrive = nullptr;
+  // 1: the 16-bit pair kernel may take kTailCount (persistent_launch.h: tail_count_taken).
+  int tail_count = 0;
   // sm_90a kernels: the L2 eviction priority of the KV tiles' TMA loads (KvL2Hint).
   int kv_l2_hint = 0;
 };
@@ -89,6 +91,10 @@ enum TailMerge : int {
                      // (cooperative launch; sm80/decode/combine.cuh: merge_pieces_at_end)
   kTailArrive = 2,   // the CTA that stores a row tile's last piece merges its pieces (counters in
                      // sched_arrive; no barrier; the narrow Hopper kernels, schedule kernel runs)
+  kTailCount = 3,    // the decode kernel counts each piece it stores in sched_arrive and lets the
+                     // merge kernel launch at its start (programmatic dependent launch); the
+                     // merge kernel merges a row tile once its count is complete, so most
+                     // merges run while the last decode CTAs still do (the 16-bit pair kernel)
 };
 
 // concat_and_cache_mla: cache[slot] = quantize([kv_c[t] | k_pe[t]]).

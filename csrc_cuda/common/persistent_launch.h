@@ -52,22 +52,47 @@ constexpr int64_t kTailMaxRowsPerCta = 16;
 // The TailMerge of the last launch_persistent (last_tail_merge(): a test hook).
 inline std::atomic<int> g_last_tail_merge{kTailOff};
 
+// The in-kernel merges a scheduled kernel takes (launch_persistent's `takes`).
+enum TailTakes : int { kTakesNone = 0, kTakesArrive = 1, kTakesCount = 2 };
+
+// Rows per CTA of the kernel that counts its pieces (the pair kernel's 64-row tile): the merge
+// kernel's counter of cut sequence b, row r is sched_arrive[b x count_tiles(p) + r / 64].
+constexpr int kCountRows = 64;
+inline int count_tiles(const DecodeParams& p) {
+  return static_cast<int>((static_cast<int64_t>(p.max_query_len) * p.num_heads + kCountRows - 1) /
+                          kCountRows);
+}
+
+// Whether a kernel that takes kTailCount does (the launcher and the caller that then launches the
+// merge kernel both ask this, from p alone): the merge asked for and the schedule kernel run (it
+// zeroes the counters), the merge kernel's many-rows form, and more rows to merge than the
+// grid-barrier merge takes (where that one applies it runs instead, no merge kernel at all).
+inline bool tail_count_taken(const DecodeParams& p) {
+  const int64_t ctas = static_cast<int64_t>(count_tiles(p)) * p.num_parts;
+  return p.tail_merge && p.tail_count && p.num_parts > 1 && !sched_inline(p) &&
+         p.sched_arrive != nullptr && pieces_many_rows(p) &&
+         sched_max_cut(p) * p.part_rows > kTailMaxRowsPerCta * ctas;
+}
+
 // Launches kKernel<<<grid, threads, smem, stream>>>(args..., p') where p' is p with tail_merge
 // set to the merge the kernel runs itself when one was asked for (p.tail_merge) and some
 // sequence can be cut (num_parts > 1); *merged says whether it does (no merge kernel to run).
-// merged == nullptr: never. kTailArrive where the kernel takes it (`arrive`), the schedule kernel
-// ran (it zeroes the counters: not sched_inline) and p.sched_arrive is given; else kTailBarrier
-// where the rows to merge come to at most kTailMaxRowsPerCta a CTA and the grid fits at once
-// (then cooperatively).
+// merged == nullptr: never. kTailArrive where the kernel takes it (`takes`), the schedule kernel
+// ran (it zeroes the counters: not sched_inline) and p.sched_arrive is given; kTailCount where
+// the kernel takes it and tail_count_taken (*merged false: the caller launches the merge kernel
+// as this kernel's programmatic dependent); else kTailBarrier where the rows to merge come to at
+// most kTailMaxRowsPerCta a CTA and the grid fits at once (then cooperatively).
 template <auto kKernel, typename... Args>
 cudaError_t launch_persistent(dim3 grid, int threads, int smem, cudaStream_t stream,
-                              const DecodeParams& p, bool* merged, bool arrive, Args&&... args) {
+                              const DecodeParams& p, bool* merged, int takes, Args&&... args) {
   DecodeParams pl = p;
   const int64_t ctas = static_cast<int64_t>(grid.x) * grid.y * grid.z;
   const bool wanted = merged != nullptr && p.tail_merge && p.num_parts > 1;
   pl.tail_merge = kTailOff;
-  if (wanted && arrive && !sched_inline(p) && p.sched_arrive != nullptr) {
+  if (wanted && (takes & kTakesArrive) && !sched_inline(p) && p.sched_arrive != nullptr) {
     pl.tail_merge = kTailArrive;
+  } else if (wanted && (takes & kTakesCount) && tail_count_taken(p)) {
+    pl.tail_merge = kTailCount;
   } else if (wanted && sched_max_cut(p) * p.part_rows <= kTailMaxRowsPerCta * ctas &&
              all_resident<kKernel>(threads, smem, ctas)) {
     pl.tail_merge = kTailBarrier;
@@ -85,22 +110,22 @@ cudaError_t launch_persistent(dim3 grid, int threads, int smem, cudaStream_t str
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kKernel, std::forward<Args>(args)..., pl);
   const int took = e == cudaSuccess ? pl.tail_merge : kTailOff;
   g_last_tail_merge.store(took, std::memory_order_relaxed);
-  if (merged != nullptr) *merged = took != kTailOff;
+  if (merged != nullptr) *merged = took != kTailOff && took != kTailCount;
   return e;
 }
 
 // A scheduled decode kernel over its whole grid: rows_per_cta rows of a sequence a CTA (row
 // tiles on x), p.num_parts parts (y; each CTA walks its part's segments), `smem` bytes of
 // dynamic shared memory opted in to; launched by launch_persistent with args..., p'
-// (`arrive`: the kernel takes kTailArrive).
+// (`takes`: the in-kernel merges the kernel takes, TailTakes).
 template <auto kKernel, typename... Args>
 cudaError_t launch_scheduled(int rows_per_cta, int threads, int smem, cudaStream_t stream,
-                            const DecodeParams& p, bool* merged, bool arrive, Args&&... args) {
+                            const DecodeParams& p, bool* merged, int takes, Args&&... args) {
   PORTMLA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int m_tiles = (p.max_query_len * p.num_heads + rows_per_cta - 1) / rows_per_cta;
   PORTMLA_RETURN_IF_ERROR(launch_persistent<kKernel>(dim3(m_tiles, p.num_parts), threads, smem,
-                                                     stream, p, merged, arrive,
+                                                     stream, p, merged, takes,
                                                      std::forward<Args>(args)...));
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;

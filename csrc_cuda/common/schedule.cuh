@@ -55,6 +55,30 @@ __host__ __device__ __forceinline__ int sched_max_cut(const DecodeParams& p) {
   return p.num_seqs < p.num_parts - 1 ? p.num_seqs : p.num_parts - 1;
 }
 
+// Whether the pieces' merge takes its many-rows form (sm80/decode/decode_kernel.cuh:
+// launch_decode_combine_pieces): more than 2048 rows of cut sequences at most.
+__host__ __device__ __forceinline__ bool pieces_many_rows(const DecodeParams& p) {
+  return static_cast<int64_t>(p.max_query_len) * p.num_heads * sched_max_cut(p) > 2048;
+}
+
+// kTailCount (params.h): programmatic dependent launch of the merge kernel (sm_90+; no-ops
+// below and when the kernel was not launched that way), and the count it polls.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ int ld_acquire_gpu(const int* ptr) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
 // Up to this many sequences the decode kernels compute the schedule themselves.
 constexpr int kSchedInlineSeqs = 32;
 __host__ __device__ __forceinline__ bool sched_inline(const DecodeParams& p) {

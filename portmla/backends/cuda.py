@@ -175,6 +175,14 @@ def tail_arrive_wanted() -> bool:
     return os.environ.get("PORTMLA_CUDA_TAIL_MERGE") not in ("0", "barrier")
 
 
+def tail_count_wanted() -> bool:
+    """Whether the 16-bit pair kernel counts the pieces it stores, so that the merge kernel can
+    launch at its start and merge each cut sequence once its pieces are in (csrc_cuda/common/
+    params.h ``kTailCount``; only with the schedule kernel and many rows to merge). Off with
+    ``PORTMLA_CUDA_TAIL_MERGE`` = 0 / barrier, or ``PORTMLA_CUDA_PIECE_COUNT=0``."""
+    return tail_arrive_wanted() and os.environ.get("PORTMLA_CUDA_PIECE_COUNT", "1") != "0"
+
+
 def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
     """Persistent parts of the scheduled kernels: ``per_sm`` CTAs per SM over all row tiles."""
     return max(1, min(MAX_GRID_PARTS, sms * per_sm // max(1, m_tiles)))
@@ -516,14 +524,17 @@ class CudaBackend(Backend):
             # the last-piece merge's counters (int32): a sequence's 16-row tiles, zeroed by the
             # schedule kernel (csrc_cuda/common/params.h: sched_arrive); only the kernels that
             # take that merge get them (no zeroing work in the other kernels' calls)
-            arrive = b * -(-rows // 16) if (name in TAIL_ARRIVE_VARIANTS and tail_arrive_wanted()
-                                            and hasattr(par, "sched_arrive")) else 0
+            counts = (name == "hopper" and p.cache.kv_format not in ("fp8", "fp8_ds_mla")
+                      and hasattr(par, "tail_count") and tail_count_wanted())
+            arrive = b * -(-rows // 16) if ((name in TAIL_ARRIVE_VARIANTS and tail_arrive_wanted()
+                                             or counts) and hasattr(par, "sched_arrive")) else 0
             head = 2 * b + 2 + (cuts + 1) // 2
             sched = torch.empty(head + (arrive + 1) // 2, dtype=torch.int64, device=q.device)
             par.sched_cum, par.sched_piece = sched.data_ptr(), sched[b + 2:].data_ptr()
             par.sched_cut = sched[2 * b + 2:].data_ptr()
             if arrive:
                 par.sched_arrive = sched[head:].data_ptr()
+                par.tail_count = int(counts)
             par.num_parts, par.part_rows = parts, rows
             par.sched_fixed = SCHED_FIXED[sched_fixed_key(name, p.cache.kv_format)]
             if hasattr(par, "tail_merge"):  # a module built before it merges in-kernel: no field

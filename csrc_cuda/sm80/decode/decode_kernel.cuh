@@ -23,6 +23,7 @@
 #include "../../common/check.h"
 #include "../../common/numeric.cuh"
 #include "../../common/params.h"
+#include "../../common/persistent_launch.h"
 #include "combine.cuh"
 #include "config.h"
 #include "tile_common.cuh"
@@ -329,10 +330,31 @@ __global__ void __launch_bounds__(kPiecesSplitThreads)
 constexpr int kWideWarps = 8;  // warps a block
 constexpr int kWideBlockRows = kWideRows * kWideWarps;
 
-template <typename T>
-__global__ void __launch_bounds__(32 * kWideWarps)
-    mla_decode_combine_pieces_wide_kernel(const DecodeParams p, int blocks_per_seq) {
+// kCounted (params.h: kTailCount): launched as the decode kernel's programmatic dependent, so
+// it may run before the decode kernel ends. A block's rows lie in one 64-row tile of one cut
+// sequence: thread 0 waits until the decode kernel counted all of that tile's pieces stored
+// (sched_arrive[b x tiles + row / 64]; decode CTAs never wait for a merge block, and all of
+// them had started before this grid could launch, so the wait ends). The schedule arrays were
+// written by the schedule kernel, which ended before the decode kernel began.
+template <typename T, bool kCounted>
+__device__ __forceinline__ void combine_pieces_wide(const DecodeParams& p, int blocks_per_seq,
+                                                    int tiles) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if constexpr (kCounted) {
+    const int k = static_cast<int>(blockIdx.x / blocks_per_seq);
+    if (k >= p.sched_cut[0]) return;
+    const int b = p.sched_cut[1 + k];
+    int t0, nq;
+    seq_tokens(p, b, t0, nq);
+    const int64_t row0 = static_cast<int64_t>(blockIdx.x % blocks_per_seq) * kWideBlockRows;
+    if (row0 >= static_cast<int64_t>(nq) * p.num_heads) return;  // the same for the whole block
+    if (threadIdx.x == 0) {
+      const int* count = p.sched_arrive + static_cast<int64_t>(b) * tiles + row0 / kCountRows;
+      const int n = p.sched_piece[2 * b + 1];
+      while (ld_acquire_gpu(count) < n) __nanosleep(256);
+    }
+    __syncthreads();  // the pieces' rows (read through L2 below) after the count
+  }
   PiecesRow pr[kWideRows];
   bool ok[kWideRows];
 #pragma unroll
@@ -348,10 +370,23 @@ __global__ void __launch_bounds__(32 * kWideWarps)
   }
 }
 
+template <typename T, bool kCounted>
+__global__ void __launch_bounds__(32 * kWideWarps)
+    mla_decode_combine_pieces_wide_kernel(const DecodeParams p, int blocks_per_seq, int tiles) {
+  combine_pieces_wide<T, kCounted>(p, blocks_per_seq, tiles);
+  // kCounted: this grid must not end before the decode grid, whose other rows the next kernel
+  // in the stream reads: one block waits for it (griddepcontrol.wait) before it exits.
+  if (kCounted && blockIdx.x == 0) pdl_wait();
+}
+
+// counted: the decode kernel took kTailCount (tail_count_taken; then many_rows holds): the wide
+// form launched as its programmatic dependent, polling the pieces' counts.
 template <typename T>
-cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t stream,
+                                         bool counted = false) {
   const int64_t per_seq = static_cast<int64_t>(p.max_query_len) * p.num_heads;
-  const bool many_rows = per_seq * sched_max_cut(p) > 2048;
+  const bool many_rows = pieces_many_rows(p);
+  if (counted && !many_rows) return cudaErrorInvalidValue;
   // Few rows (small batches, whose sequences the parts cut into many pieces): one row per block
   // and the batched merge, split over the pieces when they are many (num_parts / cut sequences
   // >= kSplitPieces; b=1 S=32768 h=128: 48.8 -> 47.5 us; with 2-3 pieces, 128q1s8k h16, the
@@ -368,8 +403,20 @@ cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t str
   if (blocks == 0) return cudaSuccess;
   const unsigned grid = static_cast<unsigned>(blocks);
   const int bps = static_cast<int>(per_seq_blocks);
-  if (many_rows) {
-    mla_decode_combine_pieces_wide_kernel<T><<<grid, 32 * kWideWarps, 0, stream>>>(p, bps);
+  if (counted) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(32 * kWideWarps);
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    PORTMLA_RETURN_IF_ERROR(cudaLaunchKernelEx(
+        &cfg, mla_decode_combine_pieces_wide_kernel<T, true>, p, bps, count_tiles(p)));
+  } else if (many_rows) {
+    mla_decode_combine_pieces_wide_kernel<T, false><<<grid, 32 * kWideWarps, 0, stream>>>(p, bps, 0);
   } else if (split) {
     mla_decode_combine_pieces_split_kernel<T><<<grid, kPiecesSplitThreads, 0, stream>>>(p, bps);
   } else {

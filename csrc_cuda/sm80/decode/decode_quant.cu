@@ -13,7 +13,7 @@ template <typename T, int FMT>
 cudaError_t run(const DecodeParams& p, cudaStream_t stream, bool* merged) {
   return launch_scheduled<mla_decode_quant_kernel<T, FMT>>(
       quant::kQM, quant::kQThreads, quant::Layout<FMT, quant::kQStages>::kBytes, stream, p, merged,
-      false);
+      kTakesNone);
 }
 
 }  // namespace

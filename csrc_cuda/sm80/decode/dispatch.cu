@@ -26,8 +26,13 @@ cudaError_t run_scheduled(const DecodeParams& p, cudaStream_t stream, Decode dec
   bool merged = false;
   PORTMLA_RETURN_IF_ERROR(decode(p, stream, &merged));
   if (p.num_parts == 1 || merged) return cudaSuccess;  // nothing is ever cut, or merged
-  return p.q_dtype == kBF16 ? sm80::launch_decode_combine_pieces<__nv_bfloat16>(p, stream)
-                            : sm80::launch_decode_combine_pieces<__half>(p, stream);
+  // The 16-bit pair kernel took kTailCount exactly when this holds (launch_persistent asks the
+  // same of the same p): the merge kernel then polls its counts.
+  const bool counted = p.variant == sm80::kHopperPair && p.kv_format == kKv16 &&
+                       tail_count_taken(p);
+  return p.q_dtype == kBF16
+             ? sm80::launch_decode_combine_pieces<__nv_bfloat16>(p, stream, counted)
+             : sm80::launch_decode_combine_pieces<__half>(p, stream, counted);
 }
 
 }  // namespace

@@ -115,6 +115,9 @@ constexpr int kBarQ = 5;   // the segment's Q loaded (256 consumer threads, bar.
 constexpr int kBarTail = 6;  // the consumers inside the tail merge (sm80::tail_merge)
 static_assert(sizeof(PairSmem::hand) == (kHandF + 1) * sizeof(uint64_t), "one mbarrier each");
 constexpr int kBarOwn0 = 3;  // warpgroup-local barriers after zeroing V rows
+// kTailCount: the consumer thread that counts a stored piece in (not thread 0, which issues the
+// next segment's Q load).
+constexpr int kCountThread = kThreads - 1;
 constexpr int kRope = kChunks - 1;
 
 // 2^(m_old - m_new) for the O / row-sum rescale; 0 while nothing was seen (m_old = -inf).
@@ -265,6 +268,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     mbar_init_fence();
   }
   sched_fill_cta(p, sm.sched, tid >> 5, lane);
+  if (p.tail_merge == kTailCount) pdl_launch_dependents();  // the merge kernel polls the counts
   __syncthreads();
 
   // Every thread walks the part's segments itself (common/schedule.cuh); tile pairs restart at
@@ -521,6 +525,11 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     // Quantized caches: the paired partial stores made ptxas spill in the pair loop (132 B).
     store_rows<TQ, FMT == kKv16>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
     mbar_arrive(&sm.hand[kHandF]);
+    if (p.tail_merge == kTailCount && seg.slot >= 0 && tid == kCountThread) {
+      mbar_wait(&sm.hand[kHandF], segs & 1);  // every consumer's rows of the piece stored
+      __threadfence();
+      atomicAdd(p.sched_arrive + static_cast<int64_t>(seg.b) * gridDim.x + m_tile, 1);
+    }
     PAIR_SPAN_SEG(segs, 4);  // this segment's epilogue done
     ++segs;
   }
