@@ -193,21 +193,24 @@ def test_hopper_pieces_merge_paths(monkeypatch, ran, kernel, tail):
 def test_hopper_counted_pieces_merge(monkeypatch, ran, fmt, dtype):
     """The pair kernel counts the pieces it stores and the merge kernel, launched as its
     programmatic dependent, merges each 64-row tile of a cut sequence once its count is full
-    (kTailCount): 128 heads x 1-3 tokens over 40 sequences (empty ones too) with the planner's
-    parts and with 120 forced parts (a grid of 240-720 CTAs, more than the GPU holds at once:
-    the merge grid launches only once every decode CTA has started); against the reference,
-    bitwise equal to the plain merge kernel (PORTMLA_CUDA_PIECE_COUNT=0) and run to run; a
-    graph replayed over shorter lengths (the counters zeroed again by each replay's schedule)."""
+    (kTailCount, one query token a sequence): 128 heads over 40 sequences (empty ones too) with
+    the planner's parts and with 120 forced parts (a grid of 240 CTAs, more than the GPU holds
+    at once: the merge grid launches only once every decode CTA has started); against the
+    reference, bitwise equal to the plain merge kernel (PORTMLA_CUDA_PIECE_COUNT=0) and run to
+    run; a graph replayed over shorter lengths (the counters zeroed again by each replay's
+    schedule). 1-3 tokens a sequence (up to 720 CTAs): the plain merge kernel."""
     _need_hopper()
     monkeypatch.setenv("PORTMLA_CUDA_HOPPER", "pair")
     lens = [int(x) for x in torch.randint(1, 3000, (40,))]
     lens[::7] = [0] * len(lens[::7])
     qlens = [min(n, int(k)) for n, k in zip(lens, torch.randint(1, 4, (40,)))]
     lens = [max(n, k) for n, k in zip(lens, qlens)]
-    case = make_decode_case(lens, qlens, 128, 64, fmt, dtype, "cuda", strided=True)
+    multi = make_decode_case(lens, qlens, 128, 64, fmt, dtype, "cuda", strided=True)
+    case = make_decode_case(lens, [min(n, 1) for n in lens], 128, 64, fmt, dtype, "cuda", strided=True)
     for parts in (None, 120):
         if parts:
             force_schedule(monkeypatch, parts, 1)
+        check_merge_path(monkeypatch, multi, "in-kernel", single_token=False, eligible=False)
         got = []
         for count in ("1", "0"):
             monkeypatch.setenv("PORTMLA_CUDA_PIECE_COUNT", count)
