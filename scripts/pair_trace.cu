@@ -75,10 +75,11 @@ int main(int argc, char** argv) {
   // PT_TAIL=1: the decode kernel merges the pieces itself (cooperative launch), as the module
   // does by default; else the kernel alone (its pieces left unmerged).
   p.tail_merge = getenv("PT_TAIL") != nullptr && atoi(getenv("PT_TAIL")) == 1;
-  bool merged = false;
-  for (int i = 0; i < 3; ++i) portmla::sm90::launch_decode(p, 0, &merged);
+  int took = portmla::kTailOff;  // tail_count stays 0: never kTailCount here
+  for (int i = 0; i < 3; ++i) portmla::sm90::launch_decode(p, 0, &took);
   cudaEventRecord(e0);
-  cudaError_t err = portmla::sm90::launch_decode(p, 0, &merged);
+  cudaError_t err = portmla::sm90::launch_decode(p, 0, &took);
+  const bool merged = took != portmla::kTailOff;
   printf("tail merge %s\n", merged ? "in the kernel" : "off");
   cudaEventRecord(e1);
   cudaEventSynchronize(e1);

@@ -63,8 +63,8 @@ inline int count_tiles(const DecodeParams& p) {
                           kCountRows);
 }
 
-// Whether a kernel that takes kTailCount does (the launcher and the caller that then launches the
-// merge kernel both ask this, from p alone): the merge asked for and the schedule kernel run (it
+// Whether a kernel that takes kTailCount does (the launcher reports it to the caller, which then
+// launches the merge kernel polling the counts): the merge asked for and the schedule kernel run (it
 // zeroes the counters), one query token a sequence, the merge kernel's many-rows form, and more
 // rows to merge than the grid-barrier merge takes (where that one applies it runs instead, no
 // merge kernel at all). One token: H100, 128 heads, paired with the plain merge kernel over
@@ -81,18 +81,18 @@ inline bool tail_count_taken(const DecodeParams& p) {
 
 // Launches kKernel<<<grid, threads, smem, stream>>>(args..., p') where p' is p with tail_merge
 // set to the merge the kernel runs itself when one was asked for (p.tail_merge) and some
-// sequence can be cut (num_parts > 1); *merged says whether it does (no merge kernel to run).
-// merged == nullptr: never. kTailArrive where the kernel takes it (`takes`), the schedule kernel
+// sequence can be cut (num_parts > 1); *took is the TailMerge it took (kTailOff and kTailCount:
+// the caller runs the merge kernel). took == nullptr: never. kTailArrive where the kernel takes it (`takes`), the schedule kernel
 // ran (it zeroes the counters: not sched_inline) and p.sched_arrive is given; kTailCount where
-// the kernel takes it and tail_count_taken (*merged false: the caller launches the merge kernel
+// the kernel takes it and tail_count_taken (the caller launches the merge kernel
 // as this kernel's programmatic dependent); else kTailBarrier where the rows to merge come to at
 // most kTailMaxRowsPerCta a CTA and the grid fits at once (then cooperatively).
 template <auto kKernel, typename... Args>
 cudaError_t launch_persistent(dim3 grid, int threads, int smem, cudaStream_t stream,
-                              const DecodeParams& p, bool* merged, int takes, Args&&... args) {
+                              const DecodeParams& p, int* took, int takes, Args&&... args) {
   DecodeParams pl = p;
   const int64_t ctas = static_cast<int64_t>(grid.x) * grid.y * grid.z;
-  const bool wanted = merged != nullptr && p.tail_merge && p.num_parts > 1;
+  const bool wanted = took != nullptr && p.tail_merge && p.num_parts > 1;
   pl.tail_merge = kTailOff;
   if (wanted && (takes & kTakesArrive) && !sched_inline(p) && p.sched_arrive != nullptr) {
     pl.tail_merge = kTailArrive;
@@ -113,9 +113,9 @@ cudaError_t launch_persistent(dim3 grid, int threads, int smem, cudaStream_t str
   cfg.attrs = pl.tail_merge == kTailBarrier ? attr : nullptr;
   cfg.numAttrs = pl.tail_merge == kTailBarrier ? 1 : 0;
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kKernel, std::forward<Args>(args)..., pl);
-  const int took = e == cudaSuccess ? pl.tail_merge : kTailOff;
-  g_last_tail_merge.store(took, std::memory_order_relaxed);
-  if (merged != nullptr) *merged = took != kTailOff && took != kTailCount;
+  const int mode = e == cudaSuccess ? pl.tail_merge : kTailOff;
+  g_last_tail_merge.store(mode, std::memory_order_relaxed);
+  if (took != nullptr) *took = mode;
   return e;
 }
 
@@ -125,12 +125,12 @@ cudaError_t launch_persistent(dim3 grid, int threads, int smem, cudaStream_t str
 // (`takes`: the in-kernel merges the kernel takes, TailTakes).
 template <auto kKernel, typename... Args>
 cudaError_t launch_scheduled(int rows_per_cta, int threads, int smem, cudaStream_t stream,
-                            const DecodeParams& p, bool* merged, int takes, Args&&... args) {
+                            const DecodeParams& p, int* took, int takes, Args&&... args) {
   PORTMLA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int m_tiles = (p.max_query_len * p.num_heads + rows_per_cta - 1) / rows_per_cta;
   PORTMLA_RETURN_IF_ERROR(launch_persistent<kKernel>(dim3(m_tiles, p.num_parts), threads, smem,
-                                                     stream, p, merged, takes,
+                                                     stream, p, took, takes,
                                                      std::forward<Args>(args)...));
   PORTMLA_CHECK_LAUNCH();
   return cudaSuccess;

@@ -73,6 +73,11 @@ __device__ __forceinline__ void pdl_wait() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// The piece counter (DecodeParams::sched_arrive) of sequence b and this CTA's row tile (the
+// grid's x dimension), which the kTailArrive / kTailCount kernels count their stored pieces in.
+__device__ __forceinline__ int* piece_counter(const DecodeParams& p, int b) {
+  return p.sched_arrive + static_cast<int64_t>(b) * gridDim.x + blockIdx.x;
+}
 __device__ __forceinline__ int ld_acquire_gpu(const int* ptr) {
   int v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");

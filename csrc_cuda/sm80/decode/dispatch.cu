@@ -23,13 +23,11 @@ cudaError_t run_scheduled(const DecodeParams& p, cudaStream_t stream, Decode dec
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
   // Small batches: the decode kernel computes the schedule itself (common/schedule.cuh).
   if (!sched_inline(p)) PORTMLA_RETURN_IF_ERROR(launch_decode_schedule(p, stream));
-  bool merged = false;
-  PORTMLA_RETURN_IF_ERROR(decode(p, stream, &merged));
-  if (p.num_parts == 1 || merged) return cudaSuccess;  // nothing is ever cut, or merged
-  // The 16-bit pair kernel took kTailCount exactly when this holds (launch_persistent asks the
-  // same of the same p): the merge kernel then polls its counts.
-  const bool counted = p.variant == sm80::kHopperPair && p.kv_format == kKv16 &&
-                       tail_count_taken(p);
+  int took = kTailOff;  // the TailMerge the decode kernel took
+  PORTMLA_RETURN_IF_ERROR(decode(p, stream, &took));
+  // Nothing is ever cut, or the decode kernel merged the pieces itself.
+  if (p.num_parts == 1 || (took != kTailOff && took != kTailCount)) return cudaSuccess;
+  const bool counted = took == kTailCount;  // the merge kernel polls the pair kernel's counts
   return p.q_dtype == kBF16
              ? sm80::launch_decode_combine_pieces<__nv_bfloat16>(p, stream, counted)
              : sm80::launch_decode_combine_pieces<__half>(p, stream, counted);

@@ -12,10 +12,10 @@ namespace sm80 {
 int quant_smem_bytes(int kv_format);
 
 // The decode kernel, on the schedule in p.sched_cum / p.sched_piece (the caller runs
-// launch_decode_schedule before); *merged as sm90::launch_decode's. cudaErrorInvalidValue for
+// launch_decode_schedule before); *took as sm90::launch_decode's. cudaErrorInvalidValue for
 // 16-bit caches and cache strides that are not multiples of 16 bytes.
 cudaError_t launch_decode_quant(const DecodeParams& p, cudaStream_t stream,
-                                bool* merged = nullptr);
+                                int* took = nullptr);
 
 }  // namespace sm80
 }  // namespace portmla

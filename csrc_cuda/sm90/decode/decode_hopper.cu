@@ -125,23 +125,23 @@ bool encode_q_map(const DecodeParams& p, CUtensorMap* map) {
   return encode_3d(q_type(p), p.q, dims, strides, box, map);
 }
 
-cudaError_t run(const DecodeParams& p, cudaStream_t stream, bool* merged, RunKernel tile,
+cudaError_t run(const DecodeParams& p, cudaStream_t stream, int* took, RunKernel tile,
                 RunKernel pair, RunKernel narrow) {
   CUtensorMap map, q_map{};
   PORTMLA_RETURN_IF_ERROR(encode_kv_map(p, &map));
   DecodeParams pq = p;
   if (p.variant == sm80::kHopperNarrow) {  // loads its 16 rows itself
     pq.q_tma = 0;
-    return narrow(map, q_map, pq, stream, merged);
+    return narrow(map, q_map, pq, stream, took);
   }
   pq.q_tma = encode_q_map(p, &q_map) ? 1 : 0;
-  return (p.variant == sm80::kHopperPair ? pair : tile)(map, q_map, pq, stream, merged);
+  return (p.variant == sm80::kHopperPair ? pair : tile)(map, q_map, pq, stream, took);
 }
 
 // fp8 / fp8_ds_mla: the pair kernel's producer loads raw entries through TMA boxes of bytes
 // (kv_tma) where the block size and strides allow, else copies them with cp.async; fp8 on
 // fp16 operands (bf16 or fp16 queries), fp8_ds_mla on bf16.
-cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream, bool* merged) {
+cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream, int* took) {
   const CUtensorMap unused{};
   CUtensorMap map{};
   DecodeParams pq = p;
@@ -149,24 +149,24 @@ cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream, bool* merg
   pq.kv_tma = encode_raw_map(p, &map) ? 1 : 0;
   if (p.kv_format == kKvDsMla) {
     return run_instance<__nv_bfloat16, kKvDsMla, __nv_bfloat16, true>(map, unused, pq, stream,
-                                                                      merged);
+                                                                      took);
   }
   return p.q_dtype == kBF16
-             ? run_instance<__half, kKvFp8, __nv_bfloat16, true>(map, unused, pq, stream, merged)
-             : run_instance<__half, kKvFp8, __half, true>(map, unused, pq, stream, merged);
+             ? run_instance<__half, kKvFp8, __nv_bfloat16, true>(map, unused, pq, stream, took)
+             : run_instance<__half, kKvFp8, __half, true>(map, unused, pq, stream, took);
 }
 
 // fp8 / fp8_ds_mla with 16 rows a CTA: the narrow quantized kernel (raw boxes through TMA only:
 // block sizes 16, 32, 64 k; 16-byte strides).
-cudaError_t run_narrow_quantized(const DecodeParams& p, cudaStream_t stream, bool* merged) {
+cudaError_t run_narrow_quantized(const DecodeParams& p, cudaStream_t stream, int* took) {
   CUtensorMap map{}, tail{};
   if (encode_fn() == nullptr) return cudaErrorNotSupported;
   if (!encode_raw_map(p, &map) || !encode_tail_map(p, &tail)) return cudaErrorInvalidValue;
   if (p.kv_format == kKvDsMla) {
-    return run_narrow_quant<__nv_bfloat16, kKvDsMla>(map, tail, p, stream, merged);
+    return run_narrow_quant<__nv_bfloat16, kKvDsMla>(map, tail, p, stream, took);
   }
-  return p.q_dtype == kBF16 ? run_narrow_quant<__nv_bfloat16, kKvFp8>(map, tail, p, stream, merged)
-                            : run_narrow_quant<__half, kKvFp8>(map, tail, p, stream, merged);
+  return p.q_dtype == kBF16 ? run_narrow_quant<__nv_bfloat16, kKvFp8>(map, tail, p, stream, took)
+                            : run_narrow_quant<__half, kKvFp8>(map, tail, p, stream, took);
 }
 
 }  // namespace
@@ -177,8 +177,8 @@ int narrow_quant_smem_bytes(int kv_format) {
   return kv_format == kKvDsMla ? narrow_quant_smem_bytes<kKvDsMla>() : narrow_quant_smem_bytes<kKvFp8>();
 }
 
-cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, bool* merged) {
-  if (merged != nullptr) *merged = false;
+cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, int* took) {
+  if (took != nullptr) *took = kTailOff;
   if (p.kv_format == kKvFp8 || p.kv_format == kKvDsMla) {
     // Raw entries through TMA boxes of bytes, or 16-byte cp.async for block sizes the boxes
     // do not tile: any block size, strides in bytes. fp8: bf16 or fp16 queries; fp8_ds_mla: bf16.
@@ -192,7 +192,7 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, bool* merg
       return cudaErrorInvalidValue;
     }
     if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
-    return narrow ? run_narrow_quantized(p, stream, merged) : run_quantized(p, stream, merged);
+    return narrow ? run_narrow_quantized(p, stream, took) : run_quantized(p, stream, took);
   }
   if (p.kv_format != kKv16 || !block_size_ok(p.block_size) || p.num_blocks < 1 ||
       (p.token_stride * 2) % 16 || (p.page_stride * 2) % 16 ||
@@ -203,11 +203,11 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, bool* merg
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
   switch (p.q_dtype) {
     case kBF16:
-      return run(p, stream, merged, run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, false>,
+      return run(p, stream, took, run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, false>,
                  run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, true>,
                  run_narrow<__nv_bfloat16>);
     case kFP16:
-      return run(p, stream, merged, run_instance<__half, kKv16, __half, false>,
+      return run(p, stream, took, run_instance<__half, kKv16, __half, false>,
                  run_instance<__half, kKv16, __half, true>, run_narrow<__half>);
     default:
       return cudaErrorInvalidValue;

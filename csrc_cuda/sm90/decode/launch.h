@@ -16,12 +16,13 @@ int narrow_smem_bytes();
 int narrow_quant_smem_bytes(int kv_format);
 
 // The decode kernel, on the schedule in p.sched_cum / p.sched_piece (the caller runs
-// launch_decode_schedule before). *merged (when given): whether the kernel merged the pieces
-// itself (p.tail_merge granted), else the caller runs the pieces' merge after.
+// launch_decode_schedule before). *took (when given): the TailMerge the kernel took (params.h;
+// p.tail_merge granted): kTailOff or kTailCount, the caller runs the pieces' merge after (polling
+// the counts for kTailCount), else the kernel merges them itself.
 // cudaErrorInvalidValue for what the kernel does not take (non-16-bit formats, block sizes
 // other than 16, 32, 64 * k, unaligned strides); the driver's TMA encoder missing:
 // cudaErrorNotSupported. Compiled only when PORTMLA_HAVE_SM90A (CuTe headers found).
-cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, bool* merged = nullptr);
+cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, int* took = nullptr);
 
 }  // namespace sm90
 }  // namespace portmla

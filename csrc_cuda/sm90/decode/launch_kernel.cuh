@@ -23,28 +23,28 @@ constexpr auto kernel_of() {
 
 template <typename T, int FMT, typename TQ, bool kPair>
 cudaError_t run_instance(const CUtensorMap& map, const CUtensorMap& q_map, const DecodeParams& p,
-                         cudaStream_t stream, bool* merged) {
+                         cudaStream_t stream, int* took) {
   static_assert(kBM == kCountRows, "the merge kernel's counters: one per 64-row tile");
   // The 16-bit pair kernel counts its pieces for the merge kernel (kTailCount).
   constexpr int kTakes = kPair && FMT == kKv16 ? kTakesCount : kTakesNone;
   return launch_scheduled<kernel_of<T, FMT, TQ, kPair>()>(
-      kBM, kPair ? kPairThreads : kThreads, decode_smem_bytes(kPair), stream, p, merged, kTakes,
+      kBM, kPair ? kPairThreads : kThreads, decode_smem_bytes(kPair), stream, p, took, kTakes,
       map, q_map);
 }
 
 template <typename T>
 cudaError_t run_narrow(const CUtensorMap& map, const CUtensorMap& q_map, const DecodeParams& p,
-                       cudaStream_t stream, bool* merged) {
+                       cudaStream_t stream, int* took) {
   return launch_scheduled<mla_decode_hopper_narrow_kernel<T>>(kNM, kNThreads, kNarrowSmemBytes,
-                                                              stream, p, merged, kTakesArrive,
+                                                              stream, p, took, kTakesArrive,
                                                               map, q_map);
 }
 
 template <typename TQ, int FMT>
 cudaError_t run_narrow_quant(const CUtensorMap& map, const CUtensorMap& tail_map,
-                             const DecodeParams& p, cudaStream_t stream, bool* merged) {
+                             const DecodeParams& p, cudaStream_t stream, int* took) {
   return launch_scheduled<mla_decode_hopper_narrow_quant_kernel<TQ, FMT>>(
-      kNM, kNThreads, narrow_quant_smem_bytes<FMT>(), stream, p, merged, kTakesArrive, map,
+      kNM, kNThreads, narrow_quant_smem_bytes<FMT>(), stream, p, took, kTakesArrive, map,
       tail_map);
 }
 

@@ -229,8 +229,7 @@ __device__ __forceinline__ void narrow_arrive(const DecodeParams& p, const Sched
   a.pending = -1;
   if (tid != kArriveThread) return;
   __threadfence();  // the CTA's partial rows (stored before a CTA barrier) before the count
-  int* count = p.sched_arrive + static_cast<int64_t>(b) * gridDim.x + blockIdx.x;
-  if (atomicAdd(count, 1) == sched_piece_at(p, t, 2 * b + 1) - 1) {
+  if (atomicAdd(piece_counter(p, b), 1) == sched_piece_at(p, t, 2 * b + 1) - 1) {
     if (a.b0 < 0) a.b0 = b;
     else a.b1 = b;
   }

@@ -3,6 +3,6 @@
 
 namespace portmla {
 namespace sm90 {
-template cudaError_t run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, true>(const CUtensorMap&, const CUtensorMap&, const DecodeParams&, cudaStream_t, bool*);
+template cudaError_t run_instance<__nv_bfloat16, kKv16, __nv_bfloat16, true>(const CUtensorMap&, const CUtensorMap&, const DecodeParams&, cudaStream_t, int*);
 }  // namespace sm90
 }  // namespace portmla

@@ -528,7 +528,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     if (p.tail_merge == kTailCount && seg.slot >= 0 && tid == kCountThread) {
       mbar_wait(&sm.hand[kHandF], segs & 1);  // every consumer's rows of the piece stored
       __threadfence();
-      atomicAdd(p.sched_arrive + static_cast<int64_t>(seg.b) * gridDim.x + m_tile, 1);
+      atomicAdd(piece_counter(p, seg.b), 1);
     }
     PAIR_SPAN_SEG(segs, 4);  // this segment's epilogue done
     ++segs;
