@@ -268,7 +268,11 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     mbar_init_fence();
   }
   sched_fill_cta(p, sm.sched, tid >> 5, lane);
-  if (p.tail_merge == kTailCount) pdl_launch_dependents();  // the merge kernel polls the counts
+  // kTailCount (16-bit caches only: launch_kernel.cuh's kTakesCount; compiled out of the
+  // quantized forms, where its code in the segment loop cost 150-300 B of spills and 10-19 % at
+  // 128 heads).
+  constexpr bool kCounts = FMT == kKv16;
+  if (kCounts && p.tail_merge == kTailCount) pdl_launch_dependents();  // the merge kernel polls
   __syncthreads();
 
   // Every thread walks the part's segments itself (common/schedule.cuh); tile pairs restart at
@@ -525,7 +529,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     // Quantized caches: the paired partial stores made ptxas spill in the pair loop (132 B).
     store_rows<TQ, FMT == kKv16>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
     mbar_arrive(&sm.hand[kHandF]);
-    if (p.tail_merge == kTailCount && seg.slot >= 0 && tid == kCountThread) {
+    if (kCounts && p.tail_merge == kTailCount && seg.slot >= 0 && tid == kCountThread) {
       mbar_wait(&sm.hand[kHandF], segs & 1);  // every consumer's rows of the piece stored
       __threadfence();
       atomicAdd(piece_counter(p, seg.b), 1);
