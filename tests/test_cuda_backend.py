@@ -57,10 +57,12 @@ def make_cache(num_blocks, block_size, fmt, dtype, device, strided):
 
 
 def make_decode_case(seq_lens, q_lens, num_heads, block_size, fmt, dtype, device, *,
-                     strided=False, k_scale=0.02, extra_blocks=3, generator=None, token_gain=None):
+                     strided=False, k_scale=0.02, extra_blocks=3, generator=None, token_gain=None,
+                     tile_gain=None):
     """Cache filled through the reference write path; block table shuffled, unused columns poisoned.
     ``token_gain=(lo, hi)``: each token's values times a log-uniform factor in [lo, hi] (wide
-    spreads of fp8_ds_mla tile scales inside one KV tile)."""
+    spreads of fp8_ds_mla tile scales inside one KV tile); ``tile_gain``: the same for each
+    128-channel latent tile of each token (spreads between a token's four tile scales)."""
     b = len(seq_lens)
     need = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(need) + extra_blocks
@@ -85,6 +87,10 @@ def make_decode_case(seq_lens, q_lens, num_heads, block_size, fmt, dtype, device
             gain = torch.exp(lo + (hi - lo) * torch.rand(s, 1, dtype=torch.float64)).to(device)
             kv_c = (kv_c.double() * gain).to(dtype)
             k_pe = (k_pe.double() * gain).to(dtype)
+        if tile_gain is not None:
+            lo, hi = torch.log(torch.tensor(tile_gain, dtype=torch.float64))
+            gain = torch.exp(lo + (hi - lo) * torch.rand(s, L // 128, 1, dtype=torch.float64))
+            kv_c = (kv_c.double().view(s, L // 128, 128) * gain.to(device)).view(s, L).to(dtype)
         pm.concat_and_cache_mla(kv_c, k_pe, cache, slots, fmt, scale, backend="reference")
     t = sum(q_lens)
     q = torch.randn(t, num_heads, L + R, device=device, dtype=dtype)

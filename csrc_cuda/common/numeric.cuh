@@ -102,15 +102,17 @@ __device__ __forceinline__ float amax8(const uint4& v) {
   return m;
 }
 
-// The 8 T values of a 16-byte word times s, as 8 fp16 (exact for a pow2_row_scale factor).
-template <typename T>
-__device__ __forceinline__ uint4 scale8_to_half(const uint4& v, float s) {
+// The 8 T values of a 16-byte word times s, as 8 TO: exact for a pow2_row_scale factor (fp16
+// holds a bf16 / fp16 value's mantissa within its range; bf16, a bf16 value's times any power of
+// two within its).
+template <typename TO, typename T>
+__device__ __forceinline__ uint4 scale8_to(const uint4& v, float s) {
   const T* e = reinterpret_cast<const T*>(&v);
   uint4 h;
-  h.x = pack2<__half>(to_float(e[0]) * s, to_float(e[1]) * s);
-  h.y = pack2<__half>(to_float(e[2]) * s, to_float(e[3]) * s);
-  h.z = pack2<__half>(to_float(e[4]) * s, to_float(e[5]) * s);
-  h.w = pack2<__half>(to_float(e[6]) * s, to_float(e[7]) * s);
+  h.x = pack2<TO>(to_float(e[0]) * s, to_float(e[1]) * s);
+  h.y = pack2<TO>(to_float(e[2]) * s, to_float(e[3]) * s);
+  h.z = pack2<TO>(to_float(e[4]) * s, to_float(e[5]) * s);
+  h.w = pack2<TO>(to_float(e[6]) * s, to_float(e[7]) * s);
   return h;
 }
 

@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
       for (int i = 0; i < 5; ++i) {
         const int ch = l16 + 16 * i;
         if (ch >= kD / 8) continue;
-        const uint4 o = !kDs || ch < kL / 8 ? scale8_to_half<T>(v[i], qs) : v[i];
+        const uint4 o = !kDs || ch < kL / 8 ? scale8_to<__half, T>(v[i], qs) : v[i];
         *reinterpret_cast<uint4*>(sQ + (r * kQRow + ch * 8) * 2) = o;
       }
       if (l16 == 0) sQInv[r] = qinv;

@@ -139,17 +139,16 @@ cudaError_t run(const DecodeParams& p, cudaStream_t stream, int* took, RunKernel
 }
 
 // fp8 / fp8_ds_mla: the pair kernel's producer loads raw entries through TMA boxes of bytes
-// (kv_tma) where the block size and strides allow, else copies them with cp.async; fp8 on
-// fp16 operands (bf16 or fp16 queries), fp8_ds_mla on bf16.
+// (kv_tma) where the block size and strides allow, else copies them with cp.async; both on fp16
+// operands, fp8 with bf16 or fp16 queries, fp8_ds_mla with bf16.
 cudaError_t run_quantized(const DecodeParams& p, cudaStream_t stream, int* took) {
   const CUtensorMap unused{};
   CUtensorMap map{};
   DecodeParams pq = p;
-  pq.q_tma = 0;  // the queries are scaled per row as they load (fp8) or taken as is
+  pq.q_tma = 0;  // the queries are scaled per row into fp16 as they load
   pq.kv_tma = encode_raw_map(p, &map) ? 1 : 0;
   if (p.kv_format == kKvDsMla) {
-    return run_instance<__nv_bfloat16, kKvDsMla, __nv_bfloat16, true>(map, unused, pq, stream,
-                                                                      took);
+    return run_instance<__half, kKvDsMla, __nv_bfloat16, true>(map, unused, pq, stream, took);
   }
   return p.q_dtype == kBF16
              ? run_instance<__half, kKvFp8, __nv_bfloat16, true>(map, unused, pq, stream, took)

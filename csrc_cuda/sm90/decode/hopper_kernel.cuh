@@ -123,7 +123,9 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, const sm80::CtaRow
 // largest magnitude in [2^14, 2^15) (exact: bf16 has fewer mantissa bits than fp16, fp16 the
 // same), its inverse -> q_inv[r]: bf16 / fp16 queries then meet fp16 keys (e4m3 cache values,
 // exact in fp16) on the f16 wgmma. Threads 0 .. 255, 8 a row (9 of its 72 16-byte chunks each).
-template <typename TQ>
+// kRopeBf16 (fp8_ds_mla, whose RoPE stays bf16 in the cache): the RoPE chunk as bf16 times the
+// same power of two (exact), for the bf16 wgmma of the scores' RoPE part.
+template <typename TQ, bool kRopeBf16 = false>
 __device__ __forceinline__ void load_q_pow2(const DecodeParams& p, const sm80::CtaRows& c,
                                             unsigned char* dst, float* q_inv, int tid) {
   constexpr int kPer = sm80::kD / 8 / 8;  // chunks a thread
@@ -145,7 +147,9 @@ __device__ __forceinline__ void load_q_pow2(const DecodeParams& p, const sm80::C
     pow2_row_scale_lanes<8>(amax, sc, inv);
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
-      *reinterpret_cast<uint4*>(dst + swz(r, 8 * (l8 + 8 * i))) = scale8_to_half<TQ>(v[i], sc);
+      *reinterpret_cast<uint4*>(dst + swz(r, 8 * (l8 + 8 * i))) =
+          kRopeBf16 && i == kPer - 1 ? scale8_to<__nv_bfloat16, TQ>(v[i], sc)
+                                     : scale8_to<__half, TQ>(v[i], sc);
     }
     if (l8 == 0) q_inv[r] = inv;
   }

@@ -13,7 +13,8 @@ namespace sm90 {
 
 // kPair: the pair kernel mla_decode_hopper_pair_kernel<T, FMT, TQ>, else the single-tile
 // kernel mla_decode_hopper_kernel<T> (FMT kKv16, TQ T). Instantiated: single-tile bf16 / fp16;
-// pair bf16 / fp16 caches, fp8 on fp16 operands with bf16 / fp16 queries, fp8_ds_mla on bf16.
+// pair bf16 / fp16 caches, fp8 on fp16 operands with bf16 / fp16 queries, fp8_ds_mla on fp16
+// operands with bf16 queries.
 // `map`: the TMA map of the cache (16-bit; fp8 / fp8_ds_mla as bytes when p.kv_tma, else
 // unused), `q_map`: the queries' (used when p.q_tma). took: as launch_decode's.
 template <typename T, int FMT, typename TQ, bool kPair>

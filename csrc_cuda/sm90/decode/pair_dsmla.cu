@@ -3,6 +3,6 @@
 
 namespace portmla {
 namespace sm90 {
-template cudaError_t run_instance<__nv_bfloat16, kKvDsMla, __nv_bfloat16, true>(const CUtensorMap&, const CUtensorMap&, const DecodeParams&, cudaStream_t, int*);
+template cudaError_t run_instance<__half, kKvDsMla, __nv_bfloat16, true>(const CUtensorMap&, const CUtensorMap&, const DecodeParams&, cudaStream_t, int*);
 }  // namespace sm90
 }  // namespace portmla

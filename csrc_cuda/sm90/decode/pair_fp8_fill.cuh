@@ -15,11 +15,12 @@
 // producer thread of the same warp index copied, every raw piece of two chunks read before any is
 // written), the second part while the first part's k-steps run. The producer alone, copying and
 // converting, took ~12k cycles a pair against the consumers' ~8k.
-// fp8 (per-tensor scale) expands to fp16: e4m3 -> f16 is exact and one instruction per two
-// values (the queries are scaled into fp16 per row by the consumers); k_scale is applied to the
-// scores and the output. fp8_ds_mla expands to bf16: e4m3 -> f16 -> f32, times the tile scale
-// (copied with the part into a slot its pieces free only when expanded), rounded once to bf16;
-// its bf16 RoPE is copied to its final slots.
+// Both formats expand to fp16 (the queries are scaled into fp16 per row by the consumers):
+// fp8 (per-tensor scale) exactly, one instruction per two values; k_scale is applied to the
+// scores and the output. fp8_ds_mla: e4m3 x (tile scale / M), M a power of two the 16 tokens of
+// an expanding warp share, one instruction a value ("fp8_ds_mla on fp16 operands" below); the tile
+// scales are copied with the part the stage's warpgroup expands first (its first chunk, in a slot
+// its pieces free only when expanded), the bf16 RoPE to its final slots.
 //
 // Lane l of producer warp w works on token 16 w + l % 16 of the job's tile, the even pieces of
 // its row (l < 16) or the odd ones. Lanes 0..15 hold the entry addresses of tile a's tokens of
@@ -31,8 +32,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
-
-#include <type_traits>
 
 #include "hopper_kernel.cuh"
 
@@ -71,40 +70,88 @@ __device__ __forceinline__ const unsigned char* shfl_ptr(const unsigned char* p,
       __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(p), src));
 }
 
-// Four e4m3 values (one word, lowest byte first) times `sc` -> two T x2 words. fp16 unscaled:
-// one conversion instruction per two values (exact); bf16 goes e4m3 -> f16 -> f32 -> bf16.
-template <typename T, bool kScaled>
-__device__ __forceinline__ void e4m3x4_to(uint32_t w, float sc, uint32_t& lo, uint32_t& hi) {
-  if constexpr (std::is_same<T, __half>::value) {
-    static_assert(!kScaled, "fp16 stages hold unscaled e4m3 values");
-    lo = e4m3x2_lo_to_h2(w);
-    hi = e4m3x2_hi_to_h2(w);
-    return;
+// ---- fp8_ds_mla on fp16 operands. A token's latent values are e4m3 x a tile scale (4 tiles of
+// 128 channels): bf16 holds any such product but costs e4m3 -> f16 -> f32, the scale, -> bf16
+// (~3 instructions a value; the 128-head rows ran 1.25-1.31x the bf16 cache's time). Here the 16
+// tokens a consumer warp expands share a power of two M = 2^k >= all their tile scales: a value
+// goes to fp16 as e4m3 x (scale / M) (<= 448: F2FP + HMUL2, one instruction a value), its bf16
+// RoPE times 2^-k (exact), and the scores of those tokens' columns are taken back times M and
+// offset by k in the softmax exponent (pair_kernel.cuh: ds_unscale_scores), which makes P V's P
+// hold P x M (<= 1 after the row max). A value whose scale is below the warp's largest by more
+// than 2^8 starts losing bits to fp16's subnormals, 2^-25 M at worst: far below the e4m3 rounding
+// of the tokens that set M. (The ratio and the product are rounded to fp16, 2^-11 each, against
+// one bf16 rounding, 2^-8, before.)
+
+// k of a warp's 16 tokens (all 32 lanes; lanes l and l ^ 16 hold token l % 16: `sc` its four
+// tile scales, `live`: it holds a position before the segment's end): the least k with 2^k >= every
+// live scale, within [-64, 126] (2^-k x any bf16 RoPE value stays finite); 0 when no live scale is
+// positive and finite. One redux.sync on the scales' bits (a positive float's bits order as its
+// value; NaN and negatives count as 0), not a chain of shuffles: it sits before the expansion.
+__device__ __forceinline__ int ds_warp_exp(const float4& sc, bool live) {
+  const float m = live ? fmaxf(fmaxf(fmaxf(sc.x, sc.y), fmaxf(sc.z, sc.w)), 0.f) : 0.f;
+  const unsigned b = __reduce_max_sync(0xffffffffu, __float_as_uint(m));
+  if (b == 0u || b >= 0x7f800000u) return 0;  // none positive, or +inf
+  const int k = static_cast<int>(b >> 23) - 127 + ((b & 0x7fffffu) != 0u ? 1 : 0);
+  return min(max(k, -64), 126);
+}
+
+// 2^-k (a normal float for k in [-126, 126]).
+__device__ __forceinline__ float pow2_neg(int k) { return __int_as_float((127 - k) << 23); }
+
+// A tile scale times 2^-k (exact), rounded to fp16 and doubled (r, r) for HMUL2.
+__device__ __forceinline__ uint32_t ds_ratio2(float sc, int k) {
+  const float r = sc * pow2_neg(k);
+  return pack2<__half>(r, r);
+}
+
+__device__ __forceinline__ uint32_t hmul2_u32(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// Token t's bf16 RoPE in its row `rope` of the RoPE chunk (this lane's pieces 2 j + odd of the
+// 128-byte swizzled row, as both producers place them) times 2^-k, exact.
+__device__ __forceinline__ void ds_scale_rope(unsigned char* rope, int t, int odd, int k) {
+  const float f = pow2_neg(k);
+  const uint32_t f2 = pack2<__nv_bfloat16>(f, f);
+  uint4 v[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    v[j] = *reinterpret_cast<const uint4*>(rope + (((2 * j + odd) ^ (t & 7)) << 4));
   }
-  const uint32_t hl = e4m3x2_lo_to_h2(w), hh = e4m3x2_hi_to_h2(w);
-  float2 a = __half22float2(*reinterpret_cast<const __half2*>(&hl));
-  float2 b = __half22float2(*reinterpret_cast<const __half2*>(&hh));
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t* w = reinterpret_cast<uint32_t*>(&v[j]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm("mul.rn.bf16x2 %0, %0, %1;\n" : "+r"(w[e]) : "r"(f2));
+    *reinterpret_cast<uint4*>(rope + (((2 * j + odd) ^ (t & 7)) << 4)) = v[j];
+  }
+}
+
+// Four e4m3 values (one word, lowest byte first) -> two fp16 x2 words: exact, one conversion
+// instruction per two values; kScaled (fp8_ds_mla): times r (fp16 x2, ds_ratio2), one HMUL2 more.
+template <bool kScaled>
+__device__ __forceinline__ void e4m3x4_to(uint32_t w, uint32_t r, uint32_t& lo, uint32_t& hi) {
+  lo = e4m3x2_lo_to_h2(w);
+  hi = e4m3x2_hi_to_h2(w);
   if constexpr (kScaled) {
-    a.x *= sc;
-    a.y *= sc;
-    b.x *= sc;
-    b.y *= sc;
+    lo = hmul2_u32(lo, r);
+    hi = hmul2_u32(hi, r);
   }
-  lo = pack2<__nv_bfloat16>(a.x, a.y);
-  hi = pack2<__nv_bfloat16>(b.x, b.y);
 }
 
 // Chunks k0 .. k0 + kN - 1 (relative to the part) of a thread's copy-only pieces: every raw
 // piece read first, then expanded (a piece's store may alias a later piece's load for the
 // compiler, which would otherwise run each load -> convert -> store chain one after another).
 // `ra` / `rb`: the first slots of the thread's even / odd pieces in the part's first chunk,
-// `ra2` / `rb2` their partner slots; kScaled: values times `sc` (fp8_ds_mla's tile scale).
+// `ra2` / `rb2` their partner slots; kScaled: values times `sc` (fp8_ds_mla: ds_ratio2).
 // (Its inner loop is expand_piece's work; written through expand_piece, with the partner slots
 // addressed as `w ^ 16` from one base, ptxas spilled 20 B more in the fp8 consumers.)
-template <typename T, int kN, bool kScaled = false>
+template <int kN, bool kScaled = false>
 __device__ __forceinline__ void expand_chunks(unsigned char* ra, unsigned char* ra2,
                                               unsigned char* rb, unsigned char* rb2, int k0,
-                                              float sc = 1.f) {
+                                              uint32_t sc = 0) {
   uint4 raw[2 * kN];
 #pragma unroll
   for (int j = 0; j < 2 * kN; ++j) {
@@ -113,10 +160,10 @@ __device__ __forceinline__ void expand_chunks(unsigned char* ra, unsigned char* 
 #pragma unroll
   for (int j = 0; j < 2 * kN; ++j) {
     uint4 lo, hi;
-    e4m3x4_to<T, kScaled>(raw[j].x, sc, lo.x, lo.y);
-    e4m3x4_to<T, kScaled>(raw[j].y, sc, lo.z, lo.w);
-    e4m3x4_to<T, kScaled>(raw[j].z, sc, hi.x, hi.y);
-    e4m3x4_to<T, kScaled>(raw[j].w, sc, hi.z, hi.w);
+    e4m3x4_to<kScaled>(raw[j].x, sc, lo.x, lo.y);
+    e4m3x4_to<kScaled>(raw[j].y, sc, lo.z, lo.w);
+    e4m3x4_to<kScaled>(raw[j].z, sc, hi.x, hi.y);
+    e4m3x4_to<kScaled>(raw[j].w, sc, hi.z, hi.w);
     const int off = (k0 + (j >> 1)) * kChunk;
     *reinterpret_cast<uint4*>(((j & 1) ? rb : ra) + off) = lo;
     *reinterpret_cast<uint4*>(((j & 1) ? rb2 : ra2) + off) = hi;
@@ -168,8 +215,11 @@ __device__ __forceinline__ void issue_job(unsigned char* kv, const Fp8Job& job,
       (valid ? entry : static_cast<const unsigned char*>(any_valid)) + 16 * odd;
   const Fp8Slots sl(t, odd);
   unsigned char* const row = kv + 4 * half * kChunk + t * 128;
-  if constexpr (kDs) {  // the 4 tile scales -> the partner slot of piece 0 (free until expanded)
-    if (odd == 0) cp_async16_zfill(row + Fp8Slots::scales(t), src + E::kScaleOff, valid);
+  if constexpr (kDs) {  // the 4 tile scales -> the partner slot of piece 0 (free until expanded),
+    // with the part the stage's warpgroup expands first (stage 0: part 0; stage 1: part 1)
+    if (odd == 0 && job.half == job.st) {
+      cp_async16_zfill(row + Fp8Slots::scales(t), src + E::kScaleOff, valid);
+    }
   }
 #pragma unroll
   for (int i = 0; i < 8; ++i) {  // piece 2 i + odd: latent channels 256 half + 16 (2 i + odd) ..
@@ -287,14 +337,41 @@ __device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, Par
   cp_async_wait<0>();
 }
 
+// fp8_ds_mla: what a warpgroup's first part of a tile leaves its second part (the tile scales
+// come with the first part only): the warp's k and the second part's two tile ratios.
+struct DsCarry {
+  uint32_t r0, r1;
+  int k;
+};
+
+// fp8_ds_mla, both producers, the first part of a tile: the warp's k from its tokens' scales
+// (`sc`; tokens t >= valid hold no position) -> `kexp` (lane 0) and `carry`; the ratios of the
+// part's two tiles -> r0, r1, the other part's -> carry.
+__device__ __forceinline__ void ds_first_scales(const float4& sc, int t, int valid, int half,
+                                                int lane, int* kexp, uint32_t& r0, uint32_t& r1,
+                                                DsCarry& carry) {
+  const int k = ds_warp_exp(sc, t < valid);
+  if (lane == 0) *kexp = k;
+  r0 = ds_ratio2(half ? sc.z : sc.x, k);
+  r1 = ds_ratio2(half ? sc.w : sc.y, k);
+  carry.r0 = ds_ratio2(half ? sc.x : sc.z, k);
+  carry.r1 = ds_ratio2(half ? sc.y : sc.w, k);
+  carry.k = k;
+}
+
 // The consumer side of a copy-only fill: warpgroup threads (warp wq, lane) expand part `half`
 // of the stage at `kv` (its raw pieces landed: the part's `full` barrier completed) in place,
 // the same pieces a producer thread of warp wq would, and make it visible to the warpgroup's
 // wgmma (barrier `bar` of its 128 threads). The other warpgroup reads the stage only after a
-// later barrier of the pair (B / C), so those need nothing more.
-template <typename T, int FMT>
+// later barrier of the pair (B / C), so those need nothing more. fp8_ds_mla: `valid` positions
+// of the tile hold data; `first`: the warpgroup's first part of the tile, which holds the tile
+// scales (ds_first_scales: k -> `kexp`, the second part's ratios -> `carry`); the second part
+// also scales the RoPE (which came with part 1), so that it runs while the first part's k-steps
+// do.
+template <int FMT>
 __device__ __forceinline__ void convert_part(unsigned char* kv, int half, int wq, int lane,
-                                             int bar) {
+                                             int bar, int valid, bool first, int* kexp,
+                                             DsCarry& carry) {
   asm volatile("" : "+r"(lane));
   const int t = 16 * wq + (lane & 15);
   const Fp8Slots sl(t, lane >> 4);
@@ -303,18 +380,22 @@ __device__ __forceinline__ void convert_part(unsigned char* kv, int half, int wq
   unsigned char *const ra = row + sl.a, *const ra2 = row + (sl.a ^ 16);
   unsigned char *const rb = row + sl.b, *const rb2 = row + (sl.b ^ 16);
   if constexpr (FMT == kKvDsMla) {
-    // The token's tile scales 2 half, 2 half + 1 (in the partner slot of its piece 0, which
-    // the even lane overwrites below: both lanes of the token read them first). Its RoPE
-    // came as bf16, in place.
-    const float2 sc =
-        *reinterpret_cast<const float2*>(row + Fp8Slots::scales(t) + 8 * half);
-    __syncwarp();
-    expand_chunks<T, 2, true>(ra, ra2, rb, rb2, 0, sc.x);
-    expand_chunks<T, 2, true>(ra, ra2, rb, rb2, 2, sc.y);
+    // First part: the token's four tile scales (in the partner slot of its piece 0, which the
+    // even lane overwrites below: both lanes of the token read them first). Its RoPE came as
+    // bf16, in place.
+    uint32_t r0 = carry.r0, r1 = carry.r1;
+    if (first) {
+      const float4 sc = *reinterpret_cast<const float4*>(row + Fp8Slots::scales(t));
+      ds_first_scales(sc, t, valid, half, lane, kexp, r0, r1, carry);
+      __syncwarp();
+    }
+    expand_chunks<2, true>(ra, ra2, rb, rb2, 0, r0);
+    expand_chunks<2, true>(ra, ra2, rb, rb2, 2, r1);
+    if (!first) ds_scale_rope(kv + (kChunks - 1) * kChunk + t * 128, t, lane >> 4, carry.k);
   } else {
-    expand_chunks<T, 2>(ra, ra2, rb, rb2, 0);
-    expand_chunks<T, 2>(ra, ra2, rb, rb2, 2);
-    if (half == 1) expand_chunks<T, 1>(ra, ra2, rb, rb2, 4);
+    expand_chunks<2>(ra, ra2, rb, rb2, 0);
+    expand_chunks<2>(ra, ra2, rb, rb2, 2);
+    if (half == 1) expand_chunks<1>(ra, ra2, rb, rb2, 4);
   }
   fence_proxy_async_smem();
   named_barrier(bar, 128);
@@ -328,7 +409,11 @@ __device__ __forceinline__ void convert_part(unsigned char* kv, int half, int wq
 //   fp8, part 1: bytes 512..639 (the 64 RoPE values, zero-filled past the entry) -> chunk 8,
 //   expanding in place;
 //   fp8_ds_mla: bytes 512..639 (the 4 tile scales first) -> chunk 4 half + 1, read before
-//   box j = 0 expands over them; part 1 also its bf16 RoPE, bytes 528..655 -> chunk 8, final.
+//   box j = 0 expands over them, in the part the stage's warpgroup expands first only (`scales`:
+//   stage 0's part 0, stage 1's part 1); part 1 also its bf16 RoPE, bytes 528..655 -> chunk 8,
+//   final. (The scales through a map of their own, 16-byte boxes into 1 KB of chunk
+//   4 half + 1, needed a warpgroup barrier between their reads and the expansion: 5-11 % slower
+//   at 128 heads on the H100, NOTES.md.)
 // A token's raw bytes and their 16-bit values share the token's row of a chunk pair, so an
 // expansion only involves the row's two lanes (shuffles; fp8_ds_mla's scales: __syncwarp), no
 // barrier among warps; the producer is one warp issuing 2-4 boxes a part instead of 128
@@ -336,15 +421,15 @@ __device__ __forceinline__ void convert_part(unsigned char* kv, int half, int wq
 template <int FMT>
 struct RawBoxes {
   static constexpr bool kDs = FMT == kKvDsMla;
-  __device__ __forceinline__ static int count(int half) {
-    return 2 + (half == 1 || kDs ? 1 : 0) + (kDs && half == 1 ? 1 : 0);
+  __device__ __forceinline__ static int count(int half, bool scales) {
+    return 2 + (kDs && scales ? 1 : 0) + (half == 1 ? 1 : 0);
   }
   // Box j of part `half`: its first byte in the entry and the chunk it lands in.
-  __device__ __forceinline__ static void box(int half, int j, int& col, int& ch) {
+  __device__ __forceinline__ static void box(int half, bool scales, int j, int& col, int& ch) {
     if (j < 2) {
       col = 256 * half + 128 * j;
       ch = 4 * half + 2 * j;
-    } else if (kDs && j == 2) {  // the tile scales
+    } else if (kDs && scales && j == 2) {  // the tile scales
       col = 512;
       ch = 4 * half + 1;
     } else {  // the RoPE
@@ -354,13 +439,15 @@ struct RawBoxes {
   }
 };
 
-// One part of a tile through TMA by a whole warp (issue_boxes_warp).
+// One part of a tile through TMA by a whole warp (issue_boxes_warp); `scales`: RawBoxes'.
 template <int FMT>
 __device__ __forceinline__ void issue_part_raw(const PlainTileLoader& ld, unsigned char* dst,
-                                               uint64_t* bar, int tile_start, int half, int pages,
-                                               int slot, int lane) {
-  issue_boxes_warp(ld, dst, bar, tile_start, RawBoxes<FMT>::count(half),
-                   [half](int j, int& col, int& ch) { RawBoxes<FMT>::box(half, j, col, ch); },
+                                               uint64_t* bar, int tile_start, int half,
+                                               bool scales, int pages, int slot, int lane) {
+  issue_boxes_warp(ld, dst, bar, tile_start, RawBoxes<FMT>::count(half, scales),
+                   [half, scales](int j, int& col, int& ch) {
+                     RawBoxes<FMT>::box(half, scales, j, col, ch);
+                   },
                    pages, slot, lane);
 }
 
@@ -373,14 +460,15 @@ __device__ __forceinline__ void prefetch_raw_l2(const PlainTileLoader& ld, int t
                     [](int j) { return j < 5 ? 128 * j : 528; }, pages, slot, lane);
 }
 
-// e4m3 x 16 (one raw piece) -> 16-bit values at row + w (the first 8) and row + (w ^ 16).
-template <typename T, bool kScaled>
-__device__ __forceinline__ void expand_piece(const uint4& r, unsigned char* row, int w, float sc) {
+// e4m3 x 16 (one raw piece) -> fp16 values at row + w (the first 8) and row + (w ^ 16).
+template <bool kScaled>
+__device__ __forceinline__ void expand_piece(const uint4& r, unsigned char* row, int w,
+                                             uint32_t sc) {
   uint4 lo, hi;
-  e4m3x4_to<T, kScaled>(r.x, sc, lo.x, lo.y);
-  e4m3x4_to<T, kScaled>(r.y, sc, lo.z, lo.w);
-  e4m3x4_to<T, kScaled>(r.z, sc, hi.x, hi.y);
-  e4m3x4_to<T, kScaled>(r.w, sc, hi.z, hi.w);
+  e4m3x4_to<kScaled>(r.x, sc, lo.x, lo.y);
+  e4m3x4_to<kScaled>(r.y, sc, lo.z, lo.w);
+  e4m3x4_to<kScaled>(r.z, sc, hi.x, hi.y);
+  e4m3x4_to<kScaled>(r.w, sc, hi.z, hi.w);
   *reinterpret_cast<uint4*>(row + w) = lo;
   *reinterpret_cast<uint4*>(row + (w ^ 16)) = hi;
 }
@@ -402,9 +490,9 @@ __device__ __forceinline__ uint4 shfl_xor16(const uint4& v) {
 // all its boxes' loads before any store (their latency under the wgmma's shared-memory traffic
 // is what the expansion waits on). `a`: this lane's Fp8Slots::a; box j's chunk row at
 // row + 2 j kChunk; kRope: part 1 of fp8, with the RoPE box (pieces 0..3 only) at row + 4 kChunk.
-template <typename T, bool kScaled, bool kRope>
-__device__ __forceinline__ void expand_boxes(unsigned char* row, int a, int odd, float sc0,
-                                             float sc1) {
+template <bool kScaled, bool kRope>
+__device__ __forceinline__ void expand_boxes(unsigned char* row, int a, int odd, uint32_t sc0,
+                                             uint32_t sc1) {
   const int keep = a ^ (16 * odd), send = keep ^ 16;  // lane 0 keeps piece 0, lane 1 piece 3
   const int wk = a ^ (64 * odd);                      // where the kept piece's values go
 #pragma unroll
@@ -419,51 +507,58 @@ __device__ __forceinline__ void expand_boxes(unsigned char* row, int a, int odd,
     for (int j = 0; j < 2; ++j) {
       g[j] = shfl_xor16(g[j]);
       unsigned char* const dst = row + (2 * j + i) * kChunk;
-      expand_piece<T, kScaled>(k[j], dst, wk, j ? sc1 : sc0);
-      expand_piece<T, kScaled>(g[j], dst, wk ^ 64, j ? sc1 : sc0);
+      expand_piece<kScaled>(k[j], dst, wk, j ? sc1 : sc0);
+      expand_piece<kScaled>(g[j], dst, wk ^ 64, j ? sc1 : sc0);
     }
   }
   if constexpr (kRope) {  // raw pieces 0..3 only (4..7: the box's zero fill past the entry)
     unsigned char* const rope = row + 4 * kChunk;
     const uint4 kr = *reinterpret_cast<const uint4*>(rope + keep);
     const uint4 gr = shfl_xor16(*reinterpret_cast<const uint4*>(rope + send));
-    expand_piece<T, kScaled>(kr, rope, wk, 1.f);
-    expand_piece<T, kScaled>(gr, rope, wk ^ 64, 1.f);
+    expand_piece<false>(kr, rope, wk, 0);
+    expand_piece<false>(gr, rope, wk ^ 64, 0);
   }
 }
 
 // convert_part for a part that arrived through TMA (RawBoxes' layout).
-template <typename T, int FMT>
+template <int FMT>
 __device__ __forceinline__ void convert_part_tma(unsigned char* kv, int half, int wq, int lane,
-                                                 int bar) {
+                                                 int bar, int valid, bool first, int* kexp,
+                                                 DsCarry& carry) {
   asm volatile("" : "+r"(lane));
   const int t = 16 * wq + (lane & 15), odd = lane >> 4;
   const int a = Fp8Slots(t, odd).a;
   unsigned char* const row = kv + 4 * half * kChunk + t * 128;  // the part's first chunk
   if constexpr (FMT == kKvDsMla) {
-    // Tile scales 2 half, 2 half + 1: bytes 8 half .. of the scales box's first piece, read
-    // by both lanes of the row before box 0's values land there.
-    const float2 sc =
-        *reinterpret_cast<const float2*>(row + kChunk + ((t & 7) << 4) + 8 * half);
-    __syncwarp();
-    expand_boxes<T, true, false>(row, a, odd, sc.x, sc.y);
+    // First part: the four tile scales, the scales box's first piece, read by both lanes of the
+    // row before box 0's values land there.
+    uint32_t r0 = carry.r0, r1 = carry.r1;
+    if (first) {
+      const float4 sc = *reinterpret_cast<const float4*>(row + kChunk + ((t & 7) << 4));
+      ds_first_scales(sc, t, valid, half, lane, kexp, r0, r1, carry);
+      __syncwarp();
+    }
+    expand_boxes<true, false>(row, a, odd, r0, r1);
+    if (!first) ds_scale_rope(kv + (kChunks - 1) * kChunk + t * 128, t, odd, carry.k);
   } else if (half == 1) {
-    expand_boxes<T, false, true>(row, a, odd, 1.f, 1.f);
+    expand_boxes<false, true>(row, a, odd, 0, 0);
   } else {
-    expand_boxes<T, false, false>(row, a, odd, 1.f, 1.f);
+    expand_boxes<false, false>(row, a, odd, 0, 0);
   }
   fence_proxy_async_smem();
   named_barrier(bar, 128);
 }
 
-// The consumers' expansion of part `half` of their stage, for either producer (`tma`: p.kv_tma).
-template <typename T, int FMT>
+// The consumers' expansion of part `half` of their stage, for either producer (`tma`: p.kv_tma);
+// `valid`, `first`, `kexp`, `carry`: fp8_ds_mla's (convert_part).
+template <int FMT>
 __device__ __forceinline__ void expand_part(bool tma, unsigned char* kv, int half, int wq,
-                                            int lane, int bar) {
+                                            int lane, int bar, int valid, bool first, int* kexp,
+                                            DsCarry& carry) {
   if (tma) {
-    convert_part_tma<T, FMT>(kv, half, wq, lane, bar);
+    convert_part_tma<FMT>(kv, half, wq, lane, bar, valid, first, kexp, carry);
   } else {
-    convert_part<T, FMT>(kv, half, wq, lane, bar);
+    convert_part<FMT>(kv, half, wq, lane, bar, valid, first, kexp, carry);
   }
 }
 

@@ -45,7 +45,8 @@ struct alignas(1024) PairSmem {
   float red[2][kBM];  // row sums of the two warpgroups (epilogue)
   uint64_t full[kStages][2];   // part loaded (TMA bytes; quantized: the producer's copies)
   uint64_t empty[kStages][2];  // part released by the warpgroup that reads it last
-  float q_inv[kBM];            // fp8 on fp16: the inverse power-of-two scale of each Q row
+  float q_inv[kBM];            // quantized caches: the inverse power-of-two scale of each Q row
+  int ds_exp[kStages][4];      // fp8_ds_mla: k of each expanding warp's tokens (M = 2^k)
   uint64_t q_full;             // Q tile loaded (p.q_tma)
   uint64_t hand[5];            // the consumers' handoffs (kHandA ..)
   SchedTable sched;            // the schedule, small batches (common/schedule.cuh)
@@ -143,11 +144,12 @@ __device__ __forceinline__ void release_after_pv(float (&o)[128], uint32_t (&pk)
 }
 
 // The raw scores of a 64 x 64 tile (accumulator layout) -> P = exp2(s * scale - m) in place, row sums added
-// to `sum`, and P packed as wgmma A fragments: k-step kk uses pk[4 kk .. 4 kk + 3].
-template <typename T>
+// to `sum`, and P packed as wgmma A fragments: k-step kk uses pk[4 kk .. 4 kk + 3]. kWeighted
+// (fp8_ds_mla): the sums take P times wsum[w] in the columns of expanding warp w's tokens.
+template <typename T, bool kWeighted = false>
 __device__ __forceinline__ void softmax_pack(float (&s)[32], const float (&scale_log2)[2],
                                              const float (&m)[2], float (&sum)[2],
-                                             uint32_t (&pk)[16]) {
+                                             uint32_t (&pk)[16], const float* wsum = nullptr) {
   float use[2];
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) use[h2] = m[h2] == -INFINITY ? 0.f : m[h2];
@@ -155,10 +157,31 @@ __device__ __forceinline__ void softmax_pack(float (&s)[32], const float (&scale
   for (int i = 0; i < 32; ++i) {
     const int h2 = (i >> 1) & 1;
     s[i] = fast_exp2(fmaf(s[i], scale_log2[h2], -use[h2]));
-    sum[h2] += s[i];
+    if constexpr (kWeighted) {
+      sum[h2] = fmaf(s[i], wsum[i >> 3], sum[h2]);
+    } else {
+      sum[h2] += s[i];
+    }
   }
 #pragma unroll
   for (int i = 0; i < 16; ++i) pk[i] = pack2<T>(s[2 * i], s[2 * i + 1]);
+}
+
+// fp8_ds_mla on fp16 operands (pair_fp8_fill.cuh): the raw scores of a tile whose latent values
+// were stored over M_w = 2^k_w (kx: k of expanding warp w, whose tokens are columns 16 w ..
+// 16 w + 15, i.e. s[8 w .. 8 w + 7]) -> s M_w sl2 + k_w in place: the base-2 scaled score plus
+// k_w, so that exp2 of it minus the row max is P x M_w (the P V operand, which meets the
+// values over M_w). wsum[w] = 2^-k_w takes the row sums back to P.
+__device__ __forceinline__ void ds_unscale_scores(float (&s)[32], const int* kx,
+                                                  const float (&sl2)[2], float (&wsum)[4]) {
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const float mw = __int_as_float((kx[w] + 127) << 23), kf = static_cast<float>(kx[w]);
+    wsum[w] = pow2_neg(kx[w]);
+    const float c0 = sl2[0] * mw, c1 = sl2[1] * mw;
+#pragma unroll
+    for (int i = 8 * w; i < 8 * w + 8; ++i) s[i] = fmaf(s[i], (i & 2) ? c1 : c0, kf);
+  }
 }
 
 // P (packed, accumulator order: pk[2 j + h2] = row r0 + 8 h2, columns 8 j + 2 (lane % 4) ..)
@@ -203,8 +226,9 @@ __device__ __forceinline__ void produce_tma(const CUtensorMap* map, const Decode
           issue_part_warp(ld, sm.kv[st], &sm.full[st][half], start, 4 * half, half == 1, pages,
                           4 * st, lane);
         } else {
-          issue_part_raw<FMT>(ld, sm.kv[st], &sm.full[st][half], start, half, pages, 4 * st,
-                              lane);
+          // fp8_ds_mla's tile scales with the part this stage's warpgroup expands first
+          issue_part_raw<FMT>(ld, sm.kv[st], &sm.full[st][half], start, half, half == st, pages,
+                              4 * st, lane);
         }
       }
       ++fills[0];
@@ -225,10 +249,11 @@ __device__ __forceinline__ void produce_tma(const CUtensorMap* map, const Decode
 
 // FMT: kKv16 (TMA loads of a T cache; kv_map describes it) or kKvFp8 / kKvDsMla (raw entries
 // loaded by the producer warpgroup and expanded to T by the consumers, pair_fp8_fill.cuh;
-// kv_map: the cache as bytes when p.kv_tma, else unused). T is the wgmma operand type, TQ the queries' and the output's. fp8 runs on
-// fp16 (e4m3 -> f16 is one instruction per two values; bf16 / fp16 queries are scaled per row
-// into fp16, load_q_pow2), fp8_ds_mla on bf16 with bf16 queries (value x tile scale may leave
-// fp16's range). q_map: the queries' TMA map, used when p.q_tma (16-bit caches).
+// kv_map: the cache as bytes when p.kv_tma, else unused). T is the wgmma operand type, TQ the
+// queries' and the output's. Both quantized formats run on fp16 (bf16 / fp16 queries scaled per
+// row into fp16, load_q_pow2): fp8's e4m3 values exactly, fp8_ds_mla's over a power of two a
+// warp's tokens share, with its bf16 RoPE part of the scores on a bf16 wgmma (ds_unscale_scores).
+// q_map: the queries' TMA map, used when p.q_tma (16-bit caches).
 template <typename T, int FMT, typename TQ = T>
 __global__ void __launch_bounds__(kPairThreads, 1)
     mla_decode_hopper_pair_kernel(const __grid_constant__ CUtensorMap kv_map,
@@ -236,11 +261,13 @@ __global__ void __launch_bounds__(kPairThreads, 1)
                                   const DecodeParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // fp8 on fp16 operands: the queries (bf16 or fp16) scaled into fp16 per row as they load.
-  constexpr bool kScaleQ = FMT != kKv16 && std::is_same<T, __half>::value;
-  static_assert(FMT != kKvDsMla || std::is_same<T, __nv_bfloat16>::value,
-                "fp8_ds_mla values times their tile scale need bf16's range");
+  constexpr bool kScaleQ = FMT != kKv16;
+  constexpr bool kDs = FMT == kKvDsMla;
+  static_assert(!kScaleQ || std::is_same<T, __half>::value, "quantized caches expand to fp16");
   static_assert(kScaleQ || std::is_same<T, TQ>::value, "queries of the operand type");
   using G = Gmma<T>;
+  // The scores' RoPE k-steps: fp8_ds_mla keeps its RoPE in bf16 (queries' and cache's).
+  using SRope = typename std::conditional<kDs, Gmma<__nv_bfloat16>, G>::type::S64;
   extern __shared__ unsigned char smem_raw[];
   PairSmem& sm = smem_aligned_1024<PairSmem>(smem_raw);
   const int tid = threadIdx.x, wq = (tid >> 5) & 3, lane = tid & 31;
@@ -320,7 +347,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     PAIR_SPAN_SEG(segs, 7);
     // Q is free: every consumer passed the last segment's epilogue barrier after its last S.
     if constexpr (kScaleQ) {  // TQ != T
-      load_q_pow2<TQ>(p, c, sm.q, sm.q_inv, tid);
+      load_q_pow2<TQ, kDs>(p, c, sm.q, sm.q_inv, tid);
     } else if (p.q_tma) {
       load_q_tma(&q_map, p, c, sm.q, &sm.q_full, segs & 1, tid);
     } else {
@@ -335,6 +362,8 @@ __global__ void __launch_bounds__(kPairThreads, 1)
       sl2[0] *= sm.q_inv[r0];
       sl2[1] *= sm.q_inv[r0 + 8];
     }
+    // The scale softmax_pack applies: fp8_ds_mla's scores come scaled (ds_unscale_scores).
+    const float pl2[2] = {kDs ? 1.f : sl2[0], kDs ? 1.f : sl2[1]};
     const int last0 = c.last_pos(c.m0 + r0, H), last1 = c.last_pos(c.m0 + r0 + 8, H);
     const int min_last = c.last_pos(c.m0, H);  // rows are (token, head) in order: the least
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -354,38 +383,46 @@ __global__ void __launch_bounds__(kPairThreads, 1)
       // Stage parts in release order: part 0 = chunks 0..3, part 1 = chunks 4..7 + rope.
       float s[32];
       float mx[2] = {-INFINITY, -INFINITY};
+      float wsum[4];  // fp8_ds_mla: the row sums' weights (ds_unscale_scores)
+      const int valid = c.kv_hi - own_start;  // positions of the own tile (< 64: the last one)
       if (wg == 0 || has_b) {
+        DsCarry carry{};  // fp8_ds_mla: from the first part's expansion to the second's
         mbar_wait(&sm.full[wg][wg], par);  // WG0: part 0 first; WG1: part 1 (released earlier)
         PAIR_TRACE(1);
         PAIR_SPAN_SEG(segs, pi == 0 ? 5 : 6);
         // Quantized caches: the part holds raw e4m3 pieces; this warpgroup expands them (the
         // second part while the first part's k-steps run).
-        if constexpr (FMT != kKv16) {
-          expand_part<T, FMT>(kv_tma, own, wg, wq, lane, kBarOwn0 + wg);
+        if constexpr (FMT != kKv16) {  // the warpgroup's first part: fp8_ds_mla's k to ds_exp
+          expand_part<FMT>(kv_tma, own, wg, wq, lane, kBarOwn0 + wg, valid, true,
+                           &sm.ds_exp[wg][wq], carry);
         }
         fence_regs(s);
         wgmma_fence();
         qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * wg, true);
-        if (wg == 1) {
+        if (wg == 1 && !kDs) {  // fp8_ds_mla: its RoPE is scaled with the second part
           wgmma_fence();
-          qk_chunks<typename G::S64, 1>(q_desc, k_desc, s, kRope, false);
+          qk_chunks<SRope, 1>(q_desc, k_desc, s, kRope, false);
         }
         mbar_wait(&sm.full[wg][wg ^ 1], par);
         PAIR_TRACE(2);
         if constexpr (FMT != kKv16) {
-          expand_part<T, FMT>(kv_tma, own, wg ^ 1, wq, lane, kBarOwn0 + wg);
+          expand_part<FMT>(kv_tma, own, wg ^ 1, wq, lane, kBarOwn0 + wg, valid, false,
+                           &sm.ds_exp[wg][wq], carry);
         }
         wgmma_fence();
         qk_chunks<typename G::S64, 4>(q_desc, k_desc, s, 4 * (wg ^ 1), false);
-        if (wg == 0) {
+        if (wg == 0 || kDs) {
           wgmma_fence();
-          qk_chunks<typename G::S64, 1>(q_desc, k_desc, s, kRope, false);
+          qk_chunks<SRope, 1>(q_desc, k_desc, s, kRope, false);
         }
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(s);
         fence_regs(o);
         PAIR_TRACE(3);
+        // fp8_ds_mla: k of the tile's warps, read here, before this warpgroup's next handoff
+        // arrive (after which it may expand its next tile over ds_exp).
+        if constexpr (kDs) ds_unscale_scores(s, sm.ds_exp[wg], sl2, wsum);
         // Masks only where a position may be out of range for some row of the CTA: the segment's
         // last tile, or causal rows of a multi-token query ending inside the tile.
         if (own_start + kBN > min(c.kv_hi, min_last + 1)) {
@@ -402,13 +439,12 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         for (int h2 = 0; h2 < 2; ++h2) {
           mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
           mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
-          mx[h2] *= sl2[h2];  // scale > 0: the max of the scaled scores; -inf stays -inf
+          mx[h2] *= pl2[h2];  // scale > 0: the max of the scaled scores; -inf stays -inf
         }
       }
 
       uint32_t pk[16];
       float sum[2] = {0.f, 0.f};
-      const int valid = c.kv_hi - own_start;  // positions of the own tile (< 64: the last one)
       if (wg == 0) {
         // ---- WG0: softmax of tile a; O_L += P_a V_a (P_a from registers); P_a rescaled to m_b
         // for WG1; O_L += P_b V_b.
@@ -425,7 +461,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         mbar_arrive(&sm.hand[kHandA]);
         fence_regs(o);  // keeps the O rescale below the arrive
         PAIR_TRACE(4);
-        softmax_pack<T>(s, sl2, m_a, sum, pk);
+        softmax_pack<T, kDs>(s, pl2, m_a, sum, pk, wsum);
         if (valid < kBN) {  // the segment's last tile: zero V rows past its end for both halves
           zero_v_rows(own, valid, tid, 128);
           fence_proxy_async_smem();
@@ -486,7 +522,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         }
         PAIR_TRACE(10);
         if (has_b) {
-          softmax_pack<T>(s, sl2, m_b, sum, pk);
+          softmax_pack<T, kDs>(s, pl2, m_b, sum, pk, wsum);
           store_p(sm.p_b, pk, r0, lane);
           if (valid < kBN) zero_v_rows(own, valid, tid - 128, 128);
         }
