@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         mbar_init(&sm.empty[s][half], 4);  // the 4 warps of the releasing warpgroup
       }
     }
-    mbar_init(&sm.q_full, 1);
+    mbar_init(&sm.q_full, kScaleQ ? kThreads : 1);  // q_tma: one arrival + bytes
     for (int h = 0; h < kHandR; ++h) mbar_init(&sm.hand[h], 128);  // every writer thread
     for (int h = kHandR; h <= kHandF; ++h) mbar_init(&sm.hand[h], kThreads);  // every consumer
     mbar_init_fence();
@@ -348,13 +348,24 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     // Q is free: every consumer passed the last segment's epilogue barrier after its last S.
     if constexpr (kScaleQ) {  // TQ != T
       load_q_pow2<TQ, kDs>(p, c, sm.q, sm.q_inv, tid);
-    } else if (p.q_tma) {
-      load_q_tma(&q_map, p, c, sm.q, &sm.q_full, segs & 1, tid);
+      PAIR_SPAN_SEG(segs, 1);  // Q loaded (this thread's part)
+      // Every consumer arrives on q_full (256 here) and waits on it: racecheck follows that
+      // mbarrier for q_inv's rows (written by other threads, values that change between
+      // segments), not the bar.sync over the consumers while the producer warp runs; the
+      // bar.sync stays between the two (the wait then passes at once): without it ptxas spilled
+      // 250-480 B in the quantized consumers (NOTES.md).
+      mbar_arrive(&sm.q_full);
+      named_barrier(kBarQ, kThreads);
+      mbar_wait(&sm.q_full, segs & 1);
     } else {
-      load_q<T>(p, c, sm.q, tid);
+      if (p.q_tma) {
+        load_q_tma(&q_map, p, c, sm.q, &sm.q_full, segs & 1, tid);
+      } else {
+        load_q<T>(p, c, sm.q, tid);
+      }
+      PAIR_SPAN_SEG(segs, 1);  // Q loaded (this thread's part)
+      named_barrier(kBarQ, kThreads);
     }
-    PAIR_SPAN_SEG(segs, 1);  // Q loaded (this thread's part)
-    named_barrier(kBarQ, kThreads);
     PAIR_SPAN_SEG(segs, 2);
     // Base-2 score scale of this thread's two rows (times the Q row's inverse scale).
     float sl2[2] = {scale_log2, scale_log2};
