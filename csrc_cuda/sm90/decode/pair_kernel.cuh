@@ -260,7 +260,8 @@ __global__ void __launch_bounds__(kPairThreads, 1)
                                   const __grid_constant__ CUtensorMap q_map,
                                   const DecodeParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  // fp8 on fp16 operands: the queries (bf16 or fp16) scaled into fp16 per row as they load.
+  // Quantized caches on fp16 operands: the queries (bf16 or fp16) scaled into fp16 per row as
+  // they load.
   constexpr bool kScaleQ = FMT != kKv16;
   constexpr bool kDs = FMT == kKvDsMla;
   static_assert(!kScaleQ || std::is_same<T, __half>::value, "quantized caches expand to fp16");
