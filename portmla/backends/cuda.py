@@ -164,7 +164,7 @@ def kv_l2_hint() -> int:
 
 
 # The variants whose launcher takes the last-piece merge (csrc_cuda/sm90/decode/launch_kernel.cuh:
-# run_narrow / run_narrow_quant pass `arrive`).
+# run_narrow / run_narrow_quant pass kTakesArrive).
 TAIL_ARRIVE_VARIANTS = ("hopper_narrow", "hopper_narrow_quant")
 
 

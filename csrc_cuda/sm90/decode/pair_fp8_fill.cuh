@@ -345,11 +345,13 @@ struct DsCarry {
 };
 
 // fp8_ds_mla, both producers, the first part of a tile: the warp's k from its tokens' scales
-// (`sc`; tokens t >= valid hold no position) -> `kexp` (lane 0) and `carry`; the ratios of the
+// (`at`: this token's four, in a slot the expansion overwrites, so the warp syncs after reading
+// them; tokens t >= valid hold no position) -> `kexp` (lane 0) and `carry`; the ratios of the
 // part's two tiles -> r0, r1, the other part's -> carry.
-__device__ __forceinline__ void ds_first_scales(const float4& sc, int t, int valid, int half,
-                                                int lane, int* kexp, uint32_t& r0, uint32_t& r1,
-                                                DsCarry& carry) {
+__device__ __forceinline__ void ds_first_scales(const unsigned char* at, int t, int valid,
+                                                int half, int lane, int* kexp, uint32_t& r0,
+                                                uint32_t& r1, DsCarry& carry) {
+  const float4 sc = *reinterpret_cast<const float4*>(at);
   const int k = ds_warp_exp(sc, t < valid);
   if (lane == 0) *kexp = k;
   r0 = ds_ratio2(half ? sc.z : sc.x, k);
@@ -357,6 +359,7 @@ __device__ __forceinline__ void ds_first_scales(const float4& sc, int t, int val
   carry.r0 = ds_ratio2(half ? sc.x : sc.z, k);
   carry.r1 = ds_ratio2(half ? sc.y : sc.w, k);
   carry.k = k;
+  __syncwarp();
 }
 
 // The consumer side of a copy-only fill: warpgroup threads (warp wq, lane) expand part `half`
@@ -385,9 +388,7 @@ __device__ __forceinline__ void convert_part(unsigned char* kv, int half, int wq
     // bf16, in place.
     uint32_t r0 = carry.r0, r1 = carry.r1;
     if (first) {
-      const float4 sc = *reinterpret_cast<const float4*>(row + Fp8Slots::scales(t));
-      ds_first_scales(sc, t, valid, half, lane, kexp, r0, r1, carry);
-      __syncwarp();
+      ds_first_scales(row + Fp8Slots::scales(t), t, valid, half, lane, kexp, r0, r1, carry);
     }
     expand_chunks<2, true>(ra, ra2, rb, rb2, 0, r0);
     expand_chunks<2, true>(ra, ra2, rb, rb2, 2, r1);
@@ -534,9 +535,7 @@ __device__ __forceinline__ void convert_part_tma(unsigned char* kv, int half, in
     // row before box 0's values land there.
     uint32_t r0 = carry.r0, r1 = carry.r1;
     if (first) {
-      const float4 sc = *reinterpret_cast<const float4*>(row + kChunk + ((t & 7) << 4));
-      ds_first_scales(sc, t, valid, half, lane, kexp, r0, r1, carry);
-      __syncwarp();
+      ds_first_scales(row + kChunk + ((t & 7) << 4), t, valid, half, lane, kexp, r0, r1, carry);
     }
     expand_boxes<true, false>(row, a, odd, r0, r1);
     if (!first) ds_scale_rope(kv + (kChunks - 1) * kChunk + t * 128, t, odd, carry.k);
