@@ -524,7 +524,7 @@ class CudaBackend(Backend):
             # the last-piece merge's counters (int32): a sequence's 16-row tiles, zeroed by the
             # schedule kernel (csrc_cuda/common/params.h: sched_arrive); only the kernels that
             # take that merge get them (no zeroing work in the other kernels' calls)
-            counts = (name == "hopper" and p.cache.kv_format not in ("fp8", "fp8_ds_mla")
+            counts = (name == "hopper" and p.cache.kv_format not in QUANT_FORMATS
                       and hasattr(par, "tail_count") and tail_count_wanted())
             arrive = b * -(-rows // 16) if ((name in TAIL_ARRIVE_VARIANTS and tail_arrive_wanted()
                                              or counts) and hasattr(par, "sched_arrive")) else 0
