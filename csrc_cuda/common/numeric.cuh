@@ -74,13 +74,16 @@ __device__ __forceinline__ uint32_t e4m3x2_lo_to_h2(uint32_t w) {
   return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
 }
 
+// 2^k from its exponent bits (a normal float for k in [-126, 127]).
+__device__ __forceinline__ float pow2i(int k) { return __int_as_float((k + 127) << 23); }
+
 // Powers of two (s, 1/s) with amax * s in [2^14, 2^15): a bf16 / fp16 row times s is
 // exact in fp16 (down to 2^-28 amax, fp16's subnormals).
 __device__ __forceinline__ void pow2_row_scale(float amax, float& s, float& inv) {
   const int e = (__float_as_int(amax) >> 23) & 0xff;
   const int k = min(max(141 - e, -126), 126);
-  s = __int_as_float((k + 127) << 23);
-  inv = __int_as_float((127 - k) << 23);
+  s = pow2i(k);
+  inv = pow2i(-k);
 }
 
 // pow2_row_scale of a row spread over kLanes consecutive lanes (`amax`: this lane's part of the

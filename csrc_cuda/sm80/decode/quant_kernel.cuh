@@ -129,7 +129,7 @@ __device__ __forceinline__ float pow2_normaliser(float x) {
   const int e = (__float_as_int(x) >> 23) & 0xff;
   if (x <= 0.f) return 1.f;
   const int k = min(max(126 - e, -126), 127);  // exponent of the result
-  return __int_as_float((k + 127) << 23);
+  return pow2i(k);
 }
 
 }  // namespace quant

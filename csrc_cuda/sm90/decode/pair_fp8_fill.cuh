@@ -95,12 +95,9 @@ __device__ __forceinline__ int ds_warp_exp(const float4& sc, bool live) {
   return min(max(k, -64), 126);
 }
 
-// 2^-k (a normal float for k in [-126, 126]).
-__device__ __forceinline__ float pow2_neg(int k) { return __int_as_float((127 - k) << 23); }
-
 // A tile scale times 2^-k (exact), rounded to fp16 and doubled (r, r) for HMUL2.
 __device__ __forceinline__ uint32_t ds_ratio2(float sc, int k) {
-  const float r = sc * pow2_neg(k);
+  const float r = sc * pow2i(-k);
   return pack2<__half>(r, r);
 }
 
@@ -113,7 +110,7 @@ __device__ __forceinline__ uint32_t hmul2_u32(uint32_t a, uint32_t b) {
 // Token t's bf16 RoPE in its row `rope` of the RoPE chunk (this lane's pieces 2 j + odd of the
 // 128-byte swizzled row, as both producers place them) times 2^-k, exact.
 __device__ __forceinline__ void ds_scale_rope(unsigned char* rope, int t, int odd, int k) {
-  const float f = pow2_neg(k);
+  const float f = pow2i(-k);
   const uint32_t f2 = pack2<__nv_bfloat16>(f, f);
   uint4 v[4];
 #pragma unroll

@@ -176,8 +176,8 @@ __device__ __forceinline__ void ds_unscale_scores(float (&s)[32], const int* kx,
                                                   const float (&sl2)[2], float (&wsum)[4]) {
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
-    const float mw = __int_as_float((kx[w] + 127) << 23), kf = static_cast<float>(kx[w]);
-    wsum[w] = pow2_neg(kx[w]);
+    const float mw = pow2i(kx[w]), kf = static_cast<float>(kx[w]);
+    wsum[w] = pow2i(-kx[w]);
     const float c0 = sl2[0] * mw, c1 = sl2[1] * mw;
 #pragma unroll
     for (int i = 8 * w; i < 8 * w + 8; ++i) s[i] = fmaf(s[i], (i & 2) ? c1 : c0, kf);
