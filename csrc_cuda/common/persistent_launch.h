@@ -63,30 +63,30 @@ inline int count_tiles(const DecodeParams& p) {
                           kCountRows);
 }
 
-// Whether a kernel that takes kTailCount does (the launcher reports it to the caller, which then
-// launches the merge kernel polling the counts): the merge asked for and the schedule kernel run (it
-// zeroes the counters), one query token a sequence, the merge kernel's many-rows form, and more
-// rows to merge than the grid-barrier merge takes (where that one applies it runs instead, no
-// merge kernel at all). One token: H100, 128 heads, paired with the plain merge kernel over
+// Whether a kernel that takes kTailCount does (the launcher reports it to the caller, which
+// then launches the merge kernel polling the counts): the merge asked for and the schedule
+// kernel run (it zeroes the counters), one query token a sequence, the merge kernel's many-rows
+// form, and more rows to merge than the grid-barrier merge takes (where that one applies it runs
+// instead, no merge kernel at all). One token: H100, 128 heads, paired with the plain merge kernel over
 // three calls, medians of 5-9 graph-replay medians, us: 128q1s4k 306.0 vs 311.7 (every
 // sample), 64q1s16k 565.0 vs 578.9, 128q1s8k 566.8 vs 574.1 varlen and 562 vs 550.5 fixed; two
 // tokens (128q2s4k, four row tiles) 577.5 vs 560.3: slower there, so not taken.
 inline bool tail_count_taken(const DecodeParams& p) {
   const int64_t ctas = static_cast<int64_t>(count_tiles(p)) * p.num_parts;
   return p.tail_merge && p.tail_count && p.max_query_len == 1 && p.num_parts > 1 &&
-         !sched_inline(p) &&
-         p.sched_arrive != nullptr && pieces_many_rows(p) &&
+         !sched_inline(p) && p.sched_arrive != nullptr && pieces_many_rows(p) &&
          sched_max_cut(p) * p.part_rows > kTailMaxRowsPerCta * ctas;
 }
 
 // Launches kKernel<<<grid, threads, smem, stream>>>(args..., p') where p' is p with tail_merge
 // set to the merge the kernel runs itself when one was asked for (p.tail_merge) and some
 // sequence can be cut (num_parts > 1); *took is the TailMerge it took (kTailOff and kTailCount:
-// the caller runs the merge kernel). took == nullptr: never. kTailArrive where the kernel takes it (`takes`), the schedule kernel
-// ran (it zeroes the counters: not sched_inline) and p.sched_arrive is given; kTailCount where
-// the kernel takes it and tail_count_taken (the caller launches the merge kernel
-// as this kernel's programmatic dependent); else kTailBarrier where the rows to merge come to at
-// most kTailMaxRowsPerCta a CTA and the grid fits at once (then cooperatively).
+// the caller runs the merge kernel). took == nullptr: never. kTailArrive where the kernel takes
+// it (`takes`), the schedule kernel ran (it zeroes the counters: not sched_inline) and
+// p.sched_arrive is given; kTailCount where the kernel takes it and tail_count_taken (the caller
+// launches the merge kernel as this kernel's programmatic dependent); else kTailBarrier where
+// the rows to merge come to at most kTailMaxRowsPerCta a CTA and the grid fits at once (then
+// cooperatively).
 template <auto kKernel, typename... Args>
 cudaError_t launch_persistent(dim3 grid, int threads, int smem, cudaStream_t stream,
                               const DecodeParams& p, int* took, int takes, Args&&... args) {

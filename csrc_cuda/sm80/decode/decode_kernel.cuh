@@ -416,7 +416,8 @@ cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t str
     PORTMLA_RETURN_IF_ERROR(cudaLaunchKernelEx(
         &cfg, mla_decode_combine_pieces_wide_kernel<T, true>, p, bps, count_tiles(p)));
   } else if (many_rows) {
-    mla_decode_combine_pieces_wide_kernel<T, false><<<grid, 32 * kWideWarps, 0, stream>>>(p, bps, 0);
+    mla_decode_combine_pieces_wide_kernel<T, false>
+        <<<grid, 32 * kWideWarps, 0, stream>>>(p, bps, 0);
   } else if (split) {
     mla_decode_combine_pieces_split_kernel<T><<<grid, kPiecesSplitThreads, 0, stream>>>(p, bps);
   } else {
