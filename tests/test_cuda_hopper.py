@@ -228,21 +228,23 @@ def test_hopper_counted_pieces_merge(monkeypatch, ran, fmt, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("stride", [516, 520], ids=["4-byte-rows", "16-byte-rows"])
-def test_hopper_narrow_output_layouts(monkeypatch, ran, stride):
-    """The narrow kernel's staged output rows into a padded output tensor: a head stride of 516
-    elements (rows 8-byte but not 16-byte aligned: 4-byte stores) or 520 (16-byte stores); the
-    padding stays NaN, multi-token queries cut over several parts."""
+@pytest.mark.parametrize("kernel,heads", [("narrow", 8), ("pair", 128), ("tile", 32)])
+def test_hopper_output_layouts(monkeypatch, ran, stride, kernel, heads):
+    """Each 16-bit Hopper kernel's output rows into a padded output tensor: a head stride of 516
+    elements (rows 8-byte but not 16-byte aligned: the narrow kernel's 4-byte stores) or 520
+    (16-byte rows); the padding stays NaN, multi-token queries cut over several parts (their
+    pieces merged into the same padded rows)."""
     _need_hopper()
-    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", "narrow")
+    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", kernel)
     force_schedule(monkeypatch, 40, 3)
-    kw = dict(make_decode_case([2000, 33, 640, 1], [1, 3, 2, 1], 8, 32, "bfloat16", torch.bfloat16,
-                               "cuda"))
+    kw = dict(make_decode_case([2000, 33, 640, 1], [1, 3, 2, 1], heads, 32, "bfloat16",
+                               torch.bfloat16, "cuda"))
     scale = 576 ** -0.5
     ref_out, ref_lse = pm.mla_decode(softmax_scale=scale, return_lse=True, backend="reference", **kw)
-    buf = torch.full((ref_out.shape[0], 8, stride), float("nan"), dtype=ref_out.dtype,
+    buf = torch.full((ref_out.shape[0], heads, stride), float("nan"), dtype=ref_out.dtype,
                      device=ref_out.device)
     got_out, got_lse = pm.mla_decode(softmax_scale=scale, return_lse=True, backend="cuda",
                                      out=buf[..., :512], **kw)
     check_decode(ref_out, ref_lse, got_out, got_lse, tol=1e-2)
     assert torch.isnan(buf[..., 512:]).all()
-    assert set(ran) == {"hopper_narrow"}
+    assert set(ran) == {KERNELS[kernel]}
