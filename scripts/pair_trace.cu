@@ -116,19 +116,19 @@ int main(int argc, char** argv) {
   const int units = static_cast<int>((static_cast<int64_t>(B) * (S / 64 + p.sched_fixed) +
                                       p.num_parts - 1) / p.num_parts);
   const int np = std::min(std::min(S / 128, units / 2), 64);
-  static unsigned long long span[3][8][8];
-  static long long span_clk[3][8][8];
+  static unsigned long long span[3][8][10];
+  static long long span_clk[3][8][10];
   cudaMemcpyFromSymbol(span, portmla::sm90::g_pair_span, sizeof(span));
   cudaMemcpyFromSymbol(span_clk, portmla::sm90::g_pair_span_clk, sizeof(span_clk));
-  const char* span_names[8] = {"entry", "q_loaded|pages", "q_ready", "pairs_done", "stored",
-                               "first_data", "last_data", "walked"};
+  const char* span_names[10] = {"entry", "q_loaded|pages", "q_ready", "pairs_done", "stored",
+                                "first_data", "last_data", "walked", "sums_shared", "rows_stored"};
   for (int w = 0; w < 3; ++w) {
     for (int sg = 0; sg < 8; ++sg) {
       bool any = false;
-      for (int e = 0; e < 8; ++e) any = any || span[w][sg][e];
+      for (int e = 0; e < 10; ++e) any = any || span[w][sg][e];
       if (!any) continue;
       printf("span wg%d seg %d (ns from wg0 entry):", w, sg);
-      for (int e = 0; e < 8; ++e)
+      for (int e = 0; e < 10; ++e)
         if (span[w][sg][e]) printf(" %s=%lld", span_names[e], (long long)(span[w][sg][e] - span[0][0][0]));
       printf("\n");
     }

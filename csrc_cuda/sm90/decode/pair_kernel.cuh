@@ -64,8 +64,8 @@ __device__ long long g_pair_trace[2][64][12];
   } while (0)
 // The CTA's prologue / epilogue per segment: globaltimer (ns, comparable across SMs) and
 // clock64 (for the SM clock) per warpgroup leader; segments past the 8th share the last row.
-__device__ unsigned long long g_pair_span[3][8][8];
-__device__ long long g_pair_span_clk[3][8][8];
+__device__ unsigned long long g_pair_span[3][8][10];
+__device__ long long g_pair_span_clk[3][8][10];
 #define PAIR_SPAN_SEG(sg, ev)                                                                 \
   do {                                                                                        \
     if (blockIdx.x == 0 && blockIdx.y == PORTMLA_PAIR_TRACE && (threadIdx.x & 127) == 0) {    \
@@ -574,8 +574,10 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     share_row_sums(l_run, sm.red, wg, r0, lane);
     mbar_arrive(&sm.hand[kHandR]);
     mbar_wait(&sm.hand[kHandR], segs & 1);
+    PAIR_SPAN_SEG(segs, 8);
     // Quantized caches: the paired partial stores made ptxas spill in the pair loop (132 B).
     store_rows<TQ, FMT == kKv16>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
+    PAIR_SPAN_SEG(segs, 9);
     mbar_arrive(&sm.hand[kHandF]);
     if (kCounts && p.tail_merge == kTailCount && seg.slot >= 0 && tid == kCountThread) {
       mbar_wait(&sm.hand[kHandF], segs & 1);  // every consumer's rows of the piece stored
