@@ -11,6 +11,7 @@ bench's (same lengths, seed 0); CUDA-graph replay medians in us.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -23,7 +24,8 @@ from portmla.bench.timing import measure, prepare
 
 DEFAULT = ["128q1s4k:128", "64q1s16k:128", "32q1s4k:128", "1q1s32k:128:fixed",
            "128q1s8k:16", "64q1s32k:16:fixed", "8q1s8k:16"]
-FIXED = [1, 2, 3, 4, 6, 8, 12]
+# SWEEP_FIXED="4,5,6,7,8": other fixed costs
+FIXED = [int(x) for x in os.environ.get("SWEEP_FIXED", "1,2,3,4,6,8,12").split(",")]
 PARTS_SCALE = [0.5, 1.0]  # times the planner's part count (its own one included)
 
 
