@@ -130,7 +130,7 @@ int main(int argc, char** argv) {
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   portmla::DecodeParams p;
   trace_params(p, d_q, d_out, d_bt, d_lens, B, H, pages_per_seq, n_pages, sms * (quant ? 2 : 1),
-               argc > 4 ? atoi(argv[4]) : (quant ? 4 : 3));  // parts: backends/cuda.py per_sm; SCHED_FIXED
+               argc > 4 ? atoi(argv[4]) : (ds ? 5 : quant ? 4 : 3));  // parts: cuda.py per_sm; SCHED_FIXED
   p.kv_cache = d_cache;
   p.page_stride = quant ? BS * entry : BS * D;  // bytes for the quantized formats, else elements
   p.token_stride = quant ? entry : D;

@@ -289,15 +289,20 @@ def test_cuda_kernels_report_without_hopper_build(monkeypatch):
 
 def test_cuda_sched_fixed_per_kernel_and_format():
     """The device schedule's fixed cost: the pair kernel's own for 16-bit and per-tensor fp8
-    caches, a smaller one when it expands fp8_ds_mla (its tiles cost more); other kernels by
-    name."""
+    caches, a smaller one when it expands fp8_ds_mla (its tiles cost more); the narrow
+    quantized kernel one for each format; other kernels by name."""
     from portmla.backends import cuda as cuda_backend
 
     key = cuda_backend.sched_fixed_key
     assert key("hopper", "bfloat16") == key("hopper", "auto") == "hopper"
     assert key("hopper", "fp8") == "hopper" and key("hopper", "fp8_ds_mla") == "hopper_quant"
     assert key("hopper_tile", "fp8") == "hopper_tile" and key("quant", "fp8") == "quant"
+    assert key("hopper_narrow_quant", "fp8") == "hopper_narrow_quant"
+    assert key("hopper_narrow_quant", "fp8_ds_mla") == "hopper_narrow_ds"
+    assert key("quant", "fp8_ds_mla") == "quant" and key("hopper_narrow", "bfloat16") == "hopper_narrow"
     fixed = cuda_backend.SCHED_FIXED
+    assert {key(k, f) for k in ("hopper", "hopper_tile", "hopper_narrow", "quant", "hopper_narrow_quant")
+            for f in ("bfloat16", "fp8", "fp8_ds_mla")} == set(fixed)
     assert fixed["hopper_quant"] < fixed["hopper"] and all(v >= 1 for v in fixed.values())
 
 

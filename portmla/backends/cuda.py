@@ -83,8 +83,12 @@ MAX_GRID_Y = 65535
 # "hopper_narrow_quant": 4 (H100 sweep at 9bbb840, fixed cost 2 / 3 / 4 / 6: fp8_ds_mla 128q1s8k
 # fixed 277.5 / 277.2 / 273.5 / 274.2 us, 64q1s32k fixed 511.2 / 507.4 / 506.1 / 507.3, fp8 8q1s8k
 # 34.0 / 32.8 / 33.5 / 33.4, 128q1s8k varlen 250.8 / 249.1 / 249.3 / 252.5).
+# "hopper_narrow_ds": that kernel with an fp8_ds_mla cache, 5 (H100 at 04c8821, four alternating
+# rounds of 4 / 6 / 5, means: 128q1s8k varlen 276.6 / 274.5 / 273.6 us, fixed 265.7 / 266.2 /
+# 266.2, 64q1s32k fixed 502.5 / 500.6 / 502.1, 8q1s8k 33.4 / 33.5 / 33.4; fp8 stays at 4:
+# 128q1s8k varlen 4 / 5 / 6 240.9 / 241.4 / 243.3).
 SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "hopper_narrow": 3, "quant": 2, "hopper_quant": 3,
-               "hopper_narrow_quant": 4}
+               "hopper_narrow_quant": 4, "hopper_narrow_ds": 5}
 MAX_GRID_PARTS = 65535
 QUANT_FORMATS = ("fp8", "fp8_ds_mla")
 # Rows per sequence (query tokens x heads) served by the quantized kernel (16 a CTA): up to 32 it
@@ -137,7 +141,9 @@ def hopper_block_size_ok(block_size: int) -> bool:
 
 def sched_fixed_key(kernel: str, kv_format: str) -> str:
     """The ``SCHED_FIXED`` entry of ``kernel`` with a ``kv_format`` cache."""
-    return "hopper_quant" if kernel == "hopper" and kv_format == "fp8_ds_mla" else kernel
+    if kv_format == "fp8_ds_mla":
+        return {"hopper": "hopper_quant", "hopper_narrow_quant": "hopper_narrow_ds"}.get(kernel, kernel)
+    return kernel
 
 
 def tail_merge_wanted() -> int:
