@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     const int n_pairs = (n_tiles + 1) / 2;
     PAIR_SPAN_SEG(segs, 7);
     // Q is free: every consumer passed the last segment's epilogue barrier after its last S.
-    if constexpr (kScaleQ) {  // TQ != T
+    if constexpr (kScaleQ) {  // quantized caches: the rows scaled into fp16 (q_inv)
       load_q_pow2<TQ, kDs>(p, c, sm.q, sm.q_inv, tid);
       PAIR_SPAN_SEG(segs, 1);  // Q loaded (this thread's part)
       // Every consumer arrives on q_full (256 here) and waits on it: racecheck follows that
