@@ -89,6 +89,8 @@ MAX_GRID_Y = 65535
 # 128q1s8k varlen 4 / 5 / 6 240.9 / 241.4 / 243.3).
 SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "hopper_narrow": 3, "quant": 2, "hopper_quant": 3,
                "hopper_narrow_quant": 4, "hopper_narrow_ds": 5}
+# The kernels with an fp8_ds_mla entry of their own in SCHED_FIXED (sched_fixed_key).
+_SCHED_FIXED_DS = {"hopper": "hopper_quant", "hopper_narrow_quant": "hopper_narrow_ds"}
 MAX_GRID_PARTS = 65535
 QUANT_FORMATS = ("fp8", "fp8_ds_mla")
 # Rows per sequence (query tokens x heads) served by the quantized kernel (16 a CTA): up to 32 it
@@ -141,9 +143,7 @@ def hopper_block_size_ok(block_size: int) -> bool:
 
 def sched_fixed_key(kernel: str, kv_format: str) -> str:
     """The ``SCHED_FIXED`` entry of ``kernel`` with a ``kv_format`` cache."""
-    if kv_format == "fp8_ds_mla":
-        return {"hopper": "hopper_quant", "hopper_narrow_quant": "hopper_narrow_ds"}.get(kernel, kernel)
-    return kernel
+    return _SCHED_FIXED_DS.get(kernel, kernel) if kv_format == "fp8_ds_mla" else kernel
 
 
 def tail_merge_wanted() -> int:
