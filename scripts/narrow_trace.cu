@@ -3,6 +3,7 @@
 // where a call's time goes besides streaming the cache (launch skew, segment starts, data
 // waits, the end skew, the pieces' merge).
 //   nt S B bf16|fp8|ds [sched_fixed] [tail_merge 0|1|2]  (params.h TailMerge; 1: the default)
+//   NT_LEAD=<per mille>: the lead parts' share (DecodeParams::sched_lead_pm)
 // Built with one nvcc command (flags listed over three lines):
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a
 //     -DPORTMLA_HAVE_SM90A=1 -DPORTMLA_NARROW_TRACE -Icsrc_cuda -I$PORTMLA_CUTLASS_INCLUDE
@@ -139,6 +140,7 @@ int main(int argc, char** argv) {
     if (fp8) p.k_scale = trace_k_scale(0.02f);
   }
   p.variant = quant ? portmla::sm80::kHopperNarrowQuant : portmla::sm80::kHopperNarrow;
+  if (const char* lead = getenv("NT_LEAD")) p.sched_lead_pm = atoi(lead);  // per mille (params.h)
   const int mode = argc > 5 ? atoi(argv[5]) : 1;
   p.tail_merge = mode != 0;
   if (mode == 2) {  // the last-piece merge: its counters (one a sequence: 16 rows)
@@ -216,6 +218,12 @@ int main(int argc, char** argv) {
   show("first Q ready", first_q);
   show("first data landed", first_data);
   show("decode loop left", loop_end);
+  {  // the first half of the parts (placed first on their SMs) against the second
+    double a = 0, b = 0;
+    const int half = ctas / 2;
+    for (int k = 0; k < ctas; ++k) (k < half ? a : b) += loop_end[k];
+    if (half > 0) printf("loop left, mean of parts < %d: %.2f us, the others: %.2f us\n", half, a / half, b / (ctas - half));
+  }
   if (merged && mode == 1) show("past the grid barrier", past_bar);
   if (merged) show("merged", merged_t);
   show("tiles a CTA", tiles_v);
