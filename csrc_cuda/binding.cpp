@@ -71,7 +71,6 @@ PYBIND11_MODULE(_cuda, m) {
       .FIELD(DecodeParams, variant)
       .FIELD(DecodeParams, num_parts)
       .FIELD(DecodeParams, sched_fixed)
-      .FIELD(DecodeParams, sched_lead_pm)
       .FIELD(DecodeParams, tail_merge)
       .FIELD(DecodeParams, tail_count)
       .FIELD(DecodeParams, kv_l2_hint)

@@ -7,9 +7,6 @@ knobs (GPU machine), to fit them.
 For each row: the per-sequence fixed cost (``SCHED_FIXED``, in KV tiles) at the
 planner's part count, then a few part counts at the planner's fixed cost. Inputs are the
 bench's (same lengths, seed 0); CUDA-graph replay medians in us.
-
-``SWEEP_LEAD="0,20,40"`` sweeps the lead parts' share instead (``sched_lead_pm``, per mille;
-the kernels that run two CTAs an SM), in ``SWEEP_ROUNDS`` alternating rounds (default 3).
 """
 
 from __future__ import annotations
@@ -79,37 +76,11 @@ def sweep(spec: str, heads: int, fixed_len: bool, fmt: str = "bfloat16") -> str:
     return " ".join(row)
 
 
-def sweep_lead(spec: str, heads: int, fixed_len: bool, fmt: str = "bfloat16") -> str:
-    """Every SWEEP_LEAD value in alternating rounds: each round's medians, then their means."""
-    inp = build_inputs(parse_spec(spec), heads, fmt, 64, device="cuda", fixed=fixed_len,
-                       layers=2)
-    out = torch.empty(inp.q.shape[0], heads, 512, dtype=torch.bfloat16, device="cuda")
-    values = os.environ["SWEEP_LEAD"].split(",")
-    times: dict[str, list[float]] = {v: [] for v in values}
-    old = os.environ.get("PORTMLA_CUDA_SCHED_LEAD")
-    try:
-        for _ in range(int(os.environ.get("SWEEP_ROUNDS", "3"))):
-            for v in values:
-                os.environ["PORTMLA_CUDA_SCHED_LEAD"] = v
-                calls = [lambda i=i: pm.mla_decode(backend="cuda", out=out, **inp.decode_kwargs(i))
-                         for i in range(len(inp.caches))]
-                times[v].append(measure(prepare(calls, out.device, use_graphs=True), out.device,
-                                        3, 20).median_us)
-    finally:
-        if old is None:
-            os.environ.pop("PORTMLA_CUDA_SCHED_LEAD", None)
-        else:
-            os.environ["PORTMLA_CUDA_SCHED_LEAD"] = old
-    cells = [f"{v}={sum(t) / len(t):.1f} ({' / '.join(f'{x:.1f}' for x in t)})" for v, t in times.items()]
-    return f"{spec} h{heads} {fmt} {'fixed' if inp.fixed else 'varlen'} lead pm: " + ", ".join(cells)
-
-
 def main() -> None:
-    run = sweep_lead if os.environ.get("SWEEP_LEAD") else sweep
     for item in sys.argv[1:] or DEFAULT:
         spec, heads, *rest = item.split(":")
         fixed = bool(rest) and rest[0] == "fixed"
-        print(run(spec, int(heads), fixed, *rest[1:2]), flush=True)
+        print(sweep(spec, int(heads), fixed, *rest[1:2]), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 // where a call's time goes besides streaming the cache (launch skew, segment starts, data
 // waits, the end skew, the pieces' merge).
 //   nt S B bf16|fp8|ds [sched_fixed] [tail_merge 0|1|2]  (params.h TailMerge; 1: the default)
-//   NT_LEAD=<per mille>: the lead parts' share (DecodeParams::sched_lead_pm)
 // Built with one nvcc command (flags listed over three lines):
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a
 //     -DPORTMLA_HAVE_SM90A=1 -DPORTMLA_NARROW_TRACE -Icsrc_cuda -I$PORTMLA_CUTLASS_INCLUDE
@@ -140,7 +139,6 @@ int main(int argc, char** argv) {
     if (fp8) p.k_scale = trace_k_scale(0.02f);
   }
   p.variant = quant ? portmla::sm80::kHopperNarrowQuant : portmla::sm80::kHopperNarrow;
-  if (const char* lead = getenv("NT_LEAD")) p.sched_lead_pm = atoi(lead);  // per mille (params.h)
   const int mode = argc > 5 ? atoi(argv[5]) : 1;
   p.tail_merge = mode != 0;
   if (mode == 2) {  // the last-piece merge: its counters (one a sequence: 16 rows)

@@ -149,31 +149,6 @@ def test_narrow_quant_schedule_either_side_of_inline(monkeypatch, ran, fmt, seqs
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt,dtype", FORMAT_QUERIES, ids=IDS)
-@pytest.mark.parametrize("lead", [7, 120, 500])
-def test_narrow_quant_lead_parts(monkeypatch, ran, fmt, dtype, lead):
-    """Uneven parts (sched_lead_pm: the first half of the parts longer, the second shorter) in
-    both schedule paths (up to 32 sequences each CTA computes it, from 33 the schedule kernel),
-    2 / 40 / 264 parts, sequences cut across the halfway boundary; and a lead share moves where
-    one long sequence is cut, so its bits differ from equal parts' (both against the reference)."""
-    _need_narrow_quant()
-    monkeypatch.setenv("PORTMLA_CUDA_HOPPER", "narrow")
-    monkeypatch.setenv("PORTMLA_CUDA_SCHED_LEAD", str(lead))
-    for parts, seqs in ((2, 5), (40, 32), (40, 33), (264, 150)):
-        force_schedule(monkeypatch, parts, 3)
-        check_decode(*run_both(boundary_case(seqs, 16, fmt), single_token=False), tol=1e-2)
-    force_schedule(monkeypatch, 2, 3)
-    case = make_decode_case([20000], [1], 16, 64, fmt, dtype, "cuda")
-    lead_out = run_both(case, single_token=True)
-    check_decode(*lead_out, tol=1e-2)
-    monkeypatch.setenv("PORTMLA_CUDA_SCHED_LEAD", "0")
-    equal_out = run_both(case, single_token=True)
-    check_decode(*equal_out, tol=1e-2)
-    assert not torch.equal(lead_out[2], equal_out[2]), "the lead share did not move the cut"
-    assert set(ran) == {NQ}
-
-
-@pytest.mark.gpu
 def test_narrow_quant_default_route(ran):
     """The planner's own choices with 16 heads: this kernel for fp8 (bf16 / fp16 queries) and
     fp8_ds_mla (bf16); the mma.sync quantized kernel for fp8_ds_mla with fp16 queries and for a

@@ -306,28 +306,6 @@ def test_cuda_sched_fixed_per_kernel_and_format():
     assert fixed["hopper_quant"] < fixed["hopper"] and all(v >= 1 for v in fixed.values())
 
 
-def test_cuda_sched_lead_parts(monkeypatch):
-    """The lead parts' share (DecodeParams::sched_lead_pm): only the kernels listed, only with an
-    even part count, the table's value only where the CTAs fill two slots an SM; the env value
-    forces it and is refused outside 0..500 with the name and the value."""
-    from portmla.backends import cuda as cuda_backend
-
-    lead = cuda_backend.sched_lead_pm
-    table = cuda_backend.SCHED_LEAD_PM["hopper_narrow_quant"]
-    monkeypatch.delenv("PORTMLA_CUDA_SCHED_LEAD", raising=False)
-    assert lead("hopper_narrow_quant", 264, 264, 132) == table
-    assert lead("hopper_narrow_quant", 132, 132, 132) == 0  # one CTA an SM
-    assert lead("hopper_narrow_quant", 263, 263, 132) == 0  # odd: equal parts
-    assert lead("hopper_narrow", 264, 264, 132) == lead("quant", 264, 264, 132) == 0
-    monkeypatch.setenv("PORTMLA_CUDA_SCHED_LEAD", "37")
-    assert lead("hopper_narrow_quant", 40, 40, 132) == 37 and lead("hopper", 40, 40, 132) == 0
-    assert lead("hopper_narrow_quant", 41, 41, 132) == 0
-    for bad in ("501", "-3", "x"):
-        monkeypatch.setenv("PORTMLA_CUDA_SCHED_LEAD", bad)
-        with pytest.raises(ValueError, match=rf"PORTMLA_CUDA_SCHED_LEAD='{bad}'.*0 to 500"):
-            lead("hopper_narrow_quant", 40, 40, 132)
-
-
 def test_cuda_kv_l2_hint_env(monkeypatch):
     """PORTMLA_CUDA_KV_L2 maps to csrc_cuda/common/params.h's KvL2Hint (auto = 0 by default);
     a value outside the set is refused with the name, the value and the allowed ones."""

@@ -68,11 +68,6 @@ struct DecodeParams {
   int tail_count = 0;
   // sm_90a kernels: the L2 eviction priority of the KV tiles' TMA loads (KvL2Hint).
   int kv_l2_hint = 0;
-  // > 0 (the kernels that run two CTAs an SM, num_parts even): the first half of the parts take
-  // this many per mille more units than the mean, the second half as many fewer (schedule.cuh:
-  // sched_lead_units). The first CTA placed on an SM streams faster than the second one.
-  // (Last, so that no other field's offset moves: the kernels' code stays as it was.)
-  int sched_lead_pm = 0;
 };
 
 // DecodeParams::kv_l2_hint: the L2 eviction priority of the KV tiles' TMA loads in the narrow

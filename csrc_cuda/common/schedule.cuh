@@ -50,47 +50,6 @@ __host__ __device__ __forceinline__ int64_t sched_pieces(int64_t first, int64_t 
   return n > 0 ? (first + n - 1) / per_part - first / per_part + 1 : 1;
 }
 
-// Lead parts (DecodeParams::sched_lead_pm, the kernels that run two CTAs an SM): with an even
-// num_parts the first half of the parts take T + D units each and the second half T - D, with
-// D = T pm / 1000 (so the boundaries still end at num_parts T). Without it (D = 0) every part
-// takes T. Part k starts at unit k T + D min(k, 2 L - k), L = num_parts / 2.
-__host__ __device__ __forceinline__ int64_t sched_lead_units(int64_t per_part, int num_parts,
-                                                             int pm) {
-  return pm > 0 && num_parts % 2 == 0 ? per_part * pm / 1000 : 0;
-}
-__host__ __device__ __forceinline__ int64_t sched_part_lo(int64_t per_part, int64_t d,
-                                                          int num_parts, int part) {
-  const int lead = num_parts / 2;
-  return static_cast<int64_t>(part) * per_part + d * (part <= lead ? part : 2 * lead - part);
-}
-// The part unit u falls in (u < num_parts T).
-__host__ __device__ __forceinline__ int64_t sched_part_of(int64_t u, int64_t per_part, int64_t d,
-                                                          int num_parts) {
-  if (d == 0) return u / per_part;
-  const int64_t lead_units = static_cast<int64_t>(num_parts / 2) * (per_part + d);
-  return u < lead_units ? u / (per_part + d) : num_parts / 2 + (u - lead_units) / (per_part - d);
-}
-// Pieces of a sequence whose n KV tiles start at unit `first`, with lead parts (sched_pieces).
-__host__ __device__ __forceinline__ int64_t sched_pieces_lead(int64_t first, int64_t n,
-                                                              int64_t per_part, int64_t d,
-                                                              int num_parts) {
-  return n > 0 ? sched_part_of(first + n - 1, per_part, d, num_parts) -
-                     sched_part_of(first, per_part, d, num_parts) + 1
-               : 1;
-}
-
-// The same for a kernel that walks lead parts (kLead) or equal ones.
-template <bool kLead>
-__device__ __forceinline__ int64_t sched_pieces_of(const DecodeParams& p, int64_t first, int64_t n,
-                                                   int64_t per_part) {
-  if constexpr (kLead) {
-    return sched_pieces_lead(first, n, per_part,
-                             sched_lead_units(per_part, p.num_parts, p.sched_lead_pm), p.num_parts);
-  } else {
-    return sched_pieces(first, n, per_part);
-  }
-}
-
 // Sequences a schedule of num_parts parts can cut: each part boundary cuts at most one.
 __host__ __device__ __forceinline__ int sched_max_cut(const DecodeParams& p) {
   return p.num_seqs < p.num_parts - 1 ? p.num_seqs : p.num_parts - 1;
@@ -139,7 +98,6 @@ struct SchedTable {
 
 // One whole warp (sched_inline): decode_schedule_kernel's arithmetic on a warp scan, into `t`;
 // `publish`: also into the scratch arrays and sched_cut, which the pieces' merge reads.
-template <bool kLead = false>
 __device__ __forceinline__ void sched_fill_warp(const DecodeParams& p, SchedTable& t,
                                                 bool publish, int lane) {
   const int B = p.num_seqs, F = p.sched_fixed;
@@ -152,9 +110,7 @@ __device__ __forceinline__ void sched_fill_warp(const DecodeParams& p, SchedTabl
   }
   const int64_t per_part = sched_per_part(__shfl_sync(0xffffffffu, incl, 31), p.num_parts);
   const int64_t first = incl - v + F;
-  const int pieces = lane < B ? static_cast<int>(sched_pieces_of<kLead>(p, first, incl - first,
-                                                                       per_part))
-                             : 1;
+  const int pieces = lane < B ? static_cast<int>(sched_pieces(first, incl - first, per_part)) : 1;
   const bool cut = pieces > 1;
   const int w = cut ? pieces : 0;
   int w_incl = w;
@@ -187,11 +143,10 @@ __device__ __forceinline__ void sched_fill_warp(const DecodeParams& p, SchedTabl
 // lane: warp 1 fills `t` when sched_inline (CTA (0, 0) also the scratch); the caller's CTA
 // barrier then makes it visible. (Warp and lane from the caller: recomputing them here from
 // threadIdx made ptxas spill 48 B in the quantized-cache kernel.)
-template <bool kLead = false>
 __device__ __forceinline__ void sched_fill_cta(const DecodeParams& p, SchedTable& t, int warp,
                                                int lane) {
   if (warp == 1 && sched_inline(p)) {
-    sched_fill_warp<kLead>(p, t, blockIdx.x == 0 && blockIdx.y == 0, lane);
+    sched_fill_warp(p, t, blockIdx.x == 0 && blockIdx.y == 0, lane);
   }
 }
 
@@ -212,28 +167,15 @@ struct Segment {
 
 // Walks the segments of one part in sequence order. Every thread that needs them keeps its
 // own walker (a producer warp and the consumers step through the same list). `t`: the CTA's
-// SchedTable (filled before the CTA barrier that precedes init when sched_inline). kLead: the
-// part boundaries of sched_lead_pm (a kernel that never takes them keeps the plain form).
-template <bool kLead = false>
+// SchedTable (filled before the CTA barrier that precedes init when sched_inline).
 struct PartWalker {
   int64_t per_part;  // units per part (T)
   int part, b;       // lo / hi recomputed from these: fewer registers held across a segment
 
-  __device__ __forceinline__ int64_t lead_units(const DecodeParams& p) const {
-    return kLead ? sched_lead_units(per_part, p.num_parts, p.sched_lead_pm) : 0;
-  }
-  __device__ __forceinline__ int64_t part_lo(const DecodeParams& p, int k) const {
-    return kLead ? sched_part_lo(per_part, lead_units(p), p.num_parts, k) : k * per_part;
-  }
-
-  __device__ __forceinline__ int64_t part_of(const DecodeParams& p, int64_t u) const {
-    return kLead ? sched_part_of(u, per_part, lead_units(p), p.num_parts) : u / per_part;
-  }
-
   __device__ __forceinline__ void init(const DecodeParams& p, const SchedTable& t, int part_) {
     part = part_;
     per_part = sched_cum_at(p, t, p.num_seqs + 1);
-    const int64_t lo = part_lo(p, part);
+    const int64_t lo = part * per_part;
     int l = 0, r = p.num_seqs;  // the first sequence whose units reach past lo
     while (l < r) {
       const int m = (l + r) >> 1;
@@ -244,7 +186,7 @@ struct PartWalker {
   }
 
   __device__ __forceinline__ bool next(const DecodeParams& p, const SchedTable& t, Segment& s) {
-    const int64_t lo = part_lo(p, part), hi = kLead ? part_lo(p, part + 1) : lo + per_part;
+    const int64_t lo = part * per_part, hi = lo + per_part;
     for (; b < p.num_seqs; ++b) {
       const int64_t c = sched_cum_at(p, t, b);
       if (c >= hi) return false;
@@ -262,7 +204,7 @@ struct PartWalker {
       s.tile_lo = static_cast<int>(i_lo);
       s.tile_hi = static_cast<int>(i_hi);
       const int base = sched_piece_at(p, t, 2 * b);
-      s.slot = base < 0 ? -1 : base + part - static_cast<int>(part_of(p, first));
+      s.slot = base < 0 ? -1 : base + part - static_cast<int>(first / per_part);
       ++b;
       return true;
     }

@@ -91,13 +91,6 @@ SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "hopper_narrow": 3, "quant": 2, "h
                "hopper_narrow_quant": 4, "hopper_narrow_ds": 5}
 # The kernels with an fp8_ds_mla entry of their own in SCHED_FIXED (sched_fixed_key).
 _SCHED_FIXED_DS = {"hopper": "hopper_quant", "hopper_narrow_quant": "hopper_narrow_ds"}
-# Kernels that run two CTAs an SM: the first CTA placed on each SM streams faster than the
-# second (H100 trace, fp8 128q1s8k h16: parts 0-131 left their loop 13-17 us before parts
-# 132-263), so the device schedule gives the first half of the parts this many per mille more
-# units than the mean and the second half as many fewer (csrc_cuda/common/schedule.cuh:
-# sched_lead_units). PORTMLA_CUDA_SCHED_LEAD=<per mille> overrides it (sweeps, tests).
-SCHED_LEAD_PM = {"hopper_narrow_quant": 0}
-SCHED_LEAD_MAX_PM = 500
 MAX_GRID_PARTS = 65535
 QUANT_FORMATS = ("fp8", "fp8_ds_mla")
 # Rows per sequence (query tokens x heads) served by the quantized kernel (16 a CTA): up to 32 it
@@ -194,21 +187,6 @@ def tail_count_wanted() -> bool:
     params.h ``kTailCount``; only with the schedule kernel and many rows to merge). Off with
     ``PORTMLA_CUDA_TAIL_MERGE`` = 0 / barrier, or ``PORTMLA_CUDA_PIECE_COUNT=0``."""
     return tail_arrive_wanted() and os.environ.get("PORTMLA_CUDA_PIECE_COUNT", "1") != "0"
-
-
-def sched_lead_pm(kernel: str, parts: int, ctas: int, sms: int) -> int:
-    """DecodeParams::sched_lead_pm of a call: ``SCHED_LEAD_PM[kernel]`` where its ``ctas``
-    (row tiles x ``parts``) fill two slots an SM and ``parts`` is even, else 0 (equal parts).
-    ``PORTMLA_CUDA_SCHED_LEAD`` forces a value for any even part count of those kernels."""
-    if kernel not in SCHED_LEAD_PM or parts % 2:
-        return 0
-    v = os.environ.get("PORTMLA_CUDA_SCHED_LEAD")
-    if v is not None:
-        if not v.isdigit() or int(v) > SCHED_LEAD_MAX_PM:
-            raise ValueError(f"PORTMLA_CUDA_SCHED_LEAD={v!r}: expected an integer per mille "
-                             f"from 0 to {SCHED_LEAD_MAX_PM}")
-        return int(v)
-    return SCHED_LEAD_PM[kernel] if ctas > sms else 0
 
 
 def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
@@ -565,9 +543,6 @@ class CudaBackend(Backend):
                 par.tail_count = int(counts)
             par.num_parts, par.part_rows = parts, rows
             par.sched_fixed = SCHED_FIXED[sched_fixed_key(name, p.cache.kv_format)]
-            if hasattr(par, "sched_lead_pm"):  # a module built before lead parts: no field
-                par.sched_lead_pm = sched_lead_pm(name, parts, parts * -(-rows // 16),
-                                                  max(1, p.platform.num_compute_units))
             if hasattr(par, "tail_merge"):  # a module built before it merges in-kernel: no field
                 par.tail_merge = tail_merge_wanted()
         elif splits > 1:

@@ -28,8 +28,8 @@ cudaError_t launch_decode_quant(const DecodeParams& p, cudaStream_t stream, int*
   if ((p.kv_format != kKvFp8 && p.kv_format != kKvDsMla) || p.num_parts < 1 ||
       p.num_parts > 65535 || p.sched_cum == nullptr || p.sched_piece == nullptr ||
       (p.token_stride % 16) || (p.page_stride % 16) ||
-      reinterpret_cast<uintptr_t>(p.kv_cache) % 16 || p.sched_lead_pm != 0) {
-    return cudaErrorInvalidValue;  // sched_lead_pm: this kernel walks equal parts only
+      reinterpret_cast<uintptr_t>(p.kv_cache) % 16) {
+    return cudaErrorInvalidValue;
   }
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
   const bool bf16 = p.q_dtype == kBF16;

@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(quant::kQThreads, 2)
     sched_fill_cta(p, sched, w, lane);
     __syncthreads();
   }
-  PartWalker<> walk;
+  PartWalker walk;
   walk.init(p, sched, part);
   Segment seg;
   while (walk.next(p, sched, seg)) {

@@ -52,7 +52,6 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
     carry += total;
   }
   const int64_t per_part = sched_per_part(carry, p.num_parts);
-  const int64_t lead = sched_lead_units(per_part, p.num_parts, p.sched_lead_pm);
   if (threadIdx.x == 0) p.sched_cum[B + 1] = per_part;
   __syncthreads();  // sched_cum (global) is read back by other threads below
   carry = 0;
@@ -62,7 +61,7 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
     int64_t pieces = 1;
     if (b < B) {
       const int64_t first = p.sched_cum[b] + F;
-      pieces = sched_pieces_lead(first, p.sched_cum[b + 1] - first, per_part, lead, p.num_parts);
+      pieces = sched_pieces(first, p.sched_cum[b + 1] - first, per_part);
     }
     const bool cut = b < B && pieces > 1;
     const int64_t v = cut ? pieces : 0;

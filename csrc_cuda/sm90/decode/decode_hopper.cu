@@ -187,9 +187,8 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, int* took)
         (narrow && !block_size_ok(p.block_size)) ||
         p.token_stride % 16 || p.page_stride % 16 || reinterpret_cast<uintptr_t>(p.kv_cache) % 16 ||
         (p.kv_format == kKvFp8 && p.k_scale == nullptr) || p.num_parts < 1 ||
-        p.num_parts > 65535 || p.sched_cum == nullptr || p.sched_piece == nullptr ||
-        p.sched_lead_pm < 0 || p.sched_lead_pm > 500 || (p.sched_lead_pm && !narrow)) {
-      return cudaErrorInvalidValue;  // sched_lead_pm: only the narrow kernel walks lead parts
+        p.num_parts > 65535 || p.sched_cum == nullptr || p.sched_piece == nullptr) {
+      return cudaErrorInvalidValue;
     }
     if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
     return narrow ? run_narrow_quantized(p, stream, took) : run_quantized(p, stream, took);
@@ -197,7 +196,7 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, int* took)
   if (p.kv_format != kKv16 || !block_size_ok(p.block_size) || p.num_blocks < 1 ||
       (p.token_stride * 2) % 16 || (p.page_stride * 2) % 16 ||
       reinterpret_cast<uintptr_t>(p.kv_cache) % 16 || p.num_parts < 1 || p.num_parts > 65535 ||
-      p.sched_cum == nullptr || p.sched_piece == nullptr || p.sched_lead_pm != 0) {
+      p.sched_cum == nullptr || p.sched_piece == nullptr) {
     return cudaErrorInvalidValue;
   }
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;

@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint64_t q_desc = gmma_desc_sw128(sm.q, 16, 1024);
   const uint64_t p_desc = gmma_desc_sw128(sm.p, 16, 1024);
 
-  PartWalker<> walk;
+  PartWalker walk;
   walk.init(p, sm.sched, part);
   Segment seg;
   int g0 = 0;  // tiles of the earlier segments: tile g uses stage g % 2, phase (g / 2) % 2

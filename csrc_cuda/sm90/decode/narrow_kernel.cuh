@@ -299,7 +299,7 @@ __global__ void __launch_bounds__(kNThreads, 1)
   const uint64_t p_desc = gmma_desc_sw128(sm.p, 16, 1024);
   const bool out16 = narrow_out16(p);
 
-  PartWalker<> walk;
+  PartWalker walk;
   walk.init(p, sm.sched, part);
   Segment seg;
   ArriveList arrived;

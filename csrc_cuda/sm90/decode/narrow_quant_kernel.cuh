@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
     for (int s = 0; s < kNQStages; ++s) mbar_init(&sm.full[s], 1);
     mbar_init_fence();
   }
-  sched_fill_cta<true>(p, sm.sched, w, lane);
+  sched_fill_cta(p, sm.sched, w, lane);
   __syncthreads();
   NT_EV(1);
 
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kNThreads, 2)
   const bool out16 = narrow_out16(p);
   const int box_rows = min(p.block_size, kBN);
 
-  PartWalker<true> walk;  // two CTAs an SM: the lead parts of sched_lead_pm
+  PartWalker walk;
   walk.init(p, sm.sched, part);
   Segment seg;
   ArriveList arrived;

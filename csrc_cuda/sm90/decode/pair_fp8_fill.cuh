@@ -257,7 +257,7 @@ __device__ __forceinline__ const unsigned char* fp8_entry(const DecodeParams& p,
 // release the parts (release_slot), each done by all four warps: wait until the part is free,
 // copy, and arm its `full` barrier on the copies.
 template <int FMT, class Smem>
-__device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, PartWalker<>& walk,
+__device__ __forceinline__ void produce_fp8(const DecodeParams& p, Smem& sm, PartWalker& walk,
                                             int m_tile, int wq, int lane) {
   using E = Fp8Entry<FMT>;
   const int tok0 = 16 * wq, odd = lane >> 4;

@@ -202,7 +202,7 @@ __device__ __forceinline__ void store_p(unsigned char* chunk, const uint32_t (&p
 // next segment while the consumers finish this one.
 template <int FMT, class Smem>
 __device__ __forceinline__ void produce_tma(const CUtensorMap* map, const DecodeParams& p,
-                                            Smem& sm, PartWalker<>& walk, int m_tile, int lane) {
+                                            Smem& sm, PartWalker& walk, int m_tile, int lane) {
   int fills[kStages] = {0, 0};  // loads of each stage so far
   Segment seg;
   while (walk.next(p, sm.sched, seg)) {
@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
 
   // Every thread walks the part's segments itself (common/schedule.cuh); tile pairs restart at
   // each segment (a: stage 0, b: stage 1), the stages' phases run on across segments.
-  PartWalker<> walk;
+  PartWalker walk;
   walk.init(p, sm.sched, part);
   Segment seg;
   if (wg == 2) {
