@@ -220,7 +220,10 @@ int main(int argc, char** argv) {
     double a = 0, b = 0;
     const int half = ctas / 2;
     for (int k = 0; k < ctas; ++k) (k < half ? a : b) += loop_end[k];
-    if (half > 0) printf("loop left, mean of parts < %d: %.2f us, the others: %.2f us\n", half, a / half, b / (ctas - half));
+    if (half > 0) {
+      printf("loop left, mean of parts < %d: %.2f us, the others: %.2f us\n", half, a / half,
+             b / (ctas - half));
+    }
   }
   if (merged && mode == 1) show("past the grid barrier", past_bar);
   if (merged) show("merged", merged_t);

@@ -67,8 +67,8 @@ inline int count_tiles(const DecodeParams& p) {
 // then launches the merge kernel polling the counts): the merge asked for and the schedule
 // kernel run (it zeroes the counters), one query token a sequence, the merge kernel's many-rows
 // form, and more rows to merge than the grid-barrier merge takes (where that one applies it runs
-// instead, no merge kernel at all). One token: H100, 128 heads, paired with the plain merge kernel over
-// three calls, medians of 5-9 graph-replay medians, us: 128q1s4k 306.0 vs 311.7 (every
+// instead, no merge kernel at all). One token: H100, 128 heads, paired with the plain merge
+// kernel over three calls, medians of 5-9 graph-replay medians, us: 128q1s4k 306.0 vs 311.7 (every
 // sample), 64q1s16k 565.0 vs 578.9, 128q1s8k 566.8 vs 574.1 varlen and 562 vs 550.5 fixed; two
 // tokens (128q2s4k, four row tiles) 577.5 vs 560.3: slower there, so not taken.
 inline bool tail_count_taken(const DecodeParams& p) {
