@@ -27,10 +27,6 @@ DEFAULT = ["128q1s4k:128", "64q1s16k:128", "32q1s4k:128", "1q1s32k:128:fixed",
 # SWEEP_FIXED="4,5,6,7,8": other fixed costs
 FIXED = [int(x) for x in os.environ.get("SWEEP_FIXED", "1,2,3,4,6,8,12").split(",")]
 PARTS_SCALE = [0.5, 1.0]  # times the planner's part count (its own one included)
-# SWEEP_POOL="0,60:2,120:4": the schedule's pool settings (PORTMLA_CUDA_SCHED_POOL) instead, in
-# SWEEP_ROUNDS alternating rounds at the planner's part count and fixed cost
-POOL = [x for x in os.environ.get("SWEEP_POOL", "").split(",") if x]
-ROUNDS = int(os.environ.get("SWEEP_ROUNDS", "2"))
 
 
 def sweep(spec: str, heads: int, fixed_len: bool, fmt: str = "bfloat16") -> str:
@@ -63,19 +59,7 @@ def sweep(spec: str, heads: int, fixed_len: bool, fmt: str = "bfloat16") -> str:
         parts, kernel = seen[0], kernels[0]
         key = cuda_backend.sched_fixed_key(kernel, fmt)
         row = [f"{spec} h{heads} {fmt} {'fixed' if inp.fixed else 'varlen'} {key} "
-               f"parts={parts} fixed={orig_fixed[key]}: " + ("pool" if POOL else "fixed cost")]
-        if POOL:
-            env = os.environ.get("PORTMLA_CUDA_SCHED_POOL")
-            for r in range(ROUNDS):
-                row.append(f"| round {r + 1}")
-                for v in POOL:
-                    os.environ["PORTMLA_CUDA_SCHED_POOL"] = v
-                    row.append(f"{v}={time_it():.1f}")
-            if env is None:
-                os.environ.pop("PORTMLA_CUDA_SCHED_POOL")
-            else:
-                os.environ["PORTMLA_CUDA_SCHED_POOL"] = env
-            return " ".join(row)
+               f"parts={parts} fixed={orig_fixed[key]}: fixed cost"]
         for f in FIXED:
             cuda_backend.SCHED_FIXED = {**orig_fixed, key: f}
             row.append(f"{f}={time_it():.1f}")

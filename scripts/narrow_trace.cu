@@ -3,7 +3,6 @@
 // where a call's time goes besides streaming the cache (launch skew, segment starts, data
 // waits, the end skew, the pieces' merge).
 //   nt S B bf16|fp8|ds [sched_fixed] [tail_merge 0|1|2]  (params.h TailMerge; 1: the default)
-//   NT_POOL=PM:CHUNKS: the schedule's pool (portmla/backends/cuda.py: sched_pool) on.
 // Built with one nvcc command (flags listed over three lines):
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a
 //     -DPORTMLA_HAVE_SM90A=1 -DPORTMLA_NARROW_TRACE -Icsrc_cuda -I$PORTMLA_CUTLASS_INCLUDE
@@ -140,20 +139,6 @@ int main(int argc, char** argv) {
     if (fp8) p.k_scale = trace_k_scale(0.02f);
   }
   p.variant = quant ? portmla::sm80::kHopperNarrowQuant : portmla::sm80::kHopperNarrow;
-  if (const char* pool = getenv("NT_POOL")) {  // PM:CHUNKS: the schedule's pool (cuda.py)
-    int pm = 0, chunks = 0;
-    if (sscanf(pool, "%d:%d", &pm, &chunks) == 2 && chunks > 0) {
-      const int items = p.num_parts * (1 + chunks);
-      const size_t slots = 2 * static_cast<size_t>(items - 1);
-      cudaMalloc(&p.sched_cum, (2 * static_cast<size_t>(B) + 3) * 8);  // M and the chunk after cum
-      p.sched_piece = reinterpret_cast<int32_t*>(p.sched_cum + B + 3);
-      cudaMalloc(&p.part_out, slots * H * 512 * 4);
-      cudaMalloc(&p.part_lse, slots * H * 4);
-      cudaMalloc(&p.sched_claim, sizeof(int32_t));
-      p.sched_items = items;
-      p.sched_pool_pm = pm;
-    }
-  }
   const int mode = argc > 5 ? atoi(argv[5]) : 1;
   p.tail_merge = mode != 0;
   if (mode == 2) {  // the last-piece merge: its counters (one a sequence: 16 rows)
@@ -185,9 +170,8 @@ int main(int argc, char** argv) {
     }
     ms_all.push_back(ms * 1000);
   }
-  printf("%s S %d B %d h16: parts %d, items %d (pool %d per mille), fixed %d, merge %s, "
-         "last error %s\n", fmt, S, B, p.num_parts, p.sched_items, p.sched_pool_pm, p.sched_fixed,
-         merged ? "in the kernel" : "off (pieces left unmerged)",
+  printf("%s S %d B %d h16: parts %d, fixed %d, merge %s, last error %s\n", fmt, S, B,
+         p.num_parts, p.sched_fixed, merged ? "in the kernel" : "off (pieces left unmerged)",
          cudaGetErrorString(cudaGetLastError()));
   show("call (schedule + decode), us", ms_all);
 

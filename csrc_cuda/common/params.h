@@ -68,14 +68,6 @@ struct DecodeParams {
   int tail_count = 0;
   // sm_90a kernels: the L2 eviction priority of the KV tiles' TMA loads (KvL2Hint).
   int kv_l2_hint = 0;
-  // The schedule's pool (common/schedule.cuh; the narrow Hopper kernels with the schedule
-  // kernel): sched_items > num_parts turns it on with sched_items - num_parts chunks, each part
-  // keeping back sched_pool_pm (0..999) per mille of its units for them; sched_claim: one int32
-  // counter per 16-row tile, zeroed by the schedule kernel. (Last in the struct: the fields
-  // before keep their offsets, so the kernels that do not take the pool keep their code.)
-  int sched_items = 0;
-  int sched_pool_pm = 0;
-  int32_t* sched_claim = nullptr;
 };
 
 // DecodeParams::kv_l2_hint: the L2 eviction priority of the KV tiles' TMA loads in the narrow

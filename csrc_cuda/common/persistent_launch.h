@@ -73,14 +73,14 @@ inline int count_tiles(const DecodeParams& p) {
 // tokens (128q2s4k, four row tiles) 577.5 vs 560.3: slower there, so not taken.
 inline bool tail_count_taken(const DecodeParams& p) {
   const int64_t ctas = static_cast<int64_t>(count_tiles(p)) * p.num_parts;
-  return p.tail_merge && p.tail_count && p.max_query_len == 1 && sched_items(p) > 1 &&
+  return p.tail_merge && p.tail_count && p.max_query_len == 1 && p.num_parts > 1 &&
          !sched_inline(p) && p.sched_arrive != nullptr && pieces_many_rows(p) &&
          sched_max_cut(p) * p.part_rows > kTailMaxRowsPerCta * ctas;
 }
 
 // Launches kKernel<<<grid, threads, smem, stream>>>(args..., p') where p' is p with tail_merge
 // set to the merge the kernel runs itself when one was asked for (p.tail_merge) and some
-// sequence can be cut (items > 1); *took is the TailMerge it took (kTailOff and kTailCount:
+// sequence can be cut (num_parts > 1); *took is the TailMerge it took (kTailOff and kTailCount:
 // the caller runs the merge kernel). took == nullptr: never. kTailArrive where the kernel takes
 // it (`takes`), the schedule kernel ran (it zeroes the counters: not sched_inline) and
 // p.sched_arrive is given; kTailCount where the kernel takes it and tail_count_taken (the caller
@@ -92,7 +92,7 @@ cudaError_t launch_persistent(dim3 grid, int threads, int smem, cudaStream_t str
                               const DecodeParams& p, int* took, int takes, Args&&... args) {
   DecodeParams pl = p;
   const int64_t ctas = static_cast<int64_t>(grid.x) * grid.y * grid.z;
-  const bool wanted = took != nullptr && p.tail_merge && sched_items(p) > 1;
+  const bool wanted = took != nullptr && p.tail_merge && p.num_parts > 1;
   pl.tail_merge = kTailOff;
   if (wanted && (takes & kTakesArrive) && !sched_inline(p) && p.sched_arrive != nullptr) {
     pl.tail_merge = kTailArrive;

@@ -9,24 +9,13 @@
 // part boundary cuts is computed in pieces, each writing its partials (q's dtype) + LSE to its
 // own slot; the others write the output directly. decode_combine_pieces merges the pieces.
 //
-//   sched_cum[b]      units before sequence b (b = 0 .. B), sched_cum[B + 1] = T (with the pool
-//                     below: M, the units of a part; sched_cum[B + 2] = the units of a chunk)
+//   sched_cum[b]      units before sequence b (b = 0 .. B), sched_cum[B + 1] = T
 //   sched_piece[2 b]  first partial slot of sequence b, -1 when it is one piece
 //   sched_piece[2b+1] its pieces
 //   sched_cut[0]      how many sequences are cut, sched_cut[1 + k] the k-th of them (the merge's
 //                     grid is sized by the bound min(num_seqs, num_parts - 1), not by num_seqs)
 // Slots: a boundary adds one piece and makes at most one more sequence split, so the split
 // sequences hold at most 2 (num_parts - 1) pieces.
-//
-// The pool (the narrow kernels, DecodeParams::sched_items > num_parts): each part keeps back
-// sched_pool_pm per mille of its T units, so part k takes [k M, (k + 1) M) with M = T - R, and the
-// units from P M on are cut into sched_items - num_parts chunks of equal size. A CTA that has
-// done its part claims the next chunk with an atomic on its row tile's counter (sched_claim,
-// zeroed by the schedule kernel) until none is left: the SMs that get their data faster take
-// more chunks. Item i (part i < P, chunk i - P after) has fixed bounds, so the pieces, their
-// slots and the merge order are the same whichever CTA runs an item (deterministic results).
-// Slots: an item start adds one piece and makes at most one more sequence split, so the split
-// sequences hold at most 2 (items - 1) pieces.
 //
 // Small batches (num_seqs <= kSchedInlineSeqs) skip the schedule kernel: one warp of every
 // decode CTA computes the same arrays into its shared memory (SchedTable, sched_fill_warp), and
@@ -36,7 +25,6 @@
 
 #include <cuda_runtime.h>
 
-#include <climits>
 #include <cstdint>
 
 #include "params.h"
@@ -62,49 +50,9 @@ __host__ __device__ __forceinline__ int64_t sched_pieces(int64_t first, int64_t 
   return n > 0 ? (first + n - 1) / per_part - first / per_part + 1 : 1;
 }
 
-// Chunks of the pool per part at most (the narrow kernels' claim stop rule relies on it).
-constexpr int kPoolMaxChunksPerPart = 32;
-
-// Items of the schedule: the parts, then the pool's chunks (sched_items > num_parts: the pool
-// is on; the launchers check that only the narrow kernels get it, with sched_claim, and never
-// with the in-kernel schedule of small batches).
-__host__ __device__ __forceinline__ int sched_items(const DecodeParams& p) {
-  return p.sched_items > p.num_parts ? p.sched_items : p.num_parts;
-}
-
-// Sequences a schedule can cut: each item boundary cuts at most one.
+// Sequences a schedule of num_parts parts can cut: each part boundary cuts at most one.
 __host__ __device__ __forceinline__ int sched_max_cut(const DecodeParams& p) {
-  return p.num_seqs < sched_items(p) - 1 ? p.num_seqs : sched_items(p) - 1;
-}
-
-// Unit bounds of the items (the pool above) from the total units and T.
-struct SchedShape {
-  int64_t main;     // units of a part (M)
-  int64_t pool_lo;  // first unit of the pool (P M)
-  int64_t chunk;    // units of a chunk
-  int parts;
-};
-__host__ __device__ __forceinline__ SchedShape sched_shape(const DecodeParams& p, int64_t total,
-                                                           int64_t per_part) {
-  SchedShape s;
-  const int chunks = sched_items(p) - p.num_parts;
-  s.parts = p.num_parts;
-  s.main = per_part - (chunks > 0 ? per_part * p.sched_pool_pm / 1000 : 0);
-  s.pool_lo = s.main * p.num_parts;
-  const int64_t pool = total - s.pool_lo;
-  s.chunk = pool > 0 ? (pool + chunks - 1) / chunks : 1;
-  return s;
-}
-// The item unit u lies in (one division: its code in a walker cost the narrow kernels' HGMMA
-// loop its uniform registers when there were two).
-__host__ __device__ __forceinline__ int64_t sched_item(const SchedShape& s, int64_t u) {
-  const bool pool = u >= s.pool_lo;
-  return (pool ? s.parts : 0) + (pool ? u - s.pool_lo : u) / (pool ? s.chunk : s.main);
-}
-// Pieces of a sequence whose n KV tiles start at unit `first` (1 without tiles).
-__host__ __device__ __forceinline__ int64_t sched_item_pieces(const SchedShape& s, int64_t first,
-                                                              int64_t n) {
-  return n > 0 ? sched_item(s, first + n - 1) - sched_item(s, first) + 1 : 1;
+  return p.num_seqs < p.num_parts - 1 ? p.num_seqs : p.num_parts - 1;
 }
 
 // Whether the pieces' merge takes its many-rows form (sm80/decode/decode_kernel.cuh:
@@ -140,15 +88,6 @@ __device__ __forceinline__ int ld_acquire_gpu(const int* ptr) {
 constexpr int kSchedInlineSeqs = 32;
 __host__ __device__ __forceinline__ bool sched_inline(const DecodeParams& p) {
   return p.num_seqs <= kSchedInlineSeqs;
-}
-
-// The pool's settings hold together: off, or with its counters, the schedule kernel (the
-// in-kernel schedule of small batches zeroes no counter) and a share below 1000 per mille.
-__host__ __device__ __forceinline__ bool sched_pool_valid(const DecodeParams& p) {
-  return p.sched_items <= p.num_parts ||
-         (p.sched_claim != nullptr && !sched_inline(p) && p.sched_pool_pm >= 0 &&
-          p.sched_pool_pm < 1000 &&
-          p.sched_items - p.num_parts <= static_cast<int64_t>(kPoolMaxChunksPerPart) * p.num_parts);
 }
 
 // A CTA's copy of the schedule arrays (the layout of sched_cum / sched_piece) when sched_inline.
@@ -266,82 +205,6 @@ struct PartWalker {
       s.tile_hi = static_cast<int>(i_hi);
       const int base = sched_piece_at(p, t, 2 * b);
       s.slot = base < 0 ? -1 : base + part - static_cast<int>(first / per_part);
-      ++b;
-      return true;
-    }
-    return false;
-  }
-};
-
-// The segments of one item of the schedule (a part, or a chunk of the pool) in sequence order:
-// PartWalker for the kernels that take the pool (the narrow ones). The bounds are recomputed
-// from the schedule's M and chunk at each step (loads, no registers held across a segment).
-struct ItemWalker {
-  int item, b;
-
-  __device__ __forceinline__ SchedShape shape(const DecodeParams& p, const SchedTable& t) const {
-    SchedShape s;  // as the schedule stored it (no division here: see sched_item)
-    s.parts = p.num_parts;
-    s.main = sched_cum_at(p, t, p.num_seqs + 1);
-    s.pool_lo = s.main * p.num_parts;
-    s.chunk = p.sched_items > p.num_parts ? p.sched_cum[p.num_seqs + 2] : 1;  // never inline
-    return s;
-  }
-  __device__ __forceinline__ int64_t item_lo(const SchedShape& s) const {
-    return item < s.parts ? item * s.main : s.pool_lo + (item - s.parts) * s.chunk;
-  }
-
-  __device__ __forceinline__ void init(const DecodeParams& p, const SchedTable& t, int item_) {
-    item = item_;
-    const int64_t lo = item_lo(shape(p, t));
-    int l = 0, r = p.num_seqs;  // the first sequence whose units reach past lo
-    while (l < r) {
-      const int m = (l + r) >> 1;
-      if (sched_cum_at(p, t, m + 1) > lo) r = m;
-      else l = m + 1;
-    }
-    b = l;
-  }
-
-  // next(), then, once this item has no segment left, the pool's next chunk (every thread):
-  // `claimer` (one thread) takes it with an atomic on its row tile's counter when `may` (else
-  // it takes none, and neither do the others), shared through the int at `slot` between two CTA
-  // barriers (so it is read before the next claim writes it). False: no chunk left.
-  __device__ __forceinline__ bool step(const DecodeParams& p, const SchedTable& t, Segment& s,
-                                       int* slot, bool claimer, bool may) {
-    for (;;) {
-      if (next(p, t, s)) return true;
-      if (p.sched_items <= p.num_parts) return false;
-      if (claimer) *slot = may ? atomicAdd(p.sched_claim + blockIdx.x, 1) : INT_MAX;
-      __syncthreads();
-      const int j = *slot;
-      __syncthreads();
-      if (j >= p.sched_items - p.num_parts) return false;
-      init(p, t, p.num_parts + j);
-    }
-  }
-
-  __device__ __forceinline__ bool next(const DecodeParams& p, const SchedTable& t, Segment& s) {
-    const SchedShape sh = shape(p, t);
-    const int64_t lo = item_lo(sh), hi = lo + (item < sh.parts ? sh.main : sh.chunk);
-    for (; b < p.num_seqs; ++b) {
-      const int64_t c = sched_cum_at(p, t, b);
-      if (c >= hi) return false;
-      const int64_t first = c + p.sched_fixed;  // unit of tile 0
-      const int64_t n = sched_cum_at(p, t, b + 1) - first;
-      int64_t i_lo = 0, i_hi = 0;
-      if (n == 0) {
-        if (c < lo) continue;  // owned by the item its fixed units start in
-      } else {
-        i_lo = lo > first ? lo - first : 0;
-        i_hi = hi - first < n ? hi - first : n;
-        if (i_lo >= i_hi) continue;
-      }
-      s.b = b;
-      s.tile_lo = static_cast<int>(i_lo);
-      s.tile_hi = static_cast<int>(i_hi);
-      const int base = sched_piece_at(p, t, 2 * b);
-      s.slot = base < 0 ? -1 : base + item - static_cast<int>(sched_item(sh, first));
       ++b;
       return true;
     }

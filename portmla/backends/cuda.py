@@ -189,34 +189,6 @@ def tail_count_wanted() -> bool:
     return tail_arrive_wanted() and os.environ.get("PORTMLA_CUDA_PIECE_COUNT", "1") != "0"
 
 
-# The schedule's pool (csrc_cuda/common/schedule.cuh): the narrow kernels' parts keep back
-# SCHED_POOL_PM per mille of their units, cut into SCHED_POOL_CHUNKS chunks per part that the
-# CTAs done first claim. Only with the schedule kernel (more than SCHED_INLINE_SEQS sequences).
-POOL_VARIANTS = TAIL_ARRIVE_VARIANTS
-SCHED_POOL_PM = 0
-SCHED_POOL_CHUNKS = 0
-SCHED_INLINE_SEQS = 32  # csrc_cuda/common/schedule.cuh: kSchedInlineSeqs
-POOL_MAX_CHUNKS = 32    # chunks per part at most (schedule.cuh: kPoolMaxChunksPerPart)
-
-
-def sched_pool() -> tuple[int, int]:
-    """``(per mille kept back per part, chunks per part)`` of the schedule's pool; ``(0, 0)``:
-    off. ``PORTMLA_CUDA_SCHED_POOL=PM:CHUNKS`` sets both (A/Bs and sweeps; ``0`` turns it off)."""
-    v = os.environ.get("PORTMLA_CUDA_SCHED_POOL")
-    if v is None:
-        return SCHED_POOL_PM, SCHED_POOL_CHUNKS
-    if v == "0":
-        return 0, 0
-    try:
-        pm, chunks = (int(x) for x in v.split(":"))
-    except ValueError:
-        pm, chunks = -1, -1
-    if not (0 <= pm < 1000 and 0 <= chunks <= POOL_MAX_CHUNKS):
-        raise ValueError(f"PORTMLA_CUDA_SCHED_POOL={v!r}: expected PM:CHUNKS with 0 <= PM < 1000 "
-                         f"and 0 <= CHUNKS <= {POOL_MAX_CHUNKS}, or 0")
-    return pm, chunks
-
-
 def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
     """Persistent parts of the scheduled kernels: ``per_sm`` CTAs per SM over all row tiles."""
     return max(1, min(MAX_GRID_PARTS, sms * per_sm // max(1, m_tiles)))
@@ -553,13 +525,8 @@ class CudaBackend(Backend):
         if parts:  # the device schedule's scratch: sizes from host bounds only (graph-safe)
             b = p.num_seqs
             rows = p.max_query_len * h
-            pool_pm, pool_chunks = sched_pool()
-            pool = (name in POOL_VARIANTS and b > SCHED_INLINE_SEQS and pool_pm > 0
-                    and pool_chunks > 0 and hasattr(par, "sched_items"))
-            items = parts * (1 + pool_chunks) if pool else parts
-            partial_rows = max(1, 2 * (items - 1)) * rows
-            cuts = 1 + min(b, items - 1)  # count + cut sequences (int32)
-            claims = -(-rows // 16) if pool else 0  # the pool's counters, one per 16-row tile
+            partial_rows = max(1, 2 * (parts - 1)) * rows
+            cuts = 1 + min(b, parts - 1)  # count + cut sequences (int32)
             # the last-piece merge's counters (int32): a sequence's 16-row tiles, zeroed by the
             # schedule kernel (csrc_cuda/common/params.h: sched_arrive); only the kernels that
             # take that merge get them (no zeroing work in the other kernels' calls)
@@ -567,18 +534,13 @@ class CudaBackend(Backend):
                       and hasattr(par, "tail_count") and tail_count_wanted())
             arrive = b * -(-rows // 16) if ((name in TAIL_ARRIVE_VARIANTS and tail_arrive_wanted()
                                              or counts) and hasattr(par, "sched_arrive")) else 0
-            cum = b + 2 + int(pool)  # units before each sequence, M (, the pool's chunk size)
-            head = cum + b + (cuts + 1) // 2
-            sched = torch.empty(head + (arrive + 1) // 2 + (claims + 1) // 2, dtype=torch.int64,
-                                device=q.device)
-            par.sched_cum, par.sched_piece = sched.data_ptr(), sched[cum:].data_ptr()
-            par.sched_cut = sched[cum + b:].data_ptr()
+            head = 2 * b + 2 + (cuts + 1) // 2
+            sched = torch.empty(head + (arrive + 1) // 2, dtype=torch.int64, device=q.device)
+            par.sched_cum, par.sched_piece = sched.data_ptr(), sched[b + 2:].data_ptr()
+            par.sched_cut = sched[2 * b + 2:].data_ptr()
             if arrive:
                 par.sched_arrive = sched[head:].data_ptr()
                 par.tail_count = int(counts)
-            if pool:
-                par.sched_claim = sched[head + (arrive + 1) // 2:].data_ptr()
-                par.sched_items, par.sched_pool_pm = items, pool_pm
             par.num_parts, par.part_rows = parts, rows
             par.sched_fixed = SCHED_FIXED[sched_fixed_key(name, p.cache.kv_format)]
             if hasattr(par, "tail_merge"):  # a module built before it merges in-kernel: no field

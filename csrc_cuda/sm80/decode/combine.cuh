@@ -292,7 +292,7 @@ __device__ __forceinline__ void merge_tile_rows(const DecodeParams& p, const Sch
 // launch) instead of a merge kernel after it: no launch and no gap between the kernels, the
 // merge spread over every CTA, and what each CTA merges looked up while it waits for the others.
 // The rows of the cut sequences (cut list entry k, row j as k * part_rows + j, over the bound
-// min(num_seqs, items - 1) on cut sequences; rows past a sequence's own are skipped) are dealt
+// min(num_seqs, num_parts - 1) on cut sequences; rows past a sequence's own are skipped) are dealt
 // to the CTAs in equal runs. Runs of at most kWarps / 2 rows (small batches: a few rows cut into
 // many pieces): `split` = kWarps / run warps share a row, warp g of them summing its pieces g,
 // g + split, .. (up to 8 in flight), and the first adds the others' sums in warp order (through

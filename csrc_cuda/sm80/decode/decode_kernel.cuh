@@ -265,7 +265,7 @@ cudaError_t launch_decode_combine(const DecodeParams& p, cudaStream_t stream) {
 // The device schedule's merge (common/schedule.cuh). Few rows: 4 warps per (cut sequence, row),
 // one row per block (a small batch's rows still spread over the SMs); many rows: the wide form
 // (mla_decode_combine_pieces_wide_kernel). The grid covers the bound on cut sequences
-// (min(num_seqs, items - 1), from the schedule's list), not every sequence: the others
+// (min(num_seqs, num_parts - 1), from the schedule's list), not every sequence: the others
 // wrote their output.
 constexpr int kPiecesRowThreads = 32 * kCombineWarpsPerRow;
 
@@ -388,14 +388,14 @@ cudaError_t launch_decode_combine_pieces(const DecodeParams& p, cudaStream_t str
   const bool many_rows = pieces_many_rows(p);
   if (counted && !many_rows) return cudaErrorInvalidValue;
   // Few rows (small batches, whose sequences the parts cut into many pieces): one row per block
-  // and the batched merge, split over the pieces when they are many (items / cut sequences
+  // and the batched merge, split over the pieces when they are many (num_parts / cut sequences
   // >= kSplitPieces; b=1 S=32768 h=128: 48.8 -> 47.5 us; with 2-3 pieces, 128q1s8k h16, the
   // split form cost 10-14 us: H100 run at a106c19).
   // Many rows (large batches: a cut sequence has 2-3 pieces): the wide form, kWideBlockRows rows
   // a block (H100, same build, merge kernel 128q1s4k h128 13.4 -> 11.6 us, 32q1s4k 9.2 -> 8.0;
   // on the 16-head rows, which take the few-rows forms, it was no faster: 6.8 -> 6.5 and
   // 4.9 -> 6.4 us). The plain loop it replaced had 4 warps a row, 8-byte loads.
-  const bool split = !many_rows && sched_items(p) >= kSplitPieces * sched_max_cut(p);
+  const bool split = !many_rows && p.num_parts >= kSplitPieces * sched_max_cut(p);
   const int per_block = many_rows ? kWideBlockRows : 1;
   const int64_t per_seq_blocks = (per_seq + per_block - 1) / per_block;
   const int64_t blocks = per_seq_blocks * sched_max_cut(p);

@@ -16,11 +16,8 @@ namespace {
 // decode kernel itself when it could take p.tail_merge, else by a merge kernel).
 template <class Decode>
 cudaError_t run_scheduled(const DecodeParams& p, cudaStream_t stream, Decode decode) {
-  // The pool (common/schedule.cuh) only for the kernels that claim its chunks.
-  const bool pool_taken = p.variant == sm80::kHopperNarrow || p.variant == sm80::kHopperNarrowQuant;
   if (p.num_parts < 1 || !p.part_out || !p.part_lse ||
-      p.part_rows < static_cast<int64_t>(p.max_query_len) * p.num_heads || !sched_pool_valid(p) ||
-      (p.sched_items > p.num_parts && !pool_taken)) {
+      p.part_rows < static_cast<int64_t>(p.max_query_len) * p.num_heads) {
     return cudaErrorInvalidValue;
   }
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
@@ -29,7 +26,7 @@ cudaError_t run_scheduled(const DecodeParams& p, cudaStream_t stream, Decode dec
   int took = kTailOff;  // the TailMerge the decode kernel took
   PORTMLA_RETURN_IF_ERROR(decode(p, stream, &took));
   // Nothing is ever cut, or the decode kernel merged the pieces itself.
-  if (sched_items(p) == 1 || (took != kTailOff && took != kTailCount)) return cudaSuccess;
+  if (p.num_parts == 1 || (took != kTailOff && took != kTailCount)) return cudaSuccess;
   const bool counted = took == kTailCount;  // the merge kernel polls the pair kernel's counts
   return p.q_dtype == kBF16
              ? sm80::launch_decode_combine_pieces<__nv_bfloat16>(p, stream, counted)

@@ -42,10 +42,6 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
                                                  p.num_heads + 15) / 16);
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) p.sched_arrive[i] = 0;
   }
-  if (p.sched_items > p.num_parts) {  // the pool's claim counters, one per 16-row tile
-    const int64_t n = (static_cast<int64_t>(p.max_query_len) * p.num_heads + 15) / 16;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) p.sched_claim[i] = 0;
-  }
   int64_t carry = 0, total = 0;
   if (threadIdx.x == 0) p.sched_cum[0] = 0;
   for (int base = 0; base < B; base += blockDim.x) {
@@ -56,11 +52,7 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
     carry += total;
   }
   const int64_t per_part = sched_per_part(carry, p.num_parts);
-  const SchedShape shape = sched_shape(p, carry, per_part);
-  if (threadIdx.x == 0) {
-    p.sched_cum[B + 1] = shape.main;  // T without the pool
-    if (p.sched_items > p.num_parts) p.sched_cum[B + 2] = shape.chunk;
-  }
+  if (threadIdx.x == 0) p.sched_cum[B + 1] = per_part;
   __syncthreads();  // sched_cum (global) is read back by other threads below
   carry = 0;
   int64_t cuts = 0;
@@ -69,7 +61,7 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
     int64_t pieces = 1;
     if (b < B) {
       const int64_t first = p.sched_cum[b] + F;
-      pieces = sched_item_pieces(shape, first, p.sched_cum[b + 1] - first);
+      pieces = sched_pieces(first, p.sched_cum[b + 1] - first, per_part);
     }
     const bool cut = b < B && pieces > 1;
     const int64_t v = cut ? pieces : 0;
@@ -91,7 +83,7 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
 
 cudaError_t launch_decode_schedule(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_parts < 1 || p.sched_fixed < 1 || p.sched_cum == nullptr || p.sched_piece == nullptr ||
-      p.sched_cut == nullptr || !sched_pool_valid(p)) {
+      p.sched_cut == nullptr) {
     return cudaErrorInvalidValue;
   }
   decode_schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(p);

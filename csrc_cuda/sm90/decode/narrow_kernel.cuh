@@ -206,26 +206,14 @@ __device__ __forceinline__ void narrow_finish_rows(const DecodeParams& p, const 
 // segment's end by thread 0, the fence and the atomic's round trip held up the next segment's
 // loads (H100: fixed-length rows 2-3 us slower). The CTA that counts a row tile's last piece
 // merges the pieces after its own loop (narrow_merge_at_end; a merge inside the loop cost the
-// 16-bit kernel's HGMMA loop its uniform registers, 134 R2UR, and so did a loop over the
-// schedule's items around the segment loop: the walker claims the pool's chunks instead).
-// The sequences to merge are listed in the CTA's SchedTable, which kTailArrive leaves unused
-// (it needs the schedule kernel, so the table is never filled).
+// 16-bit kernel's HGMMA loop its uniform registers, 134 R2UR). A part holds at most two pieces
+// of cut sequences (its first and its last segment).
 constexpr int kArriveThread = kNThreads - 32;  // warp 3's lane 0 (warp 0 issues the loads)
-// A CTA stops claiming the pool's chunks once it has listed kClaimStop sequences. That never
-// leaves a chunk unclaimed: a row tile cuts at most items - 1 < (1 + kPoolMaxChunksPerPart) P
-// sequences, so its P CTAs cannot all have listed kClaimStop. After the stop a CTA lists at
-// most 3 more (an item's first and last piece, and the one pending at its claim), within the
-// table's 2 kSchedInlineSeqs ints.
-constexpr int kClaimStop = kPoolMaxChunksPerPart + 8;
-static_assert(kClaimStop >= 1 + kPoolMaxChunksPerPart && kClaimStop + 3 <= 2 * kSchedInlineSeqs,
-              "the claims' stop rule and the merge list");
 
 struct ArriveList {
-  int pending = -1;  // the cut sequence of a stored piece not counted yet (every thread)
-  int count = 0;     // kArriveThread: sequences listed (their last piece counted by this CTA)
-  __device__ __forceinline__ bool may_claim() const { return count < kClaimStop; }
+  int pending = -1;      // the cut sequence of a stored piece not counted yet (every thread)
+  int b0 = -1, b1 = -1;  // kArriveThread: sequences whose last piece this CTA stored
 };
-__device__ __forceinline__ int* arrive_list(SchedTable& t) { return t.piece; }
 
 // At a segment's end, after its rows are stored (every thread).
 __device__ __forceinline__ void narrow_piece_stored(const DecodeParams& p, const Segment& seg,
@@ -234,39 +222,41 @@ __device__ __forceinline__ void narrow_piece_stored(const DecodeParams& p, const
 }
 
 // The pending piece counted in (every thread; after a CTA barrier that follows its store).
-__device__ __forceinline__ void narrow_arrive(const DecodeParams& p, SchedTable& t, int tid,
+__device__ __forceinline__ void narrow_arrive(const DecodeParams& p, const SchedTable& t, int tid,
                                               ArriveList& a) {
   const int b = a.pending;
   if (b < 0) return;
   a.pending = -1;
   if (tid != kArriveThread) return;
   __threadfence();  // the CTA's partial rows (stored before a CTA barrier) before the count
-  if (atomicAdd(piece_counter(p, b), 1) == p.sched_piece[2 * b + 1] - 1) {
-    arrive_list(t)[a.count++] = b;
+  if (atomicAdd(piece_counter(p, b), 1) == sched_piece_at(p, t, 2 * b + 1) - 1) {
+    if (a.b0 < 0) a.b0 = b;
+    else a.b1 = b;
   }
 }
 
 // The pieces' merge at the end of a narrow kernel, after its segment loop (every thread).
 // kTailArrive: the last segment's piece counted in, then the row tiles whose last piece this CTA
-// counted (their number through an int of `red`, free by then). kTailBarrier (cooperative
-// launch): sm80::merge_pieces_at_end, `scratch` a free KV stage.
+// counted (their list in two ints of `red`, free by then). kTailBarrier (cooperative launch):
+// sm80::merge_pieces_at_end, `scratch` a free KV stage.
 template <typename T>
-__device__ __forceinline__ void narrow_merge_at_end(const DecodeParams& p, SchedTable& t,
+__device__ __forceinline__ void narrow_merge_at_end(const DecodeParams& p, const SchedTable& t,
                                                     ArriveList& mine, float (&red)[4][kNM],
                                                     unsigned char* scratch, int w, int lane,
                                                     int tid) {
   if (p.tail_merge == kTailArrive) {
-    int* n = reinterpret_cast<int*>(&red[0][0]);
+    int* list = reinterpret_cast<int*>(&red[0][0]);
     narrow_arrive(p, t, tid, mine);
     if (tid == kArriveThread) {
       __threadfence();  // the other pieces' rows are read after the counts that saw them stored
-      *n = mine.count;
+      list[0] = mine.b0;
+      list[1] = mine.b1;
     }
     __syncthreads();
-    for (int k = 0; k < *n; ++k) {
-      const int b = arrive_list(t)[k];
+    for (int k = 0; k < 2; ++k) {
+      const int b = list[k];
       sm80::CtaRows c;
-      if (sm80::seq_rows<kNM>(p, c, blockIdx.x, b)) {
+      if (b >= 0 && sm80::seq_rows<kNM>(p, c, blockIdx.x, b)) {
         sm80::merge_tile_rows<T, kNThreads / 32, kNM, 2>(p, t, b, c, w, lane);
       }
     }
@@ -309,15 +299,12 @@ __global__ void __launch_bounds__(kNThreads, 1)
   const uint64_t p_desc = gmma_desc_sw128(sm.p, 16, 1024);
   const bool out16 = narrow_out16(p);
 
-  ItemWalker walk;
+  PartWalker walk;
   walk.init(p, sm.sched, part);
   Segment seg;
   ArriveList arrived;
   int g0 = 0;  // tiles of the earlier segments: tile g uses stage g % 2, phase (g / 2) % 2
-  // This CTA's part, then the pool's chunks it claims (kArriveThread; the claim through an int
-  // of `red`, free between segments).
-  while (walk.step(p, sm.sched, seg, reinterpret_cast<int*>(&sm.red[0][0]), tid == kArriveThread,
-                   arrived.may_claim())) {
+  while (walk.next(p, sm.sched, seg)) {
     sm80::CtaRows c;
     if (!segment_rows<kNM>(p, seg, m_tile, c)) continue;  // the same for every thread
     NT_SEG(0);

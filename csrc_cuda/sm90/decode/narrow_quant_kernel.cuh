@@ -276,14 +276,12 @@ __global__ void __launch_bounds__(kNThreads, 2)
   const bool out16 = narrow_out16(p);
   const int box_rows = min(p.block_size, kBN);
 
-  ItemWalker walk;
+  PartWalker walk;
   walk.init(p, sm.sched, part);
   Segment seg;
   ArriveList arrived;
   int g0 = 0;  // tiles of the earlier segments: tile g uses stage g % 2, phase (g / 2) % 2
-  // This CTA's part, then the pool's chunks it claims (as the 16-bit narrow kernel).
-  while (walk.step(p, sm.sched, seg, reinterpret_cast<int*>(&sm.red[0][0]), tid == kArriveThread,
-                   arrived.may_claim())) {
+  while (walk.next(p, sm.sched, seg)) {
     sm80::CtaRows c;
     if (!segment_rows<kNM>(p, seg, m_tile, c)) continue;  // the same for every thread
     NT_SEG(0);
