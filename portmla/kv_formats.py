@@ -72,6 +72,8 @@ FORMATS: dict[str, KVFormat] = {
         KVFormat("fp8_ds_mla", 8, True, "e4m3fn kv_c in 128-tiles + fp32 tile scales + bf16 k_pe"),
     )
 }
+# The formats whose kv_c values are stored quantized (fp8 values, dequantized in the kernels).
+QUANT_FORMATS = tuple(name for name, f in FORMATS.items() if f.quantized)
 ALIASES = {"fp8_e4m3": "fp8"}
 FORMAT_NAMES = tuple(FORMATS) + tuple(ALIASES)
 MODEL_DTYPES = (torch.bfloat16, torch.float16)

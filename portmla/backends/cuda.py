@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from ..kv_formats import QUANT_FORMATS
 from ..platform import Platform
 from ..problems import CacheWriteProblem, DecodeProblem, GatherProblem, Problem
 from ..reasons import Reason
@@ -92,7 +93,6 @@ SCHED_FIXED = {"hopper": 6, "hopper_tile": 3, "hopper_narrow": 3, "quant": 2, "h
 # The kernels with an fp8_ds_mla entry of their own in SCHED_FIXED (sched_fixed_key).
 _SCHED_FIXED_DS = {"hopper": "hopper_quant", "hopper_narrow_quant": "hopper_narrow_ds"}
 MAX_GRID_PARTS = 65535
-QUANT_FORMATS = ("fp8", "fp8_ds_mla")
 # Rows per sequence (query tokens x heads) served by the quantized kernel (16 a CTA): up to 32 it
 # is 1.6-1.8x faster than bf16 on the 16-head rows; at 64-128 rows it is compute-bound there
 # too, but still beats the generic wide kernel (H100, fp8 / fp8_ds_mla us, quant vs wide:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...kv_formats import QUANT_FORMATS
 from ...platform import Platform
 
 
@@ -136,7 +137,7 @@ def triton_tile(platform: Platform, block_m: int, kv_format: str, kv_lora_rank: 
     Gluon kernel does not take falls back to, ``decode.mla_decode``)."""
     if platform.kind == "cuda":
         wide = block_m >= 32
-        if kv_format in ("fp8", "fp8_ds_mla"):
+        if kv_format in QUANT_FORMATS:
             tile = "quant"
         else:
             tile = "16bit64" if wide and block_m >= 64 else "16bit"
@@ -169,7 +170,7 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
         block_n, warps, stages = triton_tile(platform, block_m, kv_format, kv_lora_rank)
     if platform.kind == "cuda" and block_m < 32:
         sched_fixed = 4  # the narrow tiles, 16-bit and quantized (see below)
-        if kv_format in ("fp8", "fp8_ds_mla") and not gluon:
+        if kv_format in QUANT_FORMATS and not gluon:
             per_unit = 2  # 4 warps x 32 tokens: two programs per SM (89-94 KB, 255 registers)
     max_kv_len = max(1, max_kv_len)
     tiles = cdiv(max_kv_len, block_n)
@@ -218,7 +219,7 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     # 449.8 -> 311.3, b=64 S=32768 776.7 -> 481.3 / 873.5 -> 580.8, b=8 50.7 -> 40.4 /
     # 51.6 -> 40.8. CUDA (measured) and the interpreter (so the conformance suite runs the
     # default); ROCm / XPU keep "twice" until measured there.
-    quant_read = "pairs_once" if kv_format in ("fp8", "fp8_ds_mla") and block_m < 32 and \
+    quant_read = "pairs_once" if kv_format in QUANT_FORMATS and block_m < 32 and \
         platform.kind in ("cuda", "cpu") else "twice"
     # The Gluon kernel (Hopper, 64 rows): fixed cost 4 (H100 sweep on bf16, `triton_tune.py --plan
     # gluon`, benchmarks/results/h100_gluon: 1 / 2 / 4 / 8 -> 128q1s4k 352.5 / 347.8 / 346.8 /
