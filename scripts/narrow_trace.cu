@@ -2,7 +2,8 @@
 // S positions, 16 heads, one query token, block 64, fixed lengths, pages in a scattered order:
 // where a call's time goes besides streaming the cache (launch skew, segment starts, data
 // waits, the end skew, the pieces' merge).
-//   nt S B bf16|fp8|ds [sched_fixed] [tail_merge 0|1|2]  (params.h TailMerge; 1: the default)
+//   nt S B bf16|fp8|ds sched_fixed [tail_merge 0|1|2]  (params.h TailMerge; 1: the default;
+//   sched_fixed: the kernel's entry of portmla.backends.cuda.SCHED_FIXED)
 // Built with one nvcc command (flags listed over three lines):
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a
 //     -DPORTMLA_HAVE_SM90A=1 -DPORTMLA_NARROW_TRACE -Icsrc_cuda -I$PORTMLA_CUTLASS_INCLUDE
@@ -79,6 +80,12 @@ void show(const char* what, const std::vector<double>& x) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc < 5) {  // the fixed cost is the cuda backend's, not a copy of it here
+    fprintf(stderr, "usage: nt S B bf16|fp8|ds sched_fixed [tail_merge]; sched_fixed: the kernel's "
+                    "portmla.backends.cuda.SCHED_FIXED entry (hopper_narrow, hopper_narrow_quant, "
+                    "hopper_narrow_ds)\n");
+    return 2;
+  }
   const int S = argc > 1 ? atoi(argv[1]) : 8192, B = argc > 2 ? atoi(argv[2]) : 128;
   const char* fmt = argc > 3 ? argv[3] : "bf16";
   const bool fp8 = strcmp(fmt, "fp8") == 0, ds = strcmp(fmt, "ds") == 0, quant = fp8 || ds;
@@ -130,7 +137,7 @@ int main(int argc, char** argv) {
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   portmla::DecodeParams p;
   trace_params(p, d_q, d_out, d_bt, d_lens, B, H, pages_per_seq, n_pages, sms * (quant ? 2 : 1),
-               argc > 4 ? atoi(argv[4]) : (ds ? 5 : quant ? 4 : 3));  // parts: cuda.py per_sm; SCHED_FIXED
+               atoi(argv[4]));  // parts: cuda.py per_sm
   p.kv_cache = d_cache;
   p.page_stride = quant ? BS * entry : BS * D;  // bytes for the quantized formats, else elements
   p.token_stride = quant ? entry : D;

@@ -1,9 +1,10 @@
 // Timeline of one CTA of the Hopper pair kernel (clock64 at the schedule's events), on the
 // 128q1s4k h128 shape with fixed lengths (part PORTMLA_PAIR_TRACE of the device schedule;
-// pairs counted over its segments). `pt [S] [fp8]`: an fp8 cache (block 64: raw boxes through
+// pairs counted over its segments). `pt S fp8 ...`: an fp8 cache (block 64: raw boxes through
 // TMA, expanded by the consumers; the copying producer's fill jobs are printed only where it
-// ran); `pt S fp8|bf16 B`: B sequences (default 128), and the CTA's
-// prologue / epilogue spans (globaltimer). GPU machine:
+// ran); `pt S fp8|bf16 B sched_fixed`: B sequences, the schedule's fixed cost (the kernel's
+// portmla.backends.cuda.SCHED_FIXED entry), and the CTA's prologue / epilogue spans
+// (globaltimer). GPU machine:
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -DPORTMLA_HAVE_SM90A=1 \
 //     -DPORTMLA_PAIR_TRACE=10 -Icsrc_cuda -I$PORTMLA_CUTLASS_INCLUDE scripts/pair_trace.cu -o /tmp/pt
 #include <cstdio>
@@ -27,6 +28,11 @@
 #include "trace_params.h"
 
 int main(int argc, char** argv) {
+  if (argc < 5) {  // the fixed cost is the cuda backend's, not a copy of it here
+    fprintf(stderr, "usage: pt S fp8|bf16 B sched_fixed; sched_fixed: the pair kernel's "
+                    "portmla.backends.cuda.SCHED_FIXED entry (hopper, or hopper_quant for fp8_ds_mla)\n");
+    return 2;
+  }
   const int B = argc > 3 ? atoi(argv[3]) : 128, H = 128, S = argc > 1 ? atoi(argv[1]) : 4096;
   const int BS = 64, D = 576;
   const bool fp8 = argc > 2 && strcmp(argv[2], "fp8") == 0;
@@ -56,7 +62,7 @@ int main(int argc, char** argv) {
   cudaMemcpy(d_lens, lens.data(), B * 4, cudaMemcpyHostToDevice);
   portmla::DecodeParams p;
   trace_params(p, d_q, d_out, d_bt, d_lens, B, H, pages_per_seq, B * pages_per_seq,
-               66 /* 132 SMs / 2 row tiles */, argc > 4 ? atoi(argv[4]) : 6 /* SCHED_FIXED["hopper"] */);
+               66 /* 132 SMs / 2 row tiles */, atoi(argv[4]));
   p.kv_cache = d_cache;
   p.page_stride = BS * D;  // elements (bytes for fp8)
   p.token_stride = D;
