@@ -5,7 +5,9 @@
 // systematically faster than others (csrc_cuda/NOTES.md, thirty-third session: on two H100s 24
 // of 132 SMs, a different set on each, read ~1.3x faster than the rest, every round).
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a scripts/sm_rate_probe.cu -o probe
-//   probe [MB a CTA] [rounds] [chunk KB] [stages]
+//   probe [MB a CTA] [rounds] [chunk KB] [stages] [passes]
+// passes > 1: each CTA reads its slice that many times in one launch; with slices that fit in L2
+// together (MB a CTA given as a fraction, e.g. 0.25) the passes after the first are L2 hits.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -28,12 +30,12 @@ __device__ __forceinline__ unsigned long long gtime() {
 
 // One thread a CTA issues every copy (chunk bytes, `stages` in flight) and waits for each.
 __global__ void stream_kernel(const unsigned char* src, long long bytes_per_cta, int chunk,
-                              int stages, unsigned long long* out) {
+                              int stages, int passes, unsigned long long* out) {
   extern __shared__ __align__(128) unsigned char smem[];
   if (threadIdx.x != 0) return;
   uint64_t* bar = reinterpret_cast<uint64_t*>(smem);  // up to 8 mbarriers in the first 64 B
   unsigned char* ring = smem + 64;
-  const long long n = bytes_per_cta / chunk;
+  const long long per_pass = bytes_per_cta / chunk, n = per_pass * passes;
   const unsigned char* base = src + static_cast<long long>(blockIdx.x) * bytes_per_cta;
   for (int s = 0; s < stages; ++s)
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(&bar[s])));
@@ -45,7 +47,7 @@ __global__ void stream_kernel(const unsigned char* src, long long bytes_per_cta,
     asm volatile(
         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
             smem_u32(ring + (i % stages) * chunk)),
-        "l"(base + i * chunk), "r"(chunk), "r"(b)
+        "l"(base + (i % per_pass) * chunk), "r"(chunk), "r"(b)
         : "memory");
   };
   const unsigned long long t0 = gtime();
@@ -79,10 +81,11 @@ double corr(const std::vector<double>& a, const std::vector<double>& b) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const long long mb = argc > 1 ? atoll(argv[1]) : 8;
+  const double mb = argc > 1 ? atof(argv[1]) : 8;
   const int rounds = argc > 2 ? atoi(argv[2]) : 4;
   const int chunk = (argc > 3 ? atoi(argv[3]) : 32) * 1024;
   const int stages = argc > 4 ? atoi(argv[4]) : 6;
+  const int passes = argc > 5 ? atoi(argv[5]) : 1;
   int dev = 0, sms = 0, max_smem = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -94,7 +97,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  const long long per_cta = mb << 20;
+  const long long per_cta = static_cast<long long>(mb * (1 << 20)) / chunk * chunk;
   unsigned char* src = nullptr;
   unsigned long long* out = nullptr;
   if (cudaMalloc(&src, per_cta * sms) != cudaSuccess || cudaMalloc(&out, 3 * 8 * sms) != cudaSuccess) {
@@ -105,7 +108,7 @@ int main(int argc, char** argv) {
   std::vector<std::vector<double>> rate(rounds, std::vector<double>(1024, 0.0));
   std::vector<unsigned long long> h(3 * sms);
   for (int r = -1; r < rounds; ++r) {
-    stream_kernel<<<sms, 32, smem>>>(src, per_cta, chunk, stages, out);
+    stream_kernel<<<sms, 32, smem>>>(src, per_cta, chunk, stages, passes, out);
     if (cudaDeviceSynchronize() != cudaSuccess) {
       fprintf(stderr, "kernel failed\n");
       return 1;
@@ -116,10 +119,11 @@ int main(int argc, char** argv) {
     for (int k = 0; k < sms; ++k) {
       first = std::min(first, h[3 * k + 1]);
       last = std::max(last, h[3 * k + 2]);
-      rate[r][h[3 * k] & 1023] = per_cta / static_cast<double>(h[3 * k + 2] - h[3 * k + 1]);  // GB/s
+      rate[r][h[3 * k] & 1023] =
+          per_cta * static_cast<double>(passes) / (h[3 * k + 2] - h[3 * k + 1]);  // GB/s
     }
     printf("round %d: %.1f us, %.2f TB/s over the whole span\n", r, (last - first) / 1e3,
-           per_cta * static_cast<double>(sms) / (last - first) / 1e3);
+           per_cta * static_cast<double>(sms) * passes / (last - first) / 1e3);
   }
   for (int s = 0; s < 1024; ++s) {
     if (rate[0][s] <= 0) continue;
