@@ -86,8 +86,8 @@ int main(int argc, char** argv) {
                     "hopper_narrow_ds)\n");
     return 2;
   }
-  const int S = argc > 1 ? atoi(argv[1]) : 8192, B = argc > 2 ? atoi(argv[2]) : 128;
-  const char* fmt = argc > 3 ? argv[3] : "bf16";
+  const int S = atoi(argv[1]), B = atoi(argv[2]);
+  const char* fmt = argv[3];
   const bool fp8 = strcmp(fmt, "fp8") == 0, ds = strcmp(fmt, "ds") == 0, quant = fp8 || ds;
   const int H = 16, BS = 64, D = 576;
   const int entry = ds ? 656 : quant ? 576 : 2 * D;  // bytes

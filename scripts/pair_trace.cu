@@ -33,9 +33,9 @@ int main(int argc, char** argv) {
                     "portmla.backends.cuda.SCHED_FIXED entry (hopper, or hopper_quant for fp8_ds_mla)\n");
     return 2;
   }
-  const int B = argc > 3 ? atoi(argv[3]) : 128, H = 128, S = argc > 1 ? atoi(argv[1]) : 4096;
+  const int B = atoi(argv[3]), H = 128, S = atoi(argv[1]);
   const int BS = 64, D = 576;
-  const bool fp8 = argc > 2 && strcmp(argv[2], "fp8") == 0;
+  const bool fp8 = strcmp(argv[2], "fp8") == 0;
   const int eb = fp8 ? 1 : 2;  // bytes per cache element
   const int pages_per_seq = S / BS;
   const size_t n_cache = static_cast<size_t>(B) * pages_per_seq * BS * D;
