@@ -34,69 +34,6 @@ __device__ int64_t block_scan(int64_t v, int64_t* warp_sums, int64_t* total) {
   return v;
 }
 
-// Bytes of one cache entry (a token's latent and RoPE) in p's format (portmla/kv_formats.py).
-__device__ __forceinline__ int64_t entry_bytes(const DecodeParams& p) {
-  if (p.kv_format == kKvDsMla) return p.kv_lora_rank + p.kv_lora_rank / 32 + 2 * p.rope_dim;
-  return static_cast<int64_t>(p.kv_lora_rank + p.rope_dim) * (p.kv_format == kKv16 ? 2 : 1);
-}
-
-// L2 prefetch of the entries of positions [t0, t1) of the sequence whose block-table row is bt:
-// the row's pages read kPages at a time (independent loads), then one bulk prefetch per page
-// run where a page's entries are back to back, else one per entry. Pages outside the cache and
-// addresses off 16 bytes are skipped (a prefetch is only a hint).
-constexpr int kPrefetchPages = 2;
-__device__ void prefetch_positions_l2(const DecodeParams& p, const int32_t* bt, int64_t t0,
-                                      int64_t t1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int64_t esz = p.kv_format == kKv16 ? 2 : 1, row = entry_bytes(p);
-  const int64_t ps = p.page_stride * esz, ts = p.token_stride * esz, bs = p.block_size;
-  const unsigned char* kv = static_cast<const unsigned char*>(p.kv_cache);
-  for (int64_t j0 = t0 / bs; j0 * bs < t1; j0 += kPrefetchPages) {
-    int64_t page[kPrefetchPages];
-#pragma unroll
-    for (int k = 0; k < kPrefetchPages; ++k) page[k] = (j0 + k) * bs < t1 ? bt[j0 + k] : -1;
-#pragma unroll
-    for (int k = 0; k < kPrefetchPages; ++k) {
-      if (page[k] < 0 || page[k] >= p.num_blocks) continue;
-      const int64_t a = max(t0, (j0 + k) * bs), e = min(t1, (j0 + k + 1) * bs);
-      const unsigned char* base = kv + page[k] * ps + (a - (j0 + k) * bs) * ts;
-      const bool whole = ts == row;
-      for (int64_t i = 0; i < (whole ? 1 : e - a); ++i) {
-        const unsigned char* at = base + i * ts;
-        const int64_t bytes = whole ? (e - a) * row : row;
-        if ((reinterpret_cast<uintptr_t>(at) & 15) == 0 && (bytes & 15) == 0) {
-          asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(at),
-                       "r"(static_cast<uint32_t>(bytes))
-                       : "memory");
-        }
-      }
-    }
-  }
-#endif
-}
-
-// DecodeParams::sched_prefetch: thread b prefetches the first tiles of every part that starts in
-// sequence b's units (part k starts at unit k T), up to the budget's bytes a part. A part that
-// starts in a sequence's fixed units begins with its tile 0; one that starts in a sequence
-// without tiles prefetches nothing (its first tiles are the next sequence's).
-__device__ void prefetch_part_starts(const DecodeParams& p, int64_t per_part) {
-  const int B = p.num_seqs, F = p.sched_fixed;
-  const int64_t row = entry_bytes(p);
-  const int64_t budget_tiles = (p.sched_prefetch + kSchedTile * row - 1) / (kSchedTile * row);
-  for (int b = threadIdx.x; b < B; b += blockDim.x) {
-    const int64_t c0 = p.sched_cum[b], c1 = p.sched_cum[b + 1], first = c0 + F;
-    if (c1 <= first) continue;
-    const int64_t len = p.seq_lens[b];
-    const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.bt_stride;
-    for (int64_t k = (c0 + per_part - 1) / per_part; k * per_part < c1 && k < p.num_parts; ++k) {
-      const int64_t lo = k * per_part;
-      const int64_t i_lo = lo > first ? lo - first : 0;
-      const int64_t i_hi = min(min(c1, lo + per_part) - first, i_lo + budget_tiles);
-      prefetch_positions_l2(p, bt, i_lo * kSchedTile, min(i_hi * kSchedTile, len));
-    }
-  }
-}
-
 __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const DecodeParams p) {
   __shared__ int64_t warp_sums[32];
   const int B = p.num_seqs, F = p.sched_fixed;
@@ -117,7 +54,6 @@ __global__ void __launch_bounds__(kScheduleThreads) decode_schedule_kernel(const
   const int64_t per_part = sched_per_part(carry, p.num_parts);
   if (threadIdx.x == 0) p.sched_cum[B + 1] = per_part;
   __syncthreads();  // sched_cum (global) is read back by other threads below
-  if (p.sched_prefetch > 0) prefetch_part_starts(p, per_part);
   carry = 0;
   int64_t cuts = 0;
   for (int base = 0; base < B; base += blockDim.x) {
