@@ -74,7 +74,6 @@ PYBIND11_MODULE(_cuda, m) {
       .FIELD(DecodeParams, tail_merge)
       .FIELD(DecodeParams, tail_count)
       .FIELD(DecodeParams, kv_l2_hint)
-      .FIELD(DecodeParams, sched_prefetch)
       .PTR_FIELD(DecodeParams, int32_t*, sched_arrive)
       .PTR_FIELD(DecodeParams, int64_t*, sched_cum)
       .PTR_FIELD(DecodeParams, int32_t*, sched_piece)

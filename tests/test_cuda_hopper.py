@@ -153,36 +153,6 @@ def test_hopper_kv_l2_hints(monkeypatch, ran, kernel, hint):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])
-@pytest.mark.parametrize("fmt", ["bfloat16", "fp8", "fp8_ds_mla"])
-def test_hopper_sched_prefetch(monkeypatch, ran, block_size, fmt):
-    """The schedule kernel's L2 prefetch of each part's first KV tiles
-    (PORTMLA_CUDA_SCHED_PREFETCH): off, the default, and 1 MB a part (every tile of a part, many
-    pages a part at small blocks; a padded cache, whose entries take one prefetch each), 40
-    sequences so that the schedule kernel runs, 16 and 128 heads: the reference's results, and
-    the same bits as without the prefetch (it is only a hint)."""
-    _need_hopper()
-    lens = [int(x) for x in torch.randint(1, 3000, (40,))]
-    qlens = [1] * 40
-    lens[5] = qlens[5] = 0
-    for heads, strided in ((16, True), (128, False)):
-        case = make_decode_case(lens, qlens, heads, block_size, fmt, torch.bfloat16, "cuda",
-                                strided=strided)
-        got = []
-        for budget in ("0", None, str(1 << 20)):
-            if budget is None:
-                monkeypatch.delenv("PORTMLA_CUDA_SCHED_PREFETCH", raising=False)
-            else:
-                monkeypatch.setenv("PORTMLA_CUDA_SCHED_PREFETCH", budget)
-            ref_out, ref_lse, out, lse = run_both(case, single_token=False)
-            check_decode(ref_out, ref_lse, out, lse, tol=1e-2)
-            got.append((out, lse))
-        for out, lse in got[1:]:
-            assert torch.equal(out, got[0][0]) and torch.equal(lse, got[0][1])
-    assert ran and all(r.startswith("hopper") for r in ran), f"variants that ran: {sorted(set(ran))}"
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("tail", TAILS)
 def test_hopper_pieces_merge_paths(monkeypatch, ran, kernel, tail):

@@ -306,22 +306,6 @@ def test_cuda_sched_fixed_per_kernel_and_format():
     assert fixed["hopper_quant"] < fixed["hopper"] and all(v >= 1 for v in fixed.values())
 
 
-def test_cuda_sched_prefetch_env(monkeypatch):
-    """PORTMLA_CUDA_SCHED_PREFETCH sets the schedule kernel's L2 prefetch budget a part in bytes
-    (csrc_cuda/common/params.h: sched_prefetch); anything but a byte count is refused by name."""
-    from portmla.backends import cuda as cuda_backend
-
-    monkeypatch.delenv("PORTMLA_CUDA_SCHED_PREFETCH", raising=False)
-    assert cuda_backend.sched_prefetch_bytes() == cuda_backend.SCHED_PREFETCH_BYTES >= 0
-    for v in ("0", "73728", "1048576"):
-        monkeypatch.setenv("PORTMLA_CUDA_SCHED_PREFETCH", v)
-        assert cuda_backend.sched_prefetch_bytes() == int(v)
-    for v in ("-1", "64k", ""):
-        monkeypatch.setenv("PORTMLA_CUDA_SCHED_PREFETCH", v)
-        with pytest.raises(ValueError, match=rf"PORTMLA_CUDA_SCHED_PREFETCH={v!r}: expected a byte count"):
-            cuda_backend.sched_prefetch_bytes()
-
-
 def test_cuda_kv_l2_hint_env(monkeypatch):
     """PORTMLA_CUDA_KV_L2 maps to csrc_cuda/common/params.h's KvL2Hint (auto = 0 by default);
     a value outside the set is refused with the name, the value and the allowed ones."""

@@ -68,10 +68,6 @@ struct DecodeParams {
   int tail_count = 0;
   // sm_90a kernels: the L2 eviction priority of the KV tiles' TMA loads (KvL2Hint).
   int kv_l2_hint = 0;
-  // The schedule kernel (sm_90+): bytes of each part's first KV tiles it prefetches into L2 as
-  // soon as the parts are known, so that HBM works while the decode kernel launches and walks
-  // to its first tiles (whole tiles, while under this budget; 0: none).
-  int64_t sched_prefetch = 0;
 };
 
 // DecodeParams::kv_l2_hint: the L2 eviction priority of the KV tiles' TMA loads in the narrow

@@ -141,10 +141,6 @@ def hopper_block_size_ok(block_size: int) -> bool:
     return block_size >= 16 and (64 % block_size == 0 or block_size % 64 == 0)
 
 
-# DecodeParams::sched_prefetch's default (sched_prefetch_bytes): two bf16 KV tiles of 64 tokens.
-SCHED_PREFETCH_BYTES = 2 * 64 * 1152
-
-
 def sched_fixed_key(kernel: str, kv_format: str) -> str:
     """The ``SCHED_FIXED`` entry of ``kernel`` with a ``kv_format`` cache."""
     return _SCHED_FIXED_DS.get(kernel, kernel) if kv_format == "fp8_ds_mla" else kernel
@@ -171,19 +167,6 @@ def kv_l2_hint() -> int:
     if v not in KV_L2_HINTS:
         raise ValueError(f"PORTMLA_CUDA_KV_L2={v!r}: expected one of {', '.join(KV_L2_HINTS)}")
     return KV_L2_HINTS[v]
-
-
-def sched_prefetch_bytes() -> int:
-    """DecodeParams::sched_prefetch: bytes of each part's first KV tiles the schedule kernel
-    prefetches into L2 (sm_90+; one extra block a part, csrc_cuda/sm80/decode/schedule.cu), so
-    that HBM works while the decode kernel launches and walks to its first tiles.
-    ``PORTMLA_CUDA_SCHED_PREFETCH`` (bytes, 0: none) overrides the default."""
-    v = os.environ.get("PORTMLA_CUDA_SCHED_PREFETCH")
-    if v is None:
-        return SCHED_PREFETCH_BYTES
-    if not v.isdigit():
-        raise ValueError(f"PORTMLA_CUDA_SCHED_PREFETCH={v!r}: expected a byte count >= 0")
-    return int(v)
 
 
 # The variants whose launcher takes the last-piece merge (csrc_cuda/sm90/decode/launch_kernel.cuh:
@@ -560,9 +543,6 @@ class CudaBackend(Backend):
                 par.tail_count = int(counts)
             par.num_parts, par.part_rows = parts, rows
             par.sched_fixed = SCHED_FIXED[sched_fixed_key(name, p.cache.kv_format)]
-            cap = p.platform.capability
-            if hasattr(par, "sched_prefetch") and cap is not None and cap >= (9, 0):
-                par.sched_prefetch = sched_prefetch_bytes()  # bulk L2 prefetches: sm_90+ only
             if hasattr(par, "tail_merge"):  # a module built before it merges in-kernel: no field
                 par.tail_merge = tail_merge_wanted()
         elif splits > 1:
