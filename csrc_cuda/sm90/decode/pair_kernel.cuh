@@ -95,6 +95,16 @@ __device__ unsigned long long g_pair_cta[2][256][4];
 #define PAIR_SPAN_SEG(sg, ev)
 #endif
 
+// scripts/pair_trace.cu's compute-only mode (-DPORTMLA_PAIR_NO_LOAD, never in the module): the
+// producer loads each stage part once (the CTA's first pair) and afterwards only arrives on its
+// `full` barrier once the part is released, so every later tile computes on the data already in
+// shared memory: the pair loop's time with its data waits reduced to the handoff itself.
+#if defined(PORTMLA_PAIR_NO_LOAD)
+constexpr bool kPairNoLoad = true;
+#else
+constexpr bool kPairNoLoad = false;
+#endif
+
 constexpr int kPairThreads = 384;  // consumer warpgroups 0, 1 and the producer warpgroup 2
 // setmaxnreg moves registers within what the launch gave the CTA (384 x 168): an inc past that
 // pool never returns (the kernel hangs), so 128 x 40 + 256 x 232 must not exceed it.
@@ -221,6 +231,10 @@ __device__ __forceinline__ void produce_tma(const CUtensorMap* map, const Decode
         const auto [st, half] = release_slot(j);
         if (ta + st >= n_tiles) continue;
         if (fills[st] > 0) mbar_wait(&sm.empty[st][half], (fills[st] - 1) & 1);
+        if (kPairNoLoad && fills[st] > 0) {
+          if (lane == 0) mbar_arrive(&sm.full[st][half]);
+          continue;
+        }
         const int start = c.kv_lo + (ta + st) * kBN;
         if constexpr (FMT == kKv16) {
           issue_part_warp(ld, sm.kv[st], &sm.full[st][half], start, 4 * half, half == 1, pages,
@@ -233,7 +247,7 @@ __device__ __forceinline__ void produce_tma(const CUtensorMap* map, const Decode
       }
       ++fills[0];
       if (ta + 1 < n_tiles) ++fills[1];
-      if (prefetches_l2(m_tile)) {
+      if (!kPairNoLoad && prefetches_l2(m_tile)) {
         for (int k = 2; k < 4; ++k) {
           if constexpr (FMT == kKv16) {
             prefetch_tile_l2(ld, c.kv_lo + (ta + k) * kBN, pages_next, 4 * (k - 2), lane);
