@@ -104,13 +104,6 @@ constexpr bool kPairNoLoad = true;
 #else
 constexpr bool kPairNoLoad = false;
 #endif
-// Its no-store mode (-DPORTMLA_PAIR_NO_STORE, never in the module): segments end without storing
-// their rows (or partials), to time what the stores cost a segment boundary.
-#if defined(PORTMLA_PAIR_NO_STORE)
-constexpr bool kPairNoStore = true;
-#else
-constexpr bool kPairNoStore = false;
-#endif
 
 constexpr int kPairThreads = 384;  // consumer warpgroups 0, 1 and the producer warpgroup 2
 // setmaxnreg moves registers within what the launch gave the CTA (384 x 168): an inc past that
@@ -597,9 +590,7 @@ __global__ void __launch_bounds__(kPairThreads, 1)
     mbar_wait(&sm.hand[kHandR], segs & 1);
     PAIR_SPAN_SEG(segs, 8);
     // Quantized caches: the paired partial stores made ptxas spill in the pair loop (132 B).
-    if (!kPairNoStore) {
-      store_rows<TQ, FMT == kKv16>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
-    }
+    store_rows<TQ, FMT == kKv16>(p, c, o, sm.red, m_run, seg.slot, wg, r0, lane, kv_scale);
     PAIR_SPAN_SEG(segs, 9);
     mbar_arrive(&sm.hand[kHandF]);
     if (kCounts && p.tail_merge == kTailCount && seg.slot >= 0 && tid == kCountThread) {
