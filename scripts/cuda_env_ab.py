@@ -19,10 +19,8 @@ import argparse
 import os
 import statistics
 
-import torch
-
-import portmla as pm
 from portmla.bench.inputs import build_inputs
+from portmla.bench.measure import portmla_calls
 from portmla.bench.specs import parse_spec
 from portmla.bench.timing import measure, prepare
 
@@ -53,9 +51,7 @@ def time_row(item: str, settings: list[dict[str, str | None]], rounds: int) -> l
     fixed = bool(rest) and rest[0] == "fixed"
     fmt = rest[1] if len(rest) > 1 else "bfloat16"
     inp = build_inputs(parse_spec(spec), int(heads), fmt, 64, device="cuda", fixed=fixed, layers=2)
-    out = torch.empty(inp.q.shape[0], int(heads), 512, dtype=torch.bfloat16, device="cuda")
-    calls = [lambda i=i: pm.mla_decode(backend="cuda", out=out, **inp.decode_kwargs(i))
-             for i in range(len(inp.caches))]
+    calls, out = portmla_calls(inp, "cuda")
     times: list[list[float]] = [[] for _ in settings]
     for r in range(rounds):
         order = range(len(settings)) if r % 2 == 0 else reversed(range(len(settings)))

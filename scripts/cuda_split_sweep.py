@@ -14,11 +14,9 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
-import portmla as pm
 from portmla.backends import cuda as cuda_backend
 from portmla.bench.inputs import build_inputs
+from portmla.bench.measure import portmla_calls
 from portmla.bench.specs import parse_spec
 from portmla.bench.timing import measure, prepare
 
@@ -32,7 +30,7 @@ PARTS_SCALE = [0.5, 1.0]  # times the planner's part count (its own one included
 def sweep(spec: str, heads: int, fixed_len: bool, fmt: str = "bfloat16") -> str:
     inp = build_inputs(parse_spec(spec), heads, fmt, 64, device="cuda", fixed=fixed_len,
                        layers=2)
-    out = torch.empty(inp.q.shape[0], heads, 512, dtype=torch.bfloat16, device="cuda")
+    calls, out = portmla_calls(inp, "cuda")
     orig_parts, orig_fixed = cuda_backend.sched_parts, dict(cuda_backend.SCHED_FIXED)
     orig_variant = cuda_backend.CudaBackend.decode_variant
     seen, kernels = [], []
@@ -47,14 +45,12 @@ def sweep(spec: str, heads: int, fixed_len: bool, fmt: str = "bfloat16") -> str:
         return out
 
     def time_it() -> float:
-        calls = [lambda i=i: pm.mla_decode(backend="cuda", out=out, **inp.decode_kwargs(i))
-                 for i in range(len(inp.caches))]
         return measure(prepare(calls, out.device, use_graphs=True), out.device, 3, 20).median_us
 
     try:
         cuda_backend.sched_parts = spy
         cuda_backend.CudaBackend.decode_variant = staticmethod(variant_spy)
-        pm.mla_decode(backend="cuda", out=out, **inp.decode_kwargs(0))
+        calls[0]()  # the planner's part count and kernel, through the spies
         cuda_backend.CudaBackend.decode_variant = staticmethod(orig_variant)
         parts, kernel = seen[0], kernels[0]
         key = cuda_backend.sched_fixed_key(kernel, fmt)
