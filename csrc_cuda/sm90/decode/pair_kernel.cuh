@@ -104,6 +104,14 @@ constexpr bool kPairNoLoad = true;
 #else
 constexpr bool kPairNoLoad = false;
 #endif
+// -DPORTMLA_PAIR_NO_LOAD_TILE1 (trace builds only): the same for the CTAs of row tile 1 alone,
+// so that at 128 heads each KV tile crosses from L2 to the SMs once instead of twice while the
+// traced CTA (row tile 0) still streams its tiles: what the L2 -> SM traffic costs a pair.
+#if defined(PORTMLA_PAIR_NO_LOAD_TILE1)
+constexpr bool kPairNoLoadTile1 = true;
+#else
+constexpr bool kPairNoLoadTile1 = false;
+#endif
 
 constexpr int kPairThreads = 384;  // consumer warpgroups 0, 1 and the producer warpgroup 2
 // setmaxnreg moves registers within what the launch gave the CTA (384 x 168): an inc past that
@@ -231,7 +239,7 @@ __device__ __forceinline__ void produce_tma(const CUtensorMap* map, const Decode
         const auto [st, half] = release_slot(j);
         if (ta + st >= n_tiles) continue;
         if (fills[st] > 0) mbar_wait(&sm.empty[st][half], (fills[st] - 1) & 1);
-        if (kPairNoLoad && fills[st] > 0) {
+        if ((kPairNoLoad || (kPairNoLoadTile1 && m_tile == 1)) && fills[st] > 0) {
           if (lane == 0) mbar_arrive(&sm.full[st][half]);
           continue;
         }
