@@ -215,23 +215,30 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a64 - b64).norm() / b64.norm().clamp_min(1e-300))
 
 
+def seq_float64(cache, table_row, s, n, fmt, lora, k_scale):
+    """``(kv, mask)`` of one sequence for float64 ground truths: its ``s`` entries read back from
+    the cache and dequantized (``[s, entry]`` float64), and the causal mask of its ``n`` query
+    tokens (``[n, s]``, True where a position is past the token)."""
+    from portmla.backends.reference import gather_entries
+    from portmla.kv_formats import dequantize_entries
+
+    pos = torch.arange(s, device=cache.device)
+    entries = gather_entries(cache, table_row, pos, cache.shape[1])
+    kv = dequantize_entries(entries, fmt, lora, k_scale,
+                            pm.current_platform(cache.device).fp8_dtype).double()
+    return kv, pos.view(1, -1) > (s - n + torch.arange(n, device=pos.device)).view(-1, 1)
+
+
 def decode_float64(case: DecodeCase):
     """Float64 MQA ground truth from the values read back from the cache (dequantized)."""
     lora = case.lora
     outs, lses = [], []
     t0 = 0
-    platform = pm.current_platform(case.q.device)
-    from portmla.backends.reference import gather_entries
-    from portmla.kv_formats import dequantize_entries
-
+    fmt = canonical_format(case.fmt) if case.fmt != "auto" else "bfloat16"
     for b, (s, n) in enumerate(zip(case.seq_lens.tolist(), case.query_lens)):
-        pos = torch.arange(s, device=case.q.device)
-        entries = gather_entries(case.cache, case.block_table[b], pos, case.cache.shape[1])
-        kv = dequantize_entries(entries, canonical_format(case.fmt) if case.fmt != "auto" else
-                                "bfloat16", lora, case.k_scale, platform.fp8_dtype).double()
+        kv, mask = seq_float64(case.cache, case.block_table[b], s, n, fmt, lora, case.k_scale)
         qb = case.q[t0:t0 + n].double()
         sc = torch.einsum("nhd,sd->nhs", qb, kv) * case.softmax_scale
-        mask = pos.view(1, -1) > (s - n + torch.arange(n, device=pos.device)).view(-1, 1)
         sc = sc.masked_fill(mask.unsqueeze(1), float("-inf"))
         lse = torch.logsumexp(sc, -1)
         outs.append(torch.einsum("nhs,sd->nhd", torch.exp(sc - lse.unsqueeze(-1)), kv[:, :lora]))

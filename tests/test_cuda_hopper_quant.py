@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mla_cases import seq_float64
 from test_cuda_backend import (
     SCHEDULES,
     L,
@@ -114,25 +115,17 @@ def _ds_lse_bound(case):
     its four tiles (and its RoPE part) of |q . kv|: the bound is that (2^-10, a factor 2 of margin)
     at the row's largest such sum among the positions it sees, plus the usual 2e-2 (an LSE moves
     by at most its scores' largest error)."""
-    import portmla as pm
-    from portmla.backends.reference import gather_entries
-    from portmla.kv_formats import dequantize_entries
-
     scale = (L + R) ** -0.5
-    fp8 = pm.current_platform(case["q"].device).fp8_dtype
     qsl = case["query_start_loc"].tolist()
     lses, bounds = [], []
     for b, s in enumerate(case["seq_lens"].tolist()):
         n = qsl[b + 1] - qsl[b]
-        pos = torch.arange(s, device=case["q"].device)
-        kv = dequantize_entries(gather_entries(case["kv_cache"], case["block_table"][b], pos,
-                                               case["kv_cache"].shape[1]),
-                                "fp8_ds_mla", L, None, fp8).double()
+        kv, mask = seq_float64(case["kv_cache"], case["block_table"][b], s, n, "fp8_ds_mla", L, None)
+        mask = mask.unsqueeze(1)
         q = case["q"][qsl[b]:qsl[b + 1]].double()
         tiles = torch.einsum("nhtd,std->nhst", q[..., :L].unflatten(-1, (4, 128)),
                              kv[:, :L].unflatten(-1, (4, 128)))
         rope = torch.einsum("nhd,sd->nhs", q[..., L:], kv[:, L:])
-        mask = (pos.view(1, -1) > (s - n + torch.arange(n, device=pos.device)).view(-1, 1)).unsqueeze(1)
         sc = ((tiles.sum(-1) + rope) * scale).masked_fill(mask, float("-inf"))
         mag = ((tiles.abs().sum(-1) + rope.abs()) * scale).masked_fill(mask, 0.0)
         lses.append(torch.logsumexp(sc, -1))
