@@ -3,9 +3,9 @@
 
     python scripts/cuda_env_ab.py --env PORTMLA_CUDA_SCHED_PREFETCH=0 \\
         --env PORTMLA_CUDA_SCHED_PREFETCH=147456 [--rounds 3] \\
-        128q1s8k:16 128q1s8k:16:fixed 128q1s4k:128 128q1s8k:16:varlen:fp8
+        128q1s8k:16 128q1s8k:16:fixed 128q1s4k:128 128q1s8k:16:varlen:fp8 128q1s8k:32:varlen:fp8:16
 
-Each row (spec:heads[:fixed|varlen][:format]) gets the bench's inputs once (same lengths,
+Each row (spec:heads[:fixed|varlen][:format][:block size], block 64 unless given) gets the bench's inputs once (same lengths,
 seed 0); every round times each setting in turn (the order reversed every other round), the
 call's CUDA graph captured under that setting. A setting is one or more NAME=VALUE joined by
 commas; NAME= unsets NAME. Prints the medians of graph replays in us, a round each, and their
@@ -50,7 +50,8 @@ def time_row(item: str, settings: list[dict[str, str | None]], rounds: int) -> l
     spec, heads, *rest = item.split(":")
     fixed = bool(rest) and rest[0] == "fixed"
     fmt = rest[1] if len(rest) > 1 else "bfloat16"
-    inp = build_inputs(parse_spec(spec), int(heads), fmt, 64, device="cuda", fixed=fixed, layers=2)
+    block = int(rest[2]) if len(rest) > 2 else 64
+    inp = build_inputs(parse_spec(spec), int(heads), fmt, block, device="cuda", fixed=fixed, layers=2)
     calls, out = portmla_calls(inp, "cuda")
     times: list[list[float]] = [[] for _ in settings]
     for r in range(rounds):
@@ -69,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--env", action="append", required=True, help="NAME=VALUE[,NAME=VALUE...]")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("rows", nargs="+", help="spec:heads[:fixed|varlen][:format]")
+    ap.add_argument("rows", nargs="+", help="spec:heads[:fixed|varlen][:format][:block size]")
     args = ap.parse_args()
     settings = [parse_setting(e) for e in args.env]
     for item in args.rows:

@@ -179,18 +179,22 @@ def test_hopper_quant_one_long_sequence(ran, fmt):
 
 @pytest.mark.gpu
 def test_hopper_quant_default_route(ran):
-    """The planner's own choices: many rows -> the pair kernel (fp8: bf16 or fp16 queries;
-    fp8_ds_mla: bf16); 16 rows -> the narrow kernel's quantized form; fp16 queries with
-    fp8_ds_mla -> the quantized-cache kernel."""
+    """The planner's own choices: more than 16 rows -> the pair kernel (fp8: bf16 or fp16
+    queries; fp8_ds_mla: bf16); 16 rows -> the narrow kernel's quantized form; fp16 queries with
+    fp8_ds_mla -> the quantized-cache kernel; 17..32 rows with block size 16 or one TMA does not
+    take (48) -> the quantized-cache kernel."""
     _need_hopper_quant()
-    lens = [int(x) for x in torch.randint(1, 3000, (40,))]
+    lens = [int(x) for x in torch.randint(2, 3000, (40,))]  # 2: the two-token queries
     want = []
     for fmt in FORMATS:
-        for heads, dtype, kernel in ((128, torch.bfloat16, "hopper"), (64, torch.bfloat16, "hopper"),
-                                     (16, torch.bfloat16, "hopper_narrow_quant"),
-                                     (128, torch.float16, "hopper" if fmt == "fp8" else "quant")):
-            case = make_decode_case(lens, [1] * 40, heads, 64, fmt, dtype, "cuda")
-            check_decode(*run_both(case, single_token=True), tol=1e-2)
+        for heads, s_q, bs, dtype, kernel in (
+                (128, 1, 64, torch.bfloat16, "hopper"), (64, 1, 64, torch.bfloat16, "hopper"),
+                (32, 1, 64, torch.bfloat16, "hopper"), (16, 2, 32, torch.bfloat16, "hopper"),
+                (16, 1, 64, torch.bfloat16, "hopper_narrow_quant"),
+                (32, 1, 48, torch.bfloat16, "quant"), (16, 2, 16, torch.bfloat16, "quant"),
+                (128, 1, 64, torch.float16, "hopper" if fmt == "fp8" else "quant")):
+            case = make_decode_case(lens, [s_q] * 40, heads, bs, fmt, dtype, "cuda")
+            check_decode(*run_both(case, single_token=s_q == 1), tol=1e-2)
             want.append(kernel)
     assert ran == want, ran
 

@@ -235,10 +235,18 @@ class _FakeOlderHopperQuantModule(_FakeQuantModule):  # built before fp8 ran on 
     HOPPER_QUANT_FORMATS = ("fp8", "fp8_ds_mla")
 
 
+# 17..32 rows a sequence: the pair kernel with block size 32 or a multiple of 64, the quantized
+# kernel with others (1, 48: no TMA boxes; 16: four boxes a part, slower).
+_PAIR_IF_TMA = {1: "quant", 16: "quant", 32: "hopper", 48: "quant", 64: "hopper", 128: "hopper"}
+
+
 @pytest.mark.parametrize("fmt,heads,s_q,dtype,env,want", [
     ("fp8", 128, 1, torch.bfloat16, None, "hopper"),
     ("fp8_ds_mla", 16, 4, torch.bfloat16, None, "hopper"),   # 64 rows a sequence
-    ("fp8", 32, 1, torch.bfloat16, None, "quant"),           # 32 rows: the quantized kernel
+    ("fp8", 32, 1, torch.bfloat16, None, _PAIR_IF_TMA),      # 32 rows: the pair kernel where
+    ("fp8_ds_mla", 16, 2, torch.bfloat16, None, _PAIR_IF_TMA),  # TMA takes the block size, else
+    ("fp8", 1, 17, torch.float16, None, _PAIR_IF_TMA),        # the quantized kernel
+    ("fp8", 8, 5, torch.bfloat16, None, "hopper"),            # 40 rows: the pair kernel, any block
     ("fp8", 16, 1, torch.bfloat16, "pair", "hopper"),        # forced
     ("fp8", 128, 1, torch.float16, None, "hopper"),          # fp16 queries: fp8 on fp16 operands
     ("fp8_ds_mla", 128, 1, torch.float16, None, "quant"),    # ds runs on bf16 operands only
@@ -247,8 +255,9 @@ class _FakeOlderHopperQuantModule(_FakeQuantModule):  # built before fp8 ran on 
     ("fp8", 128, 4, torch.bfloat16, None, "hopper")])        # 512 rows: 8 row tiles
 def test_cuda_hopper_quant_routing(monkeypatch, fmt, heads, s_q, dtype, env, want):
     """sm_90 with a module whose pair kernel takes quantized caches: queries it takes (bf16;
-    fp16 with fp8) with more than HOPPER_QUANT_MIN_ROWS rows go there, any block size; the probe
-    lists it. A module without HOPPER_QUANT_QUERY_DTYPES gets bf16 queries only."""
+    fp16 with fp8) with more than 16 rows and block size 32 or a multiple of 64, or more than 32
+    rows and any block size, go there; the probe lists it. A module without HOPPER_QUANT_QUERY_DTYPES
+    gets bf16 queries only."""
     from portmla.backends import cuda as cuda_backend
 
     monkeypatch.delenv("PORTMLA_CUDA_QUANT", raising=False)
@@ -256,14 +265,15 @@ def test_cuda_hopper_quant_routing(monkeypatch, fmt, heads, s_q, dtype, env, wan
         monkeypatch.delenv("PORTMLA_CUDA_HOPPER", raising=False)
     else:
         monkeypatch.setenv("PORTMLA_CUDA_HOPPER", env)
-    for bs in (1, 48, 64):
+    for bs in (1, 16, 32, 48, 64, 128):
         p = _problem(platform=_h100(), block_size=bs)
         p = dataclasses.replace(p, num_heads=heads, max_query_len=s_q, q_dtype=dtype,
                                 cache=dataclasses.replace(p.cache, kv_format=fmt))
+        want_bs = want[bs] if isinstance(want, dict) else want
         name = cuda_backend.CudaBackend.decode_variant(p, _FakeHopperQuantModule)[0]
-        assert name == want, (bs, name)
+        assert name == want_bs, (bs, name)
         older = cuda_backend.CudaBackend.decode_variant(p, _FakeOlderHopperQuantModule)[0]
-        assert older == (want if dtype == torch.bfloat16 else "quant"), (bs, older)
+        assert older == (want_bs if dtype == torch.bfloat16 else "quant"), (bs, older)
         if name == "hopper":  # one CTA per SM per row tile, on the device schedule
             plan = cuda_backend.CudaBackend().plan_decode(p, _FakeHopperQuantModule)
             assert plan[2:] == (1, 0, 132 // -(-heads * s_q // 64))

@@ -10,12 +10,13 @@ Kernels (see ``csrc_cuda/NOTES.md``):
   tile is wgmma's M side) at or below ``HOPPER_NARROW_MAX_ROWS``;
   ``PORTMLA_CUDA_HOPPER=pair`` / ``tile`` / ``narrow`` forces one, ``0`` uses the generic
   kernels instead.
-* ``mla_decode`` on sm_90 with an fp8 / fp8_ds_mla cache and more than
-  ``HOPPER_QUANT_MIN_ROWS`` (token, head) rows per sequence, any block size: the pair kernel,
-  its producer warpgroup copying the raw entries into the stages (cp.async) and the consumer
-  warpgroups expanding them in place to 16-bit before their wgmma: fp8 e4m3 -> fp16, exact,
-  with bf16 or fp16 queries scaled per row into fp16 by a power of two; fp8_ds_mla values times
-  their tile scale, rounded once to bf16, bf16 queries.
+* ``mla_decode`` on sm_90 with an fp8 / fp8_ds_mla cache and more than 16 (token, head) rows
+  per sequence with block size 32 or a multiple of 64, more than 32 with any other
+  (``hopper_quant_min_rows``): the pair kernel, its producer warpgroup loading the raw entries
+  into the stages (TMA, or cp.async copies where the block size or strides do not tile) and the
+  consumer warpgroups expanding them in place to fp16 before their wgmma: fp8 e4m3 exactly,
+  fp8_ds_mla values over a power of two a warp's tokens share (its bf16 RoPE on bf16 wgmma);
+  bf16 or fp16 queries (fp8_ds_mla: bf16) scaled per row into fp16 by a power of two.
 * ``mla_decode`` on sm_90 with an fp8 / fp8_ds_mla cache, at most ``HOPPER_NARROW_MAX_ROWS``
   rows per sequence and block size 16, 32 or a multiple of 64: the narrow kernel's quantized form
   (raw e4m3 entries through TMA, both KV operands converted to fp16 in registers for wgmma, two
@@ -197,7 +198,27 @@ def sched_parts(m_tiles: int, sms: int, per_sm: int = 1) -> int:
 # Rows per sequence above which an fp8 / fp8_ds_mla cache with queries the pair kernel takes
 # (``hopper_quant_query_dtypes``) goes there (raw entries expanded to 16-bit in its stages)
 # rather than to the quantized-cache kernel, whose 16-row mma.sync tiles are compute-bound there.
+# With block size 32 or a multiple of 64 (raw entries through TMA, ``hopper_block_size_ok``)
+# the pair kernel is faster from HOPPER_NARROW_MAX_ROWS + 1 rows on: at 32 rows it beat both the
+# quantized kernel and the narrow one (H100, same call, graph-replay medians, us, quantized /
+# narrow / pair; fp8, then fp8_ds_mla): 128q1s8k h32 455.6 / 386.7 / 349.5, 559.8 / 448.9 /
+# 415.3; 32q1s8k h32 122.9 / 111.3 / 104.1, 148.3 / 127.3 / 122.0; 8q1s8k h32 42.2 / 40.4 /
+# 39.9, 48.7 / 45.8 / 43.5; 128q2s8k h16 458.4 / 389.7 / 350.2, 567.3 / 455.7 / 416.6; 8q2s8k
+# h16 fp8 42.4 / 40.8 / 40.0; 64q1s32k h32 fixed fp8 854.4 / 715.5 / 627.0. The pair kernel's
+# 64-row tile costs the same for any 17..64 rows, the narrow kernel's two 16-row tiles the same
+# for 17..32 (24 rows, quantized / pair: 128q1s8k fp8 460.1 / 351.0, fp8_ds_mla 563.6 / 414.1,
+# 32q1s8k fp8 122.1 / 104.0). Block 32 too (128q1s8k h32 fp8 454.7 / 384.6), not block 16, where
+# a tile takes four boxes a part (fp8 458.9 / 511.6; fp8_ds_mla 563.2 / 541.0), nor block sizes
+# TMA does not tile (the producer copies the entries): those keep the older bound.
 HOPPER_QUANT_MIN_ROWS = 32
+HOPPER_QUANT_MIN_ROWS_TMA = HOPPER_NARROW_MAX_ROWS
+
+
+def hopper_quant_min_rows(block_size: int) -> int:
+    """Rows per sequence above which the pair kernel takes a quantized cache of ``block_size``."""
+    if block_size >= 32 and hopper_block_size_ok(block_size):
+        return HOPPER_QUANT_MIN_ROWS_TMA
+    return HOPPER_QUANT_MIN_ROWS
 
 
 def hopper_quant_query_dtypes(mod, kv_format: str) -> tuple[str, ...]:
@@ -211,15 +232,15 @@ def hopper_quant_query_dtypes(mod, kv_format: str) -> tuple[str, ...]:
 def hopper_quant_kernel_name(mod, p: DecodeProblem) -> str | None:
     """``hopper`` where the pair kernel serves a quantized cache: sm_90, the pair kernel built
     with quantized-cache support (``HOPPER_QUANT_FORMATS``) for these queries (bf16; fp16 too
-    for fp8), more than ``HOPPER_QUANT_MIN_ROWS`` rows per sequence (any count with
-    ``PORTMLA_CUDA_HOPPER=pair``)."""
+    for fp8), more than ``hopper_quant_min_rows`` rows per sequence (16 with block size 32 or a
+    multiple of 64, else 32; any count with ``PORTMLA_CUDA_HOPPER=pair``)."""
     if _dtype_name(p.q_dtype) not in hopper_quant_query_dtypes(mod, p.cache.kv_format) \
             or hopper_unusable(mod, p.platform) is not None:
         return None
     force = os.environ.get("PORTMLA_CUDA_HOPPER")
     if force == "tile":
         return None
-    if force != "pair" and p.max_query_len * p.num_heads <= HOPPER_QUANT_MIN_ROWS:
+    if force != "pair" and p.max_query_len * p.num_heads <= hopper_quant_min_rows(p.cache.block_size):
         return None
     have = p.platform.shared_memory_per_block
     return "hopper" if not have or have >= mod.DECODE_VARIANTS["hopper"][3] else None
@@ -348,9 +369,10 @@ class CudaBackend(Backend):
               f"and block size 16, 32 or a multiple of 64 (raw e4m3 through TMA, converted in "
               f"registers for wgmma)",) if "hopper_narrow_quant" in mod.DECODE_VARIANTS else ()
         hq = (f"mla_decode: sm_90a pair kernel for {'/'.join(qfmts)} caches ({with_q}) and more than "
-              f"{HOPPER_QUANT_MIN_ROWS} (token, head) rows per sequence, any block size (raw entries "
-              f"copied in, expanded to 16-bit for wgmma; the quantized-cache kernel "
-              f"takes the fewer rows)",) if qfmts else ()
+              f"{HOPPER_QUANT_MIN_ROWS_TMA} (token, head) rows per sequence with block size 32 or a "
+              f"multiple of 64, more than {HOPPER_QUANT_MIN_ROWS} with any other (raw entries through "
+              f"TMA where the block size allows, else copied in; expanded to 16-bit for wgmma; the "
+              f"quantized-cache kernel takes the fewer rows)",) if qfmts else ()
         return (f"mla_decode: sm_90a Hopper kernels (TMA + wgmma) for {fmts} caches with block "
                 f"size 16, 32 or a multiple of 64: tile pairs with a producer warpgroup above "
                 f"{HOPPER_TILE_MAX_ROWS} (token, head) rows per sequence, single tiles at or below"
@@ -422,8 +444,8 @@ class CudaBackend(Backend):
         block size its TMA boxes take and at most ``HOPPER_NARROW_MAX_ROWS`` rows: the narrow
         kernel's quantized form.
         sm_90 with an fp8 / fp8_ds_mla cache, queries it takes (bf16; fp16 too with fp8) and
-        more than ``HOPPER_QUANT_MIN_ROWS`` rows: the pair kernel (raw entries expanded in
-        place, any block size).
+        more than ``hopper_quant_min_rows`` rows (16 with block size 32 or a multiple of 64, else
+        32): the pair kernel (raw entries expanded in place, any block size).
         sm_89+ with an fp8 / fp8_ds_mla cache and at most ``QUANT_MAX_ROWS`` rows: the
         quantized-cache kernel.
         sm_90 with a 16-bit cache and a block size its TMA boxes take: the Hopper kernel.
