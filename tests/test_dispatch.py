@@ -162,8 +162,9 @@ class _FakeThreeHopperModule(_FakeCudaModule):
 
 @pytest.mark.parametrize("heads,s_q,env,want", [
     (16, 1, None, "hopper_narrow"), (8, 2, None, "hopper_narrow"),  # <= 16 rows a sequence
-    (32, 1, None, "hopper_tile"), (16, 2, None, "hopper_tile"),    # 17..32 rows
-    (128, 1, None, "hopper"),
+    (32, 1, None, "hopper_tile"), (16, 2, None, "hopper_tile"),    # 17..64 rows
+    (64, 1, None, "hopper_tile"), (16, 3, None, "hopper_tile"),
+    (128, 1, None, "hopper"), (64, 2, None, "hopper"), (40, 2, None, "hopper"),  # > 64 rows
     (16, 1, "tile", "hopper_tile"), (16, 1, "pair", "hopper"), (128, 1, "narrow", "hopper_narrow")])
 def test_cuda_hopper_kernel_by_rows(monkeypatch, heads, s_q, env, want):
     """The three 16-bit Hopper kernels by rows per sequence (query tokens x heads), the env

@@ -114,7 +114,13 @@ def hopper_unusable(mod, platform: Platform) -> str | None:
     return None
 
 
-HOPPER_TILE_MAX_ROWS = 32  # rows per sequence up to which the single-tile kernel is faster
+# Rows per sequence up to which the single-tile kernel is faster than the pair kernel (16-bit
+# caches; one row tile, where few heads leave the call closer to the HBM bound). H100, same
+# call, graph-replay medians, us, pair / tile (at 4b55086): 48 rows 128q3s8k h16 504.6 / 462.1,
+# 128q1s8k h48 496.4 / 463.2; 64 rows 128q1s8k h64 502.0 / 470.5, 32q1s8k 142.8 / 122.6, 8q1s8k
+# 51.1 / 42.8; 32 rows 128q1s8k 493.2 / 444.9, 128q2s8k h16 496.6 / 445.5. Above one row tile
+# (128 heads) the pair kernel wins (the anchors' rows).
+HOPPER_TILE_MAX_ROWS = 64
 HOPPER_NARROW_MAX_ROWS = 16  # rows per sequence up to which the narrow kernel is faster
 _HOPPER_FORCE = {"pair": "hopper", "tile": "hopper_tile", "narrow": "hopper_narrow"}
 
