@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Same-process A/B of the cuda backend's environment settings (GPU machine).
+"""Same-process A/B of a backend's environment settings (GPU machine; cuda unless --backend).
 
     python scripts/cuda_env_ab.py --env PORTMLA_CUDA_SCHED_PREFETCH=0 \\
         --env PORTMLA_CUDA_SCHED_PREFETCH=147456 [--rounds 3] \\
@@ -46,13 +46,14 @@ def apply(env: dict[str, str | None]) -> dict[str, str | None]:
     return old
 
 
-def time_row(item: str, settings: list[dict[str, str | None]], rounds: int) -> list[list[float]]:
+def time_row(item: str, settings: list[dict[str, str | None]], rounds: int,
+             backend: str = "cuda") -> list[list[float]]:
     spec, heads, *rest = item.split(":")
     fixed = bool(rest) and rest[0] == "fixed"
     fmt = rest[1] if len(rest) > 1 else "bfloat16"
     block = int(rest[2]) if len(rest) > 2 else 64
     inp = build_inputs(parse_spec(spec), int(heads), fmt, block, device="cuda", fixed=fixed, layers=2)
-    calls, out = portmla_calls(inp, "cuda")
+    calls, out = portmla_calls(inp, backend)
     times: list[list[float]] = [[] for _ in settings]
     for r in range(rounds):
         order = range(len(settings)) if r % 2 == 0 else reversed(range(len(settings)))
@@ -70,11 +71,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--env", action="append", required=True, help="NAME=VALUE[,NAME=VALUE...]")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--backend", default="cuda", help="the portmla backend timed (cuda, triton)")
     ap.add_argument("rows", nargs="+", help="spec:heads[:fixed|varlen][:format][:block size]")
     args = ap.parse_args()
     settings = [parse_setting(e) for e in args.env]
     for item in args.rows:
-        times = time_row(item, settings, args.rounds)
+        times = time_row(item, settings, args.rounds, args.backend)
         cells = [f"{e}: {' '.join(f'{t:.1f}' for t in ts)} ({statistics.median(ts):.1f})"
                  for e, ts in zip(args.env, times)]
         print(f"{item} | " + " | ".join(cells), flush=True)

@@ -126,6 +126,12 @@ def max_rows_per_program(platform: Platform) -> int:
     if platform.kind == "cpu":
         return 64
     if platform.kind == "cuda":
+        # PORTMLA_TRITON_MAX_ROWS (16, 32 or 64): a smaller bound, for A/Bs of the row tiles
+        forced = os.environ.get("PORTMLA_TRITON_MAX_ROWS", "")
+        if forced:
+            if forced not in ("16", "32", "64"):
+                raise ValueError(f"PORTMLA_TRITON_MAX_ROWS={forced!r}: expected 16, 32 or 64")
+            return int(forced)
         return _CUDA_MAX_ROWS
     if platform.kind == "rocm":
         return 32 if platform.shared_memory_per_block and platform.shared_memory_per_block <= 65536 else 64
