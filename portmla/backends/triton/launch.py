@@ -166,10 +166,18 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     """Tile sizes, warps and the split count of one decode call, from shapes only."""
     rows = max(1, max_query_len) * num_heads
     block_m = min(max_rows_per_program(platform), max(16, next_pow2(rows)))
+    if block_m == 32 and platform.kind == "cuda" and not os.environ.get("PORTMLA_TRITON_MAX_ROWS"):
+        # 17..32 rows: two 16-row tiles (each KV tile read by both through L2) beat one 32-row
+        # tile. H100, same call, graph-replay medians, us, 32-row tile / 16-row tiles (at
+        # edbf8e9): 128q1s8k h32 fp8 881.8 / 490.1, fp8_ds_mla 1514.1 / 607.3, bf16 911.7 /
+        # 630.8; 128q2s8k h16 fp8 876.1 / 490.7, fp8_ds_mla 1514.5 / 609.1; 32q1s8k h32 fp8
+        # 233.0 / 137.4; 8q1s8k h32 fp8 69.4 / 45.2, fp8_ds_mla 110.0 / 50.9. ROCm / XPU and
+        # the interpreter keep the 32-row tile (not measured there; the tests cover both).
+        block_m = 16
     row_tiles = cdiv(rows, block_m)
     per_unit = 1  # programs resident per compute unit at once (shared memory / registers)
     sched_fixed = 2  # the device schedule's fixed cost per sequence, in KV tiles (see below)
-    gluon = use_gluon(platform, block_m, kv_format, kv_lora_rank)
+    gluon = use_gluon(platform, block_m, kv_format, kv_lora_rank, rows)
     if gluon:  # decode_gluon(_narrow): 64-token tiles (the grid's schedule unit), one CTA an SM
         block_n, warps, stages = (64, 8, 2) if block_m == 64 else (64, 4, NARROW_STAGES)
     else:
@@ -252,11 +260,11 @@ def use_pdl(platform: Platform) -> bool:
             and platform.capability is not None and platform.capability[0] >= 9)
 
 
-def use_gluon(platform: Platform, block_m: int, kv_format: str, kv_lora_rank: int) -> bool:
+def use_gluon(platform: Platform, block_m: int, kv_format: str, kv_lora_rank: int, rows: int = 16) -> bool:
     """A Gluon kernel for this call's tile: Hopper (sm_90), L = 512, a Triton release it was tested
     with (``decode_gluon.TESTED_TRITON``), and either 64 rows of a 16-bit or per-tensor fp8
-    (e4m3fn) cache (``decode_gluon``) or, opted in, 16 rows of a per-tensor fp8 (e4m3fn) or
-    fp8_ds_mla cache (``decode_gluon_narrow``). ``PORTMLA_TRITON_GLUON=0`` turns both off (A/B
+    (e4m3fn) cache (``decode_gluon``) or, opted in, at most 16 rows a sequence (``rows``) of a
+    per-tensor fp8 (e4m3fn) or fp8_ds_mla cache (``decode_gluon_narrow``). ``PORTMLA_TRITON_GLUON=0`` turns both off (A/B
     timing), ``=1`` allows other Triton releases."""
     from .decode_gluon import HAVE_GLUON, triton_tested
 
@@ -271,7 +279,7 @@ def use_gluon(platform: Platform, block_m: int, kv_format: str, kv_lora_rank: in
     # The narrow kernel is opt-in (``PORTMLA_TRITON_GLUON_NARROW=1``): on the H100 it is still
     # slower than the Triton kernel's 16-row tile (b=128 S=8192 h=16: fp8 284 vs 265 us,
     # fp8_ds_mla 454 vs 324; benchmarks/results/triton_h100_notes.md, session 12).
-    return (block_m == 16 and (fp8 or kv_format == "fp8_ds_mla")
+    return (block_m == 16 and rows <= 16 and (fp8 or kv_format == "fp8_ds_mla")
             and os.environ.get("PORTMLA_TRITON_GLUON_NARROW", "") == "1")
 
 
