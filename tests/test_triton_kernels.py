@@ -411,8 +411,10 @@ def test_gluon_kernel_choice(monkeypatch):
     assert narrow.parts == hopper.num_compute_units and pick(heads=16, fmt="fp8").gluon
     assert not pick(dataclasses.replace(hopper, fp8_dtype=torch.float8_e4m3fnuz), heads=16, fmt="fp8").gluon
     assert not pick(heads=32, fmt="fp8_ds_mla").gluon and not pick(heads=16, fmt="fp8_ds_mla", lora=256).gluon
-    assert pick(heads=32, fmt="fp8").block_m == 16 and pick(heads=32).block_m == 16  # 17..32 rows: 16-row tiles
-    assert pick(heads=64).block_m == 64 and pick(heads=32, fmt="fp8").row_tiles == 2
+    # 17..32 rows: the Gluon kernel's 64-row tile where it takes the cache, else 16-row tiles
+    assert pick(heads=32, fmt="fp8").block_m == 64 and pick(heads=32).gluon and pick(heads=32).block_m == 64
+    assert pick(heads=32, fmt="fp8_ds_mla").block_m == 16 and pick(heads=32, fmt="fp8_ds_mla").row_tiles == 2
+    assert pick(heads=24, lora=256).block_m == 16 and pick(heads=64).block_m == 64
     assert not pick(lora=256).gluon
     assert not pick(dataclasses.replace(hopper, capability=(8, 0))).gluon
     assert not pick(dataclasses.replace(hopper, capability=(10, 0))).gluon
