@@ -54,8 +54,9 @@ CASES = [
     ("bfloat16", 256, 16, [1000, 257, 31], [4, 4, 2], "contiguous", 5, 1, True),
     ("bfloat16", 64, 32, [4096], [2], "padded", 132, 2, True),  # one sequence cut into many pieces
     ("bfloat16", 64, 48, [100, 50, 3], [1, 1, 1], "contiguous", 4, 1, True),  # 48 of 64 rows used
-    ("bfloat16", 64, 32, [700, 64, 1, 2000], [1, 1, 1, 1], "contiguous", None, None, True),  # 32 of 64
-    ("fp8", 64, 16, [900, 33, 300], [2, 2, 1], "padded", 5, 1, True),  # 16 heads x 2 tokens
+    # 32 of 64 rows used (17..32 rows with more than 8 sequences take this kernel)
+    ("bfloat16", 64, 32, [700, 64, 1, 2000, 90, 5, 333, 64, 129, 1000], [1] * 10, "contiguous", None, None, True),
+    ("fp8", 64, 16, [900, 33, 300, 2, 64, 65, 700, 128, 5], [2, 2, 1, 2, 2, 1, 2, 2, 2], "padded", 5, 1, True),
     ("bfloat16", 64, 128, [2000, 1500, 64, 700], [3, 1, 2, 1], "cross_layer", None, None, True),
     ("float16", 64, 128, [4097, 33], [1, 1], "contiguous", 7, 1, True),
     ("bfloat16", 16, 128, [70, 90, 1, 64, 129, 33], [1] * 6, "padded", None, None, True),  # 4 pages a tile

@@ -411,10 +411,14 @@ def test_gluon_kernel_choice(monkeypatch):
     assert narrow.parts == hopper.num_compute_units and pick(heads=16, fmt="fp8").gluon
     assert not pick(dataclasses.replace(hopper, fp8_dtype=torch.float8_e4m3fnuz), heads=16, fmt="fp8").gluon
     assert not pick(heads=32, fmt="fp8_ds_mla").gluon and not pick(heads=16, fmt="fp8_ds_mla", lora=256).gluon
-    # 17..32 rows: the Gluon kernel's 64-row tile where it takes the cache, else 16-row tiles
-    assert pick(heads=32, fmt="fp8").block_m == 64 and pick(heads=32).gluon and pick(heads=32).block_m == 64
-    assert pick(heads=32, fmt="fp8_ds_mla").block_m == 16 and pick(heads=32, fmt="fp8_ds_mla").row_tiles == 2
-    assert pick(heads=24, lora=256).block_m == 16 and pick(heads=64).block_m == 64
+    # 17..32 rows: the Gluon kernel's 64-row tile where it takes the cache and the batch has more
+    # than 8 sequences, else 16-row tiles
+    wide = tlaunch.decode_config(hopper, 9, 32, 1, 4096, "fp8", 512)
+    assert wide.block_m == 64 and wide.gluon and tlaunch.decode_config(hopper, 64, 16, 2, 4096, "bfloat16", 512).gluon
+    assert pick(heads=32, fmt="fp8").block_m == 16 and pick(heads=32).block_m == 16  # 8 sequences
+    assert tlaunch.decode_config(hopper, 64, 32, 1, 4096, "fp8_ds_mla", 512).row_tiles == 2
+    assert tlaunch.decode_config(hopper, 64, 24, 1, 4096, "bfloat16", 256).block_m == 16
+    assert pick(heads=64).block_m == 64
     assert not pick(lora=256).gluon
     assert not pick(dataclasses.replace(hopper, capability=(8, 0))).gluon
     assert not pick(dataclasses.replace(hopper, capability=(10, 0))).gluon

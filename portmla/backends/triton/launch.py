@@ -167,16 +167,20 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     rows = max(1, max_query_len) * num_heads
     block_m = min(max_rows_per_program(platform), max(16, next_pow2(rows)))
     if block_m == 32 and platform.kind == "cuda" and not os.environ.get("PORTMLA_TRITON_MAX_ROWS"):
-        # 17..32 rows: the Hopper Gluon kernel's 64-row tile where it takes the cache (its
-        # unused rows cost what 64 rows cost), else two 16-row tiles (each KV tile read by both
-        # through L2); the 32-row Triton tile is the slowest of the three. H100, same call,
+        # 17..32 rows: the Hopper Gluon kernel's 64-row tile where it takes the cache and the
+        # batch has more than 8 sequences (its unused rows cost what 64 rows cost), else two
+        # 16-row tiles (each KV tile read by both through L2), which keep more programs per SM
+        # for small batches; the 32-row Triton tile is the slowest of the three. H100, same call,
         # graph-replay medians, us, 32-row tile / 16-row tiles (at edbf8e9): 128q1s8k h32 fp8
         # 881.8 / 490.1, fp8_ds_mla 1514.1 / 607.3, bf16 911.7 / 630.8; 128q2s8k h16 fp8 876.1
         # / 490.7, fp8_ds_mla 1514.5 / 609.1; 32q1s8k h32 fp8 233.0 / 137.4; 8q1s8k h32 fp8
         # 69.4 / 45.2, fp8_ds_mla 110.0 / 50.9; 64 rows on the 64-row tile (f42ca15): 128q1s8k
-        # h64 fp8 443.3, bf16 477.2, fp8_ds_mla (Triton tile, not Gluon) 1083.0. ROCm / XPU
-        # and the interpreter keep the 32-row tile (not measured there; the tests cover both).
-        block_m = 64 if use_gluon(platform, 64, kv_format, kv_lora_rank) else 16
+        # h64 fp8 443.3, bf16 477.2, fp8_ds_mla (Triton tile, not Gluon) 1083.0; 32 rows, 64-row
+        # Gluon tile / 16-row tiles (at aba4323): 128q1s8k h32 fp8 432.6 / 490.1, bf16 457.6 /
+        # 625.8; 128q2s8k h16 fp8 425.6 / 486.7, bf16 456.4 / 626.3; 32q1s8k h32 bf16 131.7 /
+        # 172.1; but 8q1s8k h32 fp8 46.8 / 45.2, 1q1s32k h32 bf16 41.5 / 34.8. ROCm / XPU and
+        # the interpreter keep the 32-row tile (not measured there; the tests cover both).
+        block_m = 64 if num_seqs > 8 and use_gluon(platform, 64, kv_format, kv_lora_rank) else 16
     row_tiles = cdiv(rows, block_m)
     per_unit = 1  # programs resident per compute unit at once (shared memory / registers)
     sched_fixed = 2  # the device schedule's fixed cost per sequence, in KV tiles (see below)
