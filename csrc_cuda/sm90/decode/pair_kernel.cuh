@@ -113,6 +113,15 @@ constexpr bool kPairNoLoadTile1 = true;
 constexpr bool kPairNoLoadTile1 = false;
 #endif
 
+// The L2 prefetch of the next pair's tiles only where a TMA box holds at least this many rows
+// (block sizes): with 16-row boxes a tile takes 36 loads and as many prefetches, and the
+// producer warp's TMA issue bound the pair loop. H100, same call, graph-replay medians, us,
+// prefetch always / only from these rows: 128q1s4k h128 bf16 block 16 553.8 / 448.5, 32q1s4k
+// block 16 153.4 / 130.2, fp8 block 16 516.8 / 449.3, fp8 block 32 389.7 / 375.5; bf16 block
+// 32 383.2 with it / 387.2 without (kept), block 64 unchanged (304).
+template <int FMT>
+constexpr int kPrefetchMinRows = FMT == kKv16 ? 32 : 64;
+
 constexpr int kPairThreads = 384;  // consumer warpgroups 0, 1 and the producer warpgroup 2
 // setmaxnreg moves registers within what the launch gave the CTA (384 x 168): an inc past that
 // pool never returns (the kernel hangs), so 128 x 40 + 256 x 232 must not exceed it.
@@ -255,7 +264,7 @@ __device__ __forceinline__ void produce_tma(const CUtensorMap* map, const Decode
       }
       ++fills[0];
       if (ta + 1 < n_tiles) ++fills[1];
-      if (!kPairNoLoad && prefetches_l2(m_tile)) {
+      if (!kPairNoLoad && prefetches_l2(m_tile) && ld.rows >= kPrefetchMinRows<FMT>) {
         for (int k = 2; k < 4; ++k) {
           if constexpr (FMT == kKv16) {
             prefetch_tile_l2(ld, c.kv_lo + (ta + k) * kBN, pages_next, 4 * (k - 2), lane);
