@@ -246,33 +246,14 @@ __device__ __forceinline__ int prefetch_pages(const Loader& ld, int start0, int 
 
 // TMA boxes of a tile (n of them, `box(j, col, ch)`: box j's first column and its chunk),
 // loaded by a whole warp with the pages from prefetch_pages (`slot` 0: its first tile, 4: its
-// second); completes `bar` once. Lane 0 issues; with `lanes` the warp's lanes issue one box each
-// (box t = k n + j of piece k in lanes t and t - 32; at most 4 pieces x 9 boxes). The pair
-// kernel's producer, with boxes of 16 or 32 rows: its lane-0 loop bound the pair loop (H100,
-// same call, graph-replay medians, us, lane 0 / lanes: 128q1s4k h128 bf16 block 16 449 / 406,
-// block 32 385.5 / 358, fp8 block 16 450 / 393, 32q1s4k block 16 130.5 / 118.7; 64-row boxes
-// 308.8 / 312, the narrow kernel's 16-row boxes 457.6 / 465: those keep lane 0).
+// second); completes `bar` once. Lane 0 issues.
 template <class Loader, class Box>
 __device__ __forceinline__ void issue_boxes_warp(const Loader& ld, unsigned char* dst,
                                                  uint64_t* bar, int tile_start, int n, Box box,
-                                                 int pages, int slot, int lane, bool lanes = false) {
+                                                 int pages, int slot, int lane) {
   const int pieces = ld.pieces(tile_start);
   if (lane == 0) {
     mbar_arrive_expect_tx(bar, static_cast<uint32_t>(pieces * n * ld.rows * 128));
-  }
-  if (lanes) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int t = lane + 32 * r, k = min(t / n, kBN / 16 - 1);
-      const int page = __shfl_sync(0xffffffffu, pages, slot + k);
-      if (t < pieces * n) {
-        int col, ch;
-        box(t - k * n, col, ch);
-        ld.load(dst + ch * kChunk + k * ld.rows * 128, bar, col,
-                (tile_start + k * ld.rows) % ld.block_size, page);
-      }
-    }
-    return;
   }
   for (int k = 0; k < pieces; ++k) {
     const int page = __shfl_sync(0xffffffffu, pages, slot + k);
@@ -297,7 +278,7 @@ __device__ __forceinline__ void issue_part_warp(const PlainTileLoader& ld, unsig
                      ch = j < 4 ? c0 + j : kChunks - 1;
                      col = ch * 64;
                    },
-                   pages, slot, lane, ld.rows < kBN);
+                   pages, slot, lane);
 }
 
 // Whether a CTA of row tile `m_tile` prefetches its KV tiles into L2: the row tiles of a part
