@@ -246,8 +246,9 @@ __device__ __forceinline__ int prefetch_pages(const Loader& ld, int start0, int 
 
 // TMA boxes of a tile (n of them, `box(j, col, ch)`: box j's first column and its chunk),
 // loaded by a whole warp with the pages from prefetch_pages (`slot` 0: its first tile, 4: its
-// second); completes `bar` once. Lane 0 issues.
-template <class Loader, class Box>
+// second); completes `bar` once. Lane 0 issues; with kLanes the warp's lanes issue one box each
+// (box t = k n + j of piece k in lane t % 32; at most 4 pieces x 9 boxes).
+template <bool kLanes = false, class Loader, class Box>
 __device__ __forceinline__ void issue_boxes_warp(const Loader& ld, unsigned char* dst,
                                                  uint64_t* bar, int tile_start, int n, Box box,
                                                  int pages, int slot, int lane) {
@@ -255,14 +256,28 @@ __device__ __forceinline__ void issue_boxes_warp(const Loader& ld, unsigned char
   if (lane == 0) {
     mbar_arrive_expect_tx(bar, static_cast<uint32_t>(pieces * n * ld.rows * 128));
   }
-  for (int k = 0; k < pieces; ++k) {
-    const int page = __shfl_sync(0xffffffffu, pages, slot + k);
-    if (lane == 0) {
-      const int in_page = (tile_start + k * ld.rows) % ld.block_size;
-      for (int j = 0; j < n; ++j) {
+  if constexpr (kLanes) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int t = lane + 32 * r, k = min(t / n, kBN / 16 - 1);
+      const int page = __shfl_sync(0xffffffffu, pages, slot + k);
+      if (t < pieces * n) {
         int col, ch;
-        box(j, col, ch);
-        ld.load(dst + ch * kChunk + k * ld.rows * 128, bar, col, in_page, page);
+        box(t - k * n, col, ch);
+        ld.load(dst + ch * kChunk + k * ld.rows * 128, bar, col,
+                (tile_start + k * ld.rows) % ld.block_size, page);
+      }
+    }
+  } else {
+    for (int k = 0; k < pieces; ++k) {
+      const int page = __shfl_sync(0xffffffffu, pages, slot + k);
+      if (lane == 0) {
+        const int in_page = (tile_start + k * ld.rows) % ld.block_size;
+        for (int j = 0; j < n; ++j) {
+          int col, ch;
+          box(j, col, ch);
+          ld.load(dst + ch * kChunk + k * ld.rows * 128, bar, col, in_page, page);
+        }
       }
     }
   }
@@ -270,10 +285,11 @@ __device__ __forceinline__ void issue_boxes_warp(const Loader& ld, unsigned char
 
 // One part of a 16-bit tile: the 4 latent chunks from `c0` (columns 64 c0 ..), plus the rope
 // chunk 8 when `rope`.
+template <bool kLanes = false>
 __device__ __forceinline__ void issue_part_warp(const PlainTileLoader& ld, unsigned char* dst,
                                                 uint64_t* bar, int tile_start, int c0, bool rope,
                                                 int pages, int slot, int lane) {
-  issue_boxes_warp(ld, dst, bar, tile_start, rope ? 5 : 4,
+  issue_boxes_warp<kLanes>(ld, dst, bar, tile_start, rope ? 5 : 4,
                    [c0](int j, int& col, int& ch) {
                      ch = j < 4 ? c0 + j : kChunks - 1;
                      col = ch * 64;

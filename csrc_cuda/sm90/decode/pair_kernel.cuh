@@ -227,7 +227,7 @@ __device__ __forceinline__ void store_p(unsigned char* chunk, const uint32_t (&p
 // every load, lanes 0..7 holding the block-table pages of the two tiles in flight, and (in row
 // tile 0's CTA: prefetches_l2) prefetches the next pair's tiles into L2. It runs ahead into the
 // next segment while the consumers finish this one.
-template <int FMT, class Smem>
+template <int FMT, bool kLanes = false, class Smem>
 __device__ __forceinline__ void produce_tma(const CUtensorMap* map, const DecodeParams& p,
                                             Smem& sm, PartWalker& walk, int m_tile, int lane) {
   int fills[kStages] = {0, 0};  // loads of each stage so far
@@ -254,8 +254,8 @@ __device__ __forceinline__ void produce_tma(const CUtensorMap* map, const Decode
         }
         const int start = c.kv_lo + (ta + st) * kBN;
         if constexpr (FMT == kKv16) {
-          issue_part_warp(ld, sm.kv[st], &sm.full[st][half], start, 4 * half, half == 1, pages,
-                          4 * st, lane);
+          issue_part_warp<kLanes>(ld, sm.kv[st], &sm.full[st][half], start, 4 * half, half == 1,
+                                  pages, 4 * st, lane);
         } else {
           // fp8_ds_mla's tile scales with the part this stage's warpgroup expands first
           issue_part_raw<FMT>(ld, sm.kv[st], &sm.full[st][half], start, half, half == st, pages,
@@ -349,7 +349,15 @@ __global__ void __launch_bounds__(kPairThreads, 1)
         return;
       }
     }
-    if (wq == 0) produce_tma<FMT>(&kv_map, p, sm, walk, m_tile, lane);
+    if (wq == 0) {
+      // Boxes of 16 or 32 rows (16-bit caches): every lane issues one, where lane 0's loop bound
+      // the pair loop; a loop of its own, so that block 64's is the one it was.
+      if (FMT == kKv16 && p.block_size < kBN) {
+        if constexpr (FMT == kKv16) produce_tma<FMT, true>(&kv_map, p, sm, walk, m_tile, lane);
+      } else {
+        produce_tma<FMT>(&kv_map, p, sm, walk, m_tile, lane);
+      }
+    }
     return;
   }
   setmaxnreg_inc<kConsumerRegs>();
