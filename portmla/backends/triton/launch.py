@@ -121,18 +121,23 @@ _ROCM_DECODE = (32, 4, 1)
 _XPU_DECODE = (32, 8, 1)
 
 
+def forced_max_rows() -> int | None:
+    """``PORTMLA_TRITON_MAX_ROWS`` (16, 32 or 64): the CUDA row tile's bound forced, for A/Bs of
+    the row tiles (it also turns off ``decode_config``'s choice for 17..32 rows); None unset."""
+    forced = os.environ.get("PORTMLA_TRITON_MAX_ROWS", "")
+    if not forced:
+        return None
+    if forced not in ("16", "32", "64"):
+        raise ValueError(f"PORTMLA_TRITON_MAX_ROWS={forced!r}: expected 16, 32 or 64")
+    return int(forced)
+
+
 def max_rows_per_program(platform: Platform) -> int:
     """Upper bound on query rows a decode program holds (its fp32 accumulator is rows x L)."""
     if platform.kind == "cpu":
         return 64
     if platform.kind == "cuda":
-        # PORTMLA_TRITON_MAX_ROWS (16, 32 or 64): a smaller bound, for A/Bs of the row tiles
-        forced = os.environ.get("PORTMLA_TRITON_MAX_ROWS", "")
-        if forced:
-            if forced not in ("16", "32", "64"):
-                raise ValueError(f"PORTMLA_TRITON_MAX_ROWS={forced!r}: expected 16, 32 or 64")
-            return int(forced)
-        return _CUDA_MAX_ROWS
+        return forced_max_rows() or _CUDA_MAX_ROWS
     if platform.kind == "rocm":
         return 32 if platform.shared_memory_per_block and platform.shared_memory_per_block <= 65536 else 64
     return 64
@@ -166,7 +171,7 @@ def decode_config(platform: Platform, num_seqs: int, num_heads: int, max_query_l
     """Tile sizes, warps and the split count of one decode call, from shapes only."""
     rows = max(1, max_query_len) * num_heads
     block_m = min(max_rows_per_program(platform), max(16, next_pow2(rows)))
-    if block_m == 32 and platform.kind == "cuda" and not os.environ.get("PORTMLA_TRITON_MAX_ROWS"):
+    if block_m == 32 and platform.kind == "cuda" and forced_max_rows() is None:
         # 17..32 rows: the Hopper Gluon kernel's 64-row tile where it takes the cache and the
         # batch has more than 8 sequences (its unused rows cost what 64 rows cost), else two
         # 16-row tiles (each KV tile read by both through L2), which keep more programs per SM
